@@ -1,0 +1,365 @@
+//! copyover-telnetd: a small multi-user telnet chat that upgrades in place.
+//!
+//! Connect with `telnet 127.0.0.1 2323`, deploy a new build over the binary,
+//! `kill -HUP` the server: nobody is disconnected. See TELNET-DEMO.md.
+
+mod chat;
+mod telnet;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use copyover::{Config, Copyover, Event, Handoff, Start};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+
+use chat::{Chat, FAULT};
+
+/// The build label, fixed at compile time.
+const LABEL: &str = match option_env!("COPYOVER_DEMO_LABEL") {
+    Some(l) => l,
+    None => env!("CARGO_PKG_VERSION"),
+};
+const APP: &str = "copyover-telnetd";
+const LISTENER: &str = "listener:telnet";
+const TOKEN_LISTENER: u64 = u64::MAX;
+const TOKEN_EVENTS: u64 = u64::MAX - 1;
+
+const USAGE: &str = "\
+copyover-telnetd: a telnet chat that upgrades in place without dropping anyone
+
+USAGE:
+    copyover-telnetd [OPTIONS]
+
+OPTIONS:
+    --listen ADDR           address to listen on [default: 127.0.0.1:2323]
+    --ready-timeout SECS    how long a new build may take to resume before it
+                            is rolled back [default: 10]
+    --snapshot-file PATH    where SIGUSR1 saves a snapshot [default:
+                            ./copyover-telnetd.snapshot]
+    --restore-from PATH     start from a saved snapshot (names and variables,
+                            no connections): a staging server
+    -h, --help              print this help
+
+SIGNALS:
+    SIGHUP                  upgrade to the binary at this program's path
+    SIGUSR1                 save a snapshot to --snapshot-file
+    SIGTERM, SIGINT         say goodbye to everyone and stop
+
+Logs go to stderr; RUST_LOG filters them (default: info).
+";
+
+struct Args {
+    listen: SocketAddr,
+    ready_timeout: Duration,
+    snapshot_file: PathBuf,
+    restore_from: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Option<Args>, String> {
+    let mut args = Args {
+        listen: "127.0.0.1:2323".parse().map_err(|e| format!("{e}"))?,
+        ready_timeout: Duration::from_secs(10),
+        snapshot_file: PathBuf::from("copyover-telnetd.snapshot"),
+        restore_from: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--listen" => {
+                let v = value("--listen")?;
+                args.listen = v.parse().map_err(|_| format!("--listen: {v:?} is not an address such as 127.0.0.1:2323"))?;
+            }
+            "--ready-timeout" => {
+                let v = value("--ready-timeout")?;
+                let secs: f64 = v.parse().ok().filter(|s: &f64| s.is_finite() && *s > 0.0).ok_or_else(|| {
+                    format!("--ready-timeout: {v:?} is not a positive number of seconds")
+                })?;
+                args.ready_timeout = Duration::from_secs_f64(secs);
+            }
+            "--snapshot-file" => args.snapshot_file = PathBuf::from(value("--snapshot-file")?),
+            "--restore-from" => args.restore_from = Some(PathBuf::from(value("--restore-from")?)),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(Some(args))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("copyover-telnetd: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error>;
+
+struct Server {
+    co: Copyover,
+    epoll: Epoll,
+    listener: TcpListener,
+    streams: HashMap<u64, (TcpStream, bool)>,
+    chat: Chat,
+    args: Args,
+}
+
+fn run(args: Args) -> Result<(), BoxError> {
+    let config = Config::new(APP, LABEL).ready_timeout(args.ready_timeout);
+    let (co, start) = copyover::boot::<Chat>(config)?;
+    let (chat, listener, streams) = match start {
+        Start::Fresh => {
+            let mut chat = Chat::default();
+            if let Some(path) = &args.restore_from {
+                chat = co.restore_from_file::<Chat>(path)?;
+                chat.conns.clear();
+                tracing::info!(path = ?path, users = chat.users.len(), "staging: restored names and variables");
+            }
+            let listener = TcpListener::bind(args.listen)
+                .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+            (chat, listener, HashMap::new())
+        }
+        Start::Resumed { mut state, mut fds } => {
+            let listener = fds
+                .take_tcp_listener(LISTENER)?
+                .ok_or("the previous image handed over no listener")?;
+            let mut streams = HashMap::with_capacity(state.conns.len());
+            let mut lost = Vec::new();
+            for id in state.conns.keys() {
+                match fds.take_tcp_stream(&format!("conn:{id}"))? {
+                    Some(s) => {
+                        streams.insert(*id, (s, false));
+                    }
+                    None => lost.push(*id),
+                }
+            }
+            for id in lost {
+                tracing::warn!(conn = id, "connection missing from the handoff; dropping its record");
+                state.conns.remove(&id);
+            }
+            if let Some(fault) = FAULT {
+                inject_fault(fault);
+            }
+            (state, listener, streams)
+        }
+    };
+    listener.set_nonblocking(true)?;
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    epoll.add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER))?;
+    epoll.add(co.event_fd(), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_EVENTS))?;
+    let mut server = Server { co, epoll, listener, streams, chat, args };
+    let ids: Vec<u64> = server.streams.keys().copied().collect();
+    for id in &ids {
+        let (s, _) = &server.streams[id];
+        server.epoll.add(s, EpollEvent::new(EpollFlags::EPOLLIN, *id))?;
+    }
+    server.co.ready()?;
+    tracing::info!(addr = %server.listener.local_addr()?, clients = ids.len(), "listening");
+    // Output that was pending at the upgrade goes out now.
+    server.flush(ids.into_iter().collect());
+    server.serve()
+}
+
+/// The bad releases of `COPYOVER_DEMO_FAULT`, for tests and demonstrations.
+fn inject_fault(fault: &str) {
+    tracing::warn!(fault, "this is a fault build");
+    match fault {
+        "panic-after-adopt" => panic!("fault build: panic after adopting the sockets"),
+        "abort-after-adopt" => std::process::abort(),
+        "hang-after-adopt" => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+        "exit-before-ready" => std::process::exit(3),
+        _ => {}
+    }
+}
+
+impl Server {
+    fn version_line(&self) -> String {
+        format!("{APP} {LABEL} pid={} generation={}", std::process::id(), self.co.generation())
+    }
+
+    fn serve(&mut self) -> Result<(), BoxError> {
+        let mut events = vec![EpollEvent::empty(); 1024];
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let mut dirty = BTreeSet::new();
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_LISTENER => self.accept(&mut dirty),
+                    TOKEN_EVENTS => {
+                        if self.copyover_events()? {
+                            return Ok(());
+                        }
+                    }
+                    id => {
+                        if ev.events().intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+                            self.read(id, &mut buf, &mut dirty);
+                        }
+                        if ev.events().contains(EpollFlags::EPOLLOUT) {
+                            dirty.insert(id);
+                        }
+                    }
+                }
+            }
+            self.flush(dirty);
+        }
+    }
+
+    /// Handles the runtime's events; returns true to stop.
+    fn copyover_events(&mut self) -> Result<bool, BoxError> {
+        while let Some(event) = self.co.poll() {
+            match event {
+                Event::Upgrade => {
+                    let mut keep = Handoff::new();
+                    keep.listener(LISTENER, &self.listener);
+                    for (id, (s, _)) in &self.streams {
+                        keep.stream(format!("conn:{id}"), s);
+                    }
+                    // Returns while probing, never on success; a refusal is
+                    // logged by the runtime and we keep serving.
+                    let _ = self.co.upgrade(&self.chat, &keep);
+                }
+                Event::SaveSnapshot => {
+                    if let Err(e) = self.co.save_snapshot(&self.chat, &self.args.snapshot_file) {
+                        tracing::error!("could not save the snapshot: {e}");
+                    }
+                }
+                Event::Shutdown => {
+                    tracing::info!(clients = self.streams.len(), "shutting down");
+                    for (s, _) in self.streams.values_mut() {
+                        let _ = s.write(b"\r\nThe server is shutting down. Goodbye.\r\n");
+                    }
+                    return Ok(true);
+                }
+                _ => {}
+            }
+        }
+        Ok(false)
+    }
+
+    fn accept(&mut self, dirty: &mut BTreeSet<u64>) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if let Err(e) = stream.set_nonblocking(true) {
+                        tracing::warn!("dropping a new connection: {e}");
+                        continue;
+                    }
+                    let id = self.chat.connect(LABEL);
+                    if let Err(e) = self.epoll.add(&stream, EpollEvent::new(EpollFlags::EPOLLIN, id)) {
+                        tracing::warn!("dropping a new connection: {e}");
+                        self.chat.conns.remove(&id);
+                        continue;
+                    }
+                    self.streams.insert(id, (stream, false));
+                    dirty.insert(id);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE and friends: log, and let the next event retry.
+                    tracing::warn!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn read(&mut self, id: u64, buf: &mut [u8], dirty: &mut BTreeSet<u64>) {
+        let version = self.version_line();
+        let Some((stream, _)) = self.streams.get_mut(&id) else { return };
+        let mut closed = false;
+        for _ in 0..16 {
+            match stream.read(buf) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => self.chat.input(id, &buf[..n], &version, dirty),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        if closed {
+            self.close(id);
+        }
+    }
+
+    fn close(&mut self, id: u64) {
+        if let Some((s, _)) = self.streams.remove(&id) {
+            let _ = self.epoll.delete(&s);
+        }
+        self.chat.conns.remove(&id);
+    }
+
+    /// Writes what each dirty connection has pending; asks for EPOLLOUT
+    /// where the socket is full, closes those that said `/quit`.
+    fn flush(&mut self, dirty: BTreeSet<u64>) {
+        for id in dirty {
+            let (Some(conn), Some((stream, want_out))) = (self.chat.conns.get_mut(&id), self.streams.get_mut(&id)) else {
+                continue;
+            };
+            let mut failed = false;
+            while !conn.out.is_empty() {
+                match stream.write(&conn.out) {
+                    Ok(n) => {
+                        conn.out.drain(..n);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            if failed || (conn.closing && conn.out.is_empty()) {
+                self.close(id);
+                continue;
+            }
+            let need_out = !conn.out.is_empty();
+            if need_out != *want_out {
+                let flags = if need_out { EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT } else { EpollFlags::EPOLLIN };
+                let _ = self.epoll.modify(stream.as_fd(), &mut EpollEvent::new(flags, id));
+                *want_out = need_out;
+            }
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! What crosses the exec besides the snapshot: the descriptors, by name.
+//!
+//! The old image lists what it keeps in a [`Handoff`]; the runtime writes
+//! that list (the manifest) into the snapshot and clears close-on-exec on
+//! exactly those fds. The new image gets them back as an [`Inherited`] set
+//! and claims each one by name, with a type check, like `listenfd` does for
+//! systemd's sockets.
+//!
+//! # The handoff variable, version 1
+//!
+//! `COPYOVER_HANDOFF=1:pid=PID:snapshot=FD:binary=FD:mode=MODE`
+//!
+//! * `pid`: the process that executed the new image. A process whose PID
+//!   differs inherited the variable by mistake and starts fresh.
+//! * `snapshot`: the sealed memfd holding the snapshot.
+//! * `binary`: the previous binary, opened at its start-up, executed again
+//!   if the new image fails before it is ready (rollback).
+//! * `mode`: `upgrade` (a new binary starts) or `rollback` (the previous
+//!   binary comes back after a failed upgrade; the reason is in
+//!   `COPYOVER_ROLLBACK_REASON`).
+//!
+//! The runtime removes both variables from the environment as soon as it has
+//! read them, so they never reach a child process.
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+
+use crate::error::Error;
+use crate::snapshot::{FdKind, ManifestEntry};
+use crate::sys;
+
+/// The environment variable that carries the handoff into the new image.
+pub const HANDOFF_VAR: &str = "COPYOVER_HANDOFF";
+/// The environment variable that carries a rollback's reason.
+pub const ROLLBACK_REASON_VAR: &str = "COPYOVER_ROLLBACK_REASON";
+
+/// Why the new image was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Upgrade,
+    Rollback,
+}
+
+/// The parsed handoff variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HandoffVar {
+    pub pid: i32,
+    pub snapshot_fd: RawFd,
+    pub binary_fd: RawFd,
+    pub mode: Mode,
+}
+
+impl HandoffVar {
+    pub(crate) fn format(&self) -> String {
+        let mode = match self.mode {
+            Mode::Upgrade => "upgrade",
+            Mode::Rollback => "rollback",
+        };
+        format!("1:pid={}:snapshot={}:binary={}:mode={mode}", self.pid, self.snapshot_fd, self.binary_fd)
+    }
+
+    pub(crate) fn parse(value: &str) -> Result<Self, Error> {
+        let bad = |reason: &str| Error::HandoffVar { var: HANDOFF_VAR, value: value.to_owned(), reason: reason.to_owned() };
+        let mut parts = value.split(':');
+        if parts.next() != Some("1") {
+            return Err(bad("it does not start with format version 1"));
+        }
+        let (mut pid, mut snapshot, mut binary, mut mode) = (None, None, None, None);
+        for part in parts {
+            let (k, v) = part.split_once('=').ok_or_else(|| bad("a field is not KEY=VALUE"))?;
+            let num = || v.parse::<i32>().ok().filter(|n| *n >= 0).ok_or_else(|| bad(&format!("{k} is not a non-negative number")));
+            match k {
+                "pid" => pid = Some(num()?),
+                "snapshot" => snapshot = Some(num()?),
+                "binary" => binary = Some(num()?),
+                "mode" => {
+                    mode = Some(match v {
+                        "upgrade" => Mode::Upgrade,
+                        "rollback" => Mode::Rollback,
+                        _ => return Err(bad("mode is neither upgrade nor rollback")),
+                    })
+                }
+                _ => return Err(bad(&format!("unknown field {k}"))),
+            }
+        }
+        Ok(HandoffVar {
+            pid: pid.ok_or_else(|| bad("pid is missing"))?,
+            snapshot_fd: snapshot.ok_or_else(|| bad("snapshot is missing"))?,
+            binary_fd: binary.ok_or_else(|| bad("binary is missing"))?,
+            mode: mode.ok_or_else(|| bad("mode is missing"))?,
+        })
+    }
+}
+
+/// The descriptors an application keeps across an upgrade, by name.
+///
+/// Built at the safe point just before [`Copyover::upgrade`]; it borrows the
+/// descriptors, so they stay owned (and usable) by the application if the
+/// upgrade does not happen.
+///
+/// ```
+/// # use std::net::TcpListener;
+/// let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+/// let mut keep = copyover::Handoff::new();
+/// keep.listener("telnet", &listener);
+/// assert_eq!(keep.len(), 1);
+/// ```
+///
+/// [`Copyover::upgrade`]: crate::Copyover::upgrade
+#[derive(Debug, Default)]
+pub struct Handoff<'a> {
+    entries: Vec<ManifestEntry>,
+    _borrows: std::marker::PhantomData<std::os::fd::BorrowedFd<'a>>,
+}
+
+impl<'a> Handoff<'a> {
+    /// An empty handoff.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Keeps a listening socket under `name`.
+    pub fn listener(&mut self, name: impl Into<String>, fd: &'a impl AsFd) -> &mut Self {
+        self.push(name.into(), fd.as_fd().as_raw_fd(), FdKind::Listener)
+    }
+
+    /// Keeps a connected stream socket under `name`.
+    pub fn stream(&mut self, name: impl Into<String>, fd: &'a impl AsFd) -> &mut Self {
+        self.push(name.into(), fd.as_fd().as_raw_fd(), FdKind::Stream)
+    }
+
+    /// Keeps any other descriptor (a pipe, a file, a datagram socket).
+    pub fn other(&mut self, name: impl Into<String>, fd: &'a impl AsFd) -> &mut Self {
+        self.push(name.into(), fd.as_fd().as_raw_fd(), FdKind::Other)
+    }
+
+    fn push(&mut self, name: String, fd: RawFd, kind: FdKind) -> &mut Self {
+        self.entries.push(ManifestEntry { name, fd, kind });
+        self
+    }
+
+    /// Number of descriptors kept.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is kept.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The manifest, checked: every name and every fd appears once.
+    pub(crate) fn manifest(&self) -> Result<&[ManifestEntry], String> {
+        let mut names = std::collections::HashSet::with_capacity(self.entries.len());
+        let mut fds = std::collections::HashSet::with_capacity(self.entries.len());
+        for e in &self.entries {
+            if !names.insert(e.name.as_str()) {
+                return Err(format!("the name '{}' is given twice", e.name));
+            }
+            if !fds.insert(e.fd) {
+                return Err(format!("fd {} is kept twice (second name '{}')", e.fd, e.name));
+            }
+        }
+        Ok(&self.entries)
+    }
+}
+
+/// The descriptors inherited from the previous image, claimed by name.
+///
+/// Each `take_*` method hands one descriptor over, after checking that it is
+/// what the caller asks for, and returns `Ok(None)` if no descriptor of that
+/// name was handed over (or it was already taken). Descriptors nobody claims
+/// are closed, with a warning, when this set is dropped.
+///
+/// Every inherited descriptor is close-on-exec again. Its blocking mode is
+/// the one the old image set: `O_NONBLOCK` lives on the open file
+/// description and survives the exec. Event-loop registrations (epoll) do
+/// not survive: register every adopted descriptor again.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    fds: HashMap<String, (OwnedFd, FdKind)>,
+}
+
+impl Inherited {
+    pub(crate) fn adopt(manifest: &[ManifestEntry]) -> Result<Self, Error> {
+        let mut fds = HashMap::with_capacity(manifest.len());
+        for e in manifest {
+            let fd = sys::adopt_inherited_fd(e.fd).map_err(|source| Error::HandoffFd {
+                fd: e.fd,
+                what: format!("'{}'", e.name),
+                source,
+            })?;
+            if fds.insert(e.name.clone(), (fd, e.kind)).is_some() {
+                return Err(Error::Adopt {
+                    name: e.name.clone(),
+                    fd: e.fd,
+                    wanted: "a unique name",
+                    reason: "the manifest names it twice".into(),
+                });
+            }
+        }
+        Ok(Self { fds })
+    }
+
+    /// Number of descriptors not claimed yet.
+    pub fn len(&self) -> usize {
+        self.fds.len()
+    }
+
+    /// Whether every descriptor was claimed.
+    pub fn is_empty(&self) -> bool {
+        self.fds.is_empty()
+    }
+
+    /// Names of the descriptors not claimed yet, in no particular order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.fds.keys().map(String::as_str)
+    }
+
+    /// Takes any descriptor, without a type check.
+    pub fn take_fd(&mut self, name: &str) -> Option<OwnedFd> {
+        self.fds.remove(name).map(|(fd, _)| fd)
+    }
+
+    /// Takes a listening TCP socket.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Adopt`] if the descriptor is not a listening TCP socket.
+    pub fn take_tcp_listener(&mut self, name: &str) -> Result<Option<TcpListener>, Error> {
+        self.take_socket(name, "a listening TCP socket", true, Some(libc::IPPROTO_TCP))
+            .map(|o| o.map(TcpListener::from))
+    }
+
+    /// Takes a connected TCP socket.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Adopt`] if the descriptor is not a connected TCP socket.
+    pub fn take_tcp_stream(&mut self, name: &str) -> Result<Option<TcpStream>, Error> {
+        self.take_socket(name, "a connected TCP socket", false, Some(libc::IPPROTO_TCP))
+            .map(|o| o.map(TcpStream::from))
+    }
+
+    /// Takes a listening Unix stream socket.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Adopt`] if the descriptor is not a listening Unix socket.
+    pub fn take_unix_listener(&mut self, name: &str) -> Result<Option<UnixListener>, Error> {
+        self.take_socket(name, "a listening Unix socket", true, None)
+            .map(|o| o.map(UnixListener::from))
+    }
+
+    /// Takes a connected Unix stream socket.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Adopt`] if the descriptor is not a connected Unix socket.
+    pub fn take_unix_stream(&mut self, name: &str) -> Result<Option<UnixStream>, Error> {
+        self.take_socket(name, "a connected Unix socket", false, None)
+            .map(|o| o.map(UnixStream::from))
+    }
+
+    /// `protocol`: `Some(IPPROTO_TCP)` for TCP, `None` for a Unix socket.
+    fn take_socket(
+        &mut self,
+        name: &str,
+        wanted: &'static str,
+        listening: bool,
+        protocol: Option<i32>,
+    ) -> Result<Option<OwnedFd>, Error> {
+        let Some((fd, kind)) = self.fds.remove(name) else { return Ok(None) };
+        let fail = |reason: String| Error::Adopt { name: name.to_owned(), fd: fd.as_raw_fd(), wanted, reason };
+        let expected_kind = if listening { FdKind::Listener } else { FdKind::Stream };
+        if kind != expected_kind {
+            return Err(fail(format!("the manifest says it is {kind:?}")));
+        }
+        let info = sys::socket_info(fd.as_fd()).map_err(|e| fail(format!("it is not a socket ({e})")))?;
+        if info.listening != listening {
+            let is = if info.listening { "listening" } else { "not listening" };
+            return Err(fail(format!("the socket is {is}")));
+        }
+        match protocol {
+            Some(p) if info.protocol != p => return Err(fail(format!("its protocol is {}", info.protocol))),
+            None if sys::socket_domain(fd.as_fd()).map_err(|e| fail(e.to_string()))? != libc::AF_UNIX => {
+                return Err(fail("it is not a Unix socket".into()));
+            }
+            _ => {}
+        }
+        Ok(Some(fd))
+    }
+}
+
+impl Drop for Inherited {
+    fn drop(&mut self) {
+        if !self.fds.is_empty() {
+            let mut names: Vec<&str> = self.names().collect();
+            names.sort_unstable();
+            tracing::warn!(count = names.len(), names = ?names, "closing inherited descriptors nobody claimed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handoff_var_round_trips() {
+        let v = HandoffVar { pid: 42, snapshot_fd: 5, binary_fd: 6, mode: Mode::Rollback };
+        assert_eq!(v.format(), "1:pid=42:snapshot=5:binary=6:mode=rollback");
+        assert_eq!(HandoffVar::parse(&v.format()).unwrap(), v);
+    }
+
+    #[test]
+    fn garbage_handoff_vars_are_refused_with_a_reason() {
+        for (value, reason) in [
+            ("", "format version 1"),
+            ("garbage", "format version 1"),
+            ("1:pid=x:snapshot=5:binary=6:mode=upgrade", "pid is not a non-negative number"),
+            ("1:pid=1:snapshot=-5:binary=6:mode=upgrade", "snapshot is not"),
+            ("1:pid=1:binary=6:mode=upgrade", "snapshot is missing"),
+            ("1:pid=1:snapshot=5:binary=6:mode=sideways", "mode is neither"),
+            ("1:pid=1:snapshot=5:binary=6:mode=upgrade:extra=1", "unknown field extra"),
+            ("1:pid", "KEY=VALUE"),
+        ] {
+            let err = HandoffVar::parse(value).unwrap_err().to_string();
+            assert!(err.contains(reason), "{value:?}: {err}");
+            assert!(err.contains(HANDOFF_VAR), "{err}");
+        }
+    }
+
+    #[test]
+    fn duplicate_names_and_fds_are_refused() {
+        let a = TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut h = Handoff::new();
+        h.listener("x", &a).listener("x", &b);
+        assert!(h.manifest().unwrap_err().contains("given twice"));
+        let mut h = Handoff::new();
+        h.listener("x", &a).listener("y", &a);
+        assert!(h.manifest().unwrap_err().contains("kept twice"));
+    }
+
+    #[test]
+    fn take_checks_the_descriptor_type() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let file = std::fs::File::open("/proc/self/stat").unwrap();
+        let mut inh = Inherited::default();
+        inh.fds.insert("l".into(), (OwnedFd::from(l.try_clone().unwrap()), FdKind::Listener));
+        inh.fds.insert("f".into(), (OwnedFd::from(file), FdKind::Listener));
+        inh.fds.insert("s".into(), (OwnedFd::from(l.try_clone().unwrap()), FdKind::Stream));
+        let err = inh.take_tcp_listener("f").unwrap_err().to_string();
+        assert!(err.contains("'f'") && err.contains("not a socket"), "{err}");
+        let err = inh.take_tcp_stream("s").unwrap_err().to_string();
+        assert!(err.contains("is listening"), "{err}");
+        assert!(inh.take_tcp_listener("l").unwrap().is_some());
+        assert!(inh.take_tcp_listener("l").unwrap().is_none(), "taken twice");
+        assert!(inh.is_empty());
+    }
+}

@@ -1,0 +1,139 @@
+//! copyover upgrades a Linux server's binary in place: same PID, every
+//! connection kept, nothing lost.
+//!
+//! # The upgrade, as a story
+//!
+//! 1. An operator deploys a new binary over the old path and sends
+//!    **SIGHUP** (or `systemctl reload`). The handler only sets a flag and
+//!    wakes the event loop through [`Copyover::event_fd`].
+//! 2. At a **safe point**, the loop sees [`Event::Upgrade`] and calls
+//!    [`Copyover::upgrade`] with its state (any serde type implementing
+//!    [`AppState`]) and a [`Handoff`] naming the descriptors to keep:
+//!    listeners and established connections.
+//! 3. The runtime **probes** the new binary: it starts it in probe mode
+//!    against a sealed snapshot, on a helper thread, while the loop keeps
+//!    serving. A binary that is not a copyover program of this application,
+//!    or cannot read this state version, is refused here.
+//! 4. On a yes, [`Event::Upgrade`] comes again and `upgrade` **commits**:
+//!    the state goes into a sealed memfd, every fd becomes close-on-exec but
+//!    the kept ones, the reload signals are held, and the binary's path is
+//!    executed **at the same PID**.
+//! 5. The new image calls [`boot`] first thing, gets [`Start::Resumed`] with
+//!    the state and the [`Inherited`] descriptors, claims them by name,
+//!    registers them, and calls [`Copyover::ready`], which logs
+//!    `upgrade complete` with the blackout.
+//! 6. Until `ready`, any failure of the new image (an error, a panic, a
+//!    crash, a missed deadline, an exit) **rolls back**: the old binary is
+//!    executed again from a descriptor opened at its start-up, with the
+//!    untouched snapshot. Clients see a short stall, never a disconnect.
+//!
+//! # A complete server `main`
+//!
+//! ```no_run
+//! use std::io::{Read, Write};
+//! use std::net::{TcpListener, TcpStream};
+//! use copyover::{AppState, Config, Event, Handoff, Start};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize, Default)]
+//! struct State { connections: Vec<u64>, counter: u64 }
+//!
+//! impl AppState for State {
+//!     const VERSION: u32 = 1;
+//! }
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     // 1. First thing: hand the start to copyover.
+//!     let (mut co, start) = copyover::boot::<State>(Config::new("counter", "v1"))?;
+//!     // 2. Fresh start or resumed image.
+//!     let (mut state, listener, mut conns) = match start {
+//!         Start::Fresh => (State::default(), TcpListener::bind("127.0.0.1:7000")?, Vec::new()),
+//!         Start::Resumed { state, mut fds } => {
+//!             let listener = fds.take_tcp_listener("listener")?.ok_or("no listener")?;
+//!             let mut conns = Vec::new();
+//!             for id in &state.connections {
+//!                 if let Some(s) = fds.take_tcp_stream(&format!("conn:{id}"))? {
+//!                     conns.push((*id, s));
+//!                 }
+//!             }
+//!             (state, listener, conns)
+//!         }
+//!     };
+//!     listener.set_nonblocking(true)?;
+//!     // 3. Registered and serving: the new image is ready.
+//!     co.ready()?;
+//!     loop {
+//!         // A real server waits on epoll/poll for `co.event_fd()` and its
+//!         // sockets; this sketch polls.
+//!         if let Ok((s, _)) = listener.accept() {
+//!             state.counter += 1;
+//!             conns.push((state.counter, s));
+//!         }
+//!         while let Some(event) = co.poll() {
+//!             match event {
+//!                 Event::Upgrade => {
+//!                     state.connections = conns.iter().map(|(id, _)| *id).collect();
+//!                     let names: Vec<String> = conns.iter().map(|(id, _)| format!("conn:{id}")).collect();
+//!                     let mut keep = Handoff::new();
+//!                     keep.listener("listener", &listener);
+//!                     for ((_, s), name) in conns.iter().zip(&names) {
+//!                         keep.stream(name.clone(), s);
+//!                     }
+//!                     // Probing: returns and we keep serving. Committing: does
+//!                     // not return on success. An error: logged, keep serving.
+//!                     let _ = co.upgrade(&state, &keep);
+//!                 }
+//!                 Event::Shutdown => return Ok(()),
+//!                 _ => {}
+//!             }
+//!         }
+//!         std::thread::sleep(std::time::Duration::from_millis(10));
+//!     }
+//! }
+//! ```
+//!
+//! # What crosses the exec, and what does not
+//!
+//! * Kept: the PID, the descriptors in the [`Handoff`] (their `O_NONBLOCK`
+//!   and socket options too: they live on the open file description), the
+//!   state you serialize, the environment, the working directory, rlimits,
+//!   seccomp filters and `no_new_privs`, the signal mask (the runtime
+//!   manages it), children (they are the new image's children now).
+//! * Not kept: threads (all but the calling one are destroyed: put
+//!   everything worth keeping in the state), memory not in the state, epoll
+//!   registrations (register the adopted descriptors again), signal
+//!   handlers (the runtime installs its own in `boot`), descriptors not in
+//!   the handoff (closed; a listening socket missing from it is warned
+//!   about).
+//! * Userspace protocol state such as **TLS sessions** (rustls, OpenSSL) or
+//!   compression contexts lives in memory: it survives only if you
+//!   serialize it (rustls can export its traffic secrets with
+//!   `dangerous_extract_secrets`, kTLS moves them into the kernel, where
+//!   they survive with the socket). Otherwise, finish or refuse such
+//!   sessions before you accept the upgrade. The telnet demo finishes its
+//!   option negotiation cleanly.
+//!
+//! # Specifications
+//!
+//! The snapshot layout ([`snapshot`]), the handoff variable ([`handoff`])
+//! and the probe protocol ([`probe`]) are versioned and written down, since
+//! two different builds must agree on them.
+#![deny(missing_docs)]
+
+mod error;
+pub mod handoff;
+pub mod probe;
+mod rollback;
+mod runtime;
+pub mod signal;
+pub mod snapshot;
+mod state;
+mod sys;
+pub mod upgrade;
+
+pub use error::{Error, UpgradeError};
+pub use handoff::{Handoff, Inherited};
+pub use runtime::{Config, Copyover, Event, Start, boot};
+pub use snapshot::SnapshotError;
+pub use state::AppState;
+pub use upgrade::Progress;

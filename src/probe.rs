@@ -1,0 +1,242 @@
+//! The probe: asking the new binary, before the point of no return, whether
+//! it is a copyover program for this application that can read this state.
+//!
+//! # Protocol, version 1
+//!
+//! The old image starts the new binary as a child with:
+//!
+//! * `COPYOVER_PROBE=NONCE` in its environment (and no handoff variable);
+//! * the sealed snapshot on its standard input (fd 0);
+//! * a pipe on its standard output; standard error is the server's.
+//!
+//! A copyover program's [`boot`](crate::boot) sees the variable, reads and
+//! checks the snapshot exactly as a real restore would (seals, header, app,
+//! checksum, state version, decoding and migration), writes one line and
+//! exits:
+//!
+//! * `copyover-probe 1 ok NONCE VERSION` and exit status 0, or
+//! * `copyover-probe 1 refuse NONCE REASON` and exit status 1.
+//!
+//! Anything else (no line, another nonce, another exit status, no answer
+//! within the probe timeout) is a refusal: `/bin/true`, a shell script, or a
+//! server of another kind are all refused, and the old image keeps serving.
+//!
+//! The probe runs on a helper thread, so the event loop keeps serving while
+//! the new binary starts; the thread wakes the loop when it has the verdict.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{BufReader, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+/// The environment variable that puts a copyover program into probe mode.
+pub const PROBE_VAR: &str = "COPYOVER_PROBE";
+const ANSWER_PREFIX: &str = "copyover-probe 1";
+
+/// The verdict of one probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The new binary can take over; its version label.
+    Accepted(String),
+    /// It cannot, and why.
+    Refused(String),
+}
+
+/// A probe running on its helper thread.
+#[derive(Debug)]
+pub(crate) struct Probe {
+    thread: JoinHandle<Verdict>,
+    child_pid: Arc<AtomicI32>,
+}
+
+/// What a probe needs to start.
+pub(crate) struct ProbeSpec {
+    pub binary: PathBuf,
+    pub argv0: OsString,
+    pub env: Vec<(OsString, OsString)>,
+    pub snapshot: OwnedFd,
+    pub timeout: Duration,
+}
+
+impl Probe {
+    /// Starts the probe thread; `wake` is written to once the verdict is in.
+    pub(crate) fn start(spec: ProbeSpec, wake: Arc<OwnedFd>) -> std::io::Result<Probe> {
+        let child_pid = Arc::new(AtomicI32::new(0));
+        let pid = child_pid.clone();
+        let thread = std::thread::Builder::new().name("copyover-probe".into()).spawn(move || {
+            let verdict = run(spec, &pid);
+            crate::signal::wake(&wake);
+            verdict
+        })?;
+        Ok(Probe { thread, child_pid })
+    }
+
+    /// Whether the verdict is in.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Waits for the verdict (immediate once [`is_finished`](Self::is_finished)).
+    pub(crate) fn verdict(self) -> Verdict {
+        self.thread.join().unwrap_or_else(|_| Verdict::Refused("the probe thread panicked".into()))
+    }
+
+    /// Kills the probe child, if it still runs (used when the server stops).
+    pub(crate) fn kill(&self) {
+        let pid = self.child_pid.load(Ordering::SeqCst);
+        if pid > 0 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+fn nonce() -> String {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0);
+    format!("{:x}{:x}", std::process::id(), t)
+}
+
+fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Verdict {
+    let nonce = nonce();
+    let started = Instant::now();
+    let mut cmd = Command::new(&spec.binary);
+    {
+        use std::os::unix::process::CommandExt;
+        cmd.arg0(&spec.argv0);
+    }
+    cmd.env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str())))
+        .env(PROBE_VAR, &nonce)
+        .stdin(Stdio::from(spec.snapshot))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Verdict::Refused(format!("could not start {:?}: {e}", spec.binary)),
+    };
+    pid_slot.store(child.id() as i32, Ordering::SeqCst);
+    let verdict = read_answer(&mut child, &nonce, started + spec.timeout);
+    let verdict = match (verdict, finish(&mut child, started + spec.timeout)) {
+        (Verdict::Accepted(v), Ok(status)) if status.success() => Verdict::Accepted(v),
+        (Verdict::Accepted(_), Ok(status)) => Verdict::Refused(format!("it answered ok but then exited with {status}")),
+        (Verdict::Accepted(_), Err(e)) => Verdict::Refused(e),
+        (refused, _) => refused,
+    };
+    pid_slot.store(0, Ordering::SeqCst);
+    tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, ?verdict, "probe finished");
+    verdict
+}
+
+/// Reads the one answer line, up to the deadline.
+fn read_answer(child: &mut Child, nonce: &str, deadline: Instant) -> Verdict {
+    let Some(stdout) = child.stdout.take() else {
+        return Verdict::Refused("no pipe to the probe".into());
+    };
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(stdout);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Verdict::Refused(format!("no answer within {:?}: not a copyover program, or it hangs", timeout_of(deadline)));
+        }
+        if reader.buffer().is_empty() {
+            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            let mut fds = [PollFd::new(reader.get_ref().as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(0) => continue,
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Verdict::Refused(format!("polling the probe failed: {e}")),
+            }
+        }
+        let mut byte = [0u8; 1];
+        match reader.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) if line.len() < 4096 => line.push(byte[0]),
+            Ok(_) => return Verdict::Refused("the probe answered with an overlong line".into()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Verdict::Refused(format!("reading the probe's answer failed: {e}")),
+        }
+    }
+    parse_answer(&String::from_utf8_lossy(&line), nonce)
+}
+
+fn timeout_of(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+fn parse_answer(line: &str, nonce: &str) -> Verdict {
+    let Some(rest) = line.strip_prefix(ANSWER_PREFIX).and_then(|r| r.strip_prefix(' ')) else {
+        let shown: String = line.chars().take(80).collect();
+        return Verdict::Refused(if line.is_empty() {
+            "the new binary gave no probe answer: it is not a copyover program".into()
+        } else {
+            format!("the new binary's answer {shown:?} is not a probe answer: it is not a copyover program")
+        });
+    };
+    let (verb, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+    let (their_nonce, detail) = rest.split_once(' ').unwrap_or((rest, ""));
+    if their_nonce != nonce {
+        return Verdict::Refused("the probe answer carries another nonce".into());
+    }
+    match verb {
+        "ok" => Verdict::Accepted(detail.to_owned()),
+        "refuse" => Verdict::Refused(detail.to_owned()),
+        other => Verdict::Refused(format!("unknown probe verdict {other:?}")),
+    }
+}
+
+/// Waits for the child to exit, killing it at the deadline.
+fn finish(child: &mut Child, deadline: Instant) -> Result<std::process::ExitStatus, String> {
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("the probe did not exit in time and was killed".into());
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => return Err(format!("waiting for the probe failed: {e}")),
+        }
+    }
+}
+
+/// The child side: writes the answer line to stdout and exits.
+pub(crate) fn answer(nonce: &OsStr, result: Result<String, String>) -> ! {
+    let nonce = nonce.to_string_lossy();
+    let line = match &result {
+        Ok(version) => format!("{ANSWER_PREFIX} ok {nonce} {version}\n"),
+        Err(reason) => format!("{ANSWER_PREFIX} refuse {nonce} {}\n", reason.replace('\n', " ")),
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.flush();
+    std::process::exit(if result.is_ok() { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_parsed_strictly() {
+        assert_eq!(parse_answer("copyover-probe 1 ok N v2", "N"), Verdict::Accepted("v2".into()));
+        assert_eq!(
+            parse_answer("copyover-probe 1 refuse N cannot read v3", "N"),
+            Verdict::Refused("cannot read v3".into())
+        );
+        assert!(matches!(parse_answer("copyover-probe 1 ok M v2", "N"), Verdict::Refused(r) if r.contains("nonce")));
+        assert!(matches!(parse_answer("", "N"), Verdict::Refused(r) if r.contains("no probe answer")));
+        assert!(matches!(parse_answer("hello", "N"), Verdict::Refused(r) if r.contains("not a copyover program")));
+    }
+}

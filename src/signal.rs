@@ -1,0 +1,111 @@
+//! Signals: how an upgrade or a shutdown is requested, and which signals
+//! are held back across the exec.
+//!
+//! # Correct order of handling
+//!
+//! The handlers installed here (through `signal-hook`) only set an atomic
+//! flag and write one byte into a socket pair: both async-signal-safe. The
+//! event loop polls the other end ([`Copyover::event_fd`]) and acts at a
+//! safe point; nothing ever executes from a handler.
+//!
+//! Across the exec, [`HELD_SIGNALS`] are blocked. The mask and the pending
+//! set survive `execve`, handlers do not, and SIGHUP's default action
+//! kills: a second SIGHUP during the exec therefore waits, pending, until
+//! the new image has installed its handlers and unblocks them. It then asks
+//! for one more upgrade; it is never lost and never fatal.
+//!
+//! [`Copyover::event_fd`]: crate::Copyover::event_fd
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+
+/// Signals blocked from the exec until the new image has its handlers.
+pub const HELD_SIGNALS: [Signal; 5] =
+    [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1, Signal::SIGUSR2];
+
+pub(crate) fn held_set() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in HELD_SIGNALS {
+        set.add(s);
+    }
+    set
+}
+
+/// Blocks [`HELD_SIGNALS`] (before an exec).
+pub(crate) fn hold() -> io::Result<()> {
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&held_set()), None).map_err(io::Error::from)
+}
+
+/// Unblocks [`HELD_SIGNALS`] (after the handlers are installed, or after a
+/// failed exec). Pending ones are delivered now.
+pub(crate) fn release() -> io::Result<()> {
+    sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&held_set()), None).map_err(io::Error::from)
+}
+
+/// The flags the handlers set, and the socket pair that wakes the loop.
+#[derive(Debug)]
+pub(crate) struct Requests {
+    pub upgrade: Arc<AtomicBool>,
+    pub shutdown: Arc<AtomicBool>,
+    pub save: Arc<AtomicBool>,
+    pub rx: UnixStream,
+    pub tx: Arc<OwnedFd>,
+}
+
+impl Requests {
+    /// Installs the handlers: SIGHUP asks for an upgrade, SIGTERM and SIGINT
+    /// for a shutdown, SIGUSR1 for a snapshot saved to a file.
+    pub(crate) fn install() -> io::Result<Self> {
+        let (rx, tx) = UnixStream::pair()?;
+        rx.set_nonblocking(true)?;
+        let upgrade = Arc::new(AtomicBool::new(false));
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let save = Arc::new(AtomicBool::new(false));
+        for (sig, flag) in [
+            (libc::SIGHUP, &upgrade),
+            (libc::SIGTERM, &shutdown),
+            (libc::SIGINT, &shutdown),
+            (libc::SIGUSR1, &save),
+        ] {
+            signal_hook::flag::register(sig, Arc::clone(flag))?;
+            signal_hook::low_level::pipe::register(sig, tx.try_clone()?)?;
+        }
+        Ok(Self { upgrade, shutdown, save, rx, tx: Arc::new(OwnedFd::from(tx)) })
+    }
+
+    /// Reads every pending wake-up byte.
+    pub(crate) fn drain(&self) {
+        use std::io::Read;
+        let mut buf = [0u8; 256];
+        while let Ok(n) = (&self.rx).read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Wakes the loop from this process (API-triggered upgrade, probe verdict).
+    pub(crate) fn wake(&self) {
+        wake(&self.tx);
+    }
+}
+
+/// Writes one byte without blocking; a full buffer already means "awake".
+pub(crate) fn wake(tx: &OwnedFd) {
+    use std::os::fd::AsFd;
+    let _ = nix::sys::socket::send(
+        std::os::fd::AsRawFd::as_raw_fd(&tx.as_fd()),
+        b"w",
+        nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+    );
+}
+
+/// Takes a flag: true once per request.
+pub(crate) fn take(flag: &AtomicBool) -> bool {
+    flag.swap(false, Ordering::SeqCst)
+}

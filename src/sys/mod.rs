@@ -1,0 +1,219 @@
+//! The thin system layer: every raw syscall and every `unsafe` block of the
+//! crate lives here or in [`rollback`].
+//!
+//! Each function is a small, documented wrapper returning `io::Result`. The
+//! rest of the crate is safe Rust on `OwnedFd` / `BorrowedFd` and calls these
+//! functions (or `nix`'s safe wrappers) only.
+
+pub(crate) mod rollback;
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+/// `MFD_NOEXEC_SEAL` (Linux 6.3): the memfd can never be made executable.
+/// Not yet exported by every `libc` release, so it is spelled out here.
+const MFD_NOEXEC_SEAL: libc::c_uint = 0x0008;
+
+/// Creates an anonymous memory file for a snapshot: close-on-exec, sealable,
+/// and never executable where the kernel knows `MFD_NOEXEC_SEAL`.
+///
+/// Falls back to creating it without `MFD_NOEXEC_SEAL` on kernels older than
+/// 6.3, which reject the flag with `EINVAL`. `MFD_EXEC` is never asked for.
+pub(crate) fn memfd_create(name: &std::ffi::CStr) -> io::Result<OwnedFd> {
+    let base = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    for flags in [base | MFD_NOEXEC_SEAL, base] {
+        // SAFETY: `name` is a valid NUL-terminated string that outlives the
+        // call; the flags are plain integers. The kernel returns a fresh fd
+        // that nothing else owns, or -1.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+        if fd >= 0 {
+            // SAFETY: `fd` was just returned by memfd_create and is owned by
+            // nobody else.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINVAL) {
+            return Err(err);
+        }
+    }
+    Err(io::Error::last_os_error())
+}
+
+/// Marks every fd from `first` upward close-on-exec with one
+/// `close_range(first, ~0, CLOSE_RANGE_CLOEXEC)` call (Linux 5.11).
+///
+/// This is the "deny by default" step before an exec, and the way the new
+/// image makes every inherited fd close-on-exec again in one syscall.
+pub(crate) fn cloexec_from(first: RawFd) -> io::Result<()> {
+    let first = libc::c_uint::try_from(first).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes fd flags; it
+    // closes nothing and touches no memory of ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Sets or clears `FD_CLOEXEC` on a raw fd (with `F_SETFD`, never `F_SETFL`).
+///
+/// Works on raw numbers because the kept fds are borrowed from the
+/// application only for the duration of the exec.
+pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    let flag = if on { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: F_SETFD takes an int and changes only the fd's flags; an fd
+    // that is not open yields EBADF, which we report.
+    let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, flag) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Takes ownership of an fd number inherited across `execve`.
+///
+/// Checks that the number is open (`F_GETFD`) first, so an fd the handoff
+/// names but that is closed gives `EBADF`, not an `OwnedFd` over nothing.
+///
+/// The caller (only [`crate::handoff`]) must call this at most once per
+/// number: the handoff variable is read once per process image and removed,
+/// and every number it names is adopted exactly once.
+pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: F_GETFD only reads the fd's flags.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd is open, and it was inherited across execve: nothing in
+    // this image opened it, and the handoff code adopts every number once,
+    // so this `OwnedFd` is its only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What a socket is, read with two `getsockopt` calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SocketInfo {
+    /// The protocol number (`SO_PROTOCOL`): `IPPROTO_TCP`, 0 for Unix sockets.
+    pub protocol: i32,
+    /// `SO_ACCEPTCONN`: the socket is listening.
+    pub listening: bool,
+}
+
+/// Reads `SO_PROTOCOL` and `SO_ACCEPTCONN`; fails with `ENOTSOCK` for a
+/// descriptor that is not a socket, `EBADF` for one that is not open.
+pub(crate) fn socket_info(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<SocketInfo> {
+    use std::os::fd::AsRawFd;
+    let get = |opt: libc::c_int| -> io::Result<i32> {
+        let mut val: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `val` and `len` are valid for writes of an int and a
+        // socklen_t; the kernel writes at most `len` bytes.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&mut val as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 { Ok(val) } else { Err(io::Error::last_os_error()) }
+    };
+    let protocol = get(libc::SO_PROTOCOL)?;
+    let listening = get(libc::SO_ACCEPTCONN)? != 0;
+    Ok(SocketInfo { protocol, listening })
+}
+
+/// Whether fd number `fd` is a listening socket. Looks at a raw number
+/// without owning it (`getsockopt` has no side effect); a closed or reused
+/// number merely gives a wrong answer for a warning.
+pub(crate) fn is_listening(fd: RawFd) -> bool {
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `val` and `len` are valid for writes of an int and a socklen_t.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&mut val as *mut libc::c_int).cast(), &mut len)
+    };
+    rc == 0 && val != 0
+}
+
+/// Reads `SO_DOMAIN` (`AF_UNIX`, `AF_INET`, ...).
+pub(crate) fn socket_domain(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<i32> {
+    use std::os::fd::AsRawFd;
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `val` and `len` are valid for writes of an int and a socklen_t.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut val as *mut libc::c_int).cast(), &mut len)
+    };
+    if rc == 0 { Ok(val) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Removes a variable from this process's environment, so that it is not
+/// inherited by child processes.
+///
+/// Only called by `boot`, which first checks that the process has a single
+/// thread (see [`thread_count`]), as the Rust docs require.
+pub(crate) fn remove_env_var(name: &OsStr) {
+    // SAFETY: `boot` calls this only after `thread_count() == 1` was
+    // checked, so no other thread can read or write the environment now.
+    unsafe { std::env::remove_var(name) }
+}
+
+/// Number of threads in this process, from `/proc/self/task`.
+pub(crate) fn thread_count() -> io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/task")?.count())
+}
+
+/// Arms (or with `ms == 0` disarms) `ITIMER_REAL`, which raises SIGALRM.
+///
+/// `ITIMER_REAL` survives `execve`, which is why the old image's
+/// timer is replaced by this call early in every boot.
+pub(crate) fn set_real_timer(ms: u64) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: (ms / 1000) as libc::time_t,
+        tv_usec: ((ms % 1000) * 1000) as libc::suseconds_t,
+    };
+    let it = libc::itimerval { it_interval: libc::timeval { tv_sec: 0, tv_usec: 0 }, it_value: tv };
+    // SAFETY: `it` is a valid itimerval; the old value is not requested.
+    let rc = unsafe { libc::setitimer(libc::ITIMER_REAL, &it, std::ptr::null_mut()) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn memfd_is_cloexec_and_sealable() {
+        let fd = memfd_create(c"t").unwrap();
+        let flags = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_ne!(flags & libc::FD_CLOEXEC, 0);
+        nix::fcntl::fcntl(
+            fd.as_fd(),
+            nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_GROW),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn adopting_a_closed_fd_is_ebadf() {
+        let err = adopt_inherited_fd(19_999).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+    }
+
+    #[test]
+    fn socket_info_tells_listener_from_file() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let info = socket_info(l.as_fd()).unwrap();
+        assert!(info.listening);
+        assert_eq!(info.protocol, libc::IPPROTO_TCP);
+        let f = std::fs::File::open("/proc/self/stat").unwrap();
+        assert_eq!(socket_info(f.as_fd()).unwrap_err().raw_os_error(), Some(libc::ENOTSOCK));
+    }
+}

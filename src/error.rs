@@ -20,7 +20,9 @@ pub enum Error {
         threads: usize,
     },
     /// The handoff variable could not be parsed.
-    #[error("the {var} variable ({value:?}) is malformed: {reason}; unset it unless this process was started by a copyover upgrade")]
+    #[error(
+        "the {var} variable ({value:?}) is malformed: {reason}; unset it unless this process was started by a copyover upgrade"
+    )]
     HandoffVar {
         /// The variable's name.
         var: &'static str,
@@ -70,7 +72,9 @@ pub enum Error {
 #[non_exhaustive]
 pub enum UpgradeError {
     /// The binary to execute is missing or not executable.
-    #[error("the new binary {path:?} cannot be executed ({source}); install it there or point Config::binary at it")]
+    #[error(
+        "the new binary {path:?} cannot be executed ({source}); install it there or point Config::binary at it"
+    )]
     Binary {
         /// The path tried.
         path: PathBuf,

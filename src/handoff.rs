@@ -58,19 +58,33 @@ impl HandoffVar {
             Mode::Upgrade => "upgrade",
             Mode::Rollback => "rollback",
         };
-        format!("1:pid={}:snapshot={}:binary={}:mode={mode}", self.pid, self.snapshot_fd, self.binary_fd)
+        format!(
+            "1:pid={}:snapshot={}:binary={}:mode={mode}",
+            self.pid, self.snapshot_fd, self.binary_fd
+        )
     }
 
     pub(crate) fn parse(value: &str) -> Result<Self, Error> {
-        let bad = |reason: &str| Error::HandoffVar { var: HANDOFF_VAR, value: value.to_owned(), reason: reason.to_owned() };
+        let bad = |reason: &str| Error::HandoffVar {
+            var: HANDOFF_VAR,
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        };
         let mut parts = value.split(':');
         if parts.next() != Some("1") {
             return Err(bad("it does not start with format version 1"));
         }
         let (mut pid, mut snapshot, mut binary, mut mode) = (None, None, None, None);
         for part in parts {
-            let (k, v) = part.split_once('=').ok_or_else(|| bad("a field is not KEY=VALUE"))?;
-            let num = || v.parse::<i32>().ok().filter(|n| *n >= 0).ok_or_else(|| bad(&format!("{k} is not a non-negative number")));
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| bad("a field is not KEY=VALUE"))?;
+            let num = || {
+                v.parse::<i32>()
+                    .ok()
+                    .filter(|n| *n >= 0)
+                    .ok_or_else(|| bad(&format!("{k} is not a non-negative number")))
+            };
             match k {
                 "pid" => pid = Some(num()?),
                 "snapshot" => snapshot = Some(num()?),
@@ -160,7 +174,10 @@ impl<'a> Handoff<'a> {
                 return Err(format!("the name '{}' is given twice", e.name));
             }
             if !fds.insert(e.fd) {
-                return Err(format!("fd {} is kept twice (second name '{}')", e.fd, e.name));
+                return Err(format!(
+                    "fd {} is kept twice (second name '{}')",
+                    e.fd, e.name
+                ));
             }
         }
         Ok(&self.entries)
@@ -230,8 +247,13 @@ impl Inherited {
     ///
     /// [`Error::Adopt`] if the descriptor is not a listening TCP socket.
     pub fn take_tcp_listener(&mut self, name: &str) -> Result<Option<TcpListener>, Error> {
-        self.take_socket(name, "a listening TCP socket", true, Some(libc::IPPROTO_TCP))
-            .map(|o| o.map(TcpListener::from))
+        self.take_socket(
+            name,
+            "a listening TCP socket",
+            true,
+            Some(libc::IPPROTO_TCP),
+        )
+        .map(|o| o.map(TcpListener::from))
     }
 
     /// Takes a connected TCP socket.
@@ -240,8 +262,13 @@ impl Inherited {
     ///
     /// [`Error::Adopt`] if the descriptor is not a connected TCP socket.
     pub fn take_tcp_stream(&mut self, name: &str) -> Result<Option<TcpStream>, Error> {
-        self.take_socket(name, "a connected TCP socket", false, Some(libc::IPPROTO_TCP))
-            .map(|o| o.map(TcpStream::from))
+        self.take_socket(
+            name,
+            "a connected TCP socket",
+            false,
+            Some(libc::IPPROTO_TCP),
+        )
+        .map(|o| o.map(TcpStream::from))
     }
 
     /// Takes a listening Unix stream socket.
@@ -272,20 +299,40 @@ impl Inherited {
         listening: bool,
         protocol: Option<i32>,
     ) -> Result<Option<OwnedFd>, Error> {
-        let Some((fd, kind)) = self.fds.remove(name) else { return Ok(None) };
-        let fail = |reason: String| Error::Adopt { name: name.to_owned(), fd: fd.as_raw_fd(), wanted, reason };
-        let expected_kind = if listening { FdKind::Listener } else { FdKind::Stream };
+        let Some((fd, kind)) = self.fds.remove(name) else {
+            return Ok(None);
+        };
+        let fail = |reason: String| Error::Adopt {
+            name: name.to_owned(),
+            fd: fd.as_raw_fd(),
+            wanted,
+            reason,
+        };
+        let expected_kind = if listening {
+            FdKind::Listener
+        } else {
+            FdKind::Stream
+        };
         if kind != expected_kind {
             return Err(fail(format!("the manifest says it is {kind:?}")));
         }
-        let info = sys::socket_info(fd.as_fd()).map_err(|e| fail(format!("it is not a socket ({e})")))?;
+        let info =
+            sys::socket_info(fd.as_fd()).map_err(|e| fail(format!("it is not a socket ({e})")))?;
         if info.listening != listening {
-            let is = if info.listening { "listening" } else { "not listening" };
+            let is = if info.listening {
+                "listening"
+            } else {
+                "not listening"
+            };
             return Err(fail(format!("the socket is {is}")));
         }
         match protocol {
-            Some(p) if info.protocol != p => return Err(fail(format!("its protocol is {}", info.protocol))),
-            None if sys::socket_domain(fd.as_fd()).map_err(|e| fail(e.to_string()))? != libc::AF_UNIX => {
+            Some(p) if info.protocol != p => {
+                return Err(fail(format!("its protocol is {}", info.protocol)));
+            }
+            None if sys::socket_domain(fd.as_fd()).map_err(|e| fail(e.to_string()))?
+                != libc::AF_UNIX =>
+            {
                 return Err(fail("it is not a Unix socket".into()));
             }
             _ => {}
@@ -310,7 +357,12 @@ mod tests {
 
     #[test]
     fn handoff_var_round_trips() {
-        let v = HandoffVar { pid: 42, snapshot_fd: 5, binary_fd: 6, mode: Mode::Rollback };
+        let v = HandoffVar {
+            pid: 42,
+            snapshot_fd: 5,
+            binary_fd: 6,
+            mode: Mode::Rollback,
+        };
         assert_eq!(v.format(), "1:pid=42:snapshot=5:binary=6:mode=rollback");
         assert_eq!(HandoffVar::parse(&v.format()).unwrap(), v);
     }
@@ -320,11 +372,23 @@ mod tests {
         for (value, reason) in [
             ("", "format version 1"),
             ("garbage", "format version 1"),
-            ("1:pid=x:snapshot=5:binary=6:mode=upgrade", "pid is not a non-negative number"),
-            ("1:pid=1:snapshot=-5:binary=6:mode=upgrade", "snapshot is not"),
+            (
+                "1:pid=x:snapshot=5:binary=6:mode=upgrade",
+                "pid is not a non-negative number",
+            ),
+            (
+                "1:pid=1:snapshot=-5:binary=6:mode=upgrade",
+                "snapshot is not",
+            ),
             ("1:pid=1:binary=6:mode=upgrade", "snapshot is missing"),
-            ("1:pid=1:snapshot=5:binary=6:mode=sideways", "mode is neither"),
-            ("1:pid=1:snapshot=5:binary=6:mode=upgrade:extra=1", "unknown field extra"),
+            (
+                "1:pid=1:snapshot=5:binary=6:mode=sideways",
+                "mode is neither",
+            ),
+            (
+                "1:pid=1:snapshot=5:binary=6:mode=upgrade:extra=1",
+                "unknown field extra",
+            ),
             ("1:pid", "KEY=VALUE"),
         ] {
             let err = HandoffVar::parse(value).unwrap_err().to_string();
@@ -350,9 +414,16 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let file = std::fs::File::open("/proc/self/stat").unwrap();
         let mut inh = Inherited::default();
-        inh.fds.insert("l".into(), (OwnedFd::from(l.try_clone().unwrap()), FdKind::Listener));
-        inh.fds.insert("f".into(), (OwnedFd::from(file), FdKind::Listener));
-        inh.fds.insert("s".into(), (OwnedFd::from(l.try_clone().unwrap()), FdKind::Stream));
+        inh.fds.insert(
+            "l".into(),
+            (OwnedFd::from(l.try_clone().unwrap()), FdKind::Listener),
+        );
+        inh.fds
+            .insert("f".into(), (OwnedFd::from(file), FdKind::Listener));
+        inh.fds.insert(
+            "s".into(),
+            (OwnedFd::from(l.try_clone().unwrap()), FdKind::Stream),
+        );
         let err = inh.take_tcp_listener("f").unwrap_err().to_string();
         assert!(err.contains("'f'") && err.contains("not a socket"), "{err}");
         let err = inh.take_tcp_stream("s").unwrap_err().to_string();

@@ -29,8 +29,8 @@ use std::io::{BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -52,7 +52,8 @@ pub(crate) enum Verdict {
 /// A probe running on its helper thread.
 #[derive(Debug)]
 pub(crate) struct Probe {
-    thread: JoinHandle<Verdict>,
+    thread: JoinHandle<()>,
+    verdict: Arc<Mutex<Option<Verdict>>>,
     child_pid: Arc<AtomicI32>,
 }
 
@@ -69,30 +70,51 @@ impl Probe {
     /// Starts the probe thread; `wake` is written to once the verdict is in.
     pub(crate) fn start(spec: ProbeSpec, wake: Arc<OwnedFd>) -> std::io::Result<Probe> {
         let child_pid = Arc::new(AtomicI32::new(0));
-        let pid = child_pid.clone();
-        let thread = std::thread::Builder::new().name("copyover-probe".into()).spawn(move || {
-            let verdict = run(spec, &pid);
-            crate::signal::wake(&wake);
-            verdict
-        })?;
-        Ok(Probe { thread, child_pid })
+        let verdict = Arc::new(Mutex::new(None));
+        let (pid, slot) = (child_pid.clone(), verdict.clone());
+        let thread = std::thread::Builder::new()
+            .name("copyover-probe".into())
+            .spawn(move || {
+                let v = run(spec, &pid);
+                // The verdict is in its slot before the loop is woken.
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+                crate::signal::wake(&wake);
+            })?;
+        Ok(Probe {
+            thread,
+            verdict,
+            child_pid,
+        })
     }
 
-    /// Whether the verdict is in.
-    pub(crate) fn is_finished(&self) -> bool {
-        self.thread.is_finished()
-    }
-
-    /// Waits for the verdict (immediate once [`is_finished`](Self::is_finished)).
-    pub(crate) fn verdict(self) -> Verdict {
-        self.thread.join().unwrap_or_else(|_| Verdict::Refused("the probe thread panicked".into()))
+    /// The verdict, once it is in; `Err(self)` while the probe runs.
+    pub(crate) fn try_verdict(self) -> Result<Verdict, Probe> {
+        let taken = self
+            .verdict
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match taken {
+            Some(v) => {
+                // The thread only has to return now.
+                let _ = self.thread.join();
+                Ok(v)
+            }
+            None if self.thread.is_finished() => {
+                Ok(Verdict::Refused("the probe thread died".into()))
+            }
+            None => Err(self),
+        }
     }
 
     /// Kills the probe child, if it still runs (used when the server stops).
     pub(crate) fn kill(&self) {
         let pid = self.child_pid.load(Ordering::SeqCst);
         if pid > 0 {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
@@ -126,12 +148,18 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Verdict {
     let verdict = read_answer(&mut child, &nonce, started + spec.timeout);
     let verdict = match (verdict, finish(&mut child, started + spec.timeout)) {
         (Verdict::Accepted(v), Ok(status)) if status.success() => Verdict::Accepted(v),
-        (Verdict::Accepted(_), Ok(status)) => Verdict::Refused(format!("it answered ok but then exited with {status}")),
+        (Verdict::Accepted(_), Ok(status)) => {
+            Verdict::Refused(format!("it answered ok but then exited with {status}"))
+        }
         (Verdict::Accepted(_), Err(e)) => Verdict::Refused(e),
         (refused, _) => refused,
     };
     pid_slot.store(0, Ordering::SeqCst);
-    tracing::debug!(elapsed_ms = started.elapsed().as_secs_f64() * 1e3, ?verdict, "probe finished");
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+        ?verdict,
+        "probe finished"
+    );
     verdict
 }
 
@@ -145,7 +173,10 @@ fn read_answer(child: &mut Child, nonce: &str, deadline: Instant) -> Verdict {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Verdict::Refused(format!("no answer within {:?}: not a copyover program, or it hangs", timeout_of(deadline)));
+            return Verdict::Refused(format!(
+                "no answer within {:?}: not a copyover program, or it hangs",
+                timeout_of(deadline)
+            ));
         }
         if reader.buffer().is_empty() {
             let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
@@ -175,12 +206,17 @@ fn timeout_of(deadline: Instant) -> Duration {
 }
 
 fn parse_answer(line: &str, nonce: &str) -> Verdict {
-    let Some(rest) = line.strip_prefix(ANSWER_PREFIX).and_then(|r| r.strip_prefix(' ')) else {
+    let Some(rest) = line
+        .strip_prefix(ANSWER_PREFIX)
+        .and_then(|r| r.strip_prefix(' '))
+    else {
         let shown: String = line.chars().take(80).collect();
         return Verdict::Refused(if line.is_empty() {
             "the new binary gave no probe answer: it is not a copyover program".into()
         } else {
-            format!("the new binary's answer {shown:?} is not a probe answer: it is not a copyover program")
+            format!(
+                "the new binary's answer {shown:?} is not a probe answer: it is not a copyover program"
+            )
         });
     };
     let (verb, rest) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -216,7 +252,10 @@ pub(crate) fn answer(nonce: &OsStr, result: Result<String, String>) -> ! {
     let nonce = nonce.to_string_lossy();
     let line = match &result {
         Ok(version) => format!("{ANSWER_PREFIX} ok {nonce} {version}\n"),
-        Err(reason) => format!("{ANSWER_PREFIX} refuse {nonce} {}\n", reason.replace('\n', " ")),
+        Err(reason) => format!(
+            "{ANSWER_PREFIX} refuse {nonce} {}\n",
+            reason.replace('\n', " ")
+        ),
     };
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(line.as_bytes());
@@ -230,13 +269,22 @@ mod tests {
 
     #[test]
     fn answers_are_parsed_strictly() {
-        assert_eq!(parse_answer("copyover-probe 1 ok N v2", "N"), Verdict::Accepted("v2".into()));
+        assert_eq!(
+            parse_answer("copyover-probe 1 ok N v2", "N"),
+            Verdict::Accepted("v2".into())
+        );
         assert_eq!(
             parse_answer("copyover-probe 1 refuse N cannot read v3", "N"),
             Verdict::Refused("cannot read v3".into())
         );
-        assert!(matches!(parse_answer("copyover-probe 1 ok M v2", "N"), Verdict::Refused(r) if r.contains("nonce")));
-        assert!(matches!(parse_answer("", "N"), Verdict::Refused(r) if r.contains("no probe answer")));
-        assert!(matches!(parse_answer("hello", "N"), Verdict::Refused(r) if r.contains("not a copyover program")));
+        assert!(
+            matches!(parse_answer("copyover-probe 1 ok M v2", "N"), Verdict::Refused(r) if r.contains("nonce"))
+        );
+        assert!(
+            matches!(parse_answer("", "N"), Verdict::Refused(r) if r.contains("no probe answer"))
+        );
+        assert!(
+            matches!(parse_answer("hello", "N"), Verdict::Refused(r) if r.contains("not a copyover program"))
+        );
     }
 }

@@ -28,13 +28,23 @@ use crate::signal::HELD_SIGNALS;
 use crate::sys;
 
 /// Builds and publishes the rollback plan, arms the readiness deadline.
-pub(crate) fn arm(binary: &OwnedFd, argv: &[OsString], var: &HandoffVar, deadline: Duration) -> io::Result<()> {
-    let argv: Vec<CString> = argv.iter().map(|a| cstring(a.as_bytes())).collect::<io::Result<_>>()?;
+pub(crate) fn arm(
+    binary: &OwnedFd,
+    argv: &[OsString],
+    var: &HandoffVar,
+    deadline: Duration,
+) -> io::Result<()> {
+    let argv: Vec<CString> = argv
+        .iter()
+        .map(|a| cstring(a.as_bytes()))
+        .collect::<io::Result<_>>()?;
     let env = crate::upgrade::exec_env(&var.format())?;
     let held: Vec<i32> = HELD_SIGNALS.iter().map(|s| *s as i32).collect();
     sys::rollback::arm(binary.as_raw_fd(), argv, env, ROLLBACK_REASON_VAR, &held)?;
     install_panic_hook();
-    let ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX).max(1);
+    let ms = u64::try_from(deadline.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
     sys::set_real_timer(ms)
 }
 
@@ -70,5 +80,10 @@ fn install_panic_hook() {
 }
 
 pub(crate) fn cstring(bytes: &[u8]) -> io::Result<CString> {
-    CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in an argument or variable"))
+    CString::new(bytes).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a NUL byte in an argument or variable",
+        )
+    })
 }

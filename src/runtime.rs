@@ -169,7 +169,10 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
     if let Some(nonce) = std::env::var_os(PROBE_VAR) {
         answer_probe::<S>(&config, &nonce);
     }
-    let threads = sys::thread_count().map_err(|source| Error::Setup { what: "count threads", source })?;
+    let threads = sys::thread_count().map_err(|source| Error::Setup {
+        what: "count threads",
+        source,
+    })?;
     if threads > 1 {
         return Err(Error::Threads { threads });
     }
@@ -183,12 +186,24 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
         .iter()
         .map(|a| rollback::cstring(a.as_bytes()))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| Error::Setup { what: "read the arguments", source })?;
-    let requests = Requests::install().map_err(|source| Error::Setup { what: "install signal handlers", source })?;
-    signal::release().map_err(|source| Error::Setup { what: "unblock signals", source })?;
+        .map_err(|source| Error::Setup {
+            what: "read the arguments",
+            source,
+        })?;
+    let requests = Requests::install().map_err(|source| Error::Setup {
+        what: "install signal handlers",
+        source,
+    })?;
+    signal::release().map_err(|source| Error::Setup {
+        what: "unblock signals",
+        source,
+    })?;
 
     let mut co = Copyover {
-        binary: config.binary.clone().unwrap_or_else(|| default_binary(&argv)),
+        binary: config
+            .binary
+            .clone()
+            .unwrap_or_else(|| default_binary(&argv)),
         config,
         argv,
         argv_c,
@@ -225,7 +240,10 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
     };
 
     // Every inherited fd close-on-exec again, with one syscall.
-    sys::cloexec_from(3).map_err(|source| Error::Setup { what: "set close-on-exec on inherited fds", source })?;
+    sys::cloexec_from(3).map_err(|source| Error::Setup {
+        what: "set close-on-exec on inherited fds",
+        source,
+    })?;
     reap_exited_children();
     let old_binary = sys::adopt_inherited_fd(var.binary_fd).map_err(|source| Error::HandoffFd {
         fd: var.binary_fd,
@@ -233,9 +251,16 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
         source,
     })?;
     if var.mode == Mode::Upgrade {
-        let back = HandoffVar { mode: Mode::Rollback, ..var.clone() };
-        rollback::arm(&old_binary, &co.argv, &back, co.config.ready_timeout)
-            .map_err(|source| Error::Setup { what: "arm the rollback", source })?;
+        let back = HandoffVar {
+            mode: Mode::Rollback,
+            ..var.clone()
+        };
+        rollback::arm(&old_binary, &co.argv, &back, co.config.ready_timeout).map_err(|source| {
+            Error::Setup {
+                what: "arm the rollback",
+                source,
+            }
+        })?;
     }
     let restored = restore_image::<S>(&co.config, &var);
     let (state, header, snapshot, fds) = match restored {
@@ -252,7 +277,9 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
         co.binary = header.binary.clone();
     }
     if var.mode == Mode::Rollback {
-        let reason = reason.map(|r| r.to_string_lossy().into_owned()).unwrap_or_else(|| "unknown".into());
+        let reason = reason
+            .map(|r| r.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "unknown".into());
         tracing::warn!(
             generation = co.generation,
             version = %co.config.version,
@@ -260,7 +287,14 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
             "upgrade rolled back: {reason}"
         );
     }
-    co.resume = Some(Resume { mode: var.mode, header, snapshot, old_binary, boot_ns, restored_ns: monotonic_ns() });
+    co.resume = Some(Resume {
+        mode: var.mode,
+        header,
+        snapshot,
+        old_binary,
+        boot_ns,
+        restored_ns: monotonic_ns(),
+    });
     Ok((co, Start::Resumed { state, fds }))
 }
 
@@ -277,7 +311,11 @@ fn restore_image<S: AppState>(config: &Config, var: &HandoffVar) -> Result<Resto
     let state = restore::<S>(&config.app, snap.header.state_version, &snap.payload)?;
     let fds = Inherited::adopt(&snap.manifest)?;
     if snap.header.state_version != S::VERSION {
-        tracing::info!(from = snap.header.state_version, to = S::VERSION, "migrated the state");
+        tracing::info!(
+            from = snap.header.state_version,
+            to = S::VERSION,
+            "migrated the state"
+        );
     }
     Ok((state, snap.header, snapshot, fds))
 }
@@ -295,10 +333,15 @@ fn answer_probe<S: AppState>(config: &Config, nonce: &std::ffi::OsStr) -> ! {
 }
 
 fn default_binary(argv: &[OsString]) -> PathBuf {
-    let from_argv = argv.first().map(Path::new).filter(|p| p.as_os_str().as_bytes().contains(&b'/'));
+    let from_argv = argv
+        .first()
+        .map(Path::new)
+        .filter(|p| p.as_os_str().as_bytes().contains(&b'/'));
     match from_argv {
         Some(p) if p.is_absolute() => p.to_owned(),
-        Some(p) => std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_owned()),
+        Some(p) => std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_owned()),
         None => std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
     }
 }
@@ -306,7 +349,10 @@ fn default_binary(argv: &[OsString]) -> PathBuf {
 fn open_own_binary() -> Result<OwnedFd, Error> {
     File::open("/proc/self/exe")
         .map(OwnedFd::from)
-        .map_err(|source| Error::Setup { what: "open /proc/self/exe for rollback", source })
+        .map_err(|source| Error::Setup {
+            what: "open /proc/self/exe for rollback",
+            source,
+        })
 }
 
 /// Reaps children of the previous image that already exited. Live ones are
@@ -346,7 +392,9 @@ impl Copyover {
 
     /// Asks for an upgrade, as SIGHUP does.
     pub fn request_upgrade(&self) {
-        self.requests.upgrade.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.requests
+            .upgrade
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.requests.wake();
     }
 
@@ -357,10 +405,16 @@ impl Copyover {
         if signal::take(&self.requests.shutdown) {
             return Some(Event::Shutdown);
         }
-        if matches!(&self.phase, Phase::Probing(p) if p.is_finished()) {
-            let Phase::Probing(probe) = std::mem::replace(&mut self.phase, Phase::Idle) else { unreachable!() };
+        if let Phase::Probing(probe) = std::mem::replace(&mut self.phase, Phase::Idle) {
+            let verdict = match probe.try_verdict() {
+                Ok(v) => v,
+                Err(still_running) => {
+                    self.phase = Phase::Probing(still_running);
+                    return self.poll_signals();
+                }
+            };
             let probe_ms = ms(monotonic_ns().saturating_sub(self.requested_at_ns));
-            match probe.verdict() {
+            match verdict {
                 Verdict::Accepted(to_version) => {
                     tracing::debug!(phase = "probe", probe_ms, %to_version, "the new binary accepted the snapshot");
                     self.phase = Phase::Approved { to_version };
@@ -373,6 +427,10 @@ impl Copyover {
                 }
             }
         }
+        self.poll_signals()
+    }
+
+    fn poll_signals(&mut self) -> Option<Event> {
         if signal::take(&self.requests.upgrade) {
             if matches!(self.phase, Phase::Idle) {
                 self.requested_at_ns = monotonic_ns();
@@ -423,7 +481,11 @@ impl Copyover {
     /// missing, the handoff is inconsistent, the exec failed...). The
     /// runtime has logged `upgrade refused: REASON`; the application keeps
     /// serving, and owns all its descriptors as before.
-    pub fn upgrade<S: AppState>(&mut self, state: &S, keep: &Handoff<'_>) -> Result<Progress, UpgradeError> {
+    pub fn upgrade<S: AppState>(
+        &mut self,
+        state: &S,
+        keep: &Handoff<'_>,
+    ) -> Result<Progress, UpgradeError> {
         let result = self.advance(state, keep);
         if let Err(e) = &result {
             self.phase = Phase::Idle;
@@ -432,17 +494,28 @@ impl Copyover {
         result
     }
 
-    fn advance<S: AppState>(&mut self, state: &S, keep: &Handoff<'_>) -> Result<Progress, UpgradeError> {
+    fn advance<S: AppState>(
+        &mut self,
+        state: &S,
+        keep: &Handoff<'_>,
+    ) -> Result<Progress, UpgradeError> {
         if !self.ready {
-            return Err(UpgradeError::Handoff { reason: "this image has not called Copyover::ready yet".into() });
+            return Err(UpgradeError::Handoff {
+                reason: "this image has not called Copyover::ready yet".into(),
+            });
         }
         if self.requested_at_ns == 0 {
             self.requested_at_ns = monotonic_ns();
         }
-        let manifest = keep.manifest().map_err(|reason| UpgradeError::Handoff { reason })?;
-        let own_binary = self.own_binary.as_ref().ok_or_else(|| UpgradeError::Handoff {
-            reason: "the runtime has no descriptor of its own binary to roll back to".into(),
-        })?;
+        let manifest = keep
+            .manifest()
+            .map_err(|reason| UpgradeError::Handoff { reason })?;
+        let own_binary = self
+            .own_binary
+            .as_ref()
+            .ok_or_else(|| UpgradeError::Handoff {
+                reason: "the runtime has no descriptor of its own binary to roll back to".into(),
+            })?;
         let mut header = self.header(monotonic_ns());
         header.state_version = S::VERSION;
         match &self.phase {
@@ -459,15 +532,27 @@ impl Copyover {
                     snapshot,
                     timeout: self.config.probe_timeout,
                 };
-                let probe = Probe::start(spec, self.requests.tx.clone())
-                    .map_err(|source| UpgradeError::Io { what: "start the probe", source })?;
+                let probe = Probe::start(spec, self.requests.tx.clone()).map_err(|source| {
+                    UpgradeError::Io {
+                        what: "start the probe",
+                        source,
+                    }
+                })?;
                 tracing::debug!(phase = "probe", binary = ?self.binary, "probing the new binary");
                 self.phase = Phase::Probing(probe);
                 Ok(Progress::Probing)
             }
             Phase::Approved { to_version } => {
                 tracing::debug!(%to_version, fds = manifest.len(), "committing the upgrade");
-                Err(commit(state, Commit { header, manifest, own_binary, argv: &self.argv_c }))
+                Err(commit(
+                    state,
+                    Commit {
+                        header,
+                        manifest,
+                        own_binary,
+                        argv: &self.argv_c,
+                    },
+                ))
             }
         }
     }
@@ -495,7 +580,10 @@ impl Copyover {
                 self.own_binary = Some(r.old_binary);
             }
             Some(r) => {
-                rollback::disarm().map_err(|source| Error::Setup { what: "disarm the readiness deadline", source })?;
+                rollback::disarm().map_err(|source| Error::Setup {
+                    what: "disarm the readiness deadline",
+                    source,
+                })?;
                 // The previous binary and the snapshot were kept for a rollback.
                 drop(r.old_binary);
                 drop(r.snapshot);
@@ -533,7 +621,10 @@ impl Copyover {
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, bytes)
             .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|source| UpgradeError::Io { what: "write the snapshot file", source })?;
+            .map_err(|source| UpgradeError::Io {
+                what: "write the snapshot file",
+                source,
+            })?;
         tracing::info!(path = ?path, generation = self.generation, "snapshot saved");
         Ok(())
     }
@@ -549,7 +640,11 @@ impl Copyover {
     pub fn restore_from_file<S: AppState>(&self, path: &Path) -> Result<S, Error> {
         let snap = crate::snapshot::read_file(path)?;
         snap.check_app(&self.config.app)?;
-        Ok(restore::<S>(&self.config.app, snap.header.state_version, &snap.payload)?)
+        Ok(restore::<S>(
+            &self.config.app,
+            snap.header.state_version,
+            &snap.payload,
+        )?)
     }
 }
 
@@ -566,7 +661,9 @@ impl Drop for Copyover {
 /// off the critical path.
 fn warn_unkept_listeners(manifest: &[crate::snapshot::ManifestEntry]) {
     let kept: std::collections::HashSet<i32> = manifest.iter().map(|e| e.fd).collect();
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return };
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
     let lost: Vec<i32> = dir
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))

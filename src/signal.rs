@@ -25,8 +25,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 
 /// Signals blocked from the exec until the new image has its handlers.
-pub const HELD_SIGNALS: [Signal; 5] =
-    [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1, Signal::SIGUSR2];
+pub const HELD_SIGNALS: [Signal; 5] = [
+    Signal::SIGHUP,
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
 
 pub(crate) fn held_set() -> SigSet {
     let mut set = SigSet::empty();
@@ -75,7 +80,13 @@ impl Requests {
             signal_hook::flag::register(sig, Arc::clone(flag))?;
             signal_hook::low_level::pipe::register(sig, tx.try_clone()?)?;
         }
-        Ok(Self { upgrade, shutdown, save, rx, tx: Arc::new(OwnedFd::from(tx)) })
+        Ok(Self {
+            upgrade,
+            shutdown,
+            save,
+            rx,
+            tx: Arc::new(OwnedFd::from(tx)),
+        })
     }
 
     /// Reads every pending wake-up byte.

@@ -154,7 +154,9 @@ pub enum SnapshotError {
         found: [u8; 8],
     },
     /// A snapshot format this build does not know.
-    #[error("snapshot format version {found} is not supported; this build reads format {supported}")]
+    #[error(
+        "snapshot format version {found} is not supported; this build reads format {supported}"
+    )]
     UnknownFormat {
         /// The version found.
         found: u32,
@@ -162,7 +164,9 @@ pub enum SnapshotError {
         supported: u32,
     },
     /// The checksum does not match the contents.
-    #[error("the snapshot is corrupted: checksum {found:#010x} does not match the stored {stored:#010x}")]
+    #[error(
+        "the snapshot is corrupted: checksum {found:#010x} does not match the stored {stored:#010x}"
+    )]
     Checksum {
         /// The checksum stored in the header.
         stored: u32,
@@ -254,12 +258,15 @@ pub fn write_sealed(
     let total = (head.len() + body_prefix.len() + payload.len()) as u64;
     file.set_len(total).map_err(io_err("size"))?;
     file.write_all_at(&head, 0).map_err(io_err("write"))?;
-    file.write_all_at(&body_prefix, head.len() as u64).map_err(io_err("write"))?;
+    file.write_all_at(&body_prefix, head.len() as u64)
+        .map_err(io_err("write"))?;
     file.write_all_at(payload, (head.len() + body_prefix.len()) as u64)
         .map_err(io_err("write"))?;
     let fd = OwnedFd::from(file);
-    fcntl(fd.as_fd(), FcntlArg::F_ADD_SEALS(required_seals()))
-        .map_err(|e| SnapshotError::Io { what: "seal", source: e.into() })?;
+    fcntl(fd.as_fd(), FcntlArg::F_ADD_SEALS(required_seals())).map_err(|e| SnapshotError::Io {
+        what: "seal",
+        source: e.into(),
+    })?;
     Ok(fd)
 }
 
@@ -268,7 +275,11 @@ pub fn write_sealed(
 /// # Errors
 ///
 /// [`SnapshotError::Encode`] if the manifest cannot be encoded.
-pub fn encode(header: &Header, manifest: &[ManifestEntry], payload: &[u8]) -> Result<Vec<u8>, SnapshotError> {
+pub fn encode(
+    header: &Header,
+    manifest: &[ManifestEntry],
+    payload: &[u8],
+) -> Result<Vec<u8>, SnapshotError> {
     let (mut head, body_prefix) = encode_head(header, manifest, payload)?;
     head.extend_from_slice(&body_prefix);
     head.extend_from_slice(payload);
@@ -285,7 +296,9 @@ fn encode_head(
     let manifest_bytes =
         postcard::to_allocvec(manifest).map_err(|source| SnapshotError::Encode { source })?;
     let binary = header.binary.as_os_str().as_bytes();
-    let mut prefix = Vec::with_capacity(header.app.len() + header.writer_version.len() + binary.len() + manifest_bytes.len());
+    let mut prefix = Vec::with_capacity(
+        header.app.len() + header.writer_version.len() + binary.len() + manifest_bytes.len(),
+    );
     prefix.extend_from_slice(header.app.as_bytes());
     prefix.extend_from_slice(header.writer_version.as_bytes());
     prefix.extend_from_slice(binary);
@@ -316,7 +329,9 @@ fn encode_head(
 }
 
 fn len32(n: usize) -> Result<u32, SnapshotError> {
-    u32::try_from(n).map_err(|_| SnapshotError::Corrupt { what: format!("a field of {n} bytes is too long") })
+    u32::try_from(n).map_err(|_| SnapshotError::Corrupt {
+        what: format!("a field of {n} bytes is too long"),
+    })
 }
 
 /// Reads and checks a snapshot from a memfd: seals first, then
@@ -330,14 +345,23 @@ fn len32(n: usize) -> Result<u32, SnapshotError> {
 pub fn read_sealed(fd: BorrowedFd<'_>) -> Result<Snapshot, SnapshotError> {
     check_sealed(fd)?;
     let size = nix::sys::stat::fstat(fd)
-        .map_err(|e| SnapshotError::Io { what: "stat", source: e.into() })?
+        .map_err(|e| SnapshotError::Io {
+            what: "stat",
+            source: e.into(),
+        })?
         .st_size as u64;
-    let size = usize::try_from(size).map_err(|_| SnapshotError::Corrupt { what: "size".into() })?;
+    let size = usize::try_from(size).map_err(|_| SnapshotError::Corrupt {
+        what: "size".into(),
+    })?;
     let mut bytes = vec![0u8; size];
     let mut done = 0;
     while done < size {
-        let n = nix::sys::uio::pread(fd, &mut bytes[done..], done as libc::off_t)
-            .map_err(|e| SnapshotError::Io { what: "read", source: e.into() })?;
+        let n = nix::sys::uio::pread(fd, &mut bytes[done..], done as libc::off_t).map_err(|e| {
+            SnapshotError::Io {
+                what: "read",
+                source: e.into(),
+            }
+        })?;
         if n == 0 {
             break;
         }
@@ -356,10 +380,14 @@ pub fn check_sealed(fd: BorrowedFd<'_>) -> Result<(), SnapshotError> {
     let seals = match fcntl(fd, FcntlArg::F_GET_SEALS) {
         Ok(s) => SealFlag::from_bits_truncate(s),
         Err(nix::errno::Errno::EINVAL) => {
-            return Err(SnapshotError::NotSealed { detail: "it does not support seals: not a memfd".into() });
+            return Err(SnapshotError::NotSealed {
+                detail: "it does not support seals: not a memfd".into(),
+            });
         }
         Err(e) => {
-            return Err(SnapshotError::NotSealed { detail: format!("F_GET_SEALS failed: {e}") });
+            return Err(SnapshotError::NotSealed {
+                detail: format!("F_GET_SEALS failed: {e}"),
+            });
         }
     };
     if !seals.contains(required_seals()) {
@@ -392,7 +420,10 @@ pub fn read_file(path: &Path) -> Result<Snapshot, SnapshotError> {
 pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
     let found = bytes.len() as u64;
     if bytes.len() < 16 {
-        return Err(SnapshotError::Truncated { expected: HEADER_LEN as u64, found });
+        return Err(SnapshotError::Truncated {
+            expected: HEADER_LEN as u64,
+            found,
+        });
     }
     let magic: [u8; 8] = bytes[0..8].try_into().unwrap_or_default();
     if magic != MAGIC {
@@ -400,26 +431,45 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
     }
     let format_version = u32_at(bytes, 8);
     if format_version != FORMAT_VERSION {
-        return Err(SnapshotError::UnknownFormat { found: format_version, supported: FORMAT_VERSION });
+        return Err(SnapshotError::UnknownFormat {
+            found: format_version,
+            supported: FORMAT_VERSION,
+        });
     }
     if bytes.len() < HEADER_LEN {
-        return Err(SnapshotError::Truncated { expected: HEADER_LEN as u64, found });
+        return Err(SnapshotError::Truncated {
+            expected: HEADER_LEN as u64,
+            found,
+        });
     }
     let header_len = u32_at(bytes, 12) as usize;
     if header_len != HEADER_LEN {
-        return Err(SnapshotError::Corrupt { what: format!("header length {header_len}, expected {HEADER_LEN}") });
+        return Err(SnapshotError::Corrupt {
+            what: format!("header length {header_len}, expected {HEADER_LEN}"),
+        });
     }
     let total = u64_at(bytes, 24);
     if total > found {
-        return Err(SnapshotError::Truncated { expected: total, found });
+        return Err(SnapshotError::Truncated {
+            expected: total,
+            found,
+        });
     }
     if total < found {
-        return Err(SnapshotError::Corrupt { what: format!("{} trailing bytes after the announced length {total}", found - total) });
+        return Err(SnapshotError::Corrupt {
+            what: format!(
+                "{} trailing bytes after the announced length {total}",
+                found - total
+            ),
+        });
     }
     let stored = u32_at(bytes, 16);
     let computed = crc32fast::hash(&bytes[20..]);
     if stored != computed {
-        return Err(SnapshotError::Checksum { stored, found: computed });
+        return Err(SnapshotError::Checksum {
+            stored,
+            found: computed,
+        });
     }
     let lens = [
         u32_at(bytes, 56) as u64,
@@ -428,9 +478,13 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
         u32_at(bytes, 68) as u64,
         u64_at(bytes, 72),
     ];
-    let sum = lens.iter().try_fold(HEADER_LEN as u64, |acc, &l| acc.checked_add(l));
+    let sum = lens
+        .iter()
+        .try_fold(HEADER_LEN as u64, |acc, &l| acc.checked_add(l));
     if sum != Some(total) {
-        return Err(SnapshotError::Corrupt { what: format!("field lengths {lens:?} do not add up to the total {total}") });
+        return Err(SnapshotError::Corrupt {
+            what: format!("field lengths {lens:?} do not add up to the total {total}"),
+        });
     }
     let mut at = HEADER_LEN;
     let mut take = |n: u64| {
@@ -441,8 +495,10 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
     let app = utf8(take(lens[0]), "application name")?;
     let writer_version = utf8(take(lens[1]), "writer version")?;
     let binary = PathBuf::from(OsString::from_vec(take(lens[2]).to_vec()));
-    let manifest: Vec<ManifestEntry> = postcard::from_bytes(take(lens[3]))
-        .map_err(|e| SnapshotError::Corrupt { what: format!("the fd manifest does not decode: {e}") })?;
+    let manifest: Vec<ManifestEntry> =
+        postcard::from_bytes(take(lens[3])).map_err(|e| SnapshotError::Corrupt {
+            what: format!("the fd manifest does not decode: {e}"),
+        })?;
     let payload = take(lens[4]).to_vec();
     Ok(Snapshot {
         header: Header {
@@ -473,7 +529,9 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 fn utf8(b: &[u8], what: &str) -> Result<String, SnapshotError> {
-    String::from_utf8(b.to_vec()).map_err(|_| SnapshotError::Corrupt { what: format!("the {what} is not UTF-8") })
+    String::from_utf8(b.to_vec()).map_err(|_| SnapshotError::Corrupt {
+        what: format!("the {what} is not UTF-8"),
+    })
 }
 
 impl Snapshot {
@@ -486,7 +544,10 @@ impl Snapshot {
         if self.header.app == app {
             Ok(())
         } else {
-            Err(SnapshotError::WrongApp { found: self.header.app.clone(), expected: app.to_owned() })
+            Err(SnapshotError::WrongApp {
+                found: self.header.app.clone(),
+                expected: app.to_owned(),
+            })
         }
     }
 
@@ -496,7 +557,9 @@ impl Snapshot {
             + self.header.app.len()
             + self.header.writer_version.len()
             + self.header.binary.as_os_str().len()
-            + postcard::to_allocvec(&self.manifest).map(|v| v.len()).unwrap_or(0)
+            + postcard::to_allocvec(&self.manifest)
+                .map(|v| v.len())
+                .unwrap_or(0)
             + self.payload.len()
     }
 }
@@ -527,8 +590,16 @@ mod tests {
             binary: "/usr/bin/chat".into(),
         };
         let manifest = vec![
-            ManifestEntry { name: "listener:telnet".into(), fd: 3, kind: FdKind::Listener },
-            ManifestEntry { name: "conn:1".into(), fd: 4, kind: FdKind::Stream },
+            ManifestEntry {
+                name: "listener:telnet".into(),
+                fd: 3,
+                kind: FdKind::Listener,
+            },
+            ManifestEntry {
+                name: "conn:1".into(),
+                fd: 4,
+                kind: FdKind::Stream,
+            },
         ];
         let payload = encode_state(&("hello", 42u32)).unwrap();
         (header, manifest, payload)
@@ -570,9 +641,20 @@ mod tests {
         let bytes = encode(&h, &m, &p).unwrap();
         for cut in [0, 10, 50, HEADER_LEN, bytes.len() - 1] {
             let err = decode(&bytes[..cut]).unwrap_err();
-            assert!(matches!(err, SnapshotError::Truncated { .. } | SnapshotError::BadMagic { .. }), "cut {cut}: {err}");
+            assert!(
+                matches!(
+                    err,
+                    SnapshotError::Truncated { .. } | SnapshotError::BadMagic { .. }
+                ),
+                "cut {cut}: {err}"
+            );
         }
-        assert!(decode(&bytes[..bytes.len() - 1]).unwrap_err().to_string().contains("truncated"));
+        assert!(
+            decode(&bytes[..bytes.len() - 1])
+                .unwrap_err()
+                .to_string()
+                .contains("truncated")
+        );
     }
 
     #[test]
@@ -591,11 +673,17 @@ mod tests {
         let (h, m, p) = sample();
         let mut bytes = encode(&h, &m, &p).unwrap();
         bytes[0] = b'X';
-        assert!(matches!(decode(&bytes).unwrap_err(), SnapshotError::BadMagic { .. }));
+        assert!(matches!(
+            decode(&bytes).unwrap_err(),
+            SnapshotError::BadMagic { .. }
+        ));
         let mut bytes = encode(&h, &m, &p).unwrap();
         bytes[8..12].copy_from_slice(&9u32.to_le_bytes());
         let err = decode(&bytes).unwrap_err();
-        assert_eq!(err.to_string(), "snapshot format version 9 is not supported; this build reads format 1");
+        assert_eq!(
+            err.to_string(),
+            "snapshot format version 9 is not supported; this build reads format 1"
+        );
     }
 
     #[test]
@@ -604,7 +692,10 @@ mod tests {
         let snap = decode(&encode(&h, &m, &p).unwrap()).unwrap();
         assert!(snap.check_app("chat").is_ok());
         let err = snap.check_app("proxy").unwrap_err();
-        assert_eq!(err.to_string(), "the snapshot was written by app 'chat', but this binary is app 'proxy'");
+        assert_eq!(
+            err.to_string(),
+            "the snapshot was written by app 'chat', but this binary is app 'proxy'"
+        );
     }
 
     /// Property: no input makes the decoder panic, and every single-byte
@@ -618,7 +709,10 @@ mod tests {
             for flip in [0x01u8, 0x80, 0xff] {
                 let mut b = bytes.clone();
                 b[i] ^= flip;
-                assert!(decode(&b).is_err(), "changing byte {i} by {flip:#x} was accepted");
+                assert!(
+                    decode(&b).is_err(),
+                    "changing byte {i} by {flip:#x} was accepted"
+                );
             }
         }
         // Random inputs, seeded so a failure is repeatable.
@@ -628,7 +722,9 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let len = (x % 300) as usize;
-            let mut b: Vec<u8> = (0..len).map(|i| (x.rotate_left(i as u32 % 64) >> 3) as u8).collect();
+            let mut b: Vec<u8> = (0..len)
+                .map(|i| (x.rotate_left(i as u32 % 64) >> 3) as u8)
+                .collect();
             if round % 2 == 0 && b.len() >= 12 {
                 b[..8].copy_from_slice(&MAGIC);
                 b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());

@@ -50,12 +50,20 @@ pub trait AppState: Serialize + DeserializeOwned {
 }
 
 /// Decodes a payload of state version `version` as `S`, migrating if needed.
-pub(crate) fn restore<S: AppState>(app: &str, version: u32, payload: &[u8]) -> Result<S, SnapshotError> {
+pub(crate) fn restore<S: AppState>(
+    app: &str,
+    version: u32,
+    payload: &[u8],
+) -> Result<S, SnapshotError> {
     if version == S::VERSION {
         return decode_state(payload, version);
     }
     S::migrate(version, payload).unwrap_or_else(|| {
-        Err(SnapshotError::StateVersion { app: app.to_owned(), found: version, supported: S::VERSION })
+        Err(SnapshotError::StateVersion {
+            app: app.to_owned(),
+            found: version,
+            supported: S::VERSION,
+        })
     })
 }
 
@@ -77,15 +85,29 @@ mod tests {
     impl AppState for V2 {
         const VERSION: u32 = 2;
         fn migrate(from: u32, payload: &[u8]) -> Option<Result<Self, SnapshotError>> {
-            (from == 1).then(|| decode_state::<V1>(payload, 1).map(|v| V2 { n: v.n, label: "new".into() }))
+            (from == 1).then(|| {
+                decode_state::<V1>(payload, 1).map(|v| V2 {
+                    n: v.n,
+                    label: "new".into(),
+                })
+            })
         }
     }
 
     #[test]
     fn migrates_v1_and_refuses_unknown_versions() {
         let v1 = encode_state(&V1 { n: 7 }).unwrap();
-        assert_eq!(restore::<V2>("t", 1, &v1).unwrap(), V2 { n: 7, label: "new".into() });
+        assert_eq!(
+            restore::<V2>("t", 1, &v1).unwrap(),
+            V2 {
+                n: 7,
+                label: "new".into()
+            }
+        );
         let err = restore::<V2>("t", 3, &v1).unwrap_err().to_string();
-        assert_eq!(err, "snapshot was written by app 't' state v3; this binary reads v2 and has no migration from v3");
+        assert_eq!(
+            err,
+            "snapshot was written by app 't' state v3; this binary reads v2 and has no migration from v3"
+        );
     }
 }

@@ -41,7 +41,14 @@ pub enum Progress {
 }
 
 /// Variables the runtime owns: never passed on as they were.
-const STRIPPED_VARS: [&str; 6] = [HANDOFF_VAR, ROLLBACK_REASON_VAR, PROBE_VAR, "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
+const STRIPPED_VARS: [&str; 6] = [
+    HANDOFF_VAR,
+    ROLLBACK_REASON_VAR,
+    PROBE_VAR,
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+];
 
 /// This process's environment without the runtime's own variables and the
 /// stale systemd socket-activation ones (a same-PID exec would match
@@ -65,15 +72,24 @@ pub(crate) fn exec_env(handoff: &str) -> io::Result<Vec<CString>> {
     Ok(env)
 }
 
-
 /// Checks that `path` is an executable file.
 pub(crate) fn preflight(path: &Path) -> Result<(), UpgradeError> {
-    nix::unistd::access(path, nix::unistd::AccessFlags::X_OK)
-        .map_err(|e| UpgradeError::Binary { path: path.to_owned(), source: e.into() })?;
+    nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).map_err(|e| {
+        UpgradeError::Binary {
+            path: path.to_owned(),
+            source: e.into(),
+        }
+    })?;
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(UpgradeError::Binary { path: path.to_owned(), source: io::Error::other("not a regular file") }),
-        Err(source) => Err(UpgradeError::Binary { path: path.to_owned(), source }),
+        Ok(_) => Err(UpgradeError::Binary {
+            path: path.to_owned(),
+            source: io::Error::other("not a regular file"),
+        }),
+        Err(source) => Err(UpgradeError::Binary {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
@@ -101,7 +117,12 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
     let written = t0.elapsed();
     let path = match cstring(c.header.binary.as_os_str().as_bytes()) {
         Ok(p) => p,
-        Err(source) => return UpgradeError::Io { what: "name the binary", source },
+        Err(source) => {
+            return UpgradeError::Io {
+                what: "name the binary",
+                source,
+            };
+        }
     };
     let var = HandoffVar {
         pid: std::process::id() as i32,
@@ -111,7 +132,12 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
     };
     let env = match exec_env(&var.format()) {
         Ok(e) => e,
-        Err(source) => return UpgradeError::Io { what: "build the environment", source },
+        Err(source) => {
+            return UpgradeError::Io {
+                what: "build the environment",
+                source,
+            };
+        }
     };
     tracing::debug!(
         phase = "snapshot",
@@ -126,13 +152,20 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
     // From here on: no logging, no allocation that matters, until the exec.
     if let Err(source) = keep_only(c.manifest, &[memfd.as_raw_fd(), c.own_binary.as_raw_fd()]) {
         let _ = sys::cloexec_from(3);
-        return UpgradeError::Handoff { reason: format!("a kept fd is not open: {source}") };
+        return UpgradeError::Handoff {
+            reason: format!("a kept fd is not open: {source}"),
+        };
     }
     if let Err(source) = signal::hold() {
         let _ = sys::cloexec_from(3);
-        return UpgradeError::Io { what: "block signals", source };
+        return UpgradeError::Io {
+            what: "block signals",
+            source,
+        };
     }
-    let err = nix::unistd::execve(&path, c.argv, &env).err().map(io::Error::from);
+    let err = nix::unistd::execve(&path, c.argv, &env)
+        .err()
+        .map(io::Error::from);
     // execve returned: undo, and keep serving.
     let _ = sys::cloexec_from(3);
     let _ = signal::release();
@@ -147,8 +180,9 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
 fn keep_only(manifest: &[ManifestEntry], extra: &[i32]) -> io::Result<()> {
     sys::cloexec_from(3)?;
     for e in manifest {
-        sys::set_cloexec(e.fd, false)
-            .map_err(|err| io::Error::new(err.kind(), format!("fd {} ('{}'): {err}", e.fd, e.name)))?;
+        sys::set_cloexec(e.fd, false).map_err(|err| {
+            io::Error::new(err.kind(), format!("fd {} ('{}'): {err}", e.fd, e.name))
+        })?;
     }
     for &fd in extra {
         sys::set_cloexec(fd, false)?;
@@ -162,15 +196,23 @@ mod tests {
 
     #[test]
     fn preflight_explains_a_missing_binary() {
-        let err = preflight(Path::new("/nonexistent/server")).unwrap_err().to_string();
-        assert!(err.contains("/nonexistent/server") && err.contains("Config::binary"), "{err}");
+        let err = preflight(Path::new("/nonexistent/server"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/nonexistent/server") && err.contains("Config::binary"),
+            "{err}"
+        );
         assert!(preflight(Path::new("/bin/sh")).is_ok());
     }
 
     #[test]
     fn exec_env_carries_exactly_one_handoff() {
         let env = exec_env("1:pid=1:snapshot=3:binary=4:mode=upgrade").unwrap();
-        let ours: Vec<_> = env.iter().filter(|e| e.as_bytes().starts_with(b"COPYOVER_HANDOFF=")).collect();
+        let ours: Vec<_> = env
+            .iter()
+            .filter(|e| e.as_bytes().starts_with(b"COPYOVER_HANDOFF="))
+            .collect();
         assert_eq!(ours.len(), 1);
         assert!(!env.iter().any(|e| e.as_bytes().starts_with(b"LISTEN_PID=")));
     }

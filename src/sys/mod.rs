@@ -46,7 +46,8 @@ pub(crate) fn memfd_create(name: &std::ffi::CStr) -> io::Result<OwnedFd> {
 /// This is the "deny by default" step before an exec, and the way the new
 /// image makes every inherited fd close-on-exec again in one syscall.
 pub(crate) fn cloexec_from(first: RawFd) -> io::Result<()> {
-    let first = libc::c_uint::try_from(first).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let first =
+        libc::c_uint::try_from(first).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes fd flags; it
     // closes nothing and touches no memory of ours.
     let rc = unsafe {
@@ -57,7 +58,11 @@ pub(crate) fn cloexec_from(first: RawFd) -> io::Result<()> {
             libc::CLOSE_RANGE_CLOEXEC,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Sets or clears `FD_CLOEXEC` on a raw fd (with `F_SETFD`, never `F_SETFL`).
@@ -69,7 +74,11 @@ pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
     // SAFETY: F_SETFD takes an int and changes only the fd's flags; an fd
     // that is not open yields EBADF, which we report.
     let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, flag) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Takes ownership of an fd number inherited across `execve`.
@@ -121,11 +130,18 @@ pub(crate) fn socket_info(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<SocketI
                 &mut len,
             )
         };
-        if rc == 0 { Ok(val) } else { Err(io::Error::last_os_error()) }
+        if rc == 0 {
+            Ok(val)
+        } else {
+            Err(io::Error::last_os_error())
+        }
     };
     let protocol = get(libc::SO_PROTOCOL)?;
     let listening = get(libc::SO_ACCEPTCONN)? != 0;
-    Ok(SocketInfo { protocol, listening })
+    Ok(SocketInfo {
+        protocol,
+        listening,
+    })
 }
 
 /// Whether fd number `fd` is a listening socket. Looks at a raw number
@@ -136,7 +152,13 @@ pub(crate) fn is_listening(fd: RawFd) -> bool {
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `val` and `len` are valid for writes of an int and a socklen_t.
     let rc = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, (&mut val as *mut libc::c_int).cast(), &mut len)
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut val as *mut libc::c_int).cast(),
+            &mut len,
+        )
     };
     rc == 0 && val != 0
 }
@@ -148,9 +170,19 @@ pub(crate) fn socket_domain(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<i32> 
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `val` and `len` are valid for writes of an int and a socklen_t.
     let rc = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut val as *mut libc::c_int).cast(), &mut len)
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut val as *mut libc::c_int).cast(),
+            &mut len,
+        )
     };
-    if rc == 0 { Ok(val) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(val)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Removes a variable from this process's environment, so that it is not
@@ -178,10 +210,20 @@ pub(crate) fn set_real_timer(ms: u64) -> io::Result<()> {
         tv_sec: (ms / 1000) as libc::time_t,
         tv_usec: ((ms % 1000) * 1000) as libc::suseconds_t,
     };
-    let it = libc::itimerval { it_interval: libc::timeval { tv_sec: 0, tv_usec: 0 }, it_value: tv };
+    let it = libc::itimerval {
+        it_interval: libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+        it_value: tv,
+    };
     // SAFETY: `it` is a valid itimerval; the old value is not requested.
     let rc = unsafe { libc::setitimer(libc::ITIMER_REAL, &it, std::ptr::null_mut()) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 #[cfg(test)]
@@ -214,6 +256,9 @@ mod tests {
         assert!(info.listening);
         assert_eq!(info.protocol, libc::IPPROTO_TCP);
         let f = std::fs::File::open("/proc/self/stat").unwrap();
-        assert_eq!(socket_info(f.as_fd()).unwrap_err().raw_os_error(), Some(libc::ENOTSOCK));
+        assert_eq!(
+            socket_info(f.as_fd()).unwrap_err().raw_os_error(),
+            Some(libc::ENOTSOCK)
+        );
     }
 }

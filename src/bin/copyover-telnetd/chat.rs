@@ -65,7 +65,11 @@ impl Serialize for User {
         if STATE_VERSION == 1 {
             self.vars.serialize(s)
         } else {
-            UserV2 { vars: self.vars.clone(), logins: self.logins }.serialize(s)
+            UserV2 {
+                vars: self.vars.clone(),
+                logins: self.logins,
+            }
+            .serialize(s)
         }
     }
 }
@@ -73,10 +77,16 @@ impl Serialize for User {
 impl<'de> Deserialize<'de> for User {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         if STATE_VERSION == 1 {
-            Ok(User { vars: BTreeMap::deserialize(d)?, logins: 0 })
+            Ok(User {
+                vars: BTreeMap::deserialize(d)?,
+                logins: 0,
+            })
         } else {
             let u = UserV2::deserialize(d)?;
-            Ok(User { vars: u.vars, logins: u.logins })
+            Ok(User {
+                vars: u.vars,
+                logins: u.logins,
+            })
         }
     }
 }
@@ -119,11 +129,17 @@ impl AppState for Chat {
         if from != 1 || STATE_VERSION == 1000 {
             return None;
         }
-        Some(decode_state::<ChatV1>(payload, 1).map(|v1| Chat {
-            next_id: v1.next_id,
-            next_login: v1.next_login,
-            users: v1.users.into_iter().map(|(name, vars)| (name, User { vars, logins: 0 })).collect(),
-            conns: v1.conns,
+        Some(decode_state::<ChatV1>(payload, 1).map(|v1| {
+            Chat {
+                next_id: v1.next_id,
+                next_login: v1.next_login,
+                users: v1
+                    .users
+                    .into_iter()
+                    .map(|(name, vars)| (name, User { vars, logins: 0 }))
+                    .collect(),
+                conns: v1.conns,
+            }
         }))
     }
 }
@@ -141,14 +157,22 @@ impl Chat {
             format!("Welcome to copyover-telnetd {label}, a chat that upgrades without hanging up.\r\nWhat is your name?\r\n")
                 .as_bytes(),
         );
-        self.conns.insert(id, Conn { out, ..Conn::default() });
+        self.conns.insert(
+            id,
+            Conn {
+                out,
+                ..Conn::default()
+            },
+        );
         id
     }
 
     /// Bytes received on connection `id`. Every connection that got output
     /// is added to `dirty`.
     pub fn input(&mut self, id: u64, data: &[u8], version: &str, dirty: &mut BTreeSet<u64>) {
-        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
         let mut lines = Vec::new();
         conn.telnet.feed(data, &mut conn.out, &mut lines);
         dirty.insert(id);
@@ -191,7 +215,10 @@ impl Chat {
             return self.reply(id, "A name, please:");
         }
         if name.chars().count() > MAX_NAME || name.chars().any(|c| c.is_control() || c == ',') {
-            return self.reply(id, &format!("Names have at most {MAX_NAME} characters and no commas; another one:"));
+            return self.reply(
+                id,
+                &format!("Names have at most {MAX_NAME} characters and no commas; another one:"),
+            );
         }
         if self.conns.values().any(|c| c.name.as_deref() == Some(name)) {
             return self.reply(id, &format!("{name} is already online; another name:"));
@@ -211,8 +238,11 @@ impl Chat {
         let rest = rest.trim_start();
         match cmd {
             "/who" => {
-                let mut online: Vec<(&u64, &str)> =
-                    self.conns.values().filter_map(|c| c.name.as_deref().map(|n| (&c.login, n))).collect();
+                let mut online: Vec<(&u64, &str)> = self
+                    .conns
+                    .values()
+                    .filter_map(|c| c.name.as_deref().map(|n| (&c.login, n)))
+                    .collect();
                 online.sort();
                 let names: Vec<&str> = online.into_iter().map(|(_, n)| n).collect();
                 self.reply(id, &format!("online: {}", names.join(", ")));
@@ -270,7 +300,12 @@ mod tests {
 
     fn send(chat: &mut Chat, id: u64, line: &str) -> String {
         let mut dirty = BTreeSet::new();
-        chat.input(id, format!("{line}\r\n").as_bytes(), "copyover-telnetd t pid=1 generation=0", &mut dirty);
+        chat.input(
+            id,
+            format!("{line}\r\n").as_bytes(),
+            "copyover-telnetd t pid=1 generation=0",
+            &mut dirty,
+        );
         text(chat, id)
     }
 
@@ -290,10 +325,16 @@ mod tests {
         assert_eq!(send(&mut chat, b, "/set a 1"), "ok\r\n");
         assert_eq!(send(&mut chat, b, "/get color"), "color = deep blue\r\n");
         assert_eq!(send(&mut chat, b, "/get size"), "size is not set\r\n");
-        assert_eq!(send(&mut chat, b, "/vars"), "a = 1\r\ncolor = deep blue\r\nend\r\n");
+        assert_eq!(
+            send(&mut chat, b, "/vars"),
+            "a = 1\r\ncolor = deep blue\r\nend\r\n"
+        );
         assert_eq!(send(&mut chat, b, "/set x"), "usage: /set KEY VALUE\r\n");
         assert_eq!(send(&mut chat, b, "/dance"), "unknown command: /dance\r\n");
-        assert_eq!(send(&mut chat, b, "/version"), "copyover-telnetd t pid=1 generation=0\r\n");
+        assert_eq!(
+            send(&mut chat, b, "/version"),
+            "copyover-telnetd t pid=1 generation=0\r\n"
+        );
         assert_eq!(send(&mut chat, b, "hello all"), "");
         assert_eq!(text(&mut chat, a), "bob: hello all\r\n");
         assert_eq!(send(&mut chat, b, "/quit"), "bye\r\n");
@@ -323,8 +364,17 @@ mod tests {
             conns: BTreeMap<u64, Conn>,
         }
         let mut users = BTreeMap::new();
-        users.insert("ann".to_string(), BTreeMap::from([("k".to_string(), "v".to_string())]));
-        let payload = copyover::snapshot::encode_state(&V1 { next_id: 3, next_login: 1, users, conns: BTreeMap::new() }).unwrap();
+        users.insert(
+            "ann".to_string(),
+            BTreeMap::from([("k".to_string(), "v".to_string())]),
+        );
+        let payload = copyover::snapshot::encode_state(&V1 {
+            next_id: 3,
+            next_login: 1,
+            users,
+            conns: BTreeMap::new(),
+        })
+        .unwrap();
         let chat = Chat::migrate(1, &payload).unwrap().unwrap();
         assert_eq!(chat.users["ann"].vars["k"], "v");
         assert_eq!(chat.next_id, 3);

@@ -74,13 +74,19 @@ fn parse_args() -> Result<Option<Args>, String> {
             "-h" | "--help" => return Ok(None),
             "--listen" => {
                 let v = value("--listen")?;
-                args.listen = v.parse().map_err(|_| format!("--listen: {v:?} is not an address such as 127.0.0.1:2323"))?;
+                args.listen = v.parse().map_err(|_| {
+                    format!("--listen: {v:?} is not an address such as 127.0.0.1:2323")
+                })?;
             }
             "--ready-timeout" => {
                 let v = value("--ready-timeout")?;
-                let secs: f64 = v.parse().ok().filter(|s: &f64| s.is_finite() && *s > 0.0).ok_or_else(|| {
-                    format!("--ready-timeout: {v:?} is not a positive number of seconds")
-                })?;
+                let secs: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s > 0.0)
+                    .ok_or_else(|| {
+                        format!("--ready-timeout: {v:?} is not a positive number of seconds")
+                    })?;
                 args.ready_timeout = Duration::from_secs_f64(secs);
             }
             "--snapshot-file" => args.snapshot_file = PathBuf::from(value("--snapshot-file")?),
@@ -161,7 +167,10 @@ fn run(args: Args) -> Result<(), BoxError> {
                 }
             }
             for id in lost {
-                tracing::warn!(conn = id, "connection missing from the handoff; dropping its record");
+                tracing::warn!(
+                    conn = id,
+                    "connection missing from the handoff; dropping its record"
+                );
                 state.conns.remove(&id);
             }
             if let Some(fault) = FAULT {
@@ -172,13 +181,28 @@ fn run(args: Args) -> Result<(), BoxError> {
     };
     listener.set_nonblocking(true)?;
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-    epoll.add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER))?;
-    epoll.add(co.event_fd(), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_EVENTS))?;
-    let mut server = Server { co, epoll, listener, streams, chat, args };
+    epoll.add(
+        &listener,
+        EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER),
+    )?;
+    epoll.add(
+        co.event_fd(),
+        EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_EVENTS),
+    )?;
+    let mut server = Server {
+        co,
+        epoll,
+        listener,
+        streams,
+        chat,
+        args,
+    };
     let ids: Vec<u64> = server.streams.keys().copied().collect();
     for id in &ids {
         let (s, _) = &server.streams[id];
-        server.epoll.add(s, EpollEvent::new(EpollFlags::EPOLLIN, *id))?;
+        server
+            .epoll
+            .add(s, EpollEvent::new(EpollFlags::EPOLLIN, *id))?;
     }
     server.co.ready()?;
     tracing::info!(addr = %server.listener.local_addr()?, clients = ids.len(), "listening");
@@ -203,7 +227,11 @@ fn inject_fault(fault: &str) {
 
 impl Server {
     fn version_line(&self) -> String {
-        format!("{APP} {LABEL} pid={} generation={}", std::process::id(), self.co.generation())
+        format!(
+            "{APP} {LABEL} pid={} generation={}",
+            std::process::id(),
+            self.co.generation()
+        )
     }
 
     fn serve(&mut self) -> Result<(), BoxError> {
@@ -225,7 +253,9 @@ impl Server {
                         }
                     }
                     id => {
-                        if ev.events().intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+                        if ev.events().intersects(
+                            EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR,
+                        ) {
                             self.read(id, &mut buf, &mut dirty);
                         }
                         if ev.events().contains(EpollFlags::EPOLLOUT) {
@@ -279,7 +309,10 @@ impl Server {
                         continue;
                     }
                     let id = self.chat.connect(LABEL);
-                    if let Err(e) = self.epoll.add(&stream, EpollEvent::new(EpollFlags::EPOLLIN, id)) {
+                    if let Err(e) = self
+                        .epoll
+                        .add(&stream, EpollEvent::new(EpollFlags::EPOLLIN, id))
+                    {
                         tracing::warn!("dropping a new connection: {e}");
                         self.chat.conns.remove(&id);
                         continue;
@@ -300,7 +333,9 @@ impl Server {
 
     fn read(&mut self, id: u64, buf: &mut [u8], dirty: &mut BTreeSet<u64>) {
         let version = self.version_line();
-        let Some((stream, _)) = self.streams.get_mut(&id) else { return };
+        let Some((stream, _)) = self.streams.get_mut(&id) else {
+            return;
+        };
         let mut closed = false;
         for _ in 0..16 {
             match stream.read(buf) {
@@ -333,7 +368,9 @@ impl Server {
     /// where the socket is full, closes those that said `/quit`.
     fn flush(&mut self, dirty: BTreeSet<u64>) {
         for id in dirty {
-            let (Some(conn), Some((stream, want_out))) = (self.chat.conns.get_mut(&id), self.streams.get_mut(&id)) else {
+            let (Some(conn), Some((stream, want_out))) =
+                (self.chat.conns.get_mut(&id), self.streams.get_mut(&id))
+            else {
                 continue;
             };
             let mut failed = false;
@@ -356,8 +393,14 @@ impl Server {
             }
             let need_out = !conn.out.is_empty();
             if need_out != *want_out {
-                let flags = if need_out { EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT } else { EpollFlags::EPOLLIN };
-                let _ = self.epoll.modify(stream.as_fd(), &mut EpollEvent::new(flags, id));
+                let flags = if need_out {
+                    EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT
+                } else {
+                    EpollFlags::EPOLLIN
+                };
+                let _ = self
+                    .epoll
+                    .modify(stream.as_fd(), &mut EpollEvent::new(flags, id));
                 *want_out = need_out;
             }
         }

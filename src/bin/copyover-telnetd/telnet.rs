@@ -134,11 +134,9 @@ impl Telnet {
     fn option(&mut self, cmd: u8, opt: u8, out: &mut Vec<u8>) {
         match (cmd, opt) {
             (DO, OPT_ECHO) => self.echo = true,
-            (DONT, OPT_ECHO) => {
-                if self.echo {
-                    self.echo = false;
-                    out.extend_from_slice(&[IAC, WONT, OPT_ECHO]);
-                }
+            (DONT, OPT_ECHO) if self.echo => {
+                self.echo = false;
+                out.extend_from_slice(&[IAC, WONT, OPT_ECHO]);
             }
             (DO, OPT_SGA) | (DONT, OPT_SGA) | (WONT, _) | (DONT, _) => {}
             (DO, o) => out.extend_from_slice(&[IAC, WONT, o]),
@@ -164,13 +162,23 @@ mod tests {
         let (_, lines) = run(&mut t, b"a\r\nb\nc\r\0d\r");
         assert_eq!(lines, ["a", "b", "c", "d"]);
         let (_, lines) = run(&mut t, b"\ne\n");
-        assert_eq!(lines, ["e"], "the \\n after a \\r split across reads is not a new line");
+        assert_eq!(
+            lines,
+            ["e"],
+            "the \\n after a \\r split across reads is not a new line"
+        );
     }
 
     #[test]
     fn negotiation_never_shows_up_as_text() {
         let mut t = Telnet::default();
-        let (out, lines) = run(&mut t, &[IAC, DO, OPT_ECHO, IAC, DO, OPT_SGA, IAC, WILL, 24, IAC, SB, 24, 0, b'x', IAC, SE, b'h', b'i', b'\r', 0]);
+        let (out, lines) = run(
+            &mut t,
+            &[
+                IAC, DO, OPT_ECHO, IAC, DO, OPT_SGA, IAC, WILL, 24, IAC, SB, 24, 0, b'x', IAC, SE,
+                b'h', b'i', b'\r', 0,
+            ],
+        );
         assert_eq!(lines, ["hi"]);
         assert!(t.echo);
         assert_eq!(out, [IAC, DONT, 24, b'h', b'i', b'\r', b'\n']);
@@ -178,7 +186,10 @@ mod tests {
 
     #[test]
     fn backspace_edits_the_line_and_echoes() {
-        let mut t = Telnet { echo: true, ..Telnet::default() };
+        let mut t = Telnet {
+            echo: true,
+            ..Telnet::default()
+        };
         let (out, lines) = run(&mut t, b"zedx\x7f\r\0");
         assert_eq!(lines, ["zed"]);
         assert_eq!(out, b"zedx\x08 \x08\r\n");

@@ -1,0 +1,458 @@
+//! Shared helpers for the process tests: building labelled and faulty builds
+//! of the demo, starting it from a scratch folder, deploying, signalling,
+//! reading its log, and talking to it as a chat client.
+//!
+//! Every wait is a bounded poll on a condition; every server is killed and
+//! reaped when its handle drops.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// How long any single wait may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Polls `f` until it returns `Some`, or panics with `what` after [`WAIT`].
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The demo as `cargo test` built it (label = the crate version).
+pub fn default_build() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_copyover-telnetd"))
+}
+
+/// A build of the demo with compile-time settings, e.g.
+/// `[("COPYOVER_DEMO_LABEL", "v2")]`. Built once per set of settings (and
+/// again when the test binary is newer), under a lock, so parallel tests
+/// share the builds.
+pub fn build(settings: &[(&str, &str)]) -> PathBuf {
+    let target = manifest_dir().join("target").join("demo-builds");
+    std::fs::create_dir_all(target.join("out")).expect("create target/demo-builds");
+    let key: String = if settings.is_empty() {
+        "default".into()
+    } else {
+        settings
+            .iter()
+            .map(|(k, v)| format!("{}={v}", k.trim_start_matches("COPYOVER_DEMO_")))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let out = target.join("out").join(key);
+    let lock = std::fs::File::create(target.join(".lock")).expect("lock file");
+    let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).expect("flock");
+    let reference = std::fs::metadata(default_build())
+        .and_then(|m| m.modified())
+        .ok();
+    let fresh = std::fs::metadata(&out).and_then(|m| m.modified()).ok();
+    if fresh.is_some() && fresh >= reference {
+        return out;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "--bin",
+        "copyover-telnetd",
+        "--manifest-path",
+    ])
+    .arg(manifest_dir().join("Cargo.toml"))
+    .env("CARGO_TARGET_DIR", &target);
+    for var in [
+        "COPYOVER_DEMO_LABEL",
+        "COPYOVER_DEMO_FAULT",
+        "COPYOVER_DEMO_STATE",
+        "RUSTFLAGS",
+    ] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in settings {
+        cmd.env(k, v);
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(
+        status.success(),
+        "building the demo with {settings:?} failed"
+    );
+    std::fs::copy(target.join("debug").join("copyover-telnetd"), &out).expect("copy the build");
+    out
+}
+
+/// A labelled build: `COPYOVER_DEMO_LABEL=label`.
+pub fn labelled(label: &str) -> PathBuf {
+    build(&[("COPYOVER_DEMO_LABEL", label)])
+}
+
+/// A fault build: `COPYOVER_DEMO_FAULT=fault`, labelled `bad-FAULT`.
+pub fn faulty(fault: &str) -> PathBuf {
+    build(&[
+        ("COPYOVER_DEMO_LABEL", &format!("bad-{fault}")),
+        ("COPYOVER_DEMO_FAULT", fault),
+    ])
+}
+
+/// A scratch folder under target/, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = manifest_dir()
+            .join("target")
+            .join("test-scratch")
+            .join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Spawns, retrying on ETXTBSY: a file just copied can still be open for
+/// writing in a child that another test thread forked at that moment.
+pub fn spawn_retrying(cmd: &mut Command) -> Child {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Ok(c) => return c,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("could not start {cmd:?}: {e}"),
+        }
+    }
+}
+
+/// A running demo server.
+pub struct Server {
+    pub child: Child,
+    pub pid: i32,
+    pub addr: SocketAddr,
+    pub binary: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+    pub scratch: Scratch,
+}
+
+impl Server {
+    /// Copies `build` into a scratch folder as `copyover-telnetd` and
+    /// starts it there on an ephemeral port.
+    pub fn start(name: &str, build: &Path) -> Server {
+        Self::start_with(name, build, &[])
+    }
+
+    /// As [`start`](Self::start), with extra arguments.
+    pub fn start_with(name: &str, build: &Path, args: &[&str]) -> Server {
+        let scratch = Scratch::new(name);
+        let binary = scratch.0.join("copyover-telnetd");
+        std::fs::copy(build, &binary).expect("copy the demo");
+        let mut cmd = Command::new(&binary);
+        cmd.args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .current_dir(&scratch.0)
+            .env("RUST_LOG", "info,copyover=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = spawn_retrying(&mut cmd);
+        let pid = child.id() as i32;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("COPYOVER_TEST_ECHO").is_some() {
+                    eprintln!("[server] {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut server = Server {
+            child,
+            pid,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            binary,
+            log,
+            scratch,
+        };
+        let line = server.wait_log(0, "listening addr=");
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .expect("addr in log");
+        server.addr = addr.parse().expect("parse addr");
+        server
+    }
+
+    /// Replaces the binary on disk by rename, as a deploy does.
+    pub fn deploy(&self, build: &Path) {
+        let tmp = self.scratch.0.join(".copyover-telnetd.new");
+        std::fs::copy(build, &tmp).expect("copy the new build");
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::rename(&tmp, &self.binary).expect("rename over the binary");
+    }
+
+    /// Deploys an arbitrary file's contents (a script, another program).
+    pub fn deploy_bytes(&self, bytes: &[u8]) {
+        let tmp = self.scratch.0.join(".copyover-telnetd.new");
+        std::fs::write(&tmp, bytes).expect("write");
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::rename(&tmp, &self.binary).expect("rename over the binary");
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid), sig).expect("send a signal");
+    }
+
+    /// Number of log lines so far: pass it to [`wait_log`](Self::wait_log)
+    /// to wait for a line that comes after this point.
+    pub fn mark(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Waits for a log line after `mark` that contains `pattern`.
+    pub fn wait_log(&self, mark: usize, pattern: &str) -> String {
+        wait_for(&format!("a server log line with {pattern:?}"), || {
+            self.log
+                .lock()
+                .unwrap()
+                .iter()
+                .skip(mark)
+                .find(|l| l.contains(pattern))
+                .cloned()
+        })
+    }
+
+    /// All log lines after `mark`.
+    pub fn log_since(&self, mark: usize) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .skip(mark)
+            .cloned()
+            .collect()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Sends SIGHUP and waits for the outcome line: `upgrade complete`,
+    /// `upgrade refused` or `upgrade rolled back`. Returns it.
+    pub fn upgrade(&self) -> String {
+        let mark = self.mark();
+        self.signal(Signal::SIGHUP);
+        wait_for("an upgrade outcome in the log", || {
+            self.log
+                .lock()
+                .unwrap()
+                .iter()
+                .skip(mark)
+                .find(|l| {
+                    l.contains("upgrade complete")
+                        || l.contains("upgrade refused")
+                        || l.contains("upgrade rolled back")
+                })
+                .cloned()
+        })
+    }
+
+    /// Open descriptors of the server.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .expect("read /proc/PID/fd")
+            .count()
+    }
+
+    /// Child processes of the server (zombies included).
+    pub fn children(&self) -> usize {
+        let path = format!("/proc/{}/task/{}/children", self.pid, self.pid);
+        std::fs::read_to_string(path)
+            .map(|s| s.split_whitespace().count())
+            .unwrap_or(0)
+    }
+
+    /// Whether the process is still alive (and not a zombie).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the server to exit; returns its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        wait_for("the server to exit", || {
+            self.child.try_wait().ok().flatten()
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- server log ----\n{}", self.log_text());
+        }
+    }
+}
+
+/// A chat client over plain TCP (like `nc`).
+pub struct Client {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+    pub name: String,
+}
+
+impl Client {
+    /// Connects and logs in as `name`.
+    pub fn login(addr: SocketAddr, name: &str) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut c = Client {
+            stream,
+            buf: Vec::new(),
+            name: name.into(),
+        };
+        c.expect_line_containing("copyover-telnetd");
+        c.send(&format!("{name}\r\n"));
+        c.expect_line(&format!("welcome, {name}"));
+        c
+    }
+
+    pub fn send(&mut self, text: &str) {
+        self.stream
+            .write_all(text.as_bytes())
+            .expect("send to the server");
+    }
+
+    /// Reads until a whole line is buffered; returns it without `\r\n` and
+    /// without telnet commands. Panics on EOF or after [`WAIT`].
+    pub fn line(&mut self) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let raw: Vec<u8> = self.buf.drain(..pos + 2).take(pos).collect();
+                return String::from_utf8_lossy(&strip_telnet(&raw)).into_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: timed out waiting for a line; have {:?}",
+                self.name,
+                String::from_utf8_lossy(&self.buf)
+            );
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!("{}: the server closed the connection (EOF)", self.name),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("{}: read failed: {e}", self.name),
+            }
+        }
+    }
+
+    /// Reads lines until one equals `want`; returns the lines skipped.
+    pub fn expect_line(&mut self, want: &str) -> Vec<String> {
+        let mut skipped = Vec::new();
+        loop {
+            let l = self.line();
+            if l == want {
+                return skipped;
+            }
+            skipped.push(l);
+        }
+    }
+
+    pub fn expect_line_containing(&mut self, want: &str) -> String {
+        loop {
+            let l = self.line();
+            if l.contains(want) {
+                return l;
+            }
+        }
+    }
+
+    /// Sends a command and returns the next line.
+    pub fn ask(&mut self, command: &str) -> String {
+        self.send(&format!("{command}\r\n"));
+        self.line()
+    }
+
+    /// Checks that nothing more is buffered or arriving now (no unexpected
+    /// line, no EOF) within a short read.
+    pub fn assert_quiet(&mut self) {
+        let mut chunk = [0u8; 4096];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => panic!("{}: EOF", self.name),
+            Ok(n) => panic!(
+                "{}: unexpected {:?}",
+                self.name,
+                String::from_utf8_lossy(&chunk[..n])
+            ),
+            Err(_) => assert!(
+                self.buf.is_empty(),
+                "{}: unexpected buffered {:?}",
+                self.name,
+                String::from_utf8_lossy(&self.buf)
+            ),
+        }
+    }
+}
+
+/// Removes telnet IAC sequences (the demo offers ECHO and SGA on connect).
+pub fn strip_telnet(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == 255 && i + 1 < raw.len() {
+            match raw[i + 1] {
+                251..=254 => i += 3,
+                255 => {
+                    out.push(255);
+                    i += 2
+                }
+                _ => i += 2,
+            }
+        } else {
+            out.push(raw[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The `/version` line expected from a server.
+pub fn version_line(label: &str, pid: i32, generation: u64) -> String {
+    format!("copyover-telnetd {label} pid={pid} generation={generation}")
+}

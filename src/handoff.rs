@@ -201,14 +201,26 @@ pub struct Inherited {
 }
 
 impl Inherited {
-    pub(crate) fn adopt(manifest: &[ManifestEntry]) -> Result<Self, Error> {
+    /// Adopts every manifest entry. `tolerant` (after a rollback): an entry
+    /// whose fd the failed image closed is skipped with a warning, so that
+    /// the other clients are kept.
+    pub(crate) fn adopt(manifest: &[ManifestEntry], tolerant: bool) -> Result<Self, Error> {
         let mut fds = HashMap::with_capacity(manifest.len());
         for e in manifest {
-            let fd = sys::adopt_inherited_fd(e.fd).map_err(|source| Error::HandoffFd {
-                fd: e.fd,
-                what: format!("'{}'", e.name),
-                source,
-            })?;
+            let fd = match sys::adopt_inherited_fd(e.fd) {
+                Ok(fd) => fd,
+                Err(source) if tolerant => {
+                    tracing::warn!(fd = e.fd, name = %e.name, "the failed image closed this descriptor: {source}");
+                    continue;
+                }
+                Err(source) => {
+                    return Err(Error::HandoffFd {
+                        fd: e.fd,
+                        what: format!("'{}'", e.name),
+                        source,
+                    });
+                }
+            };
             if fds.insert(e.name.clone(), (fd, e.kind)).is_some() {
                 return Err(Error::Adopt {
                     name: e.name.clone(),
@@ -302,11 +314,17 @@ impl Inherited {
         let Some((fd, kind)) = self.fds.remove(name) else {
             return Ok(None);
         };
-        let fail = |reason: String| Error::Adopt {
-            name: name.to_owned(),
-            fd: fd.as_raw_fd(),
-            wanted,
-            reason,
+        // While an upgraded image is not ready, a descriptor of the wrong
+        // type rolls back at once, with every descriptor still open.
+        let fail = |reason: String| {
+            let err = Error::Adopt {
+                name: name.to_owned(),
+                fd: fd.as_raw_fd(),
+                wanted,
+                reason,
+            };
+            let _ = crate::rollback::trigger(&err.to_string());
+            err
         };
         let expected_kind = if listening {
             FdKind::Listener
@@ -414,6 +432,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let file = std::fs::File::open("/proc/self/stat").unwrap();
         let mut inh = Inherited::default();
+        // No rollback is armed in a unit test: `fail` only builds the error.
         inh.fds.insert(
             "l".into(),
             (OwnedFd::from(l.try_clone().unwrap()), FdKind::Listener),

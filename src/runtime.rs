@@ -194,7 +194,7 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
         what: "install signal handlers",
         source,
     })?;
-    signal::release().map_err(|source| Error::Setup {
+    signal::release_all().map_err(|source| Error::Setup {
         what: "unblock signals",
         source,
     })?;
@@ -239,11 +239,12 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
         return Ok((co, Start::Fresh));
     };
 
-    // Every inherited fd close-on-exec again, with one syscall.
-    sys::cloexec_from(3).map_err(|source| Error::Setup {
-        what: "set close-on-exec on inherited fds",
-        source,
-    })?;
+    // After an upgrade the inherited fds stay open across a rollback's exec
+    // until `ready`, which makes them all close-on-exec with one syscall.
+    // After a rollback there is no way further back: do it now.
+    if var.mode == Mode::Rollback {
+        cloexec_all()?;
+    }
     reap_exited_children();
     let old_binary = sys::adopt_inherited_fd(var.binary_fd).map_err(|source| Error::HandoffFd {
         fd: var.binary_fd,
@@ -260,6 +261,12 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
                 what: "arm the rollback",
                 source,
             }
+        })?;
+    } else {
+        // The failed image's readiness deadline survived the exec.
+        sys::set_real_timer(0).map_err(|source| Error::Setup {
+            what: "disarm the readiness deadline",
+            source,
         })?;
     }
     let restored = restore_image::<S>(&co.config, &var);
@@ -309,7 +316,7 @@ fn restore_image<S: AppState>(config: &Config, var: &HandoffVar) -> Result<Resto
     let snap = read_sealed(snapshot.as_fd())?;
     snap.check_app(&config.app)?;
     let state = restore::<S>(&config.app, snap.header.state_version, &snap.payload)?;
-    let fds = Inherited::adopt(&snap.manifest)?;
+    let fds = Inherited::adopt(&snap.manifest, var.mode == Mode::Rollback)?;
     if snap.header.state_version != S::VERSION {
         tracing::info!(
             from = snap.header.state_version,
@@ -344,6 +351,14 @@ fn default_binary(argv: &[OsString]) -> PathBuf {
             .unwrap_or_else(|_| p.to_owned()),
         None => std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
     }
+}
+
+/// Every fd from 3 up close-on-exec, with one `close_range` call.
+fn cloexec_all() -> Result<(), Error> {
+    sys::cloexec_from(3).map_err(|source| Error::Setup {
+        what: "set close-on-exec on the inherited fds",
+        source,
+    })
 }
 
 fn open_own_binary() -> Result<OwnedFd, Error> {
@@ -580,6 +595,7 @@ impl Copyover {
                 self.own_binary = Some(r.old_binary);
             }
             Some(r) => {
+                cloexec_all()?;
                 rollback::disarm().map_err(|source| Error::Setup {
                     what: "disarm the readiness deadline",
                     source,
@@ -605,6 +621,26 @@ impl Copyover {
         }
         self.ready = true;
         Ok(())
+    }
+
+    /// Rolls back to the previous binary now, if this image was started by
+    /// an upgrade and is not [`ready`](Self::ready) yet: use it on an error
+    /// path of your restore code, *before* dropping any adopted descriptor
+    /// (a descriptor closed here is a client lost in the old image too).
+    /// Does not return if the rollback happens.
+    ///
+    /// Returning an error from `main` also rolls back (through `atexit`),
+    /// but by then the destructors have closed what they owned.
+    ///
+    /// # Errors
+    ///
+    /// Returns (rather than rolling back) an error saying why there is no
+    /// rollback: a fresh start, an image already ready, or a failed exec.
+    pub fn rollback(&self, reason: &str) -> Error {
+        Error::Setup {
+            what: "roll back",
+            source: rollback::trigger(reason),
+        }
     }
 
     /// Writes a snapshot of `state` (without descriptors) to `path`, for a

@@ -52,6 +52,18 @@ pub(crate) fn release() -> io::Result<()> {
     sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&held_set()), None).map_err(io::Error::from)
 }
 
+/// Unblocks [`HELD_SIGNALS`] and the crash signals: a rollback executed
+/// from a crash handler arrives with that signal still blocked.
+pub(crate) fn release_all() -> io::Result<()> {
+    let mut set = held_set();
+    for sig in crate::sys::rollback::FATAL_SIGNALS {
+        if let Ok(s) = Signal::try_from(sig) {
+            set.add(s);
+        }
+    }
+    sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None).map_err(io::Error::from)
+}
+
 /// The flags the handlers set, and the socket pair that wakes the loop.
 #[derive(Debug)]
 pub(crate) struct Requests {

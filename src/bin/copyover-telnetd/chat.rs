@@ -24,7 +24,7 @@ const fn same(a: &str, b: &str) -> bool {
     true
 }
 
-const fn env_is(value: Option<&str>, want: &str) -> bool {
+pub const fn env_is(value: Option<&str>, want: &str) -> bool {
     match value {
         Some(v) => same(v, want),
         None => false,

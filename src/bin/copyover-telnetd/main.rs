@@ -25,6 +25,13 @@ const LABEL: &str = match option_env!("COPYOVER_DEMO_LABEL") {
     None => env!("CARGO_PKG_VERSION"),
 };
 const APP: &str = "copyover-telnetd";
+/// The application name in snapshots; the `wrong-app` fault build claims to
+/// be another application.
+const APP_NAME: &str = if chat::env_is(FAULT, "wrong-app") {
+    "not-telnetd"
+} else {
+    APP
+};
 const LISTENER: &str = "listener:telnet";
 const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_EVENTS: u64 = u64::MAX - 1;
@@ -138,7 +145,7 @@ struct Server {
 }
 
 fn run(args: Args) -> Result<(), BoxError> {
-    let config = Config::new(APP, LABEL).ready_timeout(args.ready_timeout);
+    let config = Config::new(APP_NAME, LABEL).ready_timeout(args.ready_timeout);
     let (co, start) = copyover::boot::<Chat>(config)?;
     let (chat, listener, streams) = match start {
         Start::Fresh => {
@@ -179,16 +186,7 @@ fn run(args: Args) -> Result<(), BoxError> {
             (state, listener, streams)
         }
     };
-    listener.set_nonblocking(true)?;
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-    epoll.add(
-        &listener,
-        EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER),
-    )?;
-    epoll.add(
-        co.event_fd(),
-        EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_EVENTS),
-    )?;
     let mut server = Server {
         co,
         epoll,
@@ -197,17 +195,18 @@ fn run(args: Args) -> Result<(), BoxError> {
         chat,
         args,
     };
-    let ids: Vec<u64> = server.streams.keys().copied().collect();
-    for id in &ids {
-        let (s, _) = &server.streams[id];
-        server
-            .epoll
-            .add(s, EpollEvent::new(EpollFlags::EPOLLIN, *id))?;
+    if let Err(e) = server.register() {
+        // Roll back while every adopted socket is still open (a no-op on a
+        // fresh start, where the error is simply returned).
+        return Err(server
+            .co
+            .rollback(&format!("registering the sockets failed: {e}"))
+            .into());
     }
     server.co.ready()?;
-    tracing::info!(addr = %server.listener.local_addr()?, clients = ids.len(), "listening");
+    tracing::info!(addr = %server.listener.local_addr()?, clients = server.streams.len(), "listening");
     // Output that was pending at the upgrade goes out now.
-    server.flush(ids.into_iter().collect());
+    server.flush(server.streams.keys().copied().collect());
     server.serve()
 }
 
@@ -226,6 +225,19 @@ fn inject_fault(fault: &str) {
 }
 
 impl Server {
+    /// Registers the listener, the runtime's event fd and every connection
+    /// with epoll: registrations do not survive an exec.
+    fn register(&self) -> Result<(), BoxError> {
+        self.listener.set_nonblocking(true)?;
+        let ev = |token| EpollEvent::new(EpollFlags::EPOLLIN, token);
+        self.epoll.add(&self.listener, ev(TOKEN_LISTENER))?;
+        self.epoll.add(self.co.event_fd(), ev(TOKEN_EVENTS))?;
+        for (id, (s, _)) in &self.streams {
+            self.epoll.add(s, ev(*id))?;
+        }
+        Ok(())
+    }
+
     fn version_line(&self) -> String {
         format!(
             "{APP} {LABEL} pid={} generation={}",

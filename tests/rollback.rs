@@ -1,0 +1,215 @@
+//! The safety net: bad releases and non-copyover binaries deployed under a
+//! running demo with clients connected. Each is refused by the probe or
+//! rolled back after the exec; every client, variable and half-typed line is
+//! kept, the fd count does not change, no probe is left behind, and a good
+//! upgrade still works afterwards.
+
+mod util;
+
+use std::path::Path;
+
+use util::{Client, Server, faulty, labelled, version_line, wait_for};
+
+enum Deploy<'a> {
+    Build(&'a Path),
+    Bytes(&'a [u8]),
+}
+
+/// Deploys `bad` under a v1 server and checks the outcome line contains
+/// `outcome` and `reason`.
+fn survive(name: &str, bad: Deploy<'_>, outcome: &str, reason: &str) {
+    let v1 = labelled("v1");
+    let v2 = labelled("v2");
+    let server = Server::start_with(name, &v1, &["--ready-timeout", "2"]);
+    let mut ann = Client::login(server.addr, "ann");
+    let mut bob = Client::login(server.addr, "bob");
+    assert_eq!(ann.ask("/set color green"), "ok");
+    // A first, good upgrade: descriptors the test harness leaked into the
+    // server are closed by it (deny by default), so the count is a baseline.
+    server.deploy(&v1);
+    assert!(server.upgrade().contains("upgrade complete"));
+    bob.send("par");
+    let fds = server.fd_count();
+
+    match bad {
+        Deploy::Build(p) => server.deploy(p),
+        Deploy::Bytes(b) => server.deploy_bytes(b),
+    }
+    let line = server.upgrade();
+    assert!(line.contains(outcome), "expected {outcome:?}, got: {line}");
+    assert!(
+        line.contains(reason),
+        "expected the reason to mention {reason:?}, got: {line}"
+    );
+
+    // The old image serves, at the same PID, with everything.
+    assert_eq!(ann.ask("/version"), version_line("v1", server.pid, 1));
+    assert_eq!(ann.ask("/get color"), "color = green");
+    bob.send("tial line\r\n");
+    assert_eq!(ann.line(), "bob: partial line");
+    assert_eq!(bob.ask("/who"), "online: ann, bob");
+    wait_for("the probe to be reaped", || {
+        (server.children() == 0).then_some(())
+    });
+    assert_eq!(server.fd_count(), fds, "the fd count changed");
+    if reason != "panicked" {
+        assert!(
+            !server.log_text().contains("panicked at"),
+            "a panic in the server"
+        );
+    }
+
+    // A good release still goes through afterwards.
+    server.deploy(&v2);
+    let line = server.upgrade();
+    assert!(line.contains("upgrade complete"), "{line}");
+    assert_eq!(bob.ask("/version"), version_line("v2", server.pid, 2));
+    assert_eq!(ann.ask("/get color"), "color = green");
+    ann.assert_quiet();
+}
+
+#[test]
+fn a_build_that_cannot_read_the_state_is_refused() {
+    survive(
+        "rb-reject",
+        Deploy::Build(&faulty("reject-state")),
+        "upgrade refused",
+        "has no migration from v2",
+    );
+}
+
+#[test]
+fn a_build_of_another_app_is_refused() {
+    survive(
+        "rb-wrong-app",
+        Deploy::Build(&faulty("wrong-app")),
+        "upgrade refused",
+        "but this binary is app 'not-telnetd'",
+    );
+}
+
+#[test]
+fn bin_true_is_refused() {
+    let bytes = std::fs::read("/bin/true").unwrap();
+    survive(
+        "rb-true",
+        Deploy::Bytes(&bytes),
+        "upgrade refused",
+        "gave no probe answer",
+    );
+}
+
+#[test]
+fn a_shell_script_is_refused() {
+    survive(
+        "rb-script",
+        Deploy::Bytes(b"#!/bin/sh\necho hello from a script\n"),
+        "upgrade refused",
+        "not a probe answer",
+    );
+}
+
+#[test]
+fn a_script_that_echoes_its_input_is_refused() {
+    survive(
+        "rb-cat",
+        Deploy::Bytes(b"#!/bin/sh\nexec cat\n"),
+        "upgrade refused",
+        "not a copyover program",
+    );
+}
+
+#[test]
+fn a_garbage_file_is_refused() {
+    survive(
+        "rb-garbage",
+        Deploy::Bytes(b"\x7fELF garbage that is no executable"),
+        "upgrade refused",
+        "could not start",
+    );
+}
+
+#[test]
+fn a_panic_after_adopting_rolls_back() {
+    survive(
+        "rb-panic",
+        Deploy::Build(&faulty("panic-after-adopt")),
+        "upgrade rolled back",
+        "panicked",
+    );
+}
+
+#[test]
+fn an_abort_after_adopting_rolls_back() {
+    survive(
+        "rb-abort",
+        Deploy::Build(&faulty("abort-after-adopt")),
+        "upgrade rolled back",
+        "killed by signal 6",
+    );
+}
+
+#[test]
+fn a_hang_after_adopting_rolls_back_at_the_deadline() {
+    survive(
+        "rb-hang",
+        Deploy::Build(&faulty("hang-after-adopt")),
+        "upgrade rolled back",
+        "readiness deadline",
+    );
+}
+
+#[test]
+fn an_exit_before_ready_rolls_back() {
+    survive(
+        "rb-exit",
+        Deploy::Build(&faulty("exit-before-ready")),
+        "upgrade rolled back",
+        "exited before it was ready",
+    );
+}
+
+#[test]
+fn a_newer_state_is_refused_by_an_older_build() {
+    // A build that writes state v1 cannot read the v2 snapshot.
+    let old = util::build(&[
+        ("COPYOVER_DEMO_LABEL", "v1-state1"),
+        ("COPYOVER_DEMO_STATE", "1"),
+    ]);
+    survive(
+        "rb-downgrade",
+        Deploy::Build(&old),
+        "upgrade refused",
+        "state v2; this binary reads v1",
+    );
+}
+
+#[test]
+fn state_v1_is_migrated_to_v2_by_a_real_upgrade() {
+    let old = util::build(&[
+        ("COPYOVER_DEMO_LABEL", "v1-state1"),
+        ("COPYOVER_DEMO_STATE", "1"),
+    ]);
+    let server = Server::start("rb-migrate", &old);
+    let mut ann = Client::login(server.addr, "ann");
+    assert_eq!(ann.ask("/set color green"), "ok");
+    assert_eq!(ann.ask("/set size 42"), "ok");
+    ann.send("/va");
+    server.deploy(&labelled("v2"));
+    let mark = server.mark();
+    assert!(server.upgrade().contains("upgrade complete"));
+    let migrated = server
+        .log_since(mark)
+        .into_iter()
+        .find(|l| l.contains("migrated the state"));
+    let migrated = migrated.expect("a 'migrated the state' log line");
+    assert!(
+        migrated.contains("from=1") && migrated.contains("to=2"),
+        "{migrated}"
+    );
+    ann.send("rs\r\n");
+    assert_eq!(ann.line(), "color = green");
+    assert_eq!(ann.line(), "size = 42");
+    assert_eq!(ann.line(), "end");
+    assert_eq!(ann.ask("/version"), version_line("v2", server.pid, 1));
+}

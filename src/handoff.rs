@@ -99,6 +99,9 @@ impl HandoffVar {
                 _ => return Err(bad(&format!("unknown field {k}"))),
             }
         }
+        if snapshot.is_some() && snapshot == binary {
+            return Err(bad("snapshot and binary name the same fd"));
+        }
         Ok(HandoffVar {
             pid: pid.ok_or_else(|| bad("pid is missing"))?,
             snapshot_fd: snapshot.ok_or_else(|| bad("snapshot is missing"))?,
@@ -201,10 +204,37 @@ pub struct Inherited {
 }
 
 impl Inherited {
-    /// Adopts every manifest entry. `tolerant` (after a rollback): an entry
-    /// whose fd the failed image closed is skipped with a warning, so that
-    /// the other clients are kept.
-    pub(crate) fn adopt(manifest: &[ManifestEntry], tolerant: bool) -> Result<Self, Error> {
+    /// Adopts every manifest entry. `reserved`: the fds the handoff itself
+    /// uses (snapshot, binary), which no entry may name. `tolerant` (after a
+    /// rollback): an entry whose fd the failed image closed is skipped with
+    /// a warning, so that the other clients are kept.
+    ///
+    /// Every name and every fd must appear once: two owners of one fd
+    /// would close it twice.
+    pub(crate) fn adopt(
+        manifest: &[ManifestEntry],
+        reserved: &[RawFd],
+        tolerant: bool,
+    ) -> Result<Self, Error> {
+        let mut names = std::collections::HashSet::with_capacity(manifest.len());
+        let mut numbers: std::collections::HashSet<RawFd> = reserved.iter().copied().collect();
+        for e in manifest {
+            let reason = if !names.insert(e.name.as_str()) {
+                "the manifest names it twice"
+            } else if !numbers.insert(e.fd) {
+                "its fd number is used twice in the handoff"
+            } else {
+                continue;
+            };
+            let err = Error::Adopt {
+                name: e.name.clone(),
+                fd: e.fd,
+                wanted: "a unique descriptor",
+                reason: reason.into(),
+            };
+            let _ = crate::rollback::trigger(&err.to_string());
+            return Err(err);
+        }
         let mut fds = HashMap::with_capacity(manifest.len());
         for e in manifest {
             let fd = match sys::adopt_inherited_fd(e.fd) {
@@ -214,21 +244,17 @@ impl Inherited {
                     continue;
                 }
                 Err(source) => {
-                    return Err(Error::HandoffFd {
+                    let err = Error::HandoffFd {
                         fd: e.fd,
                         what: format!("'{}'", e.name),
                         source,
-                    });
+                    };
+                    // Roll back before the fds adopted so far are closed.
+                    let _ = crate::rollback::trigger(&err.to_string());
+                    return Err(err);
                 }
             };
-            if fds.insert(e.name.clone(), (fd, e.kind)).is_some() {
-                return Err(Error::Adopt {
-                    name: e.name.clone(),
-                    fd: e.fd,
-                    wanted: "a unique name",
-                    reason: "the manifest names it twice".into(),
-                });
-            }
+            fds.insert(e.name.clone(), (fd, e.kind));
         }
         Ok(Self { fds })
     }
@@ -408,6 +434,7 @@ mod tests {
                 "unknown field extra",
             ),
             ("1:pid", "KEY=VALUE"),
+            ("1:pid=1:snapshot=5:binary=5:mode=upgrade", "the same fd"),
         ] {
             let err = HandoffVar::parse(value).unwrap_err().to_string();
             assert!(err.contains(reason), "{value:?}: {err}");

@@ -263,36 +263,18 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
             }
         })?;
     } else {
+        let reason = reason.map_or_else(|| "unknown".into(), |r| r.to_string_lossy().into_owned());
+        tracing::warn!(version = %co.config.version, "upgrade rolled back: {reason}");
         // The failed image's readiness deadline survived the exec.
         sys::set_real_timer(0).map_err(|source| Error::Setup {
             what: "disarm the readiness deadline",
             source,
         })?;
     }
-    let restored = restore_image::<S>(&co.config, &var);
-    let (state, header, snapshot, fds) = match restored {
-        Ok(r) => r,
-        Err(e) => {
-            if var.mode == Mode::Upgrade {
-                let _ = rollback::trigger(&e.to_string());
-            }
-            return Err(e);
-        }
-    };
+    let (state, header, snapshot, fds) = restore_image::<S>(&co.config, &var)?;
     co.generation = header.generation + u64::from(var.mode == Mode::Upgrade);
     if co.config.binary.is_none() {
         co.binary = header.binary.clone();
-    }
-    if var.mode == Mode::Rollback {
-        let reason = reason
-            .map(|r| r.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "unknown".into());
-        tracing::warn!(
-            generation = co.generation,
-            version = %co.config.version,
-            blackout_ms = ms(monotonic_ns().saturating_sub(header.committed_at_ns)),
-            "upgrade rolled back: {reason}"
-        );
     }
     co.resume = Some(Resume {
         mode: var.mode,
@@ -308,15 +290,28 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
 type Restored<S> = (S, Header, OwnedFd, Inherited);
 
 fn restore_image<S: AppState>(config: &Config, var: &HandoffVar) -> Result<Restored<S>, Error> {
-    let snapshot = sys::adopt_inherited_fd(var.snapshot_fd).map_err(|source| Error::HandoffFd {
-        fd: var.snapshot_fd,
-        what: "the snapshot".into(),
-        source,
-    })?;
-    let snap = read_sealed(snapshot.as_fd())?;
-    snap.check_app(&config.app)?;
-    let state = restore::<S>(&config.app, snap.header.state_version, &snap.payload)?;
-    let fds = Inherited::adopt(&snap.manifest, var.mode == Mode::Rollback)?;
+    // Every error rolls back (after an upgrade) right where it happens, while
+    // the snapshot and the adopted descriptors are still open.
+    let rollback_on = |e: Error| {
+        if var.mode == Mode::Upgrade {
+            let _ = rollback::trigger(&e.to_string());
+        }
+        e
+    };
+    let snapshot = sys::adopt_inherited_fd(var.snapshot_fd)
+        .map_err(|source| Error::HandoffFd {
+            fd: var.snapshot_fd,
+            what: "the snapshot".into(),
+            source,
+        })
+        .map_err(rollback_on)?;
+    let snap = read_sealed(snapshot.as_fd())
+        .and_then(|snap| snap.check_app(&config.app).map(|()| snap))
+        .map_err(|e| rollback_on(e.into()))?;
+    let state = restore::<S>(&config.app, snap.header.state_version, &snap.payload)
+        .map_err(|e| rollback_on(e.into()))?;
+    let reserved = [var.snapshot_fd, var.binary_fd];
+    let fds = Inherited::adopt(&snap.manifest, &reserved, var.mode == Mode::Rollback)?;
     if snap.header.state_version != S::VERSION {
         tracing::info!(
             from = snap.header.state_version,
@@ -591,6 +586,12 @@ impl Copyover {
                 tracing::info!(generation = self.generation, version = %self.config.version, binary = ?self.binary, "serving");
             }
             Some(r) if r.mode == Mode::Rollback => {
+                tracing::info!(
+                    generation = self.generation,
+                    version = %self.config.version,
+                    blackout_ms = ms(now.saturating_sub(r.header.committed_at_ns)),
+                    "serving again after the rollback"
+                );
                 drop(r.snapshot);
                 self.own_binary = Some(r.old_binary);
             }
@@ -603,6 +604,10 @@ impl Copyover {
                 // The previous binary and the snapshot were kept for a rollback.
                 drop(r.old_binary);
                 drop(r.snapshot);
+                self.ready = true;
+                // Opened before the outcome is logged, so that whoever reads
+                // the log sees the image's final descriptors.
+                let own = open_own_binary();
                 let h = &r.header;
                 tracing::info!(
                     generation = self.generation,
@@ -615,8 +620,7 @@ impl Copyover {
                     adopt_ms = ms(now.saturating_sub(r.restored_ns)),
                     "upgrade complete"
                 );
-                self.ready = true;
-                self.own_binary = Some(open_own_binary()?);
+                self.own_binary = Some(own?);
             }
         }
         self.ready = true;

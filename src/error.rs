@@ -96,6 +96,10 @@ pub enum UpgradeError {
         /// Its answer, or why there was none.
         reason: String,
     },
+    /// SIGTERM or SIGINT arrived while committing; the upgrade was
+    /// abandoned so that the shutdown is not lost in the exec.
+    #[error("a shutdown was requested during the upgrade; the upgrade was abandoned")]
+    Shutdown,
     /// `execve` returned.
     #[error("execve of {path:?} failed ({source}); the old image keeps serving")]
     Exec {

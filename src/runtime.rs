@@ -561,6 +561,7 @@ impl Copyover {
                         manifest,
                         own_binary,
                         argv: &self.argv_c,
+                        requests: &self.requests,
                     },
                 ))
             }

@@ -112,6 +112,20 @@ impl Requests {
         }
     }
 
+    /// Turns the upgrade and save flags back into signals. Called with the
+    /// signals held: they stay pending across the exec and reach the new
+    /// image's handlers.
+    pub(crate) fn re_raise_pending(&self) {
+        for (flag, sig) in [
+            (&self.upgrade, Signal::SIGHUP),
+            (&self.save, Signal::SIGUSR1),
+        ] {
+            if take(flag) {
+                let _ = nix::sys::signal::raise(sig);
+            }
+        }
+    }
+
     /// Wakes the loop from this process (API-triggered upgrade, probe verdict).
     pub(crate) fn wake(&self) {
         wake(&self.tx);

@@ -99,6 +99,7 @@ pub(crate) struct Commit<'a> {
     pub manifest: &'a [ManifestEntry],
     pub own_binary: &'a OwnedFd,
     pub argv: &'a [CString],
+    pub requests: &'a signal::Requests,
 }
 
 /// Writes the snapshot, prepares the fds and the mask, and executes.
@@ -163,6 +164,19 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
             source,
         };
     }
+    // Signals are held now and will wait, pending, for the new image. One
+    // that came since the loop last polled only set a flag, which the exec
+    // would forget: a shutdown abandons the upgrade, other requests are
+    // raised again so that they are pending across the exec.
+    if c.requests
+        .shutdown
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        let _ = sys::cloexec_from(3);
+        let _ = signal::release();
+        return UpgradeError::Shutdown;
+    }
+    c.requests.re_raise_pending();
     let err = nix::unistd::execve(&path, c.argv, &env)
         .err()
         .map(io::Error::from);

@@ -5,7 +5,9 @@
 //!
 //! The old image starts the new binary as a child with:
 //!
-//! * `COPYOVER_PROBE=NONCE` in its environment (and no handoff variable);
+//! * the old image's arguments (a program with subcommands reaches `boot`
+//!   the same way it did), its environment without the handoff variable and
+//!   with `COPYOVER_PROBE=NONCE`;
 //! * the sealed snapshot on its standard input (fd 0);
 //! * a pipe on its standard output; standard error is the server's.
 //!
@@ -60,7 +62,8 @@ pub(crate) struct Probe {
 /// What a probe needs to start.
 pub(crate) struct ProbeSpec {
     pub binary: PathBuf,
-    pub argv0: OsString,
+    /// The old image's argument vector, `argv[0]` included.
+    pub argv: Vec<OsString>,
     pub env: Vec<(OsString, OsString)>,
     pub snapshot: OwnedFd,
     pub timeout: Duration,
@@ -132,7 +135,10 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Verdict {
     let mut cmd = Command::new(&spec.binary);
     {
         use std::os::unix::process::CommandExt;
-        cmd.arg0(&spec.argv0);
+        if let Some(argv0) = spec.argv.first() {
+            cmd.arg0(argv0);
+        }
+        cmd.args(spec.argv.iter().skip(1));
     }
     cmd.env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str())))

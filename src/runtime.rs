@@ -537,7 +537,7 @@ impl Copyover {
                 let snapshot = write_sealed(&header, manifest, &payload)?;
                 let spec = ProbeSpec {
                     binary: self.binary.clone(),
-                    argv0: self.argv.first().cloned().unwrap_or_default(),
+                    argv: self.argv.clone(),
                     env: clean_env(),
                     snapshot,
                     timeout: self.config.probe_timeout,

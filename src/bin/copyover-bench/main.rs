@@ -1,0 +1,656 @@
+//! copyover-bench: measures the blackout of an in-place upgrade against its
+//! physical floor and against a naive stop-and-start, in one run.
+//!
+//! `copyover-bench run` starts the bench server (`copyover-bench serve`, a
+//! line echo whose state size is set by flags), connects the clients, and
+//! upgrades it over and over while one client pings back to back, timing
+//! each reply. See `copyover-bench --help` and `scripts/bench`.
+
+mod server;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const USAGE: &str = "\
+copyover-bench: blackout of copyover upgrades against the floor and a naive restart
+
+USAGE:
+    copyover-bench run [--quick] [--upgrades N] [--out DIR]
+    copyover-bench serve [--listen ADDR] [--bulk BYTES] [--records N]
+    copyover-bench --help
+
+run        measures every point (1, 1,000 and 10,000 clients with a small
+           state; 10 MiB, 100 MiB and 1 GiB of bulk state; 100 MiB of small
+           records), --upgrades times each (default 10), prints a table and
+           writes DIR/results.csv (default: bench/). --quick: two small points,
+           3 upgrades (a smoke run).
+serve      the bench server: answers every line with `pong`; upgraded by SIGHUP.
+";
+
+type BoxError = Box<dyn std::error::Error>;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") => parse_serve(&args[1..]).and_then(server::serve),
+        Some("run") => run(&args[1..]),
+        Some("exec-floor") => exec_floor(),
+        Some("-h" | "--help") => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        _ => Err(format!("expected a command\n\n{USAGE}").into()),
+    };
+    if let Err(e) = result {
+        eprintln!("copyover-bench: {e}");
+        std::process::exit(2);
+    }
+}
+
+fn parse_serve(args: &[String]) -> Result<server::ServeArgs, BoxError> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,copyover=debug")),
+        )
+        .init();
+    let mut s = server::ServeArgs {
+        listen: "127.0.0.1:0".parse()?,
+        bulk: 1024,
+        records: 0,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let v = it.next().ok_or_else(|| format!("{a} needs a value"))?;
+        match a.as_str() {
+            "--listen" => s.listen = v.parse()?,
+            "--bulk" => s.bulk = v.parse()?,
+            "--records" => s.records = v.parse()?,
+            _ => return Err(format!("unknown argument {a}").into()),
+        }
+    }
+    Ok(s)
+}
+
+/// One measured configuration.
+struct Point {
+    name: &'static str,
+    clients: usize,
+    bulk: usize,
+    records: usize,
+}
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+
+fn points(quick: bool) -> Vec<Point> {
+    let p = |name, clients, bulk, records| Point {
+        name,
+        clients,
+        bulk,
+        records,
+    };
+    if quick {
+        return vec![
+            p("1 client, 1 KiB", 1, KIB, 0),
+            p("1000 clients, 10 MiB", 1000, 10 * MIB, 0),
+        ];
+    }
+    vec![
+        p("1 client, 1 KiB", 1, KIB, 0),
+        p("1000 clients, 1 KiB", 1000, KIB, 0),
+        p("10000 clients, 1 KiB", 10_000, KIB, 0),
+        p("1 client, 10 MiB bulk", 1, 10 * MIB, 0),
+        p("1 client, 100 MiB bulk", 1, 100 * MIB, 0),
+        p("1 client, 1 GiB bulk", 1, 1024 * MIB, 0),
+        // About 32 bytes each once encoded: ~100 MiB of small records.
+        p("1 client, 100 MiB records", 1, 0, 3_300_000),
+    ]
+}
+
+/// A running bench server and its log.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    fn start(point: &Point, listen: &str) -> Result<Server, BoxError> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--listen", listen])
+            .args([
+                "--bulk",
+                &point.bulk.to_string(),
+                "--records",
+                &point.records.to_string(),
+            ])
+            .env("RUST_LOG", "info,copyover=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        let mut server = Server {
+            child,
+            addr: "127.0.0.1:1".parse()?,
+            log,
+        };
+        let line = server.wait(0, "listening addr=", Duration::from_secs(120))?;
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next());
+        server.addr = addr.ok_or("no address in the log")?.parse()?;
+        Ok(server)
+    }
+
+    fn mark(&self) -> usize {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn wait(&mut self, mark: usize, pattern: &str, limit: Duration) -> Result<String, BoxError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let found = self
+                .log
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .skip(mark)
+                .find(|l| {
+                    l.contains(pattern)
+                        || l.contains("upgrade refused")
+                        || l.contains("upgrade rolled back")
+                })
+                .cloned();
+            match found {
+                Some(l) if l.contains(pattern) => return Ok(l),
+                Some(l) => return Err(format!("while waiting for {pattern:?}: {l}").into()),
+                None => {}
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(
+                    format!("the server exited ({status}) while waiting for {pattern:?}").into(),
+                );
+            }
+            if Instant::now() > deadline {
+                return Err(format!("timed out waiting for {pattern:?}").into());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn lines_since(&self, mark: usize) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .skip(mark)
+            .cloned()
+            .collect()
+    }
+
+    fn signal(&self, sig: Signal) -> Result<(), BoxError> {
+        kill(Pid::from_raw(self.child.id() as i32), sig)?;
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `key=value` from a log line, as a number.
+fn field(lines: &[String], marker: &str, key: &str) -> Option<f64> {
+    let line = lines.iter().find(|l| l.contains(marker))?;
+    let at = line.find(&format!(" {key}="))? + key.len() + 2;
+    line[at..].split_whitespace().next()?.parse().ok()
+}
+
+/// Sends one line and waits for its `pong`.
+fn ping(s: &mut TcpStream) -> std::io::Result<()> {
+    s.write_all(b"p\n")?;
+    let mut got = Vec::with_capacity(8);
+    let mut b = [0u8; 64];
+    while !got.ends_with(b"pong\n") {
+        let n = s.read(&mut b)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got.extend_from_slice(&b[..n]);
+    }
+    Ok(())
+}
+
+/// A client pinging back to back on its own thread: (sent at, round trip).
+struct Pinger {
+    samples: Arc<Mutex<Vec<(Instant, Duration)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Pinger {
+    fn start(mut s: TcpStream) -> Pinger {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sink, flag) = (samples.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                ping(&mut s)?;
+                sink.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((t, t.elapsed()));
+            }
+            Ok(())
+        });
+        Pinger {
+            samples,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The longest round trip overlapping [from, to].
+    fn stall(&self, from: Instant, to: Instant) -> Duration {
+        let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        samples
+            .iter()
+            .filter(|(t, rtt)| *t <= to && *t + *rtt >= from)
+            .map(|(_, rtt)| *rtt)
+            .max()
+            .unwrap_or_default()
+    }
+
+    fn count_after(&self, t: Instant) -> usize {
+        self.samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(s, _)| *s > t)
+            .count()
+    }
+
+    fn finish(mut self) -> Result<(), BoxError> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(format!("the pinging client lost its connection: {e}").into()),
+            _ => Err("the pinging thread panicked".into()),
+        }
+    }
+}
+
+#[derive(Default, Clone)]
+struct Row {
+    name: String,
+    clients: usize,
+    state_bytes: f64,
+    stall: Vec<f64>,
+    blackout: Vec<f64>,
+    total: Vec<f64>,
+    phases: Vec<[f64; 7]>,
+    dropped: usize,
+    naive_ms: f64,
+    naive_lost: usize,
+    floor_exec: f64,
+    floor_fd: f64,
+    floor_memfd: f64,
+}
+
+const PHASES: [&str; 7] = [
+    "probe", "encode", "write", "exec", "restore", "adopt", "other",
+];
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() { 0.0 } else { s[s.len() / 2] }
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(0.0, f64::max)
+}
+
+fn run(args: &[String]) -> Result<(), BoxError> {
+    let mut quick = false;
+    let mut upgrades = 10;
+    let mut out = PathBuf::from("bench");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--upgrades" => upgrades = it.next().ok_or("--upgrades needs a value")?.parse()?,
+            "--out" => out = PathBuf::from(it.next().ok_or("--out needs a value")?),
+            _ => return Err(format!("unknown argument {a}").into()),
+        }
+    }
+    if quick {
+        upgrades = upgrades.min(3);
+    }
+    server::raise_nofile_limit();
+    let exec_floor_ms = measure_exec_floor()?;
+    eprintln!("execve floor (this binary, exec to main): {exec_floor_ms:.3} ms");
+    let mut rows = Vec::new();
+    for p in points(quick) {
+        eprintln!("measuring: {} ...", p.name);
+        let mut row = measure(&p, upgrades)?;
+        row.floor_exec = exec_floor_ms;
+        print_row(&row);
+        rows.push(row);
+    }
+    std::fs::create_dir_all(&out)?;
+    let csv = out.join("results.csv");
+    std::fs::write(&csv, to_csv(&rows))?;
+    println!();
+    print_table(&rows);
+    println!("\nwritten: {}", csv.display());
+    Ok(())
+}
+
+fn measure(p: &Point, upgrades: usize) -> Result<Row, BoxError> {
+    let mut server = Server::start(p, "127.0.0.1:0")?;
+    let addr = server.addr;
+    // The idle clients, then the one that pings.
+    let mut idle = Vec::with_capacity(p.clients.saturating_sub(1));
+    for _ in 1..p.clients {
+        idle.push(TcpStream::connect(addr)?);
+    }
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        ping(s)?;
+    }
+    let pinger_stream = TcpStream::connect(addr)?;
+    pinger_stream.set_nodelay(true)?;
+    pinger_stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let pinger = Pinger::start(pinger_stream);
+
+    let mut row = Row {
+        name: p.name.into(),
+        clients: p.clients,
+        ..Row::default()
+    };
+    for _ in 0..upgrades {
+        let mark = server.mark();
+        let from = Instant::now();
+        server.signal(Signal::SIGHUP)?;
+        server.wait(mark, "upgrade complete", Duration::from_secs(300))?;
+        let to = Instant::now();
+        // Let the pinger get a few replies from the new image.
+        let settle = Instant::now() + Duration::from_secs(5);
+        while pinger.count_after(to) < 3 && Instant::now() < settle {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let lines = server.lines_since(mark);
+        let f = |marker: &str, key: &str| field(&lines, marker, key).unwrap_or(0.0);
+        let blackout = f("upgrade complete", "blackout_ms");
+        let (encode, write) = (
+            f("snapshot sealed", "encode_ms"),
+            f("snapshot sealed", "write_ms"),
+        );
+        let (exec, restore, adopt) = (
+            f("upgrade complete", "exec_ms"),
+            f("upgrade complete", "restore_ms"),
+            f("upgrade complete", "adopt_ms"),
+        );
+        let probe = f("accepted the snapshot", "probe_ms");
+        let total = f("upgrade complete", "total_ms");
+        row.state_bytes = f("snapshot sealed", "bytes");
+        row.phases.push([
+            probe,
+            encode,
+            write,
+            exec - encode - write,
+            restore,
+            adopt,
+            (total - probe - blackout).max(0.0),
+        ]);
+        row.blackout.push(blackout);
+        row.total.push(total);
+        row.stall.push(pinger.stall(from, to).as_secs_f64() * 1e3);
+    }
+    pinger.finish()?;
+    // Every idle client must still be connected and answered.
+    row.dropped = idle.iter_mut().filter_map(|s| ping(s).err()).count();
+
+    row.floor_fd = fd_floor(&idle)?;
+    row.floor_memfd = memfd_floor(row.state_bytes as usize)?;
+
+    // The naive alternative: stop the server and start it again.
+    let t = Instant::now();
+    server.signal(Signal::SIGTERM)?;
+    let _ = server.child.wait();
+    let restarted = Server::start(p, &addr.to_string())?;
+    let mut probe = loop {
+        if let Ok(s) = TcpStream::connect(addr) {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            return Err("the restarted server did not serve".into());
+        }
+    };
+    ping(&mut probe)?;
+    row.naive_ms = t.elapsed().as_secs_f64() * 1e3;
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    }
+    row.naive_lost = idle.iter_mut().filter_map(|s| ping(s).err()).count() + 1;
+    drop(restarted);
+    Ok(row)
+}
+
+/// What the runtime must do per kept fd, done on `fds`: clear
+/// close-on-exec, check the socket (`SO_TYPE`, `SO_ACCEPTCONN`), add to a
+/// fresh epoll. Milliseconds, median of three.
+fn fd_floor(fds: &[TcpStream]) -> Result<f64, BoxError> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+    use nix::sys::socket::{getsockopt, sockopt};
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let t = Instant::now();
+        for s in fds {
+            fcntl(s.as_fd(), FcntlArg::F_SETFD(FdFlag::empty()))?;
+        }
+        for s in fds {
+            getsockopt(s, sockopt::SockType)?;
+            getsockopt(s, sockopt::AcceptConn)?;
+        }
+        for s in fds {
+            epoll.add(
+                s,
+                EpollEvent::new(EpollFlags::EPOLLIN, s.as_raw_fd() as u64),
+            )?;
+        }
+        runs.push(t.elapsed().as_secs_f64() * 1e3);
+        for s in fds {
+            fcntl(s.as_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+        }
+    }
+    Ok(median(&runs))
+}
+
+/// A memfd write and a read back of `bytes`. Milliseconds, median of three.
+fn memfd_floor(bytes: usize) -> Result<f64, BoxError> {
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    use std::os::unix::fs::FileExt;
+    let data = vec![7u8; bytes];
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let file = std::fs::File::from(memfd_create(c"floor", MFdFlags::MFD_CLOEXEC)?);
+        file.write_all_at(&data, 0)?;
+        let mut back = vec![0u8; bytes];
+        file.read_exact_at(&mut back, 0)?;
+        runs.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(&runs))
+}
+
+/// `execve` of this binary, from the call to its `main`: runs
+/// `exec-floor`, which executes itself 200 times. Milliseconds per exec.
+fn measure_exec_floor() -> Result<f64, BoxError> {
+    let count = 200;
+    let out = Command::new(std::env::current_exe()?)
+        .arg("exec-floor")
+        .env("COPYOVER_BENCH_EXECS", count.to_string())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let total_ns: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("exec-floor printed {text:?}"))?;
+    Ok(total_ns / count as f64 / 1e6)
+}
+
+fn exec_floor() -> Result<(), BoxError> {
+    let now = || {
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| t.tv_sec() as u128 * 1_000_000_000 + t.tv_nsec() as u128)
+            .unwrap_or(0)
+    };
+    let left: u32 = std::env::var("COPYOVER_BENCH_EXECS")?.parse()?;
+    let start: u128 = match std::env::var("COPYOVER_BENCH_EXEC_START") {
+        Ok(s) => s.parse()?,
+        Err(_) => now(),
+    };
+    if left == 0 {
+        println!("{}", now() - start);
+        return Ok(());
+    }
+    let exe = std::ffi::CString::new(
+        std::env::current_exe()?
+            .into_os_string()
+            .into_encoded_bytes(),
+    )?;
+    let argv = [exe.clone(), c"exec-floor".into()];
+    let env = [
+        std::ffi::CString::new(format!("COPYOVER_BENCH_EXECS={}", left - 1))?,
+        std::ffi::CString::new(format!("COPYOVER_BENCH_EXEC_START={start}"))?,
+    ];
+    Err(nix::unistd::execve(&exe, &argv, &env)
+        .map(|_| ())
+        .unwrap_err()
+        .into())
+}
+
+fn floor(r: &Row) -> f64 {
+    r.floor_exec + r.floor_fd + r.floor_memfd
+}
+
+fn print_row(r: &Row) {
+    eprintln!(
+        "  stall median {:.2} ms max {:.2} | blackout median {:.2} max {:.2} | floor {:.2} ({:.1}x) | dropped {} | naive restart {:.1} ms, {} lost",
+        median(&r.stall),
+        max(&r.stall),
+        median(&r.blackout),
+        max(&r.blackout),
+        floor(r),
+        median(&r.blackout) / floor(r).max(1e-9),
+        r.dropped,
+        r.naive_ms,
+        r.naive_lost
+    );
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "| point | state | client stall ms (median / max) | blackout ms (median / max) | floor ms (exec + fds + memfd) | x floor | SIGHUP to serving ms | dropped | naive restart ms | naive lost |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {:.1} MiB | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} ({:.2} + {:.2} + {:.2}) | {:.2} | {:.1} | {} | {:.1} | {} |",
+            r.name,
+            r.state_bytes / MIB as f64,
+            median(&r.stall),
+            max(&r.stall),
+            median(&r.blackout),
+            max(&r.blackout),
+            floor(r),
+            r.floor_exec,
+            r.floor_fd,
+            r.floor_memfd,
+            median(&r.blackout) / floor(r).max(1e-9),
+            median(&r.total),
+            r.dropped,
+            r.naive_ms,
+            r.naive_lost
+        );
+    }
+    println!("\nphases, median ms:\n");
+    println!("| point | {} |", PHASES.join(" | "));
+    println!("|---|{}", "---|".repeat(PHASES.len()));
+    for r in rows {
+        let cols: Vec<String> = (0..PHASES.len())
+            .map(|i| {
+                format!(
+                    "{:.2}",
+                    median(&r.phases.iter().map(|p| p[i]).collect::<Vec<_>>())
+                )
+            })
+            .collect();
+        println!("| {} | {} |", r.name, cols.join(" | "));
+    }
+}
+
+fn to_csv(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "point,clients,state_bytes,stall_median_ms,stall_max_ms,blackout_median_ms,blackout_max_ms,total_median_ms,floor_ms,floor_exec_ms,floor_fd_ms,floor_memfd_ms,dropped,naive_restart_ms,naive_lost",
+    );
+    for p in PHASES {
+        s.push_str(&format!(",{p}_median_ms"));
+    }
+    s.push('\n');
+    for r in rows {
+        s.push_str(&format!(
+            "{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.3},{}",
+            r.name,
+            r.clients,
+            r.state_bytes,
+            median(&r.stall),
+            max(&r.stall),
+            median(&r.blackout),
+            max(&r.blackout),
+            median(&r.total),
+            floor(r),
+            r.floor_exec,
+            r.floor_fd,
+            r.floor_memfd,
+            r.dropped,
+            r.naive_ms,
+            r.naive_lost
+        ));
+        for i in 0..PHASES.len() {
+            s.push_str(&format!(
+                ",{:.3}",
+                median(&r.phases.iter().map(|p| p[i]).collect::<Vec<_>>())
+            ));
+        }
+        s.push('\n');
+    }
+    s
+}

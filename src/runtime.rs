@@ -308,7 +308,7 @@ fn restore_image<S: AppState>(config: &Config, var: &HandoffVar) -> Result<Resto
     let snap = read_sealed(snapshot.as_fd())
         .and_then(|snap| snap.check_app(&config.app).map(|()| snap))
         .map_err(|e| rollback_on(e.into()))?;
-    let state = restore::<S>(&config.app, snap.header.state_version, &snap.payload)
+    let state = restore::<S>(&config.app, snap.header.state_version, snap.payload())
         .map_err(|e| rollback_on(e.into()))?;
     let reserved = [var.snapshot_fd, var.binary_fd];
     let fds = Inherited::adopt(&snap.manifest, &reserved, var.mode == Mode::Rollback)?;
@@ -327,7 +327,7 @@ fn answer_probe<S: AppState>(config: &Config, nonce: &std::ffi::OsStr) -> ! {
     let result = read_sealed(stdin.as_fd())
         .and_then(|snap| {
             snap.check_app(&config.app)?;
-            restore::<S>(&config.app, snap.header.state_version, &snap.payload)
+            restore::<S>(&config.app, snap.header.state_version, snap.payload())
         })
         .map(|_| config.version.clone())
         .map_err(|e| e.to_string());
@@ -684,7 +684,7 @@ impl Copyover {
         Ok(restore::<S>(
             &self.config.app,
             snap.header.state_version,
-            &snap.payload,
+            snap.payload(),
         )?)
     }
 }

@@ -109,14 +109,22 @@ pub struct Header {
 }
 
 /// A decoded snapshot: header, manifest and the still-encoded state.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// A snapshot read from a sealed memfd ([`read_sealed`]) is mapped, not
+/// copied: its payload is read in place.
+#[derive(Debug)]
 pub struct Snapshot {
     /// The fixed header.
     pub header: Header,
     /// The descriptors that crossed the exec.
     pub manifest: Vec<ManifestEntry>,
-    /// The application's state, postcard-encoded; see [`decode_state`].
-    pub payload: Vec<u8>,
+    payload: Payload,
+}
+
+#[derive(Debug)]
+enum Payload {
+    Owned(Vec<u8>),
+    Mapped(crate::sys::Mapping, std::ops::Range<usize>),
 }
 
 /// Why a snapshot could not be written or read.
@@ -349,26 +357,23 @@ pub fn read_sealed(fd: BorrowedFd<'_>) -> Result<Snapshot, SnapshotError> {
             what: "stat",
             source: e.into(),
         })?
-        .st_size as u64;
+        .st_size;
     let size = usize::try_from(size).map_err(|_| SnapshotError::Corrupt {
-        what: "size".into(),
+        what: "a negative size".into(),
     })?;
-    let mut bytes = vec![0u8; size];
-    let mut done = 0;
-    while done < size {
-        let n = nix::sys::uio::pread(fd, &mut bytes[done..], done as libc::off_t).map_err(|e| {
-            SnapshotError::Io {
-                what: "read",
-                source: e.into(),
-            }
-        })?;
-        if n == 0 {
-            break;
-        }
-        done += n;
+    if size < HEADER_LEN {
+        return Err(SnapshotError::Truncated {
+            expected: HEADER_LEN as u64,
+            found: size as u64,
+        });
     }
-    bytes.truncate(done);
-    decode(&bytes)
+    let map = crate::sys::map_sealed(fd, size).map_err(io_err("map"))?;
+    let (header, manifest, payload) = parse(&map)?;
+    Ok(Snapshot {
+        header,
+        manifest,
+        payload: Payload::Mapped(map, payload),
+    })
 }
 
 /// Checks that `fd` is a memfd carrying all four seals.
@@ -418,6 +423,17 @@ pub fn read_file(path: &Path) -> Result<Snapshot, SnapshotError> {
 /// [`SnapshotError::Corrupt`], saying which check failed. Never panics, on
 /// any input.
 pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+    let (header, manifest, payload) = parse(bytes)?;
+    Ok(Snapshot {
+        header,
+        manifest,
+        payload: Payload::Owned(bytes[payload].to_vec()),
+    })
+}
+
+/// Checks a snapshot and decodes its header and manifest; returns where its
+/// payload is.
+fn parse(bytes: &[u8]) -> Result<(Header, Vec<ManifestEntry>, std::ops::Range<usize>), SnapshotError> {
     let found = bytes.len() as u64;
     if bytes.len() < 16 {
         return Err(SnapshotError::Truncated {
@@ -499,21 +515,18 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
         postcard::from_bytes(take(lens[3])).map_err(|e| SnapshotError::Corrupt {
             what: format!("the fd manifest does not decode: {e}"),
         })?;
-    let payload = take(lens[4]).to_vec();
-    Ok(Snapshot {
-        header: Header {
-            format_version,
-            app,
-            state_version: u32_at(bytes, 20),
-            writer_version,
-            generation: u64_at(bytes, 32),
-            requested_at_ns: u64_at(bytes, 40),
-            committed_at_ns: u64_at(bytes, 48),
-            binary,
-        },
-        manifest,
-        payload,
-    })
+    let payload = bytes.len() - lens[4] as usize..bytes.len();
+    let header = Header {
+        format_version,
+        app,
+        state_version: u32_at(bytes, 20),
+        writer_version,
+        generation: u64_at(bytes, 32),
+        requested_at_ns: u64_at(bytes, 40),
+        committed_at_ns: u64_at(bytes, 48),
+        binary,
+    };
+    Ok((header, manifest, payload))
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -535,6 +548,14 @@ fn utf8(b: &[u8], what: &str) -> Result<String, SnapshotError> {
 }
 
 impl Snapshot {
+    /// The application's state, postcard-encoded; see [`decode_state`].
+    pub fn payload(&self) -> &[u8] {
+        match &self.payload {
+            Payload::Owned(v) => v,
+            Payload::Mapped(map, range) => &map[range.clone()],
+        }
+    }
+
     /// Checks that the snapshot belongs to `app`.
     ///
     /// # Errors
@@ -560,7 +581,7 @@ impl Snapshot {
             + postcard::to_allocvec(&self.manifest)
                 .map(|v| v.len())
                 .unwrap_or(0)
-            + self.payload.len()
+            + self.payload().len()
     }
 }
 
@@ -570,7 +591,7 @@ impl Snapshot {
 ///
 /// [`SnapshotError::Io`] if the file cannot be written.
 pub fn save_to_file(snapshot: &Snapshot, path: &Path) -> Result<(), SnapshotError> {
-    let bytes = encode(&snapshot.header, &snapshot.manifest, &snapshot.payload)?;
+    let bytes = encode(&snapshot.header, &snapshot.manifest, snapshot.payload())?;
     std::fs::write(path, bytes).map_err(io_err("save"))
 }
 
@@ -612,7 +633,7 @@ mod tests {
         let snap = read_sealed(fd.as_fd()).unwrap();
         assert_eq!(snap.header, h);
         assert_eq!(snap.manifest, m);
-        let state: (String, u32) = decode_state(&snap.payload, 3).unwrap();
+        let state: (String, u32) = decode_state(snap.payload(), 3).unwrap();
         assert_eq!(state, ("hello".to_string(), 42));
         assert_eq!(snap.encoded_len(), encode(&h, &m, &p).unwrap().len());
     }

@@ -185,6 +185,71 @@ pub(crate) fn socket_domain(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<i32> 
     }
 }
 
+/// A read-only, shared mapping of a sealed memfd: the new image reads the
+/// snapshot in place instead of copying it into fresh heap.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and its contents cannot change (the memfd
+// is sealed against writes and shrinking), so sharing or sending the view
+// between threads is like sharing a `&[u8]`.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl std::ops::Deref for Mapping {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes for the life of `self`
+        // (unmapped only in Drop); the seals guarantee nobody writes them
+        // and the file cannot shrink under the mapping (no SIGBUS).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly what mmap returned; no reference
+        // into the mapping outlives `self` (Deref borrows from it).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Maps `len` bytes of `fd` read-only, after checking that the file is
+/// sealed against writing, growing and shrinking (which is what makes the
+/// `&[u8]` view sound). Pages are populated in bulk (`MAP_POPULATE`).
+pub(crate) fn map_sealed(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+    use std::os::fd::AsRawFd;
+    let need = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    // SAFETY: F_GET_SEALS only reads the file's seals.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 || seals & need != need {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "refusing to map a memfd that is not sealed"));
+    }
+    if len == 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "nothing to map"));
+    }
+    // SAFETY: a fresh read-only shared mapping chosen by the kernel; it
+    // aliases no Rust object. The result is checked for MAP_FAILED.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let ptr = std::ptr::NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+    Ok(Mapping { ptr, len })
+}
+
 /// Removes a variable from this process's environment, so that it is not
 /// inherited by child processes.
 ///

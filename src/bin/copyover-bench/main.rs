@@ -7,6 +7,7 @@
 //! each reply. See `copyover-bench --help` and `scripts/bench`.
 
 mod server;
+mod soak;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -25,6 +26,8 @@ copyover-bench: blackout of copyover upgrades against the floor and a naive rest
 
 USAGE:
     copyover-bench run [--quick] [--upgrades N] [--out DIR]
+    copyover-bench soak [--clients N] [--upgrades N] [--rate MSGS_PER_SEC]
+                        [--max-seconds S] BUILD_A BUILD_B
     copyover-bench serve [--listen ADDR] [--bulk BYTES] [--records N]
     copyover-bench --help
 
@@ -33,16 +36,23 @@ run        measures every point (1, 1,000 and 10,000 clients with a small
            records), --upgrades times each (default 10), prints a table and
            writes DIR/results.csv (default: bench/). --quick: two small points,
            3 upgrades (a smoke run).
+soak       N clients (default 1000) of copyover-telnetd chat with sequence
+           numbers (--rate messages per second in all, default 50) while the
+           server is upgraded back and forth between BUILD_A and BUILD_B
+           (default 1000 times, at most --max-seconds, default 300). Fails
+           unless nothing is lost, duplicated or reordered, nobody is
+           disconnected, and fds, RSS and children do not grow.
 serve      the bench server: answers every line with `pong`; upgraded by SIGHUP.
 ";
 
-type BoxError = Box<dyn std::error::Error>;
+pub type BoxError = Box<dyn std::error::Error>;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("serve") => parse_serve(&args[1..]).and_then(server::serve),
         Some("run") => run(&args[1..]),
+        Some("soak") => soak::parse(&args[1..]).and_then(soak::soak),
         Some("exec-floor") => exec_floor(),
         Some("-h" | "--help") => {
             print!("{USAGE}");

@@ -153,6 +153,12 @@ impl<'a> Handoff<'a> {
         self.push(name.into(), fd.as_fd().as_raw_fd(), FdKind::Other)
     }
 
+    /// Keeps a [`Region`](crate::Region) under `name`: its bytes cross the
+    /// exec in place, without being serialized.
+    pub fn region(&mut self, name: impl Into<String>, region: &'a crate::Region) -> &mut Self {
+        self.push(name.into(), region.as_fd().as_raw_fd(), FdKind::Region)
+    }
+
     fn push(&mut self, name: String, fd: RawFd, kind: FdKind) -> &mut Self {
         self.entries.push(ManifestEntry { name, fd, kind });
         self
@@ -200,7 +206,10 @@ impl<'a> Handoff<'a> {
 /// not survive: register every adopted descriptor again.
 #[derive(Debug, Default)]
 pub struct Inherited {
-    fds: HashMap<String, (OwnedFd, FdKind)>,
+    /// Raw numbers until claimed: each is checked (and owned) only when
+    /// taken, with the syscalls its type check needs anyway, so a resumed
+    /// image with 10,000 connections makes no syscall here per fd.
+    fds: HashMap<String, (RawFd, FdKind)>,
 }
 
 impl Inherited {
@@ -237,24 +246,13 @@ impl Inherited {
         }
         let mut fds = HashMap::with_capacity(manifest.len());
         for e in manifest {
-            let fd = match sys::adopt_inherited_fd(e.fd) {
-                Ok(fd) => fd,
-                Err(source) if tolerant => {
-                    tracing::warn!(fd = e.fd, name = %e.name, "the failed image closed this descriptor: {source}");
-                    continue;
-                }
-                Err(source) => {
-                    let err = Error::HandoffFd {
-                        fd: e.fd,
-                        what: format!("'{}'", e.name),
-                        source,
-                    };
-                    // Roll back before the fds adopted so far are closed.
-                    let _ = crate::rollback::trigger(&err.to_string());
-                    return Err(err);
-                }
-            };
-            fds.insert(e.name.clone(), (fd, e.kind));
+            // After a rollback, the failed image may have closed some fds:
+            // skip those, keep the other clients.
+            if tolerant && !sys::is_open(e.fd) {
+                tracing::warn!(fd = e.fd, name = %e.name, "the failed image closed this descriptor");
+                continue;
+            }
+            fds.insert(e.name.clone(), (e.fd, e.kind));
         }
         Ok(Self { fds })
     }
@@ -275,8 +273,51 @@ impl Inherited {
     }
 
     /// Takes any descriptor, without a type check.
-    pub fn take_fd(&mut self, name: &str) -> Option<OwnedFd> {
-        self.fds.remove(name).map(|(fd, _)| fd)
+    ///
+    /// # Errors
+    ///
+    /// [`Error::HandoffFd`] if the descriptor is not open.
+    pub fn take_fd(&mut self, name: &str) -> Result<Option<OwnedFd>, Error> {
+        let Some((fd, _)) = self.fds.remove(name) else {
+            return Ok(None);
+        };
+        sys::adopt_inherited_fd(fd)
+            .map(Some)
+            .map_err(|source| Error::HandoffFd {
+                fd,
+                what: format!("'{name}'"),
+                source,
+            })
+    }
+
+    /// Takes a [`Region`](crate::Region) and maps it again.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Adopt`] if the descriptor is not a region's memfd.
+    pub fn take_region(&mut self, name: &str) -> Result<Option<crate::Region>, Error> {
+        let Some(&(raw, kind)) = self.fds.get(name) else {
+            return Ok(None);
+        };
+        let fail = |reason: String| {
+            let err = Error::Adopt {
+                name: name.to_owned(),
+                fd: raw,
+                wanted: "a region",
+                reason,
+            };
+            let _ = crate::rollback::trigger(&err.to_string());
+            err
+        };
+        if kind != FdKind::Region {
+            return Err(fail(format!("the manifest says it is {kind:?}")));
+        }
+        let Some(fd) = self.take_fd(name)? else {
+            return Ok(None);
+        };
+        crate::Region::adopt(fd)
+            .map(Some)
+            .map_err(|e| fail(e.to_string()))
     }
 
     /// Takes a listening TCP socket.
@@ -345,7 +386,7 @@ impl Inherited {
         let fail = |reason: String| {
             let err = Error::Adopt {
                 name: name.to_owned(),
-                fd: fd.as_raw_fd(),
+                fd,
                 wanted,
                 reason,
             };
@@ -360,8 +401,7 @@ impl Inherited {
         if kind != expected_kind {
             return Err(fail(format!("the manifest says it is {kind:?}")));
         }
-        let info =
-            sys::socket_info(fd.as_fd()).map_err(|e| fail(format!("it is not a socket ({e})")))?;
+        let info = sys::socket_info(fd).map_err(|e| fail(format!("it is not a socket ({e})")))?;
         if info.listening != listening {
             let is = if info.listening {
                 "listening"
@@ -374,14 +414,13 @@ impl Inherited {
             Some(p) if info.protocol != p => {
                 return Err(fail(format!("its protocol is {}", info.protocol)));
             }
-            None if sys::socket_domain(fd.as_fd()).map_err(|e| fail(e.to_string()))?
-                != libc::AF_UNIX =>
-            {
+            None if sys::socket_domain(fd).map_err(|e| fail(e.to_string()))? != libc::AF_UNIX => {
                 return Err(fail("it is not a Unix socket".into()));
             }
             _ => {}
         }
-        Ok(Some(fd))
+        // The getsockopt calls above proved the number open.
+        Ok(Some(sys::own_checked_fd(fd)))
     }
 }
 
@@ -391,6 +430,9 @@ impl Drop for Inherited {
             let mut names: Vec<&str> = self.names().collect();
             names.sort_unstable();
             tracing::warn!(count = names.len(), names = ?names, "closing inherited descriptors nobody claimed");
+        }
+        for (_, (fd, _)) in self.fds.drain() {
+            drop(sys::adopt_inherited_fd(fd));
         }
     }
 }
@@ -460,15 +502,16 @@ mod tests {
         let file = std::fs::File::open("/proc/self/stat").unwrap();
         let mut inh = Inherited::default();
         // No rollback is armed in a unit test: `fail` only builds the error.
+        use std::os::fd::IntoRawFd;
         inh.fds.insert(
             "l".into(),
-            (OwnedFd::from(l.try_clone().unwrap()), FdKind::Listener),
+            (l.try_clone().unwrap().into_raw_fd(), FdKind::Listener),
         );
         inh.fds
-            .insert("f".into(), (OwnedFd::from(file), FdKind::Listener));
+            .insert("f".into(), (file.into_raw_fd(), FdKind::Listener));
         inh.fds.insert(
             "s".into(),
-            (OwnedFd::from(l.try_clone().unwrap()), FdKind::Stream),
+            (l.try_clone().unwrap().into_raw_fd(), FdKind::Stream),
         );
         let err = inh.take_tcp_listener("f").unwrap_err().to_string();
         assert!(err.contains("'f'") && err.contains("not a socket"), "{err}");

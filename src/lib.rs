@@ -123,6 +123,7 @@
 mod error;
 pub mod handoff;
 pub mod probe;
+pub mod region;
 mod rollback;
 mod runtime;
 pub mod signal;
@@ -133,6 +134,7 @@ pub mod upgrade;
 
 pub use error::{Error, UpgradeError};
 pub use handoff::{Handoff, Inherited};
+pub use region::Region;
 pub use runtime::{Config, Copyover, Event, Start, boot};
 pub use snapshot::SnapshotError;
 pub use state::AppState;

@@ -131,6 +131,10 @@ pub struct Copyover {
     phase: Phase,
     requested_at_ns: u64,
     ready: bool,
+    /// The commit's memfd, made while the probe runs.
+    draft: Option<crate::snapshot::Draft>,
+    /// The last payload's size: the commit encodes into a buffer this big.
+    payload_hint: usize,
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds; it keeps counting across `execve`.
@@ -214,6 +218,8 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
         phase: Phase::Idle,
         requested_at_ns: 0,
         ready: false,
+        draft: None,
+        payload_hint: 0,
     };
 
     let var = match handoff {
@@ -431,6 +437,7 @@ impl Copyover {
                     return Some(Event::Upgrade);
                 }
                 Verdict::Refused(reason) => {
+                    self.draft = None;
                     let reason = UpgradeError::Probe { reason }.to_string();
                     self.log_refused(&reason);
                     return Some(Event::UpgradeRefused { reason });
@@ -499,6 +506,7 @@ impl Copyover {
         let result = self.advance(state, keep);
         if let Err(e) = &result {
             self.phase = Phase::Idle;
+            self.draft = None;
             self.log_refused(&e.to_string());
         }
         result
@@ -535,6 +543,11 @@ impl Copyover {
                 warn_unkept_listeners(manifest);
                 let payload = crate::snapshot::encode_state(state)?;
                 let snapshot = write_sealed(&header, manifest, &payload)?;
+                // Off the critical path: the commit's memfd, its pages
+                // allocated for a state somewhat larger than this one.
+                self.payload_hint = payload.len() + payload.len() / 8 + 4096;
+                let reserve = crate::snapshot::HEADER_LEN + 64 * manifest.len() + self.payload_hint;
+                self.draft = crate::snapshot::Draft::new(reserve as u64).ok();
                 let spec = ProbeSpec {
                     binary: self.binary.clone(),
                     argv: self.argv.clone(),
@@ -562,6 +575,8 @@ impl Copyover {
                         own_binary,
                         argv: &self.argv_c,
                         requests: &self.requests,
+                        draft: self.draft.take(),
+                        payload_hint: self.payload_hint,
                     },
                 ))
             }

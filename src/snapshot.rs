@@ -74,6 +74,8 @@ pub enum FdKind {
     Stream,
     /// Any other descriptor (a file, a pipe, a datagram socket, ...).
     Other,
+    /// The memfd of a [`Region`](crate::Region).
+    Region,
 }
 
 /// One descriptor kept across the exec: its name, number and kind.
@@ -260,22 +262,80 @@ pub fn write_sealed(
     manifest: &[ManifestEntry],
     payload: &[u8],
 ) -> Result<OwnedFd, SnapshotError> {
-    let (head, body_prefix) = encode_head(header, manifest, payload)?;
-    let fd = crate::sys::memfd_create(c"copyover-snapshot").map_err(io_err("create"))?;
-    let file = File::from(fd);
-    let total = (head.len() + body_prefix.len() + payload.len()) as u64;
-    file.set_len(total).map_err(io_err("size"))?;
-    file.write_all_at(&head, 0).map_err(io_err("write"))?;
-    file.write_all_at(&body_prefix, head.len() as u64)
-        .map_err(io_err("write"))?;
-    file.write_all_at(payload, (head.len() + body_prefix.len()) as u64)
-        .map_err(io_err("write"))?;
-    let fd = OwnedFd::from(file);
-    fcntl(fd.as_fd(), FcntlArg::F_ADD_SEALS(required_seals())).map_err(|e| SnapshotError::Io {
-        what: "seal",
-        source: e.into(),
-    })?;
-    Ok(fd)
+    Draft::new(0)?.seal(header, manifest, payload)
+}
+
+/// A memfd made ready for a snapshot ahead of time, its pages already
+/// allocated: the upgrade creates one while the probe runs, so that writing
+/// the snapshot at the commit is a plain copy, not a page allocation.
+#[derive(Debug)]
+pub struct Draft {
+    file: File,
+}
+
+impl Draft {
+    /// Creates the memfd and allocates `reserve` bytes in it.
+    ///
+    /// # Errors
+    ///
+    /// [`SnapshotError::Io`] if the memfd cannot be created. A failed
+    /// allocation only leaves the memfd empty (it then grows as written).
+    pub fn new(reserve: u64) -> Result<Draft, SnapshotError> {
+        let fd = crate::sys::memfd_create(c"copyover-snapshot").map_err(io_err("create"))?;
+        if let Ok(len) = libc::off_t::try_from(reserve) {
+            if len > 0 {
+                let _ = nix::fcntl::fallocate(&fd, nix::fcntl::FallocateFlags::empty(), 0, len);
+            }
+        }
+        Ok(Draft {
+            file: File::from(fd),
+        })
+    }
+
+    /// Writes the snapshot, cuts the memfd to its exact length and seals it.
+    ///
+    /// # Errors
+    ///
+    /// As [`write_sealed`].
+    pub fn seal(
+        self,
+        header: &Header,
+        manifest: &[ManifestEntry],
+        payload: &[u8],
+    ) -> Result<OwnedFd, SnapshotError> {
+        let (head, body_prefix) = encode_head(header, manifest, payload)?;
+        let file = self.file;
+        let total = (head.len() + body_prefix.len() + payload.len()) as u64;
+        file.write_all_at(&head, 0).map_err(io_err("write"))?;
+        file.write_all_at(&body_prefix, head.len() as u64)
+            .map_err(io_err("write"))?;
+        file.write_all_at(payload, (head.len() + body_prefix.len()) as u64)
+            .map_err(io_err("write"))?;
+        file.set_len(total).map_err(io_err("size"))?;
+        let fd = OwnedFd::from(file);
+        fcntl(fd.as_fd(), FcntlArg::F_ADD_SEALS(required_seals())).map_err(|e| {
+            SnapshotError::Io {
+                what: "seal",
+                source: e.into(),
+            }
+        })?;
+        Ok(fd)
+    }
+}
+
+/// Encodes a state value with postcard into a buffer of `capacity` bytes to
+/// start with (the previous snapshot's size is a good guess): no regrowth
+/// and re-copying of a large state.
+///
+/// # Errors
+///
+/// [`SnapshotError::Encode`] if serde refuses the value.
+pub fn encode_state_with_capacity<T: Serialize + ?Sized>(
+    state: &T,
+    capacity: usize,
+) -> Result<Vec<u8>, SnapshotError> {
+    postcard::to_extend(state, Vec::with_capacity(capacity))
+        .map_err(|source| SnapshotError::Encode { source })
 }
 
 /// Encodes a whole snapshot into one buffer (for files and tests).
@@ -433,7 +493,9 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
 
 /// Checks a snapshot and decodes its header and manifest; returns where its
 /// payload is.
-fn parse(bytes: &[u8]) -> Result<(Header, Vec<ManifestEntry>, std::ops::Range<usize>), SnapshotError> {
+fn parse(
+    bytes: &[u8],
+) -> Result<(Header, Vec<ManifestEntry>, std::ops::Range<usize>), SnapshotError> {
     let found = bytes.len() as u64;
     if bytes.len() < 16 {
         return Err(SnapshotError::Truncated {
@@ -636,6 +698,16 @@ mod tests {
         let state: (String, u32) = decode_state(snap.payload(), 3).unwrap();
         assert_eq!(state, ("hello".to_string(), 42));
         assert_eq!(snap.encoded_len(), encode(&h, &m, &p).unwrap().len());
+    }
+
+    #[test]
+    fn a_draft_with_a_larger_reserve_is_cut_to_size() {
+        let (h, m, p) = sample();
+        let fd = Draft::new(1 << 20).unwrap().seal(&h, &m, &p).unwrap();
+        let snap = read_sealed(fd.as_fd()).unwrap();
+        assert_eq!(snap.payload(), &p[..]);
+        let again = encode_state_with_capacity(&("hello", 42u32), 1).unwrap();
+        assert_eq!(again, p);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::error::UpgradeError;
 use crate::handoff::{HANDOFF_VAR, HandoffVar, Mode, ROLLBACK_REASON_VAR};
 use crate::probe::PROBE_VAR;
 use crate::rollback::cstring;
-use crate::snapshot::{Header, ManifestEntry, encode_state, write_sealed};
+use crate::snapshot::{Draft, Header, ManifestEntry, encode_state_with_capacity};
 use crate::{signal, sys};
 
 /// Where an upgrade stands after [`Copyover::upgrade`] returned.
@@ -100,18 +100,26 @@ pub(crate) struct Commit<'a> {
     pub own_binary: &'a OwnedFd,
     pub argv: &'a [CString],
     pub requests: &'a signal::Requests,
+    /// A memfd prepared during the probe (pages allocated), if any.
+    pub draft: Option<Draft>,
+    /// How large a buffer to encode into.
+    pub payload_hint: usize,
 }
 
 /// Writes the snapshot, prepares the fds and the mask, and executes.
 /// Returns only on failure, with everything undone.
 pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeError {
     let t0 = std::time::Instant::now();
-    let payload = match encode_state(state) {
+    let payload = match encode_state_with_capacity(state, c.payload_hint) {
         Ok(p) => p,
         Err(e) => return e.into(),
     };
     let encoded = t0.elapsed();
-    let memfd = match write_sealed(&c.header, c.manifest, &payload) {
+    let draft = match c.draft {
+        Some(d) => Ok(d),
+        None => Draft::new(0),
+    };
+    let memfd = match draft.and_then(|d| d.seal(&c.header, c.manifest, &payload)) {
         Ok(fd) => fd,
         Err(e) => return e.into(),
     };

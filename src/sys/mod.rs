@@ -103,6 +103,24 @@ pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Takes ownership of an inherited fd number that a syscall just proved open
+/// (a successful `getsockopt` in [`socket_info`]), without another syscall.
+///
+/// As with [`adopt_inherited_fd`], the caller (only [`crate::handoff`])
+/// adopts each inherited number at most once.
+pub(crate) fn own_checked_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: the number is open (checked by the caller's syscall), it was
+    // inherited across execve so nothing in this image owns it, and the
+    // handoff code hands each number out once.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Whether a number is an open fd (`F_GETFD`).
+pub(crate) fn is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only reads the fd's flags.
+    fd >= 0 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0
+}
+
 /// What a socket is, read with two `getsockopt` calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SocketInfo {
@@ -114,8 +132,10 @@ pub(crate) struct SocketInfo {
 
 /// Reads `SO_PROTOCOL` and `SO_ACCEPTCONN`; fails with `ENOTSOCK` for a
 /// descriptor that is not a socket, `EBADF` for one that is not open.
-pub(crate) fn socket_info(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<SocketInfo> {
-    use std::os::fd::AsRawFd;
+///
+/// Takes a raw number: it is how an inherited descriptor is checked before
+/// anyone owns it (`getsockopt` has no side effect on any fd).
+pub(crate) fn socket_info(fd: RawFd) -> io::Result<SocketInfo> {
     let get = |opt: libc::c_int| -> io::Result<i32> {
         let mut val: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -123,7 +143,7 @@ pub(crate) fn socket_info(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<SocketI
         // socklen_t; the kernel writes at most `len` bytes.
         let rc = unsafe {
             libc::getsockopt(
-                fd.as_raw_fd(),
+                fd,
                 libc::SOL_SOCKET,
                 opt,
                 (&mut val as *mut libc::c_int).cast(),
@@ -164,14 +184,13 @@ pub(crate) fn is_listening(fd: RawFd) -> bool {
 }
 
 /// Reads `SO_DOMAIN` (`AF_UNIX`, `AF_INET`, ...).
-pub(crate) fn socket_domain(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<i32> {
-    use std::os::fd::AsRawFd;
+pub(crate) fn socket_domain(fd: RawFd) -> io::Result<i32> {
     let mut val: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `val` and `len` are valid for writes of an int and a socklen_t.
     let rc = unsafe {
         libc::getsockopt(
-            fd.as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
             libc::SO_DOMAIN,
             (&mut val as *mut libc::c_int).cast(),
@@ -226,10 +245,16 @@ pub(crate) fn map_sealed(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Res
     // SAFETY: F_GET_SEALS only reads the file's seals.
     let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
     if seals < 0 || seals & need != need {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "refusing to map a memfd that is not sealed"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "refusing to map a memfd that is not sealed",
+        ));
     }
     if len == 0 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "nothing to map"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "nothing to map",
+        ));
     }
     // SAFETY: a fresh read-only shared mapping chosen by the kernel; it
     // aliases no Rust object. The result is checked for MAP_FAILED.
@@ -246,8 +271,85 @@ pub(crate) fn map_sealed(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Res
     if ptr == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
-    let ptr = std::ptr::NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+    let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
+        .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
     Ok(Mapping { ptr, len })
+}
+
+/// A read-write shared mapping of a whole memfd: the storage of a
+/// [`crate::Region`].
+#[derive(Debug)]
+pub(crate) struct MappingMut {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by one `Region`, which hands out `&[u8]` and
+// `&mut [u8]` under Rust's borrow rules; moving it to another thread moves
+// that ownership.
+unsafe impl Send for MappingMut {}
+unsafe impl Sync for MappingMut {}
+
+impl MappingMut {
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` maps `len` readable bytes for the life of `self`.
+        // The memfd is private to this process (close-on-exec, never given
+        // to a child, kept across our own exec only after this mapping is
+        // gone), so no one else writes these bytes while we read them.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        if self.len == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in `as_slice`, and `&mut self` makes this the only
+        // reference into the mapping.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for MappingMut {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: `ptr`/`len` are what mmap returned; no borrow of the
+            // mapping outlives `self`.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        }
+    }
+}
+
+/// Maps all `len` bytes of a memfd read-write and shared. The caller has
+/// checked (or just set) the file's size, so no access faults.
+pub(crate) fn map_region(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<MappingMut> {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return Ok(MappingMut {
+            ptr: std::ptr::NonNull::dangling(),
+            len: 0,
+        });
+    }
+    // SAFETY: a fresh shared mapping chosen by the kernel; it aliases no
+    // Rust object. The result is checked for MAP_FAILED.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
+        .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+    Ok(MappingMut { ptr, len })
 }
 
 /// Removes a variable from this process's environment, so that it is not
@@ -317,12 +419,13 @@ mod tests {
     #[test]
     fn socket_info_tells_listener_from_file() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let info = socket_info(l.as_fd()).unwrap();
+        use std::os::fd::AsRawFd;
+        let info = socket_info(l.as_raw_fd()).unwrap();
         assert!(info.listening);
         assert_eq!(info.protocol, libc::IPPROTO_TCP);
         let f = std::fs::File::open("/proc/self/stat").unwrap();
         assert_eq!(
-            socket_info(f.as_fd()).unwrap_err().raw_os_error(),
+            socket_info(f.as_raw_fd()).unwrap_err().raw_os_error(),
             Some(libc::ENOTSOCK)
         );
     }

@@ -25,17 +25,17 @@ const USAGE: &str = "\
 copyover-bench: blackout of copyover upgrades against the floor and a naive restart
 
 USAGE:
-    copyover-bench run [--quick] [--upgrades N] [--out DIR]
+    copyover-bench run [--quick] [--upgrades N] [--only TEXT] [--out DIR]
     copyover-bench soak [--clients N] [--upgrades N] [--rate MSGS_PER_SEC]
                         [--max-seconds S] BUILD_A BUILD_B
-    copyover-bench serve [--listen ADDR] [--bulk BYTES] [--records N]
+    copyover-bench serve [--listen ADDR] [--bulk BYTES] [--records N] [--region BYTES]
     copyover-bench --help
 
 run        measures every point (1, 1,000 and 10,000 clients with a small
            state; 10 MiB, 100 MiB and 1 GiB of bulk state; 100 MiB of small
-           records), --upgrades times each (default 10), prints a table and
+           records; 1 GiB in a copyover::Region), --upgrades times each (default 10), prints a table and
            writes DIR/results.csv (default: bench/). --quick: two small points,
-           3 upgrades (a smoke run).
+           3 upgrades (a smoke run). --only: the points whose name contains TEXT.
 soak       N clients (default 1000) of copyover-telnetd chat with sequence
            numbers (--rate messages per second in all, default 50) while the
            server is upgraded back and forth between BUILD_A and BUILD_B
@@ -79,6 +79,7 @@ fn parse_serve(args: &[String]) -> Result<server::ServeArgs, BoxError> {
         listen: "127.0.0.1:0".parse()?,
         bulk: 1024,
         records: 0,
+        region: 0,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -87,6 +88,7 @@ fn parse_serve(args: &[String]) -> Result<server::ServeArgs, BoxError> {
             "--listen" => s.listen = v.parse()?,
             "--bulk" => s.bulk = v.parse()?,
             "--records" => s.records = v.parse()?,
+            "--region" => s.region = v.parse()?,
             _ => return Err(format!("unknown argument {a}").into()),
         }
     }
@@ -99,6 +101,7 @@ struct Point {
     clients: usize,
     bulk: usize,
     records: usize,
+    region: usize,
 }
 
 const KIB: usize = 1024;
@@ -110,6 +113,7 @@ fn points(quick: bool) -> Vec<Point> {
         clients,
         bulk,
         records,
+        region: 0,
     };
     if quick {
         return vec![
@@ -126,6 +130,11 @@ fn points(quick: bool) -> Vec<Point> {
         p("1 client, 1 GiB bulk", 1, 1024 * MIB, 0),
         // About 32 bytes each once encoded: ~100 MiB of small records.
         p("1 client, 100 MiB records", 1, 0, 3_300_000),
+        // The moonshot: 1 GiB that crosses the exec in a copyover::Region.
+        Point {
+            region: 1024 * MIB,
+            ..p("1 client, 1 GiB region", 1, KIB, 0)
+        },
     ]
 }
 
@@ -145,6 +154,8 @@ impl Server {
                 &point.bulk.to_string(),
                 "--records",
                 &point.records.to_string(),
+                "--region",
+                &point.region.to_string(),
             ])
             .env("RUST_LOG", "info,copyover=debug")
             .stdin(Stdio::null())
@@ -348,12 +359,14 @@ fn run(args: &[String]) -> Result<(), BoxError> {
     let mut quick = false;
     let mut upgrades = 10;
     let mut out = PathBuf::from("bench");
+    let mut only: Option<String> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--upgrades" => upgrades = it.next().ok_or("--upgrades needs a value")?.parse()?,
             "--out" => out = PathBuf::from(it.next().ok_or("--out needs a value")?),
+            "--only" => only = Some(it.next().ok_or("--only needs a value")?.clone()),
             _ => return Err(format!("unknown argument {a}").into()),
         }
     }
@@ -364,7 +377,10 @@ fn run(args: &[String]) -> Result<(), BoxError> {
     let exec_floor_ms = measure_exec_floor()?;
     eprintln!("execve floor (this binary, exec to main): {exec_floor_ms:.3} ms");
     let mut rows = Vec::new();
-    for p in points(quick) {
+    for p in points(quick)
+        .into_iter()
+        .filter(|p| only.as_ref().is_none_or(|o| p.name.contains(o.as_str())))
+    {
         eprintln!("measuring: {} ...", p.name);
         let mut row = measure(&p, upgrades)?;
         row.floor_exec = exec_floor_ms;

@@ -69,6 +69,8 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     pub bulk: usize,
     pub records: usize,
+    /// Bytes of bulk state kept in a `copyover::Region` (not serialized).
+    pub region: usize,
 }
 
 const TOKEN_LISTENER: u64 = u64::MAX;
@@ -94,8 +96,19 @@ fn bind_listener(addr: SocketAddr) -> Result<TcpListener, Box<dyn std::error::Er
 pub fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     raise_nofile_limit();
     let (mut co, start) = copyover::boot::<BenchState>(Config::new("copyover-bench", "bench"))?;
-    let (mut state, listener, mut conns) = match start {
+    // The epoll instance itself crosses the exec (it is kept in the
+    // handoff), and with it every registration: a resumed image registers
+    // only the runtime's new event fd, not 10,000 connections again.
+    let mut region = None;
+    let (mut state, listener, mut conns, epoll, kept) = match start {
         Start::Fresh => {
+            if args.region > 0 {
+                let mut r = copyover::Region::new(args.region)?;
+                for (i, b) in r.as_mut_slice().iter_mut().enumerate() {
+                    *b = (i % 251) as u8;
+                }
+                region = Some(r);
+            }
             let state = BenchState {
                 bulk: Blob((0..args.bulk).map(|i| (i % 251) as u8).collect()),
                 records: (0..args.records as u64)
@@ -107,9 +120,17 @@ pub fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
                     .collect(),
                 ..BenchState::default()
             };
-            (state, bind_listener(args.listen)?, HashMap::new())
+            let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+            (
+                state,
+                bind_listener(args.listen)?,
+                HashMap::new(),
+                epoll,
+                false,
+            )
         }
         Start::Resumed { state, mut fds } => {
+            region = fds.take_region("bulk")?;
             let listener = fds.take_tcp_listener("listener")?.ok_or("no listener")?;
             let mut conns = HashMap::with_capacity(state.conns.len());
             for id in &state.conns {
@@ -117,15 +138,25 @@ pub fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
                     conns.insert(*id, s);
                 }
             }
-            (state, listener, conns)
+            match fds.take_fd("epoll")? {
+                Some(fd) => (state, listener, conns, Epoll(fd), true),
+                None => (
+                    state,
+                    listener,
+                    conns,
+                    Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
+                    false,
+                ),
+            }
         }
     };
-    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
     let ev = |token| EpollEvent::new(EpollFlags::EPOLLIN, token);
-    epoll.add(&listener, ev(TOKEN_LISTENER))?;
     epoll.add(co.event_fd(), ev(TOKEN_EVENTS))?;
-    for (id, s) in &conns {
-        epoll.add(s, ev(*id))?;
+    if !kept {
+        epoll.add(&listener, ev(TOKEN_LISTENER))?;
+        for (id, s) in &conns {
+            epoll.add(s, ev(*id))?;
+        }
     }
     co.ready()?;
     tracing::info!(addr = %listener.local_addr()?, clients = conns.len(), "listening");
@@ -156,6 +187,10 @@ pub fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
                                 state.conns = conns.keys().copied().collect();
                                 let mut keep = Handoff::new();
                                 keep.listener("listener", &listener);
+                                keep.other("epoll", &epoll.0);
+                                if let Some(r) = &region {
+                                    keep.region("bulk", r);
+                                }
                                 for (id, s) in &conns {
                                     keep.stream(format!("conn:{id}"), s);
                                 }

@@ -26,7 +26,13 @@ pub struct SoakArgs {
 }
 
 pub fn parse(args: &[String]) -> Result<SoakArgs, BoxError> {
-    let mut s = SoakArgs { clients: 1000, upgrades: 1000, rate: 50.0, max_seconds: 300, builds: Default::default() };
+    let mut s = SoakArgs {
+        clients: 1000,
+        upgrades: 1000,
+        rate: 50.0,
+        max_seconds: 300,
+        builds: Default::default(),
+    };
     let mut builds = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -39,7 +45,9 @@ pub fn parse(args: &[String]) -> Result<SoakArgs, BoxError> {
             path => builds.push(PathBuf::from(path)),
         }
     }
-    let [a, b]: [PathBuf; 2] = builds.try_into().map_err(|_| "soak needs two builds of copyover-telnetd: BUILD_A BUILD_B")?;
+    let [a, b]: [PathBuf; 2] = builds
+        .try_into()
+        .map_err(|_| "soak needs two builds of copyover-telnetd: BUILD_A BUILD_B")?;
     if s.clients < 2 || s.rate <= 0.0 {
         return Err("soak needs at least 2 clients and a positive --rate".into());
     }
@@ -76,7 +84,11 @@ fn health(pid: u32) -> Result<Health, BoxError> {
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .map(|s| s.split_whitespace().count())
         .unwrap_or(0);
-    Ok(Health { fds, rss_kib, children })
+    Ok(Health {
+        fds,
+        rss_kib,
+        children,
+    })
 }
 
 /// One chat client: its socket, what it has not parsed yet, and the last
@@ -98,7 +110,12 @@ pub fn soak(args: SoakArgs) -> Result<(), BoxError> {
     let server = start(&binary)?;
     let pid = server.child.id();
     let addr = wait_log(&server, 0, "listening addr=", Duration::from_secs(30))?;
-    let addr: SocketAddr = addr.split("addr=").nth(1).and_then(|s| s.split_whitespace().next()).ok_or("no addr")?.parse()?;
+    let addr: SocketAddr = addr
+        .split("addr=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .ok_or("no addr")?
+        .parse()?;
 
     // Log everyone in (blocking, with a timeout), then go non-blocking.
     let mut clients = Vec::with_capacity(args.clients);
@@ -117,7 +134,13 @@ pub fn soak(args: SoakArgs) -> Result<(), BoxError> {
             got.extend_from_slice(&b[..n]);
         }
         s.set_nonblocking(true)?;
-        clients.push(Client { stream: s, inbuf: Vec::new(), outbuf: VecDeque::new(), last_seen: vec![0; args.clients], sent: 0 });
+        clients.push(Client {
+            stream: s,
+            inbuf: Vec::new(),
+            outbuf: VecDeque::new(),
+            last_seen: vec![0; args.clients],
+            sent: 0,
+        });
     }
     let mut outcomes = Vec::new();
     let mut blackouts = Vec::new();
@@ -129,7 +152,12 @@ pub fn soak(args: SoakArgs) -> Result<(), BoxError> {
     }
     let mut errors = Vec::new();
     let mut disconnected = 0;
-    let mut pump = |clients: &mut Vec<Client>, until: Instant, send: bool, next_send: &mut Instant, sender: &mut usize| -> Result<(), BoxError> {
+    let mut pump = |clients: &mut Vec<Client>,
+                    until: Instant,
+                    send: bool,
+                    next_send: &mut Instant,
+                    sender: &mut usize|
+     -> Result<(), BoxError> {
         let interval = Duration::from_secs_f64(1.0 / args.rate);
         let mut events = vec![EpollEvent::empty(); 256];
         loop {
@@ -140,12 +168,17 @@ pub fn soak(args: SoakArgs) -> Result<(), BoxError> {
             while send && *next_send <= now {
                 let c = &mut clients[*sender];
                 c.sent += 1;
-                c.outbuf.extend(format!("m {} {}\r\n", *sender, c.sent).bytes());
+                c.outbuf
+                    .extend(format!("m {} {}\r\n", *sender, c.sent).bytes());
                 flush(c);
                 *sender = (*sender + 1) % clients.len();
                 *next_send += interval;
             }
-            let wait_ms = (until.min(*next_send).saturating_duration_since(now).as_millis() as u16).max(1);
+            let wait_ms = (until
+                .min(*next_send)
+                .saturating_duration_since(now)
+                .as_millis() as u16)
+                .max(1);
             let n = match epoll.wait(&mut events, EpollTimeout::from(wait_ms)) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => 0,
@@ -193,7 +226,13 @@ pub fn soak(args: SoakArgs) -> Result<(), BoxError> {
         kill(Pid::from_raw(pid as i32), Signal::SIGHUP)?;
         // Keep chatting while waiting for the outcome.
         let line = loop {
-            pump(&mut clients, Instant::now() + Duration::from_millis(2), true, &mut next_send, &mut sender)?;
+            pump(
+                &mut clients,
+                Instant::now() + Duration::from_millis(2),
+                true,
+                &mut next_send,
+                &mut sender,
+            )?;
             if let Some(l) = find_outcome(&server, mark) {
                 break l;
             }
@@ -204,7 +243,11 @@ pub fn soak(args: SoakArgs) -> Result<(), BoxError> {
         if !line.contains("upgrade complete") {
             outcomes.push(line.clone());
         }
-        if let Some(ms) = line.split("blackout_ms=").nth(1).and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok()) {
+        if let Some(ms) = line
+            .split("blackout_ms=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        {
             blackouts.push(ms);
         }
         if n == 0 {
@@ -216,7 +259,13 @@ pub fn soak(args: SoakArgs) -> Result<(), BoxError> {
         }
     }
     // Stop sending, let every message arrive.
-    pump(&mut clients, Instant::now() + Duration::from_secs(2), false, &mut next_send, &mut sender)?;
+    pump(
+        &mut clients,
+        Instant::now() + Duration::from_secs(2),
+        false,
+        &mut next_send,
+        &mut sender,
+    )?;
     let after = health(pid)?;
     let before = before.ok_or("no upgrade happened")?;
 
@@ -231,11 +280,33 @@ pub fn soak(args: SoakArgs) -> Result<(), BoxError> {
     }
     let sent: u64 = clients.iter().map(|c| u64::from(c.sent)).sum();
     blackouts.sort_by(f64::total_cmp);
-    let pct = |p: f64| blackouts.get(((blackouts.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0.0);
-    println!("soak: {} clients, {upgrades_done} upgrades in {:.1} s, {sent} messages sent ({} deliveries expected)", args.clients, t0.elapsed().as_secs_f64(), sent * (args.clients as u64 - 1));
-    println!("  lost: {lost}, duplicated or reordered: {}, clients disconnected: {disconnected}", errors.len());
-    println!("  server fds: {} -> {}, RSS: {} -> {} KiB, children: {} -> {}", before.fds, after.fds, before.rss_kib, after.rss_kib, before.children, after.children);
-    println!("  blackout ms: p50 {:.2}, p90 {:.2}, p99 {:.2}, max {:.2}", pct(0.5), pct(0.9), pct(0.99), pct(1.0));
+    let pct = |p: f64| {
+        blackouts
+            .get(((blackouts.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    println!(
+        "soak: {} clients, {upgrades_done} upgrades in {:.1} s, {sent} messages sent ({} deliveries expected)",
+        args.clients,
+        t0.elapsed().as_secs_f64(),
+        sent * (args.clients as u64 - 1)
+    );
+    println!(
+        "  lost: {lost}, duplicated or reordered: {}, clients disconnected: {disconnected}",
+        errors.len()
+    );
+    println!(
+        "  server fds: {} -> {}, RSS: {} -> {} KiB, children: {} -> {}",
+        before.fds, after.fds, before.rss_kib, after.rss_kib, before.children, after.children
+    );
+    println!(
+        "  blackout ms: p50 {:.2}, p90 {:.2}, p99 {:.2}, max {:.2}",
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        pct(1.0)
+    );
     for e in errors.iter().take(5) {
         println!("  error: {e}");
     }
@@ -264,13 +335,20 @@ fn check_lines(receiver: usize, c: &mut Client, errors: &mut Vec<String>) {
     while let Some(pos) = c.inbuf.windows(2).position(|w| w == b"\r\n") {
         let line: Vec<u8> = c.inbuf.drain(..pos + 2).take(pos).collect();
         let line = String::from_utf8_lossy(&line);
-        let Some((_, msg)) = line.split_once(": m ") else { continue };
+        let Some((_, msg)) = line.split_once(": m ") else {
+            continue;
+        };
         let mut parts = msg.split_whitespace();
-        let (Some(Ok(s)), Some(Ok(seq))) = (parts.next().map(str::parse::<usize>), parts.next().map(str::parse::<u32>)) else {
+        let (Some(Ok(s)), Some(Ok(seq))) = (
+            parts.next().map(str::parse::<usize>),
+            parts.next().map(str::parse::<u32>),
+        ) else {
             errors.push(format!("c{receiver} got a malformed line {line:?}"));
             continue;
         };
-        let Some(last) = c.last_seen.get_mut(s) else { continue };
+        let Some(last) = c.last_seen.get_mut(s) else {
+            continue;
+        };
         if seq != *last + 1 {
             errors.push(format!("c{receiver} got c{s}'s message {seq} after {last}"));
         }
@@ -310,7 +388,10 @@ fn start(binary: &Path) -> Result<Proc, BoxError> {
     let sink = log.clone();
     let stderr = child.stderr.take().ok_or("no stderr")?;
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
         }
     });
@@ -320,7 +401,14 @@ fn start(binary: &Path) -> Result<Proc, BoxError> {
 fn wait_log(p: &Proc, mark: usize, pattern: &str, limit: Duration) -> Result<String, BoxError> {
     let deadline = Instant::now() + limit;
     loop {
-        if let Some(l) = p.log.lock().unwrap_or_else(|e| e.into_inner()).iter().skip(mark).find(|l| l.contains(pattern)) {
+        if let Some(l) = p
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .skip(mark)
+            .find(|l| l.contains(pattern))
+        {
             return Ok(l.clone());
         }
         if Instant::now() > deadline {
@@ -336,6 +424,10 @@ fn find_outcome(p: &Proc, mark: usize) -> Option<String> {
         .unwrap_or_else(|e| e.into_inner())
         .iter()
         .skip(mark)
-        .find(|l| l.contains("upgrade complete") || l.contains("upgrade refused") || l.contains("upgrade rolled back"))
+        .find(|l| {
+            l.contains("upgrade complete")
+                || l.contains("upgrade refused")
+                || l.contains("upgrade rolled back")
+        })
         .cloned()
 }

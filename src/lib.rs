@@ -122,6 +122,7 @@
 
 mod error;
 pub mod handoff;
+mod notify;
 pub mod probe;
 pub mod region;
 mod rollback;
@@ -129,6 +130,7 @@ mod runtime;
 pub mod signal;
 pub mod snapshot;
 mod state;
+pub mod status;
 mod sys;
 pub mod upgrade;
 

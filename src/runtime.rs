@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::error::{Error, UpgradeError};
 use crate::handoff::{HANDOFF_VAR, Handoff, HandoffVar, Inherited, Mode, ROLLBACK_REASON_VAR};
+use crate::notify::Activated;
 use crate::probe::{PROBE_VAR, Probe, ProbeSpec, Verdict};
 use crate::signal::{self, Requests};
 use crate::snapshot::{FORMAT_VERSION, Header, read_sealed, write_sealed};
@@ -107,6 +108,8 @@ struct Resume {
     old_binary: OwnedFd,
     boot_ns: u64,
     restored_ns: u64,
+    /// For a rollback: why.
+    reason: String,
 }
 
 #[derive(Debug)]
@@ -135,6 +138,8 @@ pub struct Copyover {
     draft: Option<crate::snapshot::Draft>,
     /// The last payload's size: the commit encodes into a buffer this big.
     payload_hint: usize,
+    /// Listeners from systemd socket activation, on a first start.
+    activated: Activated,
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds; it keeps counting across `execve`.
@@ -185,6 +190,31 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
     for var in [HANDOFF_VAR, ROLLBACK_REASON_VAR] {
         sys::remove_env_var(var.as_ref());
     }
+    let var = match handoff {
+        None => None,
+        Some(value) => {
+            let text = value.to_string_lossy().into_owned();
+            let var = HandoffVar::parse(&text)?;
+            if var.pid == std::process::id() as i32 {
+                Some(var)
+            } else {
+                tracing::warn!(
+                    handoff_pid = var.pid,
+                    pid = std::process::id(),
+                    "ignoring a {HANDOFF_VAR} variable inherited from process {}: starting fresh",
+                    var.pid
+                );
+                None
+            }
+        }
+    };
+    // Socket activation first, before this image opens any descriptor of
+    // its own: LISTEN_FDS names fds 3.. as they were at the exec.
+    let activated = if var.is_none() {
+        Activated::from_env()
+    } else {
+        Activated::from_env_ignored()
+    };
     let argv: Vec<OsString> = std::env::args_os().collect();
     let argv_c = argv
         .iter()
@@ -220,31 +250,20 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
         ready: false,
         draft: None,
         payload_hint: 0,
+        activated,
     };
 
-    let var = match handoff {
-        None => None,
-        Some(value) => {
-            let text = value.to_string_lossy().into_owned();
-            let var = HandoffVar::parse(&text)?;
-            if var.pid == std::process::id() as i32 {
-                Some(var)
-            } else {
-                tracing::warn!(
-                    handoff_pid = var.pid,
-                    pid = std::process::id(),
-                    "ignoring a {HANDOFF_VAR} variable inherited from process {}: starting fresh",
-                    var.pid
-                );
-                None
-            }
-        }
-    };
     let Some(var) = var else {
         co.own_binary = Some(open_own_binary()?);
         return Ok((co, Start::Fresh));
     };
 
+    let rollback_reason =
+        reason.map_or_else(|| "unknown".into(), |r| r.to_string_lossy().into_owned());
+    crate::notify::notify(&format!(
+        "EXTEND_TIMEOUT_USEC={}\nSTATUS=restoring after an upgrade",
+        co.config.ready_timeout.as_micros()
+    ));
     // After an upgrade the inherited fds stay open across a rollback's exec
     // until `ready`, which makes them all close-on-exec with one syscall.
     // After a rollback there is no way further back: do it now.
@@ -269,8 +288,7 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
             }
         })?;
     } else {
-        let reason = reason.map_or_else(|| "unknown".into(), |r| r.to_string_lossy().into_owned());
-        tracing::warn!(version = %co.config.version, "upgrade rolled back: {reason}");
+        tracing::warn!(version = %co.config.version, "upgrade rolled back: {rollback_reason}");
         // The failed image's readiness deadline survived the exec.
         sys::set_real_timer(0).map_err(|source| Error::Setup {
             what: "disarm the readiness deadline",
@@ -289,6 +307,7 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
         old_binary,
         boot_ns,
         restored_ns: monotonic_ns(),
+        reason: rollback_reason,
     });
     Ok((co, Start::Resumed { state, fds }))
 }
@@ -451,6 +470,10 @@ impl Copyover {
         if signal::take(&self.requests.upgrade) {
             if matches!(self.phase, Phase::Idle) {
                 self.requested_at_ns = monotonic_ns();
+                crate::notify::notify(&format!(
+                    "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=upgrading",
+                    crate::notify::monotonic_usec()
+                ));
                 return Some(Event::Upgrade);
             }
             tracing::info!("an upgrade is already under way; the new request joins it");
@@ -462,12 +485,30 @@ impl Copyover {
     }
 
     fn log_refused(&self, reason: &str) {
+        self.publish("refused", reason, "", 0.0);
+        crate::notify::notify(&format!("READY=1\nSTATUS=upgrade refused: {reason}"));
         tracing::warn!(
             generation = self.generation,
             version = %self.config.version,
             elapsed_ms = ms(monotonic_ns().saturating_sub(self.requested_at_ns)),
             "upgrade refused: {reason}"
         );
+    }
+
+    /// Writes the status file (see [`crate::status`]).
+    fn publish(&self, outcome: &str, reason: &str, from_version: &str, blackout_ms: f64) {
+        crate::status::Status {
+            pid: std::process::id(),
+            app: self.config.app.clone(),
+            version: self.config.version.clone(),
+            generation: self.generation,
+            outcome: outcome.into(),
+            reason: reason.into(),
+            from_version: from_version.into(),
+            blackout_ms,
+            ..Default::default()
+        }
+        .publish();
     }
 
     fn header(&self, now: u64) -> Header {
@@ -599,9 +640,19 @@ impl Copyover {
         let now = monotonic_ns();
         match self.resume.take() {
             None => {
+                self.publish("started", "", "", 0.0);
+                crate::notify::notify(&format!(
+                    "READY=1\nSTATUS=serving {} (generation {})",
+                    self.config.version, self.generation
+                ));
                 tracing::info!(generation = self.generation, version = %self.config.version, binary = ?self.binary, "serving");
             }
             Some(r) if r.mode == Mode::Rollback => {
+                self.publish("rolled back", &r.reason, "", 0.0);
+                crate::notify::notify(&format!(
+                    "READY=1\nSTATUS=upgrade rolled back: {}",
+                    r.reason
+                ));
                 tracing::info!(
                     generation = self.generation,
                     version = %self.config.version,
@@ -625,11 +676,17 @@ impl Copyover {
                 // the log sees the image's final descriptors.
                 let own = open_own_binary();
                 let h = &r.header;
+                let blackout_ms = ms(now.saturating_sub(h.committed_at_ns));
+                self.publish("complete", "", &h.writer_version, blackout_ms);
+                crate::notify::notify(&format!(
+                    "READY=1\nSTATUS=upgrade complete: {} to {}, generation {}, blackout {blackout_ms:.2} ms",
+                    h.writer_version, self.config.version, self.generation
+                ));
                 tracing::info!(
                     generation = self.generation,
                     from_version = %h.writer_version,
                     to_version = %self.config.version,
-                    blackout_ms = ms(now.saturating_sub(h.committed_at_ns)),
+                    blackout_ms,
                     total_ms = ms(now.saturating_sub(h.requested_at_ns)),
                     exec_ms = ms(r.boot_ns.saturating_sub(h.committed_at_ns)),
                     restore_ms = ms(r.restored_ns.saturating_sub(r.boot_ns)),
@@ -641,6 +698,40 @@ impl Copyover {
         }
         self.ready = true;
         Ok(())
+    }
+
+    /// Takes a TCP listener passed by systemd socket activation on a first
+    /// start: the one named `name` in `LISTEN_FDNAMES`, or with `None` the
+    /// first one. `Ok(None)` if there is none (then bind your own).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Adopt`] if the passed descriptor is not a listening TCP
+    /// socket.
+    pub fn take_activated_tcp_listener(
+        &mut self,
+        name: Option<&str>,
+    ) -> Result<Option<std::net::TcpListener>, Error> {
+        let at = self
+            .activated
+            .fds
+            .iter()
+            .position(|(n, _)| name.is_none_or(|want| n == want));
+        let Some(at) = at else { return Ok(None) };
+        let (n, fd) = self.activated.fds.remove(at);
+        use std::os::fd::AsRawFd;
+        let raw = fd.as_raw_fd();
+        let fail = |reason: String| Error::Adopt {
+            name: n.clone(),
+            fd: raw,
+            wanted: "a listening TCP socket",
+            reason,
+        };
+        let info = sys::socket_info(raw).map_err(|e| fail(format!("it is not a socket ({e})")))?;
+        if !info.listening || info.protocol != libc::IPPROTO_TCP {
+            return Err(fail("it is not a listening TCP socket".into()));
+        }
+        Ok(Some(std::net::TcpListener::from(fd)))
     }
 
     /// Rolls back to the previous binary now, if this image was started by
@@ -708,6 +799,10 @@ impl Drop for Copyover {
     fn drop(&mut self) {
         if let Phase::Probing(p) = &self.phase {
             p.kill();
+        }
+        // Dropped at shutdown (an exec runs no destructor).
+        if self.ready {
+            crate::status::Status::remove(std::process::id());
         }
     }
 }

@@ -167,14 +167,24 @@ impl Server {
 
     /// As [`start`](Self::start), with extra arguments.
     pub fn start_with(name: &str, build: &Path, args: &[&str]) -> Server {
+        Self::spawn(name, build, |binary| {
+            let mut cmd = Command::new(binary);
+            cmd.args(["--listen", "127.0.0.1:0"]).args(args);
+            cmd
+        })
+    }
+
+    /// Starts the demo copied into a scratch folder with the command that
+    /// `make` builds from the binary's path (extra environment, a wrapper).
+    /// The scratch folder is its working directory; logs are collected.
+    pub fn spawn(name: &str, build: &Path, make: impl FnOnce(&Path) -> Command) -> Server {
         let scratch = Scratch::new(name);
         let binary = scratch.0.join("copyover-telnetd");
         std::fs::copy(build, &binary).expect("copy the demo");
-        let mut cmd = Command::new(&binary);
-        cmd.args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .current_dir(&scratch.0)
+        let mut cmd = make(&binary);
+        cmd.current_dir(&scratch.0)
             .env("RUST_LOG", "info,copyover=debug")
+            .env("COPYOVER_STATUS_DIR", scratch.0.join("status"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

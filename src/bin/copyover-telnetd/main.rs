@@ -43,7 +43,8 @@ USAGE:
     copyover-telnetd [OPTIONS]
 
 OPTIONS:
-    --listen ADDR           address to listen on [default: 127.0.0.1:2323]
+    --listen ADDR           address to listen on [default: 127.0.0.1:2323];
+                            a socket passed by systemd (LISTEN_FDS) wins
     --ready-timeout SECS    how long a new build may take to resume before it
                             is rolled back [default: 10]
     --snapshot-file PATH    where SIGUSR1 saves a snapshot [default:
@@ -146,7 +147,7 @@ struct Server {
 
 fn run(args: Args) -> Result<(), BoxError> {
     let config = Config::new(APP_NAME, LABEL).ready_timeout(args.ready_timeout);
-    let (co, start) = copyover::boot::<Chat>(config)?;
+    let (mut co, start) = copyover::boot::<Chat>(config)?;
     let (chat, listener, streams) = match start {
         Start::Fresh => {
             let mut chat = Chat::default();
@@ -155,8 +156,12 @@ fn run(args: Args) -> Result<(), BoxError> {
                 chat.conns.clear();
                 tracing::info!(path = ?path, users = chat.users.len(), "staging: restored names and variables");
             }
-            let listener = TcpListener::bind(args.listen)
-                .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+            // A listener passed by systemd socket activation, or our own.
+            let listener = match co.take_activated_tcp_listener(None)? {
+                Some(l) => l,
+                None => TcpListener::bind(args.listen)
+                    .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?,
+            };
             (chat, listener, HashMap::new())
         }
         Start::Resumed { mut state, mut fds } => {

@@ -1,0 +1,247 @@
+//! copyover: the operator's tool for servers that upgrade in place.
+//!
+//! `copyover upgrade PID` sends SIGHUP and waits for the outcome,
+//! `copyover status PID` shows what a process runs, `copyover inspect FILE`
+//! shows a saved snapshot. It reads the status files the runtime writes
+//! (see `copyover::status`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use copyover::status::{Status, status_dir, status_path};
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const USAGE: &str = "\
+copyover: upgrade, watch and inspect servers that upgrade in place
+
+USAGE:
+    copyover upgrade PID [--timeout SECS] [--status-dir DIR]
+    copyover status PID [--status-dir DIR]
+    copyover inspect FILE
+    copyover --help
+
+upgrade    sends SIGHUP to PID and waits for the outcome (default 60 s).
+           Exit status: 0 upgrade complete, 1 refused or rolled back,
+           2 no outcome before the timeout, 3 PID is not an upgradable
+           copyover process (or not yours), 64 bad usage.
+status     prints the running generation, version, start time and the
+           last outcome of PID.
+inspect    prints a snapshot file's header, manifest and sizes (files that
+           `kill -USR1` writes, for staging).
+
+Status files live in $COPYOVER_STATUS_DIR, else /run/copyover for root,
+else $XDG_RUNTIME_DIR/copyover, else /tmp/copyover-UID; --status-dir
+overrides. The server and this tool must agree on it.
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("upgrade") => upgrade(&args[1..]),
+        Some("status") => status(&args[1..]),
+        Some("inspect") => inspect(&args[1..]),
+        Some("-h" | "--help") => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => Err(Failure::Usage("expected upgrade, status or inspect".into())),
+    };
+    match result {
+        Ok(code) => code,
+        Err(Failure::Usage(m)) => {
+            eprintln!("copyover: {m}\n\n{USAGE}");
+            ExitCode::from(64)
+        }
+        Err(Failure::Target(m)) => {
+            eprintln!("copyover: {m}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+enum Failure {
+    Usage(String),
+    Target(String),
+}
+
+struct Target {
+    pid: u32,
+    dir: PathBuf,
+    timeout: Duration,
+}
+
+fn parse_target(args: &[String]) -> Result<Target, Failure> {
+    let mut it = args.iter();
+    let pid = it
+        .next()
+        .ok_or_else(|| Failure::Usage("a PID is needed".into()))?;
+    let pid: u32 = pid
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| Failure::Usage(format!("{pid:?} is not a PID")))?;
+    let mut t = Target {
+        pid,
+        dir: status_dir(),
+        timeout: Duration::from_secs(60),
+    };
+    while let Some(a) = it.next() {
+        let v = it
+            .next()
+            .ok_or_else(|| Failure::Usage(format!("{a} needs a value")))?;
+        match a.as_str() {
+            "--timeout" => {
+                let secs: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s > 0.0)
+                    .ok_or_else(|| {
+                        Failure::Usage(format!(
+                            "--timeout: {v:?} is not a positive number of seconds"
+                        ))
+                    })?;
+                t.timeout = Duration::from_secs_f64(secs);
+            }
+            "--status-dir" => t.dir = PathBuf::from(v),
+            _ => return Err(Failure::Usage(format!("unknown argument {a}"))),
+        }
+    }
+    Ok(t)
+}
+
+/// Reads PID's status, explaining why there is none.
+fn read_status(t: &Target) -> Result<Status, Failure> {
+    match kill(Pid::from_raw(t.pid as i32), None) {
+        Err(Errno::ESRCH) => return Err(Failure::Target(format!("there is no process {}", t.pid))),
+        Err(Errno::EPERM) => {
+            return Err(Failure::Target(format!(
+                "process {} belongs to another user: run copyover as that user or as root",
+                t.pid
+            )));
+        }
+        _ => {}
+    }
+    let path = status_path(&t.dir, t.pid);
+    match Status::read(&path) {
+        Ok(s) if s.pid == t.pid => Ok(s),
+        Ok(_) | Err(_) if !path.exists() => Err(Failure::Target(format!(
+            "process {} is not a copyover process: it has no status file at {} (if it runs under another status directory, pass --status-dir)",
+            t.pid,
+            path.display()
+        ))),
+        Ok(s) => Err(Failure::Target(format!(
+            "{} describes process {}, not {}",
+            path.display(),
+            s.pid,
+            t.pid
+        ))),
+        Err(e) => Err(Failure::Target(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+fn describe(s: &Status) -> String {
+    match s.outcome.as_str() {
+        "complete" => format!(
+            "upgrade complete: {} -> {}, generation {}, blackout {:.2} ms",
+            s.from_version, s.version, s.generation, s.blackout_ms
+        ),
+        "refused" => format!(
+            "upgrade refused: {} (still {}, generation {})",
+            s.reason, s.version, s.generation
+        ),
+        "rolled back" => {
+            format!(
+                "upgrade rolled back: {} (back on {}, generation {})",
+                s.reason, s.version, s.generation
+            )
+        }
+        "started" => format!("started {} (generation {})", s.version, s.generation),
+        other => format!("{other}: {}", s.reason),
+    }
+}
+
+fn upgrade(args: &[String]) -> Result<ExitCode, Failure> {
+    let t = parse_target(args)?;
+    let before = read_status(&t)?;
+    kill(Pid::from_raw(t.pid as i32), Signal::SIGHUP)
+        .map_err(|e| Failure::Target(format!("cannot signal process {}: {e}", t.pid)))?;
+    let deadline = Instant::now() + t.timeout;
+    let path = status_path(&t.dir, t.pid);
+    loop {
+        if let Ok(now) = Status::read(&path)
+            && now.seq > before.seq
+            && matches!(now.outcome.as_str(), "complete" | "refused" | "rolled back")
+        {
+            println!("{}", describe(&now));
+            return Ok(ExitCode::from(if now.outcome == "complete" {
+                0
+            } else {
+                1
+            }));
+        }
+        if kill(Pid::from_raw(t.pid as i32), None) == Err(Errno::ESRCH) {
+            return Err(Failure::Target(format!(
+                "process {} exited during the upgrade",
+                t.pid
+            )));
+        }
+        if Instant::now() >= deadline {
+            println!(
+                "no outcome within {:?}: the upgrade may still be under way (see the server's log)",
+                t.timeout
+            );
+            return Ok(ExitCode::from(2));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn status(args: &[String]) -> Result<ExitCode, Failure> {
+    let t = parse_target(args)?;
+    let s = read_status(&t)?;
+    println!("pid:          {}", s.pid);
+    println!("app:          {}", s.app);
+    println!("version:      {}", s.version);
+    println!("generation:   {}", s.generation);
+    println!("started:      {} (Unix time)", s.started_at);
+    println!("last outcome: {}", describe(&s));
+    println!("updated:      {} (Unix time)", s.updated_at);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(args: &[String]) -> Result<ExitCode, Failure> {
+    let [file] = args else {
+        return Err(Failure::Usage("inspect takes one FILE".into()));
+    };
+    let snap = copyover::snapshot::read_file(Path::new(file))
+        .map_err(|e| Failure::Target(format!("{file}: {e}")))?;
+    let h = &snap.header;
+    println!("snapshot:       {file}");
+    println!("format:         {}", h.format_version);
+    println!("app:            {}", h.app);
+    println!("state version:  {}", h.state_version);
+    println!(
+        "written by:     {} (generation {})",
+        h.writer_version, h.generation
+    );
+    println!("binary:         {}", h.binary.display());
+    println!(
+        "size:           {} bytes ({} bytes of state)",
+        snap.encoded_len(),
+        snap.payload().len()
+    );
+    println!("manifest:       {} descriptors", snap.manifest.len());
+    for e in snap.manifest.iter().take(20) {
+        println!("  fd {:>5}  {:?}  {}", e.fd, e.kind, e.name);
+    }
+    if snap.manifest.len() > 20 {
+        println!("  ... and {} more", snap.manifest.len() - 20);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,106 @@
+//! systemd integration: readiness and reload notifications (`sd_notify`)
+//! and socket activation (`LISTEN_FDS`).
+//!
+//! # Notifications
+//!
+//! When `NOTIFY_SOCKET` is set, the runtime sends, as `Type=notify-reload`
+//! expects (its default reload signal is SIGHUP, the upgrade signal):
+//!
+//! * `READY=1` when an image is ready (first start, upgraded image, or the
+//!   old image after a refusal or a rollback), with a `STATUS=` line;
+//! * `RELOADING=1` and `MONOTONIC_USEC=` when an upgrade starts;
+//! * `EXTEND_TIMEOUT_USEC=` when a resumed image starts restoring, covering
+//!   its readiness deadline.
+//!
+//! The PID never changes, so no `MAINPID=` juggling is needed, and
+//! `NOTIFY_SOCKET` is passed on across the exec.
+//!
+//! # Socket activation
+//!
+//! On a first start, listeners passed by systemd (`LISTEN_PID` equal to our
+//! PID, `LISTEN_FDS`, `LISTEN_FDNAMES`) are offered through
+//! [`Copyover::take_activated_tcp_listener`](crate::Copyover::take_activated_tcp_listener).
+//! The variables are removed at once: after a same-PID exec a stale
+//! `LISTEN_PID` would match again, so the runtime never passes them on; a
+//! resumed image gets its listeners from the handoff instead.
+
+use std::os::unix::net::UnixDatagram;
+
+/// Sends one notification datagram to `NOTIFY_SOCKET`, if it is set.
+/// Failures are logged at debug level and otherwise ignored: a missing
+/// supervisor must never stop an upgrade.
+pub(crate) fn notify(message: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let result = UnixDatagram::unbound().and_then(|sock| {
+        let bytes = path.as_encoded_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(message.as_bytes(), &addr)
+        } else {
+            sock.send_to(message.as_bytes(), &path)
+        }
+    });
+    if let Err(e) = result {
+        tracing::debug!(socket = ?path, "sd_notify failed: {e}");
+    }
+}
+
+/// `MONOTONIC_USEC=` of now, for `RELOADING=1`.
+pub(crate) fn monotonic_usec() -> u64 {
+    crate::runtime::monotonic_ns() / 1000
+}
+
+/// Listeners passed by systemd socket activation, by name.
+#[derive(Debug, Default)]
+pub(crate) struct Activated {
+    pub fds: Vec<(String, std::os::fd::OwnedFd)>,
+}
+
+impl Activated {
+    /// Removes the `LISTEN_*` variables without adopting anything (a
+    /// resumed image).
+    pub(crate) fn from_env_ignored() -> Activated {
+        for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+            crate::sys::remove_env_var(var.as_ref());
+        }
+        Activated::default()
+    }
+
+    /// Reads and removes the `LISTEN_*` variables; adopts fds 3.. if
+    /// `LISTEN_PID` is this process. Called by `boot` on a first start only,
+    /// while the process has one thread.
+    pub(crate) fn from_env() -> Activated {
+        let pid = std::env::var("LISTEN_PID").ok();
+        let count = std::env::var("LISTEN_FDS").ok();
+        let names = std::env::var("LISTEN_FDNAMES").ok();
+        for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+            crate::sys::remove_env_var(var.as_ref());
+        }
+        let ours = pid.and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+        let Some(count) = count.and_then(|c| c.parse::<i32>().ok()).filter(|_| ours) else {
+            return Activated::default();
+        };
+        let names: Vec<String> = names
+            .map(|n| n.split(':').map(str::to_owned).collect())
+            .unwrap_or_default();
+        let mut fds = Vec::new();
+        for i in 0..count.clamp(0, 1024) {
+            let fd = 3 + i;
+            match crate::sys::adopt_inherited_fd(fd) {
+                Ok(owned) => {
+                    let _ = crate::sys::set_cloexec(fd, true);
+                    let name = names
+                        .get(i as usize)
+                        .cloned()
+                        .unwrap_or_else(|| "unknown".into());
+                    fds.push((name, owned));
+                }
+                Err(e) => tracing::warn!(fd, "LISTEN_FDS names fd {fd}, which is not open: {e}"),
+            }
+        }
+        Activated { fds }
+    }
+}

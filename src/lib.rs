@@ -100,11 +100,16 @@
 //!   seccomp filters and `no_new_privs`, the signal mask (the runtime
 //!   manages it), children (they are the new image's children now).
 //! * Not kept: threads (all but the calling one are destroyed: put
-//!   everything worth keeping in the state), memory not in the state, epoll
-//!   registrations (register the adopted descriptors again), signal
-//!   handlers (the runtime installs its own in `boot`), descriptors not in
-//!   the handoff (closed; a listening socket missing from it is warned
-//!   about).
+//!   everything worth keeping in the state), memory not in the state (but
+//!   see [`Region`] for bulk bytes that cross in place), signal handlers
+//!   (the runtime installs its own in `boot`), descriptors not in the
+//!   handoff (closed; a listening socket missing from it is warned about).
+//! * Epoll registrations vanish with a closed epoll fd: register the
+//!   adopted descriptors again, or keep the epoll fd itself in the handoff
+//!   ([`Handoff::other`]), and every registration (with its token) survives;
+//!   add only [`Copyover::event_fd`], which is new in every image. With
+//!   10,000 connections that is the difference between re-registering them
+//!   all during the blackout and not.
 //! * Userspace protocol state such as **TLS sessions** (rustls, OpenSSL) or
 //!   compression contexts lives in memory: it survives only if you
 //!   serialize it (rustls can export its traffic secrets with
@@ -112,6 +117,14 @@
 //!   they survive with the socket). Otherwise, finish or refuse such
 //!   sessions before you accept the upgrade. The telnet demo finishes its
 //!   option negotiation cleanly.
+//!
+//! # Operations
+//!
+//! With `NOTIFY_SOCKET` set, the runtime speaks systemd's notify protocol
+//! (`Type=notify-reload`): `READY=1`, `RELOADING=1`, `STATUS=`. It offers
+//! socket-activated listeners on a first start
+//! ([`Copyover::take_activated_tcp_listener`]), and keeps a status file per
+//! process ([`status`]) that the `copyover` CLI reads.
 //!
 //! # Specifications
 //!

@@ -26,7 +26,7 @@ use crate::sys;
 /// A memfd-backed byte buffer that survives upgrades in place.
 #[derive(Debug)]
 pub struct Region {
-    map: sys::MappingMut,
+    map: sys::Mapping,
     fd: OwnedFd,
 }
 

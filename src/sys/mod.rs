@@ -121,78 +121,21 @@ pub(crate) fn is_open(fd: RawFd) -> bool {
     fd >= 0 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0
 }
 
-/// What a socket is, read with two `getsockopt` calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct SocketInfo {
-    /// The protocol number (`SO_PROTOCOL`): `IPPROTO_TCP`, 0 for Unix sockets.
-    pub protocol: i32,
-    /// `SO_ACCEPTCONN`: the socket is listening.
-    pub listening: bool,
-}
-
-/// Reads `SO_PROTOCOL` and `SO_ACCEPTCONN`; fails with `ENOTSOCK` for a
-/// descriptor that is not a socket, `EBADF` for one that is not open.
+/// Reads an `int` socket option of `SOL_SOCKET` from a raw fd number.
 ///
 /// Takes a raw number: it is how an inherited descriptor is checked before
-/// anyone owns it (`getsockopt` has no side effect on any fd).
-pub(crate) fn socket_info(fd: RawFd) -> io::Result<SocketInfo> {
-    let get = |opt: libc::c_int| -> io::Result<i32> {
-        let mut val: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: `val` and `len` are valid for writes of an int and a
-        // socklen_t; the kernel writes at most `len` bytes.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&mut val as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if rc == 0 {
-            Ok(val)
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    };
-    let protocol = get(libc::SO_PROTOCOL)?;
-    let listening = get(libc::SO_ACCEPTCONN)? != 0;
-    Ok(SocketInfo {
-        protocol,
-        listening,
-    })
-}
-
-/// Whether fd number `fd` is a listening socket. Looks at a raw number
-/// without owning it (`getsockopt` has no side effect); a closed or reused
-/// number merely gives a wrong answer for a warning.
-pub(crate) fn is_listening(fd: RawFd) -> bool {
+/// anyone owns it (`getsockopt` has no side effect on any fd; a closed
+/// number gives `EBADF`, a file `ENOTSOCK`).
+fn getsockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
     let mut val: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `val` and `len` are valid for writes of an int and a socklen_t.
+    // SAFETY: `val` and `len` are valid for writes of an int and a
+    // socklen_t; the kernel writes at most `len` bytes.
     let rc = unsafe {
         libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut val as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    rc == 0 && val != 0
-}
-
-/// Reads `SO_DOMAIN` (`AF_UNIX`, `AF_INET`, ...).
-pub(crate) fn socket_domain(fd: RawFd) -> io::Result<i32> {
-    let mut val: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `val` and `len` are valid for writes of an int and a socklen_t.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
+            opt,
             (&mut val as *mut libc::c_int).cast(),
             &mut len,
         )
@@ -204,39 +147,137 @@ pub(crate) fn socket_domain(fd: RawFd) -> io::Result<i32> {
     }
 }
 
-/// A read-only, shared mapping of a sealed memfd: the new image reads the
-/// snapshot in place instead of copying it into fresh heap.
+/// What a socket is, read with two `getsockopt` calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SocketInfo {
+    /// The protocol number (`SO_PROTOCOL`): `IPPROTO_TCP`, 0 for Unix sockets.
+    pub protocol: i32,
+    /// `SO_ACCEPTCONN`: the socket is listening.
+    pub listening: bool,
+}
+
+/// Reads `SO_PROTOCOL` and `SO_ACCEPTCONN`; fails with `ENOTSOCK` for a
+/// descriptor that is not a socket, `EBADF` for one that is not open.
+pub(crate) fn socket_info(fd: RawFd) -> io::Result<SocketInfo> {
+    let protocol = getsockopt_int(fd, libc::SO_PROTOCOL)?;
+    let listening = getsockopt_int(fd, libc::SO_ACCEPTCONN)? != 0;
+    Ok(SocketInfo {
+        protocol,
+        listening,
+    })
+}
+
+/// Whether fd number `fd` is a listening socket. A closed or reused number
+/// merely gives a wrong answer for a warning.
+pub(crate) fn is_listening(fd: RawFd) -> bool {
+    getsockopt_int(fd, libc::SO_ACCEPTCONN).is_ok_and(|v| v != 0)
+}
+
+/// Reads `SO_DOMAIN` (`AF_UNIX`, `AF_INET`, ...).
+pub(crate) fn socket_domain(fd: RawFd) -> io::Result<i32> {
+    getsockopt_int(fd, libc::SO_DOMAIN)
+}
+
+/// A shared mapping of all of a memfd, read-only ([`map_sealed`], a
+/// snapshot) or read-write ([`map_region`], a [`crate::Region`]).
 #[derive(Debug)]
 pub(crate) struct Mapping {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
+    writable: bool,
 }
 
-// SAFETY: the mapping is read-only and its contents cannot change (the memfd
-// is sealed against writes and shrinking), so sharing or sending the view
-// between threads is like sharing a `&[u8]`.
+// SAFETY: a read-only mapping's contents cannot change (the memfd is sealed
+// against writes and shrinking), so sharing it is like sharing a `&[u8]`; a
+// writable one is owned by one `Region`, which hands out `&[u8]` and
+// `&mut [u8]` under Rust's borrow rules.
 unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd`, shared. `len == 0` maps nothing.
+    fn new(
+        fd: std::os::fd::BorrowedFd<'_>,
+        len: usize,
+        writable: bool,
+        populate: bool,
+    ) -> io::Result<Mapping> {
+        use std::os::fd::AsRawFd;
+        if len == 0 {
+            return Ok(Mapping {
+                ptr: std::ptr::NonNull::dangling(),
+                len: 0,
+                writable,
+            });
+        }
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        let flags = if populate {
+            libc::MAP_SHARED | libc::MAP_POPULATE
+        } else {
+            libc::MAP_SHARED
+        };
+        // SAFETY: a fresh mapping chosen by the kernel; it aliases no Rust
+        // object. The result is checked for MAP_FAILED.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Mapping { ptr, len, writable })
+    }
+
+    /// The mapped bytes.
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` maps `len` readable bytes for the life of `self`
+        // (unmapped only in Drop). Nobody else writes them: a read-only
+        // mapping is of a sealed memfd; a region's memfd is private to this
+        // process (close-on-exec, never given to a child, and kept across
+        // our own exec only after this mapping is gone).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The mapped bytes, to write (a region).
+    ///
+    /// # Panics
+    ///
+    /// If the mapping is read-only: a programmer error inside the crate.
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        assert!(self.writable, "a read-only mapping");
+        if self.len == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in `as_slice`, the mapping is writable, and `&mut self`
+        // makes this the only reference into it.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
 
 impl std::ops::Deref for Mapping {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: `ptr` maps `len` readable bytes for the life of `self`
-        // (unmapped only in Drop); the seals guarantee nobody writes them
-        // and the file cannot shrink under the mapping (no SIGBUS).
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        self.as_slice()
     }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly what mmap returned; no reference
-        // into the mapping outlives `self` (Deref borrows from it).
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if self.len > 0 {
+            // SAFETY: `ptr`/`len` are exactly what mmap returned; no borrow
+            // of the mapping outlives `self`.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        }
     }
 }
 
-/// Maps `len` bytes of `fd` read-only, after checking that the file is
+/// Maps `len` bytes of a snapshot memfd read-only, after checking that it is
 /// sealed against writing, growing and shrinking (which is what makes the
 /// `&[u8]` view sound). Pages are populated in bulk (`MAP_POPULATE`).
 pub(crate) fn map_sealed(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
@@ -250,106 +291,14 @@ pub(crate) fn map_sealed(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Res
             "refusing to map a memfd that is not sealed",
         ));
     }
-    if len == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "nothing to map",
-        ));
-    }
-    // SAFETY: a fresh read-only shared mapping chosen by the kernel; it
-    // aliases no Rust object. The result is checked for MAP_FAILED.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED | libc::MAP_POPULATE,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
-        .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
-    Ok(Mapping { ptr, len })
+    Mapping::new(fd, len, false, true)
 }
 
-/// A read-write shared mapping of a whole memfd: the storage of a
-/// [`crate::Region`].
-#[derive(Debug)]
-pub(crate) struct MappingMut {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is owned by one `Region`, which hands out `&[u8]` and
-// `&mut [u8]` under Rust's borrow rules; moving it to another thread moves
-// that ownership.
-unsafe impl Send for MappingMut {}
-unsafe impl Sync for MappingMut {}
-
-impl MappingMut {
-    pub(crate) fn as_slice(&self) -> &[u8] {
-        if self.len == 0 {
-            return &[];
-        }
-        // SAFETY: `ptr` maps `len` readable bytes for the life of `self`.
-        // The memfd is private to this process (close-on-exec, never given
-        // to a child, kept across our own exec only after this mapping is
-        // gone), so no one else writes these bytes while we read them.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        if self.len == 0 {
-            return &mut [];
-        }
-        // SAFETY: as in `as_slice`, and `&mut self` makes this the only
-        // reference into the mapping.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for MappingMut {
-    fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: `ptr`/`len` are what mmap returned; no borrow of the
-            // mapping outlives `self`.
-            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-        }
-    }
-}
-
-/// Maps all `len` bytes of a memfd read-write and shared. The caller has
-/// checked (or just set) the file's size, so no access faults.
-pub(crate) fn map_region(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<MappingMut> {
-    use std::os::fd::AsRawFd;
-    if len == 0 {
-        return Ok(MappingMut {
-            ptr: std::ptr::NonNull::dangling(),
-            len: 0,
-        });
-    }
-    // SAFETY: a fresh shared mapping chosen by the kernel; it aliases no
-    // Rust object. The result is checked for MAP_FAILED.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
-        .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
-    Ok(MappingMut { ptr, len })
+/// Maps all `len` bytes of a region's memfd read-write, shared, lazily (a
+/// new image touches only what it uses). The caller has checked or just set
+/// the file's size.
+pub(crate) fn map_region(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+    Mapping::new(fd, len, true, false)
 }
 
 /// Removes a variable from this process's environment, so that it is not

@@ -139,25 +139,31 @@ fn points(quick: bool) -> Vec<Point> {
 }
 
 /// A running bench server and its log.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
     fn start(point: &Point, listen: &str) -> Result<Server, BoxError> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["serve", "--listen", listen])
-            .args([
-                "--bulk",
-                &point.bulk.to_string(),
-                "--records",
-                &point.records.to_string(),
-                "--region",
-                &point.region.to_string(),
-            ])
-            .env("RUST_LOG", "info,copyover=debug")
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["serve", "--listen", listen]).args([
+            "--bulk",
+            &point.bulk.to_string(),
+            "--records",
+            &point.records.to_string(),
+            "--region",
+            &point.region.to_string(),
+        ]);
+        Server::spawn(cmd, "info,copyover=debug")
+    }
+
+    /// Starts a server (the bench server or the demo), collects its log and
+    /// waits until it says where it listens.
+    pub fn spawn(mut cmd: Command, log_filter: &str) -> Result<Server, BoxError> {
+        let mut child = cmd
+            .env("RUST_LOG", log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -184,7 +190,22 @@ impl Server {
         Ok(server)
     }
 
-    fn mark(&self) -> usize {
+    /// The first upgrade outcome logged after `mark`, if any yet.
+    pub fn outcome_since(&self, mark: usize) -> Option<String> {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .skip(mark)
+            .find(|l| {
+                l.contains("upgrade complete")
+                    || l.contains("upgrade refused")
+                    || l.contains("upgrade rolled back")
+            })
+            .cloned()
+    }
+
+    pub fn mark(&self) -> usize {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 

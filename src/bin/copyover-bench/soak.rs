@@ -5,17 +5,16 @@
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::BoxError;
+use crate::{BoxError, Server};
 
 pub struct SoakArgs {
     pub clients: usize,
@@ -53,18 +52,6 @@ pub fn parse(args: &[String]) -> Result<SoakArgs, BoxError> {
     }
     s.builds = [a, b];
     Ok(s)
-}
-
-struct Proc {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 struct Health {
@@ -107,15 +94,11 @@ pub fn soak(args: SoakArgs) -> Result<(), BoxError> {
     std::fs::create_dir_all(&dir)?;
     let binary = dir.join("copyover-telnetd");
     deploy(&args.builds[0], &binary)?;
-    let server = start(&binary)?;
+    let mut cmd = Command::new(&binary);
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    let server = Server::spawn(cmd, "info")?;
     let pid = server.child.id();
-    let addr = wait_log(&server, 0, "listening addr=", Duration::from_secs(30))?;
-    let addr: SocketAddr = addr
-        .split("addr=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .ok_or("no addr")?
-        .parse()?;
+    let addr = server.addr;
 
     // Log everyone in (blocking, with a timeout), then go non-blocking.
     let mut clients = Vec::with_capacity(args.clients);
@@ -221,7 +204,7 @@ pub fn soak(args: SoakArgs) -> Result<(), BoxError> {
         if Instant::now() > deadline {
             break;
         }
-        let mark = server.log.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let mark = server.mark();
         deploy(&args.builds[(n + 1) % 2], &binary)?;
         kill(Pid::from_raw(pid as i32), Signal::SIGHUP)?;
         // Keep chatting while waiting for the outcome.
@@ -233,7 +216,7 @@ pub fn soak(args: SoakArgs) -> Result<(), BoxError> {
                 &mut next_send,
                 &mut sender,
             )?;
-            if let Some(l) = find_outcome(&server, mark) {
+            if let Some(l) = server.outcome_since(mark) {
                 break l;
             }
             if Instant::now() > deadline + Duration::from_secs(30) {
@@ -373,61 +356,4 @@ fn deploy(build: &Path, binary: &Path) -> Result<(), BoxError> {
     std::fs::copy(build, &tmp)?;
     std::fs::rename(&tmp, binary)?;
     Ok(())
-}
-
-fn start(binary: &Path) -> Result<Proc, BoxError> {
-    use std::io::BufRead;
-    let mut child = Command::new(binary)
-        .args(["--listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let sink = log.clone();
-    let stderr = child.stderr.take().ok_or("no stderr")?;
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-        }
-    });
-    Ok(Proc { child, log })
-}
-
-fn wait_log(p: &Proc, mark: usize, pattern: &str, limit: Duration) -> Result<String, BoxError> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(l) = p
-            .log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .skip(mark)
-            .find(|l| l.contains(pattern))
-        {
-            return Ok(l.clone());
-        }
-        if Instant::now() > deadline {
-            return Err(format!("timed out waiting for {pattern:?}").into());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-fn find_outcome(p: &Proc, mark: usize) -> Option<String> {
-    p.log
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .skip(mark)
-        .find(|l| {
-            l.contains("upgrade complete")
-                || l.contains("upgrade refused")
-                || l.contains("upgrade rolled back")
-        })
-        .cloned()
 }

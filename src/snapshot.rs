@@ -549,6 +549,11 @@ fn parse(
             found: computed,
         });
     }
+    if bytes[80..HEADER_LEN].iter().any(|b| *b != 0) {
+        return Err(SnapshotError::Corrupt {
+            what: "the reserved header bytes are not zero".into(),
+        });
+    }
     let lens = [
         u32_at(bytes, 56) as u64,
         u32_at(bytes, 60) as u64,
@@ -573,10 +578,15 @@ fn parse(
     let app = utf8(take(lens[0]), "application name")?;
     let writer_version = utf8(take(lens[1]), "writer version")?;
     let binary = PathBuf::from(OsString::from_vec(take(lens[2]).to_vec()));
-    let manifest: Vec<ManifestEntry> =
-        postcard::from_bytes(take(lens[3])).map_err(|e| SnapshotError::Corrupt {
+    let (manifest, rest): (Vec<ManifestEntry>, _) = postcard::take_from_bytes(take(lens[3]))
+        .map_err(|e| SnapshotError::Corrupt {
             what: format!("the fd manifest does not decode: {e}"),
         })?;
+    if !rest.is_empty() {
+        return Err(SnapshotError::Corrupt {
+            what: format!("{} stray bytes after the fd manifest", rest.len()),
+        });
+    }
     let payload = bytes.len() - lens[4] as usize..bytes.len();
     let header = Header {
         format_version,

@@ -213,3 +213,17 @@ fn state_v1_is_migrated_to_v2_by_a_real_upgrade() {
     assert_eq!(ann.line(), "end");
     assert_eq!(ann.ask("/version"), version_line("v2", server.pid, 1));
 }
+
+#[test]
+fn an_exec_that_fails_after_the_probe_leaves_the_old_image_serving() {
+    // It answers the probe, then removes itself: the execve at the commit
+    // fails (ENOENT), after the fds and the signal mask were prepared for it.
+    let script =
+        b"#!/bin/sh\necho \"copyover-probe 1 ok $COPYOVER_PROBE vanishing\"\nrm -f \"$0\"\n";
+    survive(
+        "rb-vanish",
+        Deploy::Bytes(script),
+        "upgrade refused",
+        "execve of",
+    );
+}

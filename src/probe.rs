@@ -55,7 +55,7 @@ pub(crate) enum Verdict {
 #[derive(Debug)]
 pub(crate) struct Probe {
     thread: JoinHandle<()>,
-    verdict: Arc<Mutex<Option<Verdict>>>,
+    verdict: Arc<Mutex<Option<Outcome>>>,
     child_pid: Arc<AtomicI32>,
 }
 
@@ -65,8 +65,22 @@ pub(crate) struct ProbeSpec {
     /// The old image's argument vector, `argv[0]` included.
     pub argv: Vec<OsString>,
     pub env: Vec<(OsString, OsString)>,
-    pub snapshot: OwnedFd,
+    /// The snapshot to show the probe, written (and sealed) on the probe's
+    /// thread, so that the event loop only pays for encoding it.
+    pub header: crate::snapshot::Header,
+    pub manifest: Vec<crate::snapshot::ManifestEntry>,
+    pub payload: Vec<u8>,
     pub timeout: Duration,
+    /// Bytes to prepare in the commit's memfd while the probe runs.
+    pub reserve: u64,
+}
+
+/// What a finished probe hands back: its verdict, and the memfd prepared
+/// for the commit's snapshot.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    pub verdict: Verdict,
+    pub draft: Option<crate::snapshot::Draft>,
 }
 
 impl Probe {
@@ -91,7 +105,7 @@ impl Probe {
     }
 
     /// The verdict, once it is in; `Err(self)` while the probe runs.
-    pub(crate) fn try_verdict(self) -> Result<Verdict, Probe> {
+    pub(crate) fn try_verdict(self) -> Result<Outcome, Probe> {
         let taken = self
             .verdict
             .lock()
@@ -103,9 +117,10 @@ impl Probe {
                 let _ = self.thread.join();
                 Ok(v)
             }
-            None if self.thread.is_finished() => {
-                Ok(Verdict::Refused("the probe thread died".into()))
-            }
+            None if self.thread.is_finished() => Ok(Outcome {
+                verdict: Verdict::Refused("the probe thread died".into()),
+                draft: None,
+            }),
             None => Err(self),
         }
     }
@@ -129,9 +144,19 @@ fn nonce() -> String {
     format!("{:x}{:x}", std::process::id(), t)
 }
 
-fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Verdict {
+fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
     let nonce = nonce();
-    let started = Instant::now();
+    let snapshot = match crate::snapshot::write_sealed(&spec.header, &spec.manifest, &spec.payload)
+    {
+        Ok(fd) => fd,
+        Err(e) => {
+            return Outcome {
+                verdict: Verdict::Refused(format!("could not write the snapshot: {e}")),
+                draft: None,
+            };
+        }
+    };
+    drop(spec.payload);
     let mut cmd = Command::new(&spec.binary);
     {
         use std::os::unix::process::CommandExt;
@@ -143,15 +168,25 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Verdict {
     cmd.env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str())))
         .env(PROBE_VAR, &nonce)
-        .stdin(Stdio::from(spec.snapshot))
+        .stdin(Stdio::from(snapshot))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return Verdict::Refused(format!("could not start {:?}: {e}", spec.binary)),
+        Err(e) => {
+            let verdict = Verdict::Refused(format!("could not start {:?}: {e}", spec.binary));
+            return Outcome {
+                verdict,
+                draft: None,
+            };
+        }
     };
+    // The probe's time limit counts from its start.
+    let started = Instant::now();
     pid_slot.store(child.id() as i32, Ordering::SeqCst);
-    let verdict = read_answer(&mut child, &nonce, started + spec.timeout);
+    // While the new binary starts: the commit's memfd, allocated and mapped.
+    let draft = crate::snapshot::Draft::new(spec.reserve).ok();
+    let verdict = read_answer(&mut child, &nonce, spec.timeout, started + spec.timeout);
     let verdict = match (verdict, finish(&mut child, started + spec.timeout)) {
         (Verdict::Accepted(v), Ok(status)) if status.success() => Verdict::Accepted(v),
         (Verdict::Accepted(_), Ok(status)) => {
@@ -166,11 +201,11 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Verdict {
         ?verdict,
         "probe finished"
     );
-    verdict
+    Outcome { verdict, draft }
 }
 
 /// Reads the one answer line, up to the deadline.
-fn read_answer(child: &mut Child, nonce: &str, deadline: Instant) -> Verdict {
+fn read_answer(child: &mut Child, nonce: &str, timeout: Duration, deadline: Instant) -> Verdict {
     let Some(stdout) = child.stdout.take() else {
         return Verdict::Refused("no pipe to the probe".into());
     };
@@ -180,8 +215,7 @@ fn read_answer(child: &mut Child, nonce: &str, deadline: Instant) -> Verdict {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Verdict::Refused(format!(
-                "no answer within {:?}: not a copyover program, or it hangs",
-                timeout_of(deadline)
+                "no answer within {timeout:?}: not a copyover program, or it hangs"
             ));
         }
         if reader.buffer().is_empty() {
@@ -205,10 +239,6 @@ fn read_answer(child: &mut Child, nonce: &str, deadline: Instant) -> Verdict {
         }
     }
     parse_answer(&String::from_utf8_lossy(&line), nonce)
-}
-
-fn timeout_of(deadline: Instant) -> Duration {
-    deadline.saturating_duration_since(Instant::now())
 }
 
 fn parse_answer(line: &str, nonce: &str) -> Verdict {

@@ -43,7 +43,7 @@ impl Region {
         let file = std::fs::File::from(fd);
         file.set_len(len as u64).map_err(setup("size a region"))?;
         let fd = OwnedFd::from(file);
-        let map = sys::map_region(fd.as_fd(), len).map_err(setup("map a region"))?;
+        let map = sys::map_region(fd.as_fd(), len, false).map_err(setup("map a region"))?;
         Ok(Region { map, fd })
     }
 
@@ -53,7 +53,7 @@ impl Region {
             .map_err(|_| std::io::Error::other("it is not a memfd"))?;
         let len = nix::sys::stat::fstat(fd.as_fd())?.st_size;
         let len = usize::try_from(len).map_err(|_| std::io::Error::other("negative size"))?;
-        let map = sys::map_region(fd.as_fd(), len)?;
+        let map = sys::map_region(fd.as_fd(), len, false)?;
         Ok(Region { map, fd })
     }
 

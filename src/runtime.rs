@@ -13,7 +13,7 @@ use crate::handoff::{HANDOFF_VAR, Handoff, HandoffVar, Inherited, Mode, ROLLBACK
 use crate::notify::Activated;
 use crate::probe::{PROBE_VAR, Probe, ProbeSpec, Verdict};
 use crate::signal::{self, Requests};
-use crate::snapshot::{FORMAT_VERSION, Header, read_sealed, write_sealed};
+use crate::snapshot::{FORMAT_VERSION, Header, read_sealed};
 use crate::state::{AppState, restore};
 use crate::upgrade::{Commit, Progress, clean_env, commit, preflight};
 use crate::{rollback, sys};
@@ -442,7 +442,10 @@ impl Copyover {
         }
         if let Phase::Probing(probe) = std::mem::replace(&mut self.phase, Phase::Idle) {
             let verdict = match probe.try_verdict() {
-                Ok(v) => v,
+                Ok(outcome) => {
+                    self.draft = outcome.draft;
+                    outcome.verdict
+                }
                 Err(still_running) => {
                     self.phase = Phase::Probing(still_running);
                     return self.poll_signals();
@@ -582,19 +585,22 @@ impl Copyover {
             Phase::Idle => {
                 preflight(&self.binary)?;
                 warn_unkept_listeners(manifest);
+                // Only the encoding happens in the event loop; the probe's
+                // thread writes the snapshot, starts the new binary and, off
+                // the critical path, prepares the commit's memfd for a
+                // state somewhat larger than this one.
                 let payload = crate::snapshot::encode_state(state)?;
-                let snapshot = write_sealed(&header, manifest, &payload)?;
-                // Off the critical path: the commit's memfd, its pages
-                // allocated for a state somewhat larger than this one.
                 self.payload_hint = payload.len() + payload.len() / 8 + 4096;
                 let reserve = crate::snapshot::HEADER_LEN + 64 * manifest.len() + self.payload_hint;
-                self.draft = crate::snapshot::Draft::new(reserve as u64).ok();
                 let spec = ProbeSpec {
                     binary: self.binary.clone(),
                     argv: self.argv.clone(),
                     env: clean_env(),
-                    snapshot,
+                    header,
+                    manifest: manifest.to_vec(),
+                    payload,
                     timeout: self.config.probe_timeout,
+                    reserve: reserve as u64,
                 };
                 let probe = Probe::start(spec, self.requests.tx.clone()).map_err(|source| {
                     UpgradeError::Io {

@@ -265,30 +265,37 @@ pub fn write_sealed(
     Draft::new(0)?.seal(header, manifest, payload)
 }
 
-/// A memfd made ready for a snapshot ahead of time, its pages already
-/// allocated: the upgrade creates one while the probe runs, so that writing
-/// the snapshot at the commit is a plain copy, not a page allocation.
+/// A memfd made ready for a snapshot ahead of time: the upgrade creates one
+/// while the probe runs, with its pages allocated and mapped, so that at the
+/// commit the state is encoded straight into memory that is already there.
 #[derive(Debug)]
 pub struct Draft {
     file: File,
+    /// The reserve, mapped writable and populated.
+    map: Option<crate::sys::Mapping>,
 }
 
 impl Draft {
-    /// Creates the memfd and allocates `reserve` bytes in it.
+    /// Creates the memfd and allocates and maps `reserve` bytes of it.
     ///
     /// # Errors
     ///
     /// [`SnapshotError::Io`] if the memfd cannot be created. A failed
-    /// allocation only leaves the memfd empty (it then grows as written).
+    /// allocation or mapping only leaves the memfd empty (it then grows as
+    /// written).
     pub fn new(reserve: u64) -> Result<Draft, SnapshotError> {
         let fd = crate::sys::memfd_create(c"copyover-snapshot").map_err(io_err("create"))?;
-        if let Ok(len) = libc::off_t::try_from(reserve) {
-            if len > 0 {
-                let _ = nix::fcntl::fallocate(&fd, nix::fcntl::FallocateFlags::empty(), 0, len);
+        let mut map = None;
+        if let (Ok(len), Ok(size)) = (libc::off_t::try_from(reserve), usize::try_from(reserve)) {
+            if len > 0
+                && nix::fcntl::fallocate(&fd, nix::fcntl::FallocateFlags::empty(), 0, len).is_ok()
+            {
+                map = crate::sys::map_region(fd.as_fd(), size, true).ok();
             }
         }
         Ok(Draft {
             file: File::from(fd),
+            map,
         })
     }
 
@@ -304,6 +311,7 @@ impl Draft {
         payload: &[u8],
     ) -> Result<OwnedFd, SnapshotError> {
         let (head, body_prefix) = encode_head(header, manifest, payload)?;
+        drop(self.map);
         let file = self.file;
         let total = (head.len() + body_prefix.len() + payload.len()) as u64;
         file.write_all_at(&head, 0).map_err(io_err("write"))?;
@@ -320,6 +328,64 @@ impl Draft {
             }
         })?;
         Ok(fd)
+    }
+}
+
+impl Draft {
+    /// Encodes `state` straight into the memfd, through a writable mapping
+    /// of it: no intermediate buffer, no second copy. `hint` is the expected
+    /// payload size (the last snapshot's); if the state turns out larger,
+    /// it is encoded into a buffer and written instead. Then cuts the memfd
+    /// to size and seals it. Returns the memfd and the payload's size.
+    ///
+    /// # Errors
+    ///
+    /// As [`write_sealed`].
+    pub fn seal_state<T: Serialize + ?Sized>(
+        mut self,
+        header: &Header,
+        manifest: &[ManifestEntry],
+        state: &T,
+        hint: usize,
+    ) -> Result<(OwnedFd, usize), SnapshotError> {
+        let prefix = encode_prefix(header, manifest)?;
+        let at = HEADER_LEN + prefix.bytes.len();
+        let mapped = self.map.take().filter(|m| m.as_slice().len() > at);
+        let encoded = match mapped {
+            Some(mut map) => {
+                let used =
+                    postcard::to_slice(state, &mut map.as_mut_slice()[at..]).map(|u| u.len());
+                match used {
+                    Ok(len) => Some((map, len)),
+                    Err(postcard::Error::SerializeBufferFull) => None,
+                    Err(source) => return Err(SnapshotError::Encode { source }),
+                }
+            }
+            None => None,
+        };
+        let Some((mut map, len)) = encoded else {
+            // No room prepared (or the state outgrew it): a buffer, then write.
+            let payload = encode_state_with_capacity(state, hint.saturating_mul(2))?;
+            let len = payload.len();
+            return self.seal(header, manifest, &payload).map(|fd| (fd, len));
+        };
+        let head = finish_head(header, &prefix, &map.as_slice()[at..at + len])?;
+        let bytes = map.as_mut_slice();
+        bytes[..HEADER_LEN].copy_from_slice(&head);
+        bytes[HEADER_LEN..at].copy_from_slice(&prefix.bytes);
+        // Unmapped before sealing: F_SEAL_WRITE is refused while a writable
+        // shared mapping exists.
+        drop(map);
+        let file = self.file;
+        file.set_len((at + len) as u64).map_err(io_err("size"))?;
+        let fd = OwnedFd::from(file);
+        fcntl(fd.as_fd(), FcntlArg::F_ADD_SEALS(required_seals())).map_err(|e| {
+            SnapshotError::Io {
+                what: "seal",
+                source: e.into(),
+            }
+        })?;
+        Ok((fd, len))
     }
 }
 
@@ -354,25 +420,34 @@ pub fn encode(
     Ok(head)
 }
 
-/// Builds the 96-byte header (with the checksum) and the bytes between it and
-/// the payload (names, path, manifest).
-fn encode_head(
-    header: &Header,
-    manifest: &[ManifestEntry],
-    payload: &[u8],
-) -> Result<(Vec<u8>, Vec<u8>), SnapshotError> {
+/// The bytes between the header and the payload (names, path, manifest),
+/// and their lengths.
+struct Prefix {
+    bytes: Vec<u8>,
+    lens: [usize; 4],
+}
+
+fn encode_prefix(header: &Header, manifest: &[ManifestEntry]) -> Result<Prefix, SnapshotError> {
     let manifest_bytes =
         postcard::to_allocvec(manifest).map_err(|source| SnapshotError::Encode { source })?;
     let binary = header.binary.as_os_str().as_bytes();
-    let mut prefix = Vec::with_capacity(
-        header.app.len() + header.writer_version.len() + binary.len() + manifest_bytes.len(),
-    );
-    prefix.extend_from_slice(header.app.as_bytes());
-    prefix.extend_from_slice(header.writer_version.as_bytes());
-    prefix.extend_from_slice(binary);
-    prefix.extend_from_slice(&manifest_bytes);
-    let total = (HEADER_LEN + prefix.len() + payload.len()) as u64;
+    let lens = [
+        header.app.len(),
+        header.writer_version.len(),
+        binary.len(),
+        manifest_bytes.len(),
+    ];
+    let mut bytes = Vec::with_capacity(lens.iter().sum());
+    bytes.extend_from_slice(header.app.as_bytes());
+    bytes.extend_from_slice(header.writer_version.as_bytes());
+    bytes.extend_from_slice(binary);
+    bytes.extend_from_slice(&manifest_bytes);
+    Ok(Prefix { bytes, lens })
+}
 
+/// The 96-byte header, with the checksum over it, the prefix and `payload`.
+fn finish_head(header: &Header, prefix: &Prefix, payload: &[u8]) -> Result<Vec<u8>, SnapshotError> {
+    let total = (HEADER_LEN + prefix.bytes.len() + payload.len()) as u64;
     let mut head = vec![0u8; HEADER_LEN];
     head[0..8].copy_from_slice(&MAGIC);
     head[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -382,18 +457,27 @@ fn encode_head(
     head[32..40].copy_from_slice(&header.generation.to_le_bytes());
     head[40..48].copy_from_slice(&header.requested_at_ns.to_le_bytes());
     head[48..56].copy_from_slice(&header.committed_at_ns.to_le_bytes());
-    head[56..60].copy_from_slice(&len32(header.app.len())?.to_le_bytes());
-    head[60..64].copy_from_slice(&len32(header.writer_version.len())?.to_le_bytes());
-    head[64..68].copy_from_slice(&len32(binary.len())?.to_le_bytes());
-    head[68..72].copy_from_slice(&len32(manifest_bytes.len())?.to_le_bytes());
+    for (i, len) in prefix.lens.iter().enumerate() {
+        head[56 + 4 * i..60 + 4 * i].copy_from_slice(&len32(*len)?.to_le_bytes());
+    }
     head[72..80].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-
     let mut crc = crc32fast::Hasher::new();
     crc.update(&head[20..]);
-    crc.update(&prefix);
+    crc.update(&prefix.bytes);
     crc.update(payload);
     head[16..20].copy_from_slice(&crc.finalize().to_le_bytes());
-    Ok((head, prefix))
+    Ok(head)
+}
+
+/// The header and the prefix of a snapshot of `payload`.
+fn encode_head(
+    header: &Header,
+    manifest: &[ManifestEntry],
+    payload: &[u8],
+) -> Result<(Vec<u8>, Vec<u8>), SnapshotError> {
+    let prefix = encode_prefix(header, manifest)?;
+    let head = finish_head(header, &prefix, payload)?;
+    Ok((head, prefix.bytes))
 }
 
 fn len32(n: usize) -> Result<u32, SnapshotError> {
@@ -403,8 +487,9 @@ fn len32(n: usize) -> Result<u32, SnapshotError> {
 }
 
 /// Reads and checks a snapshot from a memfd: seals first, then
-/// [`decode`]. Uses `pread`, so the file offset (shared with whoever else
-/// holds the descriptor) is neither used nor moved.
+/// [`decode`]'s checks, on a read-only mapping of the memfd (no copy; the
+/// file offset, shared with whoever else holds the descriptor, is neither
+/// used nor moved).
 ///
 /// # Errors
 ///
@@ -718,6 +803,23 @@ mod tests {
         assert_eq!(snap.payload(), &p[..]);
         let again = encode_state_with_capacity(&("hello", 42u32), 1).unwrap();
         assert_eq!(again, p);
+    }
+
+    #[test]
+    fn a_state_encoded_straight_into_the_memfd_reads_back() {
+        let (h, m, _) = sample();
+        let state = ("hello", 42u32, vec![7u8; 100_000]);
+        for reserve in [0, 1000, 1 << 20] {
+            let (fd, len) = Draft::new(reserve)
+                .unwrap()
+                .seal_state(&h, &m, &state, 10)
+                .unwrap();
+            let snap = read_sealed(fd.as_fd()).unwrap();
+            assert_eq!(snap.payload().len(), len, "reserve {reserve}");
+            let back: (String, u32, Vec<u8>) = decode_state(snap.payload(), 3).unwrap();
+            assert_eq!(back.2.len(), 100_000);
+            assert_eq!(snap.manifest, m);
+        }
     }
 
     #[test]

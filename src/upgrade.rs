@@ -24,7 +24,7 @@ use crate::error::UpgradeError;
 use crate::handoff::{HANDOFF_VAR, HandoffVar, Mode, ROLLBACK_REASON_VAR};
 use crate::probe::PROBE_VAR;
 use crate::rollback::cstring;
-use crate::snapshot::{Draft, Header, ManifestEntry, encode_state_with_capacity};
+use crate::snapshot::{Draft, Header, ManifestEntry};
 use crate::{signal, sys};
 
 /// Where an upgrade stands after [`Copyover::upgrade`] returned.
@@ -110,19 +110,16 @@ pub(crate) struct Commit<'a> {
 /// Returns only on failure, with everything undone.
 pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeError {
     let t0 = std::time::Instant::now();
-    let payload = match encode_state_with_capacity(state, c.payload_hint) {
-        Ok(p) => p,
-        Err(e) => return e.into(),
-    };
-    let encoded = t0.elapsed();
     let draft = match c.draft {
         Some(d) => Ok(d),
         None => Draft::new(0),
     };
-    let memfd = match draft.and_then(|d| d.seal(&c.header, c.manifest, &payload)) {
-        Ok(fd) => fd,
-        Err(e) => return e.into(),
-    };
+    // Encoded straight into the memfd prepared during the probe.
+    let (memfd, payload_len) =
+        match draft.and_then(|d| d.seal_state(&c.header, c.manifest, state, c.payload_hint)) {
+            Ok(sealed) => sealed,
+            Err(e) => return e.into(),
+        };
     let written = t0.elapsed();
     let path = match cstring(c.header.binary.as_os_str().as_bytes()) {
         Ok(p) => p,
@@ -150,10 +147,9 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
     };
     tracing::debug!(
         phase = "snapshot",
-        bytes = payload.len(),
+        bytes = payload_len,
         fds = c.manifest.len(),
-        encode_ms = encoded.as_secs_f64() * 1e3,
-        write_ms = (written - encoded).as_secs_f64() * 1e3,
+        encode_ms = written.as_secs_f64() * 1e3,
         "snapshot sealed, executing {:?}",
         c.header.binary
     );

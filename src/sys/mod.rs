@@ -294,11 +294,19 @@ pub(crate) fn map_sealed(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Res
     Mapping::new(fd, len, false, true)
 }
 
-/// Maps all `len` bytes of a region's memfd read-write, shared, lazily (a
-/// new image touches only what it uses). The caller has checked or just set
-/// the file's size.
-pub(crate) fn map_region(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
-    Mapping::new(fd, len, true, false)
+/// Maps all `len` bytes of a memfd read-write, shared, lazily: a region (a
+/// new image touches only what it uses) or a snapshot being written before
+/// it is sealed. The memfd is private to this process; the caller has
+/// checked or just set the file's size.
+///
+/// `populate`: fault every page in now, in bulk (`MAP_POPULATE`), so that
+/// later writes through the mapping take no page faults.
+pub(crate) fn map_region(
+    fd: std::os::fd::BorrowedFd<'_>,
+    len: usize,
+    populate: bool,
+) -> io::Result<Mapping> {
+    Mapping::new(fd, len, true, populate)
 }
 
 /// Removes a variable from this process's environment, so that it is not

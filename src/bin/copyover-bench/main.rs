@@ -353,7 +353,7 @@ struct Row {
     stall: Vec<f64>,
     blackout: Vec<f64>,
     total: Vec<f64>,
-    phases: Vec<[f64; 7]>,
+    phases: Vec<[f64; 6]>,
     dropped: usize,
     naive_ms: f64,
     naive_lost: usize,
@@ -362,9 +362,10 @@ struct Row {
     floor_memfd: f64,
 }
 
-const PHASES: [&str; 7] = [
-    "probe", "encode", "write", "exec", "restore", "adopt", "other",
-];
+/// `snapshot`: encoding the state straight into the memfd and sealing it;
+/// `exec`: from then to the new image's first instruction of `boot`;
+/// `other`: SIGHUP to the probe's start and back to the loop.
+const PHASES: [&str; 6] = ["probe", "snapshot", "exec", "restore", "adopt", "other"];
 
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
@@ -453,10 +454,7 @@ fn measure(p: &Point, upgrades: usize) -> Result<Row, BoxError> {
         let lines = server.lines_since(mark);
         let f = |marker: &str, key: &str| field(&lines, marker, key).unwrap_or(0.0);
         let blackout = f("upgrade complete", "blackout_ms");
-        let (encode, write) = (
-            f("snapshot sealed", "encode_ms"),
-            f("snapshot sealed", "write_ms"),
-        );
+        let snapshot = f("snapshot sealed", "encode_ms");
         let (exec, restore, adopt) = (
             f("upgrade complete", "exec_ms"),
             f("upgrade complete", "restore_ms"),
@@ -467,9 +465,8 @@ fn measure(p: &Point, upgrades: usize) -> Result<Row, BoxError> {
         row.state_bytes = f("snapshot sealed", "bytes");
         row.phases.push([
             probe,
-            encode,
-            write,
-            exec - encode - write,
+            snapshot,
+            exec - snapshot,
             restore,
             adopt,
             (total - probe - blackout).max(0.0),

@@ -24,7 +24,11 @@
 //! server of another kind are all refused, and the old image keeps serving.
 //!
 //! The probe runs on a helper thread, so the event loop keeps serving while
-//! the new binary starts; the thread wakes the loop when it has the verdict.
+//! the snapshot is written and the new binary starts; the thread wakes the
+//! loop when it has the verdict. A new binary that ignores the probe
+//! variable runs with the old image's arguments until the time limit kills
+//! it: if it is a server of another kind, its start-up fails on the ports
+//! this one holds, or it is killed after the limit (5 s by default).
 
 use std::ffi::{OsStr, OsString};
 use std::io::{BufReader, Read, Write};

@@ -2,12 +2,16 @@
 //!
 //! 1. **Preflight** (on the request): the binary path is executable, the
 //!    handoff names each fd and each name once.
-//! 2. **Probe**: a first snapshot goes to the new binary in probe mode, on a
-//!    helper thread, while the event loop keeps serving (see [`crate::probe`]).
-//! 3. **Commit** (at the next safe point after a positive probe): a fresh
-//!    snapshot is written and sealed; every fd becomes close-on-exec with one
+//! 2. **Probe**: the event loop encodes a first snapshot; a helper thread
+//!    writes it, shows it to the new binary in probe mode, and meanwhile
+//!    allocates and maps the memfd the commit will use, while the event loop
+//!    keeps serving (see [`crate::probe`]).
+//! 3. **Commit** (at the next safe point after a positive probe): the state
+//!    is encoded again, straight into that prepared memfd, which is then cut
+//!    to size and sealed; every fd becomes close-on-exec with one
 //!    `close_range`, then exactly the manifest's fds, the snapshot and the
-//!    old binary's fd are cleared; [`HELD_SIGNALS`] are blocked.
+//!    old binary's fd are cleared; [`HELD_SIGNALS`] are blocked. Nothing is
+//!    logged from here to the exec.
 //! 4. **Exec** of the binary's path with an explicit environment. If
 //!    `execve` returns, steps 3's flags and mask are undone and the error is
 //!    returned: the old image keeps serving and nothing is lost.

@@ -32,7 +32,38 @@ pub const fn env_is(value: Option<&str>, want: &str) -> bool {
 }
 
 /// The fault a bad release build carries (`COPYOVER_DEMO_FAULT`), if any.
-pub const FAULT: Option<&str> = option_env!("COPYOVER_DEMO_FAULT");
+pub const FAULT: Option<&str> = match option_env!("COPYOVER_DEMO_FAULT") {
+    Some(f) if !f.is_empty() => Some(f),
+    _ => None,
+};
+
+/// The faults `COPYOVER_DEMO_FAULT` may name.
+const FAULTS: [&str; 6] = [
+    "reject-state",
+    "wrong-app",
+    "panic-after-adopt",
+    "abort-after-adopt",
+    "hang-after-adopt",
+    "exit-before-ready",
+];
+
+const fn known_fault(fault: Option<&str>) -> bool {
+    let Some(f) = fault else { return true };
+    let mut i = 0;
+    while i < FAULTS.len() {
+        if same(f, FAULTS[i]) {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+// A misspelt fault fails the build instead of making a silent good build.
+const _: () = assert!(
+    known_fault(FAULT),
+    "COPYOVER_DEMO_FAULT must be one of: reject-state, wrong-app, panic-after-adopt, abort-after-adopt, hang-after-adopt, exit-before-ready"
+);
 
 /// The state version this build writes: 2, or 1 for a build made with
 /// `COPYOVER_DEMO_STATE=1` (to test the v1 to v2 migration), or one no

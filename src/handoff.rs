@@ -378,7 +378,9 @@ impl Inherited {
         listening: bool,
         protocol: Option<i32>,
     ) -> Result<Option<OwnedFd>, Error> {
-        let Some((fd, kind)) = self.fds.remove(name) else {
+        // Looked at, and taken out only once it passed its checks: a
+        // descriptor of the wrong type stays in the set and is closed with it.
+        let Some(&(fd, kind)) = self.fds.get(name) else {
             return Ok(None);
         };
         // While an upgraded image is not ready, a descriptor of the wrong
@@ -419,6 +421,7 @@ impl Inherited {
             }
             _ => {}
         }
+        self.fds.remove(name);
         // The getsockopt calls above proved the number open.
         Ok(Some(sys::own_checked_fd(fd)))
     }
@@ -497,6 +500,36 @@ mod tests {
     }
 
     #[test]
+    fn unix_sockets_are_told_from_tcp_ones() {
+        use std::os::fd::IntoRawFd;
+        let dir = std::env::temp_dir().join(format!("copyover-unix-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut inh = Inherited::default();
+        inh.fds.insert(
+            "u".into(),
+            (l.try_clone().unwrap().into_raw_fd(), FdKind::Listener),
+        );
+        inh.fds.insert(
+            "u2".into(),
+            (l.try_clone().unwrap().into_raw_fd(), FdKind::Listener),
+        );
+        inh.fds.insert(
+            "t".into(),
+            (tcp.try_clone().unwrap().into_raw_fd(), FdKind::Listener),
+        );
+        assert!(inh.take_unix_listener("u").unwrap().is_some());
+        let err = inh.take_tcp_listener("u2").unwrap_err().to_string();
+        assert!(err.contains("its protocol is 0"), "{err}");
+        let err = inh.take_unix_listener("t").unwrap_err().to_string();
+        assert!(err.contains("not a Unix socket"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn take_checks_the_descriptor_type() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let file = std::fs::File::open("/proc/self/stat").unwrap();
@@ -519,6 +552,9 @@ mod tests {
         assert!(err.contains("is listening"), "{err}");
         assert!(inh.take_tcp_listener("l").unwrap().is_some());
         assert!(inh.take_tcp_listener("l").unwrap().is_none(), "taken twice");
-        assert!(inh.is_empty());
+        // The refused ones stay in the set, which closes them when dropped.
+        let mut left: Vec<&str> = inh.names().collect();
+        left.sort_unstable();
+        assert_eq!(left, ["f", "s"]);
     }
 }

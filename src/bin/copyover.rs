@@ -209,7 +209,15 @@ fn status(args: &[String]) -> Result<ExitCode, Failure> {
     println!("app:          {}", s.app);
     println!("version:      {}", s.version);
     println!("generation:   {}", s.generation);
-    println!("started:      {} (Unix time)", s.started_at);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    println!(
+        "started:      {} (Unix time; up {} s)",
+        s.started_at,
+        now.saturating_sub(s.started_at)
+    );
     println!("last outcome: {}", describe(&s));
     println!("updated:      {} (Unix time)", s.updated_at);
     Ok(ExitCode::SUCCESS)

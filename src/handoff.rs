@@ -235,14 +235,7 @@ impl Inherited {
             } else {
                 continue;
             };
-            let err = Error::Adopt {
-                name: e.name.clone(),
-                fd: e.fd,
-                wanted: "a unique descriptor",
-                reason: reason.into(),
-            };
-            let _ = crate::rollback::trigger(&err.to_string());
-            return Err(err);
+            return Err(refuse(&e.name, e.fd, "a unique descriptor", reason.into()));
         }
         let mut fds = HashMap::with_capacity(manifest.len());
         for e in manifest {
@@ -299,16 +292,7 @@ impl Inherited {
         let Some(&(raw, kind)) = self.fds.get(name) else {
             return Ok(None);
         };
-        let fail = |reason: String| {
-            let err = Error::Adopt {
-                name: name.to_owned(),
-                fd: raw,
-                wanted: "a region",
-                reason,
-            };
-            let _ = crate::rollback::trigger(&err.to_string());
-            err
-        };
+        let fail = |reason: String| refuse(name, raw, "a region", reason);
         if kind != FdKind::Region {
             return Err(fail(format!("the manifest says it is {kind:?}")));
         }
@@ -385,16 +369,7 @@ impl Inherited {
         };
         // While an upgraded image is not ready, a descriptor of the wrong
         // type rolls back at once, with every descriptor still open.
-        let fail = |reason: String| {
-            let err = Error::Adopt {
-                name: name.to_owned(),
-                fd,
-                wanted,
-                reason,
-            };
-            let _ = crate::rollback::trigger(&err.to_string());
-            err
-        };
+        let fail = |reason: String| refuse(name, fd, wanted, reason);
         let expected_kind = if listening {
             FdKind::Listener
         } else {
@@ -425,6 +400,20 @@ impl Inherited {
         // The getsockopt calls above proved the number open.
         Ok(Some(sys::own_checked_fd(fd)))
     }
+}
+
+/// An adoption error. While an upgraded image is not ready, it rolls back
+/// at once, where it happens, with every inherited descriptor still open;
+/// otherwise it is just returned.
+fn refuse(name: &str, fd: RawFd, wanted: &'static str, reason: String) -> Error {
+    let err = Error::Adopt {
+        name: name.to_owned(),
+        fd,
+        wanted,
+        reason,
+    };
+    let _ = crate::rollback::trigger(&err.to_string());
+    err
 }
 
 impl Drop for Inherited {

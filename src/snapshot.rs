@@ -310,28 +310,11 @@ impl Draft {
         manifest: &[ManifestEntry],
         payload: &[u8],
     ) -> Result<OwnedFd, SnapshotError> {
-        let (head, body_prefix) = encode_head(header, manifest, payload)?;
+        let prefix = encode_prefix(header, manifest)?;
         drop(self.map);
-        let file = self.file;
-        let total = (head.len() + body_prefix.len() + payload.len()) as u64;
-        file.write_all_at(&head, 0).map_err(io_err("write"))?;
-        file.write_all_at(&body_prefix, head.len() as u64)
-            .map_err(io_err("write"))?;
-        file.write_all_at(payload, (head.len() + body_prefix.len()) as u64)
-            .map_err(io_err("write"))?;
-        file.set_len(total).map_err(io_err("size"))?;
-        let fd = OwnedFd::from(file);
-        fcntl(fd.as_fd(), FcntlArg::F_ADD_SEALS(required_seals())).map_err(|e| {
-            SnapshotError::Io {
-                what: "seal",
-                source: e.into(),
-            }
-        })?;
-        Ok(fd)
+        write_and_seal(self.file, header, &prefix, payload)
     }
-}
 
-impl Draft {
     /// Encodes `state` straight into the memfd, through a writable mapping
     /// of it: no intermediate buffer, no second copy. `hint` is the expected
     /// payload size (the last snapshot's); if the state turns out larger,
@@ -366,8 +349,8 @@ impl Draft {
         let Some((mut map, len)) = encoded else {
             // No room prepared (or the state outgrew it): a buffer, then write.
             let payload = encode_state_with_capacity(state, hint.saturating_mul(2))?;
-            let len = payload.len();
-            return self.seal(header, manifest, &payload).map(|fd| (fd, len));
+            let fd = write_and_seal(self.file, header, &prefix, &payload)?;
+            return Ok((fd, payload.len()));
         };
         let head = finish_head(header, &prefix, &map.as_slice()[at..at + len])?;
         let bytes = map.as_mut_slice();
@@ -376,17 +359,36 @@ impl Draft {
         // Unmapped before sealing: F_SEAL_WRITE is refused while a writable
         // shared mapping exists.
         drop(map);
-        let file = self.file;
-        file.set_len((at + len) as u64).map_err(io_err("size"))?;
-        let fd = OwnedFd::from(file);
-        fcntl(fd.as_fd(), FcntlArg::F_ADD_SEALS(required_seals())).map_err(|e| {
-            SnapshotError::Io {
-                what: "seal",
-                source: e.into(),
-            }
-        })?;
-        Ok((fd, len))
+        Ok((cut_and_seal(self.file, (at + len) as u64)?, len))
     }
+}
+
+/// Writes header, prefix and payload into `file`, then cuts and seals it.
+fn write_and_seal(
+    file: File,
+    header: &Header,
+    prefix: &Prefix,
+    payload: &[u8],
+) -> Result<OwnedFd, SnapshotError> {
+    let head = finish_head(header, prefix, payload)?;
+    let at = (head.len() + prefix.bytes.len()) as u64;
+    file.write_all_at(&head, 0).map_err(io_err("write"))?;
+    file.write_all_at(&prefix.bytes, head.len() as u64)
+        .map_err(io_err("write"))?;
+    file.write_all_at(payload, at).map_err(io_err("write"))?;
+    cut_and_seal(file, at + payload.len() as u64)
+}
+
+/// Cuts the memfd to `total` bytes (dropping any unused reserve) and adds
+/// the four seals.
+fn cut_and_seal(file: File, total: u64) -> Result<OwnedFd, SnapshotError> {
+    file.set_len(total).map_err(io_err("size"))?;
+    let fd = OwnedFd::from(file);
+    fcntl(fd.as_fd(), FcntlArg::F_ADD_SEALS(required_seals())).map_err(|e| SnapshotError::Io {
+        what: "seal",
+        source: e.into(),
+    })?;
+    Ok(fd)
 }
 
 /// Encodes a state value with postcard into a buffer of `capacity` bytes to
@@ -414,10 +416,11 @@ pub fn encode(
     manifest: &[ManifestEntry],
     payload: &[u8],
 ) -> Result<Vec<u8>, SnapshotError> {
-    let (mut head, body_prefix) = encode_head(header, manifest, payload)?;
-    head.extend_from_slice(&body_prefix);
-    head.extend_from_slice(payload);
-    Ok(head)
+    let prefix = encode_prefix(header, manifest)?;
+    let mut bytes = finish_head(header, &prefix, payload)?;
+    bytes.extend_from_slice(&prefix.bytes);
+    bytes.extend_from_slice(payload);
+    Ok(bytes)
 }
 
 /// The bytes between the header and the payload (names, path, manifest),
@@ -467,17 +470,6 @@ fn finish_head(header: &Header, prefix: &Prefix, payload: &[u8]) -> Result<Vec<u
     crc.update(payload);
     head[16..20].copy_from_slice(&crc.finalize().to_le_bytes());
     Ok(head)
-}
-
-/// The header and the prefix of a snapshot of `payload`.
-fn encode_head(
-    header: &Header,
-    manifest: &[ManifestEntry],
-    payload: &[u8],
-) -> Result<(Vec<u8>, Vec<u8>), SnapshotError> {
-    let prefix = encode_prefix(header, manifest)?;
-    let head = finish_head(header, &prefix, payload)?;
-    Ok((head, prefix.bytes))
 }
 
 fn len32(n: usize) -> Result<u32, SnapshotError> {

@@ -601,19 +601,43 @@ fn exec_floor() -> Result<(), BoxError> {
         .into())
 }
 
-fn floor(r: &Row) -> f64 {
-    r.floor_exec + r.floor_fd + r.floor_memfd
+/// A row's figures, computed once for every rendering.
+struct Summary {
+    stall: (f64, f64),
+    blackout: (f64, f64),
+    total: f64,
+    floor: f64,
+    ratio: f64,
+    phases: [f64; PHASES.len()],
+}
+
+impl Row {
+    fn summary(&self) -> Summary {
+        let floor = self.floor_exec + self.floor_fd + self.floor_memfd;
+        let blackout = (median(&self.blackout), max(&self.blackout));
+        Summary {
+            stall: (median(&self.stall), max(&self.stall)),
+            blackout,
+            total: median(&self.total),
+            floor,
+            ratio: blackout.0 / floor.max(1e-9),
+            phases: std::array::from_fn(|i| {
+                median(&self.phases.iter().map(|p| p[i]).collect::<Vec<_>>())
+            }),
+        }
+    }
 }
 
 fn print_row(r: &Row) {
+    let m = r.summary();
     eprintln!(
         "  stall median {:.2} ms max {:.2} | blackout median {:.2} max {:.2} | floor {:.2} ({:.1}x) | dropped {} | naive restart {:.1} ms, {} lost",
-        median(&r.stall),
-        max(&r.stall),
-        median(&r.blackout),
-        max(&r.blackout),
-        floor(r),
-        median(&r.blackout) / floor(r).max(1e-9),
+        m.stall.0,
+        m.stall.1,
+        m.blackout.0,
+        m.blackout.1,
+        m.floor,
+        m.ratio,
         r.dropped,
         r.naive_ms,
         r.naive_lost
@@ -626,20 +650,21 @@ fn print_table(rows: &[Row]) {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
+        let m = r.summary();
         println!(
             "| {} | {:.1} MiB | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} ({:.2} + {:.2} + {:.2}) | {:.2} | {:.1} | {} | {:.1} | {} |",
             r.name,
             r.state_bytes / MIB as f64,
-            median(&r.stall),
-            max(&r.stall),
-            median(&r.blackout),
-            max(&r.blackout),
-            floor(r),
+            m.stall.0,
+            m.stall.1,
+            m.blackout.0,
+            m.blackout.1,
+            m.floor,
             r.floor_exec,
             r.floor_fd,
             r.floor_memfd,
-            median(&r.blackout) / floor(r).max(1e-9),
-            median(&r.total),
+            m.ratio,
+            m.total,
             r.dropped,
             r.naive_ms,
             r.naive_lost
@@ -649,13 +674,11 @@ fn print_table(rows: &[Row]) {
     println!("| point | {} |", PHASES.join(" | "));
     println!("|---|{}", "---|".repeat(PHASES.len()));
     for r in rows {
-        let cols: Vec<String> = (0..PHASES.len())
-            .map(|i| {
-                format!(
-                    "{:.2}",
-                    median(&r.phases.iter().map(|p| p[i]).collect::<Vec<_>>())
-                )
-            })
+        let cols: Vec<String> = r
+            .summary()
+            .phases
+            .iter()
+            .map(|p| format!("{p:.2}"))
             .collect();
         println!("| {} | {} |", r.name, cols.join(" | "));
     }
@@ -670,30 +693,31 @@ fn to_csv(rows: &[Row]) -> String {
     }
     s.push('\n');
     for r in rows {
-        s.push_str(&format!(
-            "\"{}\",{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.3},{}",
-            r.name,
-            r.clients,
-            r.state_bytes,
-            median(&r.stall),
-            max(&r.stall),
-            median(&r.blackout),
-            max(&r.blackout),
-            median(&r.total),
-            floor(r),
+        let m = r.summary();
+        let mut fields = vec![
+            format!("\"{}\"", r.name),
+            r.clients.to_string(),
+            r.state_bytes.to_string(),
+        ];
+        let figures = [
+            m.stall.0,
+            m.stall.1,
+            m.blackout.0,
+            m.blackout.1,
+            m.total,
+            m.floor,
             r.floor_exec,
             r.floor_fd,
             r.floor_memfd,
-            r.dropped,
-            r.naive_ms,
-            r.naive_lost
-        ));
-        for i in 0..PHASES.len() {
-            s.push_str(&format!(
-                ",{:.3}",
-                median(&r.phases.iter().map(|p| p[i]).collect::<Vec<_>>())
-            ));
-        }
+        ];
+        fields.extend(figures.iter().map(|f| format!("{f:.3}")));
+        fields.extend([
+            r.dropped.to_string(),
+            format!("{:.3}", r.naive_ms),
+            r.naive_lost.to_string(),
+        ]);
+        fields.extend(m.phases.iter().map(|p| format!("{p:.3}")));
+        s.push_str(&fields.join(","));
         s.push('\n');
     }
     s

@@ -89,7 +89,19 @@ impl Activated {
         let mut fds = Vec::new();
         for i in 0..count.clamp(0, 1024) {
             let fd = 3 + i;
-            match crate::sys::adopt_inherited_fd(fd) {
+            // systemd passes them inheritable; one that is close-on-exec was
+            // opened by this image (a library before `boot`), not passed.
+            let passed = match crate::sys::is_cloexec(fd) {
+                Ok(false) => Ok(()),
+                Ok(true) => Err(std::io::Error::other(
+                    "it is close-on-exec: not passed by systemd",
+                )),
+                Err(e) => Err(e),
+            };
+            // SAFETY: `boot` calls this on a first start before this image
+            // opened any descriptor of its own; the fd is open and was left
+            // inheritable by our parent (checked above); adopted once.
+            match passed.and_then(|()| unsafe { crate::sys::adopt_inherited_fd(fd) }) {
                 Ok(owned) => {
                     let _ = crate::sys::set_cloexec(fd, true);
                     let name = names
@@ -98,7 +110,9 @@ impl Activated {
                         .unwrap_or_else(|| "unknown".into());
                     fds.push((name, owned));
                 }
-                Err(e) => tracing::warn!(fd, "LISTEN_FDS names fd {fd}, which is not open: {e}"),
+                Err(e) => {
+                    tracing::warn!(fd, "LISTEN_FDS names fd {fd}, which cannot be adopted: {e}")
+                }
             }
         }
         Activated { fds }

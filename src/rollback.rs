@@ -18,40 +18,79 @@
 
 use std::ffi::{CString, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Once;
 use std::time::Duration;
 
-use crate::handoff::{HandoffVar, ROLLBACK_REASON_VAR};
+use crate::handoff::ROLLBACK_REASON_VAR;
 use crate::signal::HELD_SIGNALS;
 use crate::sys;
 
-/// Builds and publishes the rollback plan, arms the readiness deadline.
-pub(crate) fn arm(
-    binary: &OwnedFd,
-    argv: &[OsString],
-    var: &HandoffVar,
-    deadline: Duration,
-) -> io::Result<()> {
-    let argv: Vec<CString> = argv
+/// What a rollback needs: the old binary and how it was started, the
+/// descriptors to hand back to it, and the holder that keeps copies.
+pub(crate) struct Back {
+    /// The old binary, opened at its start-up.
+    pub binary_fd: RawFd,
+    /// The old image's argument vector (the same as this image's).
+    pub argv: Vec<OsString>,
+    /// The handoff variable's text for the old binary (mode rollback).
+    pub var: String,
+    /// The descriptors the old binary reads: the manifest's, the
+    /// snapshot's and its own.
+    pub fds: Vec<RawFd>,
+    /// A pidfd of the holder, or -1.
+    pub holder_pidfd: RawFd,
+    /// The old image's soft `RLIMIT_NOFILE`.
+    pub nofile: Option<u64>,
+}
+
+/// Builds and publishes the rollback plan (replacing an earlier one), and
+/// with `Some(deadline)` arms the readiness deadline.
+///
+/// Once this returned, or even failed after its first step, [`trigger`]
+/// rolls back: a caller that gets an error here triggers the rollback.
+pub(crate) fn arm(back: &Back, deadline: Option<Duration>) -> io::Result<()> {
+    let argv: Vec<CString> = back
+        .argv
         .iter()
         .map(|a| cstring(a.as_bytes()))
         .collect::<io::Result<_>>()?;
-    let env = crate::upgrade::exec_env(&var.format())?;
-    let held: Vec<i32> = HELD_SIGNALS.iter().map(|s| *s as i32).collect();
-    sys::rollback::arm(binary.as_raw_fd(), argv, env, ROLLBACK_REASON_VAR, &held)?;
+    let env = crate::upgrade::exec_env(&back.var)?;
+    let held = HELD_SIGNALS.to_vec();
+    let nofile = back.nofile.map(|soft| {
+        let hard = sys::nofile_limit().map_or(soft, |(_, hard)| hard);
+        (soft.min(hard), hard)
+    });
+    sys::rollback::arm(sys::rollback::PlanSpec {
+        binary_fd: back.binary_fd,
+        argv,
+        env,
+        reason_var: ROLLBACK_REASON_VAR,
+        blocked: held,
+        fds: back.fds.clone(),
+        holder_pidfd: back.holder_pidfd,
+        nofile,
+    })?;
     install_panic_hook();
-    let ms = u64::try_from(deadline.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1);
-    sys::set_real_timer(ms)
+    if let Some(deadline) = deadline {
+        let ms = u64::try_from(deadline.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        sys::set_real_timer(ms)?;
+    }
+    Ok(())
 }
 
-/// Disarms the plan and the deadline: the new image is ready.
-pub(crate) fn disarm() -> io::Result<()> {
+/// Disarms the deadline, then the plan: the image is ready. The timer goes
+/// first, so that SIGALRM never meets its default (fatal) action. A timer
+/// that cannot be cancelled is made harmless: SIGALRM is ignored.
+pub(crate) fn disarm() {
+    if let Err(e) = sys::set_real_timer(0) {
+        tracing::warn!("could not cancel the readiness deadline ({e}); SIGALRM is now ignored");
+        sys::ignore_sigalrm();
+    }
     sys::rollback::disarm();
-    sys::set_real_timer(0)
 }
 
 /// Rolls back now with `reason`. Returns only if no rollback is armed or

@@ -216,14 +216,22 @@ fn state_v1_is_migrated_to_v2_by_a_real_upgrade() {
 
 #[test]
 fn an_exec_that_fails_after_the_probe_leaves_the_old_image_serving() {
-    // It answers the probe, then removes itself: the execve at the commit
-    // fails (ENOENT), after the fds and the signal mask were prepared for it.
-    let script =
-        b"#!/bin/sh\necho \"copyover-probe 1 ok $COPYOVER_PROBE vanishing\"\nrm -f \"$0\"\n";
+    // It answers the probe, then removes its own interpreter: the execve at
+    // the commit fails (ENOENT), after the fds, the signal mask and the
+    // holder were prepared for it. (Removing the script itself no longer
+    // makes the exec fail: the commit executes the very file it probed.)
+    let interp = std::env::temp_dir().join(format!("copyover-vanishing-sh-{}", std::process::id()));
+    std::fs::copy("/bin/sh", &interp).expect("copy /bin/sh");
+    let script = format!(
+        "#!{}\necho \"copyover-probe 1 ok $COPYOVER_PROBE vanishing\"\nrm -f \"{}\"\n",
+        interp.display(),
+        interp.display()
+    );
     survive(
         "rb-vanish",
-        Deploy::Bytes(script),
+        Deploy::Bytes(script.as_bytes()),
         "upgrade refused",
         "execve of",
     );
+    let _ = std::fs::remove_file(&interp);
 }

@@ -230,7 +230,7 @@ impl<'a> Handoff<'a> {
     /// Keeps a [`Region`](crate::Region) under `name`: its bytes cross the
     /// exec in place, without being serialized.
     pub fn region(&mut self, name: impl Into<String>, region: &'a crate::Region) -> &mut Self {
-        self.push(name.into(), region.as_fd().as_raw_fd(), FdKind::Region)
+        self.push(name.into(), region.raw_fd(), FdKind::Region)
     }
 
     fn push(&mut self, name: String, fd: RawFd, kind: FdKind) -> &mut Self {
@@ -283,10 +283,8 @@ impl<'a> Handoff<'a> {
 /// not survive: register every adopted descriptor again.
 #[derive(Debug, Default)]
 pub struct Inherited {
-    /// Raw numbers until claimed: each is checked (and owned) only when
-    /// taken, with the syscalls its type check needs anyway, so a resumed
-    /// image with 10,000 connections makes no syscall here per fd.
-    fds: HashMap<String, (RawFd, FdKind)>,
+    /// Owned from the start (checked by `boot`); typed only when taken.
+    fds: HashMap<String, (OwnedFd, FdKind)>,
 }
 
 impl Inherited {
@@ -325,28 +323,29 @@ impl Inherited {
         }
         let mut fds = HashMap::with_capacity(manifest.len());
         for e in manifest {
-            let problem = match sys::is_cloexec(e.fd) {
-                Ok(false) => None,
-                Ok(true) => Some(
-                    "it is close-on-exec, so the previous image did not leave it for us".to_owned(),
-                ),
-                Err(err) => Some(format!("it is not open ({err})")),
-            };
-            if let Some(reason) = problem {
-                if tolerant {
-                    tracing::warn!(fd = e.fd, name = %e.name, "skipping an inherited descriptor: {reason}");
-                    continue;
+            match sys::inherit(e.fd) {
+                Ok(fd) => {
+                    fds.insert(e.name.clone(), (fd, e.kind));
                 }
-                return Err(refuse(&e.name, e.fd, "an inherited descriptor", reason));
+                Err(err) if tolerant => {
+                    tracing::warn!(fd = e.fd, name = %e.name, "skipping an inherited descriptor: {err}");
+                }
+                Err(err) => {
+                    return Err(refuse(
+                        &e.name,
+                        e.fd,
+                        "an inherited descriptor",
+                        err.to_string(),
+                    ));
+                }
             }
-            fds.insert(e.name.clone(), (e.fd, e.kind));
         }
         Ok(Self { fds })
     }
 
     /// The fd numbers not claimed yet.
     pub(crate) fn numbers(&self) -> Vec<RawFd> {
-        self.fds.values().map(|(fd, _)| *fd).collect()
+        self.fds.values().map(|(fd, _)| fd.as_raw_fd()).collect()
     }
 
     /// Number of descriptors not claimed yet.
@@ -372,13 +371,7 @@ impl Inherited {
     /// [`boot`](crate::boot) to be open and left for this image. The
     /// `Result` leaves room for checks to come.
     pub fn take_fd(&mut self, name: &str) -> Result<Option<OwnedFd>, Error> {
-        let Some((fd, _)) = self.fds.remove(name) else {
-            return Ok(None);
-        };
-        // SAFETY: `boot` checked that the number is open and was left for
-        // this image, before the image opened any fd of its own; the set
-        // owns it alone and hands it out once (removed above).
-        Ok(Some(unsafe { sys::own_checked_fd(fd) }))
+        Ok(self.fds.remove(name).map(|(fd, _)| fd))
     }
 
     /// Takes a [`Region`](crate::Region) and maps it again.
@@ -391,9 +384,10 @@ impl Inherited {
     ///
     /// [`Error::Adopt`] if the descriptor is not a region's memfd.
     pub fn take_region(&mut self, name: &str) -> Result<Option<crate::Region>, Error> {
-        let Some(&(raw, kind)) = self.fds.get(name) else {
+        let Some((fd, kind)) = self.fds.get(name) else {
             return Ok(None);
         };
+        let (raw, kind) = (fd.as_raw_fd(), *kind);
         let fail = |reason: String| refuse(name, raw, "a region", reason);
         if kind != FdKind::Region {
             return Err(fail(format!("the manifest says it is {kind:?}")));
@@ -466,9 +460,10 @@ impl Inherited {
     ) -> Result<Option<OwnedFd>, Error> {
         // Looked at, and taken out only once it passed its checks: a
         // descriptor of the wrong type stays in the set and is closed with it.
-        let Some(&(fd, kind)) = self.fds.get(name) else {
+        let Some((owned, kind)) = self.fds.get(name) else {
             return Ok(None);
         };
+        let (fd, kind) = (owned.as_raw_fd(), *kind);
         // While an upgraded image is not ready, a descriptor of the wrong
         // type rolls back at once, with every descriptor still open.
         let fail = |reason: String| refuse(name, fd, wanted, reason);
@@ -508,10 +503,7 @@ impl Inherited {
             }
             _ => {}
         }
-        self.fds.remove(name);
-        // SAFETY: the getsockopt calls above proved the number open; `boot`
-        // checked it was left for this image; the set hands it out once.
-        Ok(Some(unsafe { sys::own_checked_fd(fd) }))
+        Ok(self.fds.remove(name).map(|(fd, _)| fd))
     }
 }
 
@@ -536,10 +528,7 @@ impl Drop for Inherited {
             names.sort_unstable();
             tracing::warn!(count = names.len(), names = ?names, "closing inherited descriptors nobody claimed");
         }
-        for (_, (fd, _)) in self.fds.drain() {
-            // SAFETY: as in `take_fd`: the set owns each number alone.
-            drop(unsafe { sys::own_checked_fd(fd) });
-        }
+        // The descriptors close as the map drops.
     }
 }
 
@@ -623,7 +612,6 @@ mod tests {
 
     #[test]
     fn unix_sockets_are_told_from_tcp_ones() {
-        use std::os::fd::IntoRawFd;
         let dir = std::env::temp_dir().join(format!("copyover-unix-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s");
@@ -633,15 +621,15 @@ mod tests {
         let mut inh = Inherited::default();
         inh.fds.insert(
             "u".into(),
-            (l.try_clone().unwrap().into_raw_fd(), FdKind::Listener),
+            (OwnedFd::from(l.try_clone().unwrap()), FdKind::Listener),
         );
         inh.fds.insert(
             "u2".into(),
-            (l.try_clone().unwrap().into_raw_fd(), FdKind::Listener),
+            (OwnedFd::from(l.try_clone().unwrap()), FdKind::Listener),
         );
         inh.fds.insert(
             "t".into(),
-            (tcp.try_clone().unwrap().into_raw_fd(), FdKind::Listener),
+            (OwnedFd::from(tcp.try_clone().unwrap()), FdKind::Listener),
         );
         assert!(inh.take_unix_listener("u").unwrap().is_some());
         let err = inh.take_tcp_listener("u2").unwrap_err().to_string();
@@ -657,16 +645,14 @@ mod tests {
         let file = std::fs::File::open("/proc/self/stat").unwrap();
         let mut inh = Inherited::default();
         // No rollback is armed in a unit test: `fail` only builds the error.
-        use std::os::fd::IntoRawFd;
         inh.fds.insert(
             "l".into(),
-            (l.try_clone().unwrap().into_raw_fd(), FdKind::Listener),
+            (OwnedFd::from(l.try_clone().unwrap()), FdKind::Listener),
         );
-        inh.fds
-            .insert("f".into(), (file.into_raw_fd(), FdKind::Listener));
+        inh.fds.insert("f".into(), (file.into(), FdKind::Listener));
         inh.fds.insert(
             "s".into(),
-            (l.try_clone().unwrap().into_raw_fd(), FdKind::Stream),
+            (OwnedFd::from(l.try_clone().unwrap()), FdKind::Stream),
         );
         let err = inh.take_tcp_listener("f").unwrap_err().to_string();
         assert!(err.contains("'f'") && err.contains("not a socket"), "{err}");

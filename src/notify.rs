@@ -91,17 +91,7 @@ impl Activated {
             let fd = 3 + i;
             // systemd passes them inheritable; one that is close-on-exec was
             // opened by this image (a library before `boot`), not passed.
-            let passed = match crate::sys::is_cloexec(fd) {
-                Ok(false) => Ok(()),
-                Ok(true) => Err(std::io::Error::other(
-                    "it is close-on-exec: not passed by systemd",
-                )),
-                Err(e) => Err(e),
-            };
-            // SAFETY: `boot` calls this on a first start before this image
-            // opened any descriptor of its own; the fd is open and was left
-            // inheritable by our parent (checked above); adopted once.
-            match passed.and_then(|()| unsafe { crate::sys::adopt_inherited_fd(fd) }) {
+            match crate::sys::inherit(fd) {
                 Ok(owned) => {
                     let _ = crate::sys::set_cloexec(fd, true);
                     let name = names

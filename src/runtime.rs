@@ -288,9 +288,7 @@ fn resume<S: AppState>(
         .map_or_else(|| "unknown".into(), |r| r.to_string_lossy().into_owned());
     // Closed first: the script's descriptor only served the exec.
     if let Some(fd) = var.script {
-        // SAFETY: the variable is ours (its PID is this process) and names
-        // the script's fd, which nothing in this image opened or owns.
-        drop(unsafe { sys::adopt_inherited_fd(fd) });
+        drop(sys::inherit(fd));
     }
     let reserved = [var.snapshot_fd, var.binary_fd];
     let mut back = rollback::Back {
@@ -422,19 +420,11 @@ fn resume<S: AppState>(
 /// Adopts the snapshot's or the old binary's fd, after checking that the
 /// previous image left it open and inheritable for us.
 fn adopt_handoff_fd(fd: RawFd, what: &str) -> Result<OwnedFd, Error> {
-    let fail = |source| Error::HandoffFd {
+    sys::inherit(fd).map_err(|source| Error::HandoffFd {
         fd,
         what: what.into(),
         source,
-    };
-    if sys::is_cloexec(fd).map_err(fail)? {
-        return Err(fail(std::io::Error::other(
-            "it is close-on-exec, so the previous image did not leave it for us",
-        )));
-    }
-    // SAFETY: the variable is ours and names this fd, which the check above
-    // shows the previous image left open for us; each is adopted once.
-    unsafe { sys::adopt_inherited_fd(fd) }.map_err(fail)
+    })
 }
 
 fn answer_probe<S: AppState>(config: &Config, nonce: &std::ffi::OsStr) -> ! {
@@ -913,6 +903,10 @@ impl Copyover {
     /// Writes a snapshot of `state` (without descriptors) to `path`, for a
     /// staging server (`--restore-from`). Serving goes on.
     ///
+    /// The file is created mode 0600 under a fresh temporary name in the
+    /// same directory (`O_EXCL|O_NOFOLLOW`), synced, then renamed over
+    /// `path`: a reader sees the old file or the whole new one.
+    ///
     /// # Errors
     ///
     /// [`UpgradeError::Snapshot`] if it cannot be encoded or written.
@@ -921,13 +915,18 @@ impl Copyover {
         header.state_version = S::VERSION;
         let payload = crate::snapshot::encode_state(state)?;
         let bytes = crate::snapshot::encode(&header, &[], &payload)?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, bytes)
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|source| UpgradeError::Io {
+        // Every user's data is in it: 0600, a fresh temporary name that no
+        // planted symlink can redirect, synced before it replaces the file.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        crate::status::write_replacing(dir, path, &bytes, true).map_err(|source| {
+            UpgradeError::Io {
                 what: "write the snapshot file",
                 source,
-            })?;
+            }
+        })?;
         tracing::info!(path = ?path, generation = self.generation, "snapshot saved");
         Ok(())
     }

@@ -101,33 +101,41 @@ pub(crate) fn is_cloexec(fd: RawFd) -> io::Result<bool> {
     Ok(flags & libc::FD_CLOEXEC != 0)
 }
 
-/// Takes ownership of an fd number inherited across `execve`.
+/// Takes ownership of an fd number inherited across `execve`: the one way
+/// the crate turns a number it was told about (by the handoff variable, the
+/// manifest or `LISTEN_FDS`) into an `OwnedFd`.
 ///
-/// Checks that the number is open (`F_GETFD`) first, so an fd the handoff
-/// names but that is closed gives `EBADF`, not an `OwnedFd` over nothing.
+/// The number must be open and **not** close-on-exec: that is how the
+/// previous image (or systemd) left it for us, and how no descriptor opened
+/// by this image looks (Rust's standard library, and this crate, open
+/// everything close-on-exec). `boot` calls this before the image opens any
+/// descriptor of its own, then makes every fd close-on-exec, after which no
+/// number passes the check. Each number is handed out at most once per
+/// process image (a second claim is `EEXIST`), so no two owners can close it.
 ///
-/// # Safety
-///
-/// * Nothing else in this process owns `fd`: it was inherited across
-///   `execve` and checked (by `boot`, before the image opened any fd of its
-///   own) to be one the previous image left open for us, and
-/// * the caller adopts each number at most once.
-pub(crate) unsafe fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    is_cloexec(fd)?;
-    // SAFETY: the fd is open, and by this function's contract nothing else
-    // owns it, so this `OwnedFd` is its only owner.
+/// What this cannot see: a descriptor opened without close-on-exec by
+/// foreign code (a C library) before `boot`. `boot` must come first in
+/// `main`.
+pub(crate) fn inherit(fd: RawFd) -> io::Result<OwnedFd> {
+    static CLAIMED: std::sync::Mutex<std::collections::BTreeSet<RawFd>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    if is_cloexec(fd)? {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "it is close-on-exec, so the previous image did not leave it for us",
+        ));
+    }
+    let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
+    if !claimed.insert(fd) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "it was already claimed",
+        ));
+    }
+    // SAFETY: the number is open and inheritable, so (see above) nothing in
+    // this image opened it, and the set makes this its only claim: this
+    // `OwnedFd` is its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Takes ownership of an inherited fd number that a syscall just proved open
-/// (a successful `getsockopt` in [`socket_info`]), without another syscall.
-///
-/// # Safety
-///
-/// As for [`adopt_inherited_fd`], and `fd` must be open.
-pub(crate) unsafe fn own_checked_fd(fd: RawFd) -> OwnedFd {
-    // SAFETY: the caller guarantees the number is open and unowned.
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 /// `pidfd_open(pid, 0)` (Linux 5.3): a close-on-exec descriptor that names
@@ -497,10 +505,21 @@ mod tests {
     }
 
     #[test]
-    fn adopting_a_closed_fd_is_ebadf() {
-        // SAFETY: 19,999 is not open here, so nothing owns it.
-        let err = unsafe { adopt_inherited_fd(19_999) }.unwrap_err();
+    fn inheriting_checks_and_claims_once() {
+        let err = inherit(19_999).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+        // Our own fds are close-on-exec: never inherited.
+        let own = std::fs::File::open("/proc/self/stat").unwrap();
+        use std::os::fd::AsRawFd;
+        assert!(inherit(own.as_raw_fd()).is_err());
+        // An inheritable one is claimed once.
+        let fd = nix::fcntl::fcntl(&own, nix::fcntl::FcntlArg::F_DUPFD(100)).unwrap();
+        let owned = inherit(fd).unwrap();
+        assert_eq!(
+            inherit(fd).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        drop(owned);
     }
 
     #[test]

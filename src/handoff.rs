@@ -24,6 +24,11 @@
 //! * `holder=PID`: the holder child that keeps the old image's descriptors
 //!   and memory until an image is ready (see `sys::holder`); the image that
 //!   becomes ready kills it.
+//! * `exec=FD`: a sealed memfd holding the old image's argument vector and
+//!   environment (see `rollback::ExecRecord`): a rollback starts the old
+//!   binary exactly as it ran, whatever a wrapper script changed for the new
+//!   one (an `LD_PRELOAD`, arguments). The image that becomes ready closes
+//!   it.
 //! * `nofile=N`: the old image's soft `RLIMIT_NOFILE`, put back before a
 //!   rollback's exec (a new image started with a lower limit must not hand
 //!   the old code a limit it cannot run under).
@@ -69,6 +74,7 @@ pub(crate) struct HandoffVar {
     pub binary_fd: RawFd,
     pub mode: Mode,
     pub holder: Option<i32>,
+    pub exec: Option<RawFd>,
     pub nofile: Option<u64>,
     pub script: Option<RawFd>,
     pub rescued: bool,
@@ -95,6 +101,9 @@ impl HandoffVar {
         );
         if let Some(pid) = self.holder {
             text.push_str(&format!(":holder={pid}"));
+        }
+        if let Some(fd) = self.exec {
+            text.push_str(&format!(":exec={fd}"));
         }
         if let Some(n) = self.nofile {
             text.push_str(&format!(":nofile={n}"));
@@ -153,6 +162,7 @@ impl HandoffVar {
                 "snapshot" => snapshot = Some(num()?),
                 "binary" => binary = Some(num()?),
                 "holder" => var.holder = Some(num()?),
+                "exec" => var.exec = Some(num()?),
                 "script" => var.script = Some(num()?),
                 "nofile" => {
                     var.nofile = Some(
@@ -550,6 +560,7 @@ mod tests {
         let full = HandoffVar {
             mode: Mode::Upgrade,
             holder: Some(43),
+            exec: Some(8),
             nofile: Some(1024),
             script: Some(7),
             rescued: true,

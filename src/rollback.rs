@@ -27,13 +27,94 @@ use crate::handoff::ROLLBACK_REASON_VAR;
 use crate::signal::HELD_SIGNALS;
 use crate::sys;
 
+/// How the old image was started: its argument vector and environment
+/// (without the handoff variable), written by the commit into a sealed memfd
+/// (`exec=FD` in the handoff variable).
+///
+/// # Format, version 1
+///
+/// `copyover-exec 1\n`, the argument count as a little-endian `u32`, then
+/// every argument and every `NAME=value` entry, each ended by a NUL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ExecRecord {
+    pub argv: Vec<OsString>,
+    pub env: Vec<CString>,
+}
+
+const RECORD_MAGIC: &[u8] = b"copyover-exec 1\n";
+
+impl ExecRecord {
+    pub(crate) fn encode(argv: &[CString], env: &[CString]) -> Vec<u8> {
+        let mut out = RECORD_MAGIC.to_vec();
+        out.extend_from_slice(&(argv.len() as u32).to_le_bytes());
+        for s in argv.iter().chain(env) {
+            out.extend_from_slice(s.as_bytes_with_nul());
+        }
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Option<ExecRecord> {
+        let rest = bytes.strip_prefix(RECORD_MAGIC)?;
+        let (count, rest) = rest.split_first_chunk::<4>()?;
+        let argc = u32::from_le_bytes(*count) as usize;
+        let body = rest.strip_suffix(b"\0").unwrap_or(rest);
+        let mut parts: Vec<&[u8]> = if rest.is_empty() {
+            Vec::new()
+        } else {
+            body.split(|b| *b == 0).collect()
+        };
+        if parts.len() < argc || rest.last().is_some_and(|b| *b != 0) {
+            return None;
+        }
+        let env = parts.split_off(argc);
+        Some(ExecRecord {
+            argv: parts
+                .into_iter()
+                .map(|a| std::ffi::OsStr::from_bytes(a).to_owned())
+                .collect(),
+            env: env
+                .into_iter()
+                .map(|e| CString::new(e).ok())
+                .collect::<Option<_>>()?,
+        })
+    }
+
+    /// Reads the record from its sealed memfd.
+    pub(crate) fn read(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<ExecRecord> {
+        crate::snapshot::check_sealed(fd).map_err(io::Error::other)?;
+        let len = nix::sys::stat::fstat(fd)?.st_size;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|l| *l <= 1 << 24)
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "an oversized exec record")
+            })?;
+        let mut bytes = vec![0u8; len];
+        let mut at = 0;
+        while at < len {
+            match nix::sys::uio::pread(fd, &mut bytes[at..], at as i64) {
+                Ok(0) => break,
+                Ok(n) => at += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        bytes.truncate(at);
+        ExecRecord::decode(&bytes)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "a malformed exec record"))
+    }
+}
+
 /// What a rollback needs: the old binary and how it was started, the
 /// descriptors to hand back to it, and the holder that keeps copies.
 pub(crate) struct Back {
     /// The old binary, opened at its start-up.
     pub binary_fd: RawFd,
-    /// The old image's argument vector (the same as this image's).
+    /// The old image's argument vector.
     pub argv: Vec<OsString>,
+    /// The old image's environment, without the handoff variable; `None`:
+    /// this image's (if the old image left no record).
+    pub env: Option<Vec<CString>>,
     /// The handoff variable's text for the old binary (mode rollback).
     pub var: String,
     /// The descriptors the old binary reads: the manifest's, the
@@ -56,7 +137,16 @@ pub(crate) fn arm(back: &Back, deadline: Option<Duration>) -> io::Result<()> {
         .iter()
         .map(|a| cstring(a.as_bytes()))
         .collect::<io::Result<_>>()?;
-    let env = crate::upgrade::exec_env(&back.var)?;
+    let env = match &back.env {
+        Some(env) => {
+            let mut env = env.clone();
+            env.push(cstring(
+                format!("{}={}", crate::handoff::HANDOFF_VAR, back.var).as_bytes(),
+            )?);
+            env
+        }
+        None => crate::upgrade::exec_env(&back.var)?,
+    };
     let held = HELD_SIGNALS.to_vec();
     let nofile = back.nofile.map(|soft| {
         let hard = sys::nofile_limit().map_or(soft, |(_, hard)| hard);
@@ -125,4 +215,33 @@ pub(crate) fn cstring(bytes: &[u8]) -> io::Result<CString> {
             "a NUL byte in an argument or variable",
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exec_record_round_trips_and_refuses_garbage() {
+        let argv = vec![
+            cstring(b"/srv/chat").unwrap(),
+            cstring(b"--listen").unwrap(),
+        ];
+        let env = vec![cstring(b"A=1").unwrap(), cstring(b"EMPTY=").unwrap()];
+        let bytes = ExecRecord::encode(&argv, &env);
+        let back = ExecRecord::decode(&bytes).unwrap();
+        assert_eq!(
+            back.argv,
+            [OsString::from("/srv/chat"), OsString::from("--listen")]
+        );
+        assert_eq!(back.env, env);
+        let none = ExecRecord::decode(&ExecRecord::encode(&[], &[])).unwrap();
+        assert!(none.argv.is_empty() && none.env.is_empty());
+        assert!(ExecRecord::decode(b"garbage").is_none());
+        assert!(ExecRecord::decode(&bytes[..bytes.len() - 1]).is_none());
+        let mut short = RECORD_MAGIC.to_vec();
+        short.extend_from_slice(&9u32.to_le_bytes());
+        short.extend_from_slice(b"a\0");
+        assert!(ExecRecord::decode(&short).is_none());
+    }
 }

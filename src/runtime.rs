@@ -109,6 +109,8 @@ struct Resume {
     header: Header,
     snapshot: OwnedFd,
     old_binary: OwnedFd,
+    /// How the old image ran, for a rollback (see `rollback::ExecRecord`).
+    exec_record: Option<OwnedFd>,
     /// A pidfd of the holder and its PID: killed and reaped when this image
     /// is ready.
     holder: Option<(OwnedFd, i32)>,
@@ -290,10 +292,29 @@ fn resume<S: AppState>(
     if let Some(fd) = var.script {
         drop(sys::inherit(fd));
     }
-    let reserved = [var.snapshot_fd, var.binary_fd];
+    // How the old image ran (a wrapper may have changed our arguments or
+    // environment): what a rollback starts again. Kept open until ready.
+    let exec_record = var.exec.and_then(|fd| sys::inherit(fd).ok());
+    let record = exec_record
+        .as_ref()
+        .filter(|_| upgraded)
+        .and_then(|fd| match rollback::ExecRecord::read(fd.as_fd()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("the old image's exec record is unreadable ({e}): a rollback uses this image's arguments and environment");
+                None
+            }
+        });
+    let mut reserved = vec![var.snapshot_fd, var.binary_fd];
+    reserved.extend(&exec_record.as_ref().map(|fd| fd.as_raw_fd()));
+    let (old_argv, old_env) = match record {
+        Some(r) => (r.argv, Some(r.env)),
+        None => (argv.clone(), None),
+    };
     let mut back = rollback::Back {
         binary_fd: var.binary_fd,
-        argv: argv.clone(),
+        argv: old_argv,
+        env: old_env,
         var: HandoffVar::rollback_text(text),
         fds: reserved.to_vec(),
         holder_pidfd: -1,
@@ -408,6 +429,7 @@ fn resume<S: AppState>(
         header,
         snapshot,
         old_binary,
+        exec_record,
         holder,
         rescued: var.rescued,
         boot_ns,
@@ -798,6 +820,7 @@ impl Copyover {
             reap_holder(pidfd, pid);
         }
         drop(r.snapshot);
+        drop(r.exec_record);
         if r.mode == Mode::Rollback {
             self.own_binary = Some(r.old_binary);
             self.publish("rolled back", &r.reason, "", 0.0);

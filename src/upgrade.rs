@@ -27,6 +27,7 @@ use crate::error::UpgradeError;
 use crate::handoff::{HANDOFF_VAR, HandoffVar, Mode, ROLLBACK_REASON_VAR};
 use crate::probe::Executable;
 use crate::probe::PROBE_VAR;
+use crate::rollback::ExecRecord;
 use crate::rollback::cstring;
 use crate::snapshot::{Draft, Header, ManifestEntry};
 use crate::sys::holder::HolderSpec;
@@ -66,13 +67,7 @@ pub(crate) fn clean_env() -> Vec<(OsString, OsString)> {
 
 /// The exec environment: [`clean_env`] plus `COPYOVER_HANDOFF=handoff`.
 pub(crate) fn exec_env(handoff: &str) -> io::Result<Vec<CString>> {
-    let mut env = Vec::new();
-    for (k, v) in clean_env() {
-        let mut e = k.into_vec();
-        e.push(b'=');
-        e.extend_from_slice(v.as_bytes());
-        env.push(cstring(&e)?);
-    }
+    let mut env = plain_env()?;
     env.push(cstring(format!("{HANDOFF_VAR}={handoff}").as_bytes())?);
     Ok(env)
 }
@@ -123,11 +118,21 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         };
     let written = t0.elapsed();
     let io = |what: &'static str| move |source| UpgradeError::Io { what, source };
+    // How this image runs, for a rollback to start it the same way.
+    let record = match plain_env() {
+        Ok(env) => ExecRecord::encode(c.argv, &env),
+        Err(e) => return io("build the environment")(e),
+    };
+    let record = match crate::snapshot::seal_bytes(c"copyover-exec", &record) {
+        Ok(fd) => fd,
+        Err(e) => return e.into(),
+    };
     let mut var = HandoffVar {
         pid: std::process::id() as i32,
         snapshot_fd: memfd.as_raw_fd(),
         binary_fd: c.own_binary.as_raw_fd(),
         mode: Mode::Upgrade,
+        exec: Some(record.as_raw_fd()),
         nofile: sys::nofile_limit().ok().map(|(soft, _)| soft),
         ..Default::default()
     };
@@ -166,7 +171,11 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
     let mut undo = Undo {
         signals_held: false,
     };
-    let mut extra = vec![memfd.as_raw_fd(), c.own_binary.as_raw_fd()];
+    let mut extra = vec![
+        memfd.as_raw_fd(),
+        c.own_binary.as_raw_fd(),
+        record.as_raw_fd(),
+    ];
     if c.exe.script {
         extra.push(c.exe.fd.as_raw_fd());
     }
@@ -213,16 +222,23 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
     }
 }
 
+/// [`clean_env`] as `NAME=value` C strings.
+fn plain_env() -> io::Result<Vec<CString>> {
+    clean_env()
+        .into_iter()
+        .map(|(k, v)| {
+            let mut e = k.into_vec();
+            e.push(b'=');
+            e.extend_from_slice(v.as_bytes());
+            cstring(&e)
+        })
+        .collect()
+}
+
 /// The rescue's environment: [`clean_env`] and the reason, without the
 /// handoff variable (the holder writes it with its own PID).
 fn rescue_env() -> io::Result<Vec<CString>> {
-    let mut env = Vec::new();
-    for (k, v) in clean_env() {
-        let mut e = k.into_vec();
-        e.push(b'=');
-        e.extend_from_slice(v.as_bytes());
-        env.push(cstring(&e)?);
-    }
+    let mut env = plain_env()?;
     env.push(cstring(
         format!(
             "{ROLLBACK_REASON_VAR}=the new image died before it was ready; \

@@ -120,8 +120,8 @@ pub(crate) struct Back {
     /// The descriptors the old binary reads: the manifest's, the
     /// snapshot's and its own.
     pub fds: Vec<RawFd>,
-    /// A pidfd of the holder, or -1.
-    pub holder_pidfd: RawFd,
+    /// A pidfd of the holder, handed to the plan by the next [`arm`].
+    pub holder_pidfd: Option<std::os::fd::OwnedFd>,
     /// The old image's soft `RLIMIT_NOFILE`.
     pub nofile: Option<u64>,
 }
@@ -131,7 +131,7 @@ pub(crate) struct Back {
 ///
 /// Once this returned, or even failed after its first step, [`trigger`]
 /// rolls back: a caller that gets an error here triggers the rollback.
-pub(crate) fn arm(back: &Back, deadline: Option<Duration>) -> io::Result<()> {
+pub(crate) fn arm(back: &mut Back, deadline: Option<Duration>) -> io::Result<()> {
     let argv: Vec<CString> = back
         .argv
         .iter()
@@ -159,7 +159,7 @@ pub(crate) fn arm(back: &Back, deadline: Option<Duration>) -> io::Result<()> {
         reason_var: ROLLBACK_REASON_VAR,
         blocked: held,
         fds: back.fds.clone(),
-        holder_pidfd: back.holder_pidfd,
+        holder_pidfd: back.holder_pidfd.take(),
         nofile,
     })?;
     install_panic_hook();
@@ -174,13 +174,14 @@ pub(crate) fn arm(back: &Back, deadline: Option<Duration>) -> io::Result<()> {
 
 /// Disarms the deadline, then the plan: the image is ready. The timer goes
 /// first, so that SIGALRM never meets its default (fatal) action. A timer
-/// that cannot be cancelled is made harmless: SIGALRM is ignored.
-pub(crate) fn disarm() {
+/// that cannot be cancelled is made harmless: SIGALRM is ignored. Returns
+/// the holder's pidfd, which the plan owned.
+pub(crate) fn disarm() -> Option<std::os::fd::OwnedFd> {
     if let Err(e) = sys::set_real_timer(0) {
         tracing::warn!("could not cancel the readiness deadline ({e}); SIGALRM is now ignored");
         sys::ignore_sigalrm();
     }
-    sys::rollback::disarm();
+    sys::rollback::disarm()
 }
 
 /// Rolls back now with `reason`. Returns only if no rollback is armed or

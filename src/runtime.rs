@@ -111,9 +111,11 @@ struct Resume {
     old_binary: OwnedFd,
     /// How the old image ran, for a rollback (see `rollback::ExecRecord`).
     exec_record: Option<OwnedFd>,
-    /// A pidfd of the holder and its PID: killed and reaped when this image
-    /// is ready.
-    holder: Option<(OwnedFd, i32)>,
+    /// A pidfd of the holder after a rollback (after an upgrade, the
+    /// rollback plan owns it until `ready`), and its PID: killed and reaped
+    /// when this image is ready.
+    holder: Option<OwnedFd>,
+    holder_pid: Option<i32>,
     /// The holder started this image under its own PID.
     rescued: bool,
     boot_ns: u64,
@@ -317,7 +319,7 @@ fn resume<S: AppState>(
         env: old_env,
         var: HandoffVar::rollback_text(text),
         fds: reserved.to_vec(),
-        holder_pidfd: -1,
+        holder_pidfd: None,
         nofile: var.nofile,
     };
     // After an upgrade: every error from here on rolls back where it
@@ -330,7 +332,7 @@ fn resume<S: AppState>(
         e
     };
     if upgraded {
-        rollback::arm(&back, Some(config.ready_timeout))
+        rollback::arm(&mut back, Some(config.ready_timeout))
             .map_err(|source| Error::Setup {
                 what: "arm the rollback",
                 source,
@@ -381,8 +383,8 @@ fn resume<S: AppState>(
         }
         tracing::warn!("{e}; a child started now would inherit them");
     }
-    let holder = var.holder.and_then(|pid| match sys::pidfd_open(pid) {
-        Ok(fd) => Some((fd, pid)),
+    let mut holder = var.holder.and_then(|pid| match sys::pidfd_open(pid) {
+        Ok(fd) => Some(fd),
         Err(e) => {
             tracing::warn!(holder = pid, "the holder is gone ({e})");
             None
@@ -390,8 +392,9 @@ fn resume<S: AppState>(
     });
     if upgraded {
         back.fds.extend(fds.numbers());
-        back.holder_pidfd = holder.as_ref().map_or(-1, |(h, _)| h.as_raw_fd());
-        rollback::arm(&back, None)
+        // The plan owns the holder's pidfd from now until `ready`.
+        back.holder_pidfd = holder.take();
+        rollback::arm(&mut back, None)
             .map_err(|source| Error::Setup {
                 what: "arm the rollback",
                 source,
@@ -431,6 +434,7 @@ fn resume<S: AppState>(
         old_binary,
         exec_record,
         holder,
+        holder_pid: var.holder,
         rescued: var.rescued,
         boot_ns,
         restored_ns: monotonic_ns(),
@@ -815,8 +819,8 @@ impl Copyover {
         // No way back is needed any more: the deadline and the plan go
         // (the timer first), then the holder, whose exit frees the old
         // image's memory in its own time.
-        rollback::disarm();
-        if let Some((pidfd, pid)) = r.holder {
+        let planned = rollback::disarm();
+        if let (Some(pidfd), Some(pid)) = (planned.or(r.holder), r.holder_pid) {
             reap_holder(pidfd, pid);
         }
         drop(r.snapshot);

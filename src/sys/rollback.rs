@@ -80,8 +80,10 @@ pub(crate) struct PlanSpec {
     /// The descriptors to make inheritable (and restore from the holder)
     /// just before the exec.
     pub fds: Vec<RawFd>,
-    /// A pidfd of the holder, or -1.
-    pub holder_pidfd: RawFd,
+    /// A pidfd of the holder, if any. The plan owns it from the moment it
+    /// is published (it is never closed while a rollback may need it);
+    /// [`disarm`] hands it back.
+    pub holder_pidfd: Option<std::os::fd::OwnedFd>,
     /// `RLIMIT_NOFILE` (soft, hard) to put back, if known.
     pub nofile: Option<(u64, u64)>,
 }
@@ -127,6 +129,8 @@ pub(crate) fn arm(spec: PlanSpec) -> io::Result<()> {
         // SAFETY: a published plan is never freed (see the module docs).
         unsafe { &*previous_plan }.previous.clone()
     };
+    use std::os::fd::IntoRawFd;
+    let holder_pidfd = holder_pidfd.map_or(-1, IntoRawFd::into_raw_fd);
     let plan = Box::new(Plan {
         binary_fd,
         argv: argv_ptrs,
@@ -194,12 +198,14 @@ fn sigset(signals: &[c_int]) -> libc::sigset_t {
 }
 
 /// Unpublishes the plan and puts back the signal actions [`arm`] replaced.
-/// Returns whether a plan was armed. The caller cancels the readiness
-/// deadline first, so that SIGALRM never meets its default action.
-pub(crate) fn disarm() -> bool {
+/// Returns the holder's pidfd, which the plan owned (so that no destructor
+/// of the failing image could close it before a rollback needs it). The
+/// caller cancels the readiness deadline first, so that SIGALRM never meets
+/// its default action.
+pub(crate) fn disarm() -> Option<std::os::fd::OwnedFd> {
     let plan = PLAN.swap(ptr::null_mut(), Ordering::SeqCst);
     if plan.is_null() {
-        return false;
+        return None;
     }
     // SAFETY: `plan` came from Box::into_raw in `arm` and is never freed
     // (leaked on purpose, see the module docs), so it is valid to read.
@@ -208,7 +214,12 @@ pub(crate) fn disarm() -> bool {
         // SAFETY: `old` is the action the kernel gave us for `sig`.
         unsafe { libc::sigaction(*sig, old, ptr::null_mut()) };
     }
-    true
+    (plan.holder_pidfd >= 0).then(|| {
+        use std::os::fd::FromRawFd;
+        // SAFETY: `arm` took ownership of this pidfd (see `PlanSpec`), and
+        // the plan is unpublished now, so this is its one owner.
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(plan.holder_pidfd) }
+    })
 }
 
 /// Whether a rollback plan is armed (the new image is not ready yet).

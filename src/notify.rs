@@ -3,8 +3,9 @@
 //!
 //! # Notifications
 //!
-//! When `NOTIFY_SOCKET` is set, the runtime sends, as `Type=notify-reload`
-//! expects (its default reload signal is SIGHUP, the upgrade signal):
+//! When `NOTIFY_SOCKET` is set, the runtime sends what `Type=notify` and
+//! `Type=notify-reload` (systemd 253+; its default reload signal is SIGHUP,
+//! the upgrade signal) expect:
 //!
 //! * `READY=1` when an image is ready (first start, upgraded image, or the
 //!   old image after a refusal or a rollback), with a `STATUS=` line;
@@ -13,7 +14,10 @@
 //!   its readiness deadline.
 //!
 //! The PID never changes, so no `MAINPID=` juggling is needed, and
-//! `NOTIFY_SOCKET` is passed on across the exec.
+//! `NOTIFY_SOCKET` is passed on across the exec. Under `Type=notify` with
+//! `ExecReload=copyover upgrade $MAINPID` (the shipped unit, for systemd
+//! 252) systemd only records these while the CLI runs; the CLI's exit status
+//! decides whether the reload failed, which `Type=notify-reload` cannot say.
 //!
 //! # Socket activation
 //!

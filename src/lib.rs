@@ -132,6 +132,7 @@
 //! and the probe protocol ([`probe`]) are versioned and written down, since
 //! two different builds must agree on them.
 #![deny(missing_docs)]
+#![deny(unsafe_code)]
 
 mod error;
 pub mod handoff;
@@ -144,6 +145,7 @@ pub mod signal;
 pub mod snapshot;
 mod state;
 pub mod status;
+#[allow(unsafe_code)]
 mod sys;
 pub mod upgrade;
 

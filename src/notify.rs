@@ -3,8 +3,9 @@
 //!
 //! # Notifications
 //!
-//! When `NOTIFY_SOCKET` is set, the runtime sends, as `Type=notify-reload`
-//! expects (its default reload signal is SIGHUP, the upgrade signal):
+//! When `NOTIFY_SOCKET` is set, the runtime sends what `Type=notify` and
+//! `Type=notify-reload` (systemd 253+; its default reload signal is SIGHUP,
+//! the upgrade signal) expect:
 //!
 //! * `READY=1` when an image is ready (first start, upgraded image, or the
 //!   old image after a refusal or a rollback), with a `STATUS=` line;
@@ -13,7 +14,10 @@
 //!   its readiness deadline.
 //!
 //! The PID never changes, so no `MAINPID=` juggling is needed, and
-//! `NOTIFY_SOCKET` is passed on across the exec.
+//! `NOTIFY_SOCKET` is passed on across the exec. Under `Type=notify` with
+//! `ExecReload=copyover upgrade $MAINPID` (the shipped unit, for systemd
+//! 252) systemd only records these while the CLI runs; the CLI's exit status
+//! decides whether the reload failed, which `Type=notify-reload` cannot say.
 //!
 //! # Socket activation
 //!
@@ -89,7 +93,9 @@ impl Activated {
         let mut fds = Vec::new();
         for i in 0..count.clamp(0, 1024) {
             let fd = 3 + i;
-            match crate::sys::adopt_inherited_fd(fd) {
+            // systemd passes them inheritable; one that is close-on-exec was
+            // opened by this image (a library before `boot`), not passed.
+            match crate::sys::inherit(fd) {
                 Ok(owned) => {
                     let _ = crate::sys::set_cloexec(fd, true);
                     let name = names
@@ -98,7 +104,9 @@ impl Activated {
                         .unwrap_or_else(|| "unknown".into());
                     fds.push((name, owned));
                 }
-                Err(e) => tracing::warn!(fd, "LISTEN_FDS names fd {fd}, which is not open: {e}"),
+                Err(e) => {
+                    tracing::warn!(fd, "LISTEN_FDS names fd {fd}, which cannot be adopted: {e}")
+                }
             }
         }
         Activated { fds }

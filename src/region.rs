@@ -13,12 +13,32 @@
 //! fixed-size records, an arena your own code lays out. Its layout is yours
 //! to version, since no serde runs over it.
 //!
-//! The region's memfd is close-on-exec and never given to a child (not even
-//! the probe), so its pages are written by this process only. Like any
-//! memory, it can still be reached by a process of the same user through
-//! `/proc/PID/fd` or `/proc/PID/mem`.
+//! # Soundness
+//!
+//! A region hands out `&[u8]` and `&mut [u8]` over shared memory, so
+//! nothing else may change or resize that memory under a live slice:
+//!
+//! * the memfd is sealed against shrinking and growing
+//!   (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`) as soon as it is sized, so
+//!   no `ftruncate` can ever make a mapped page vanish (SIGBUS); an
+//!   inherited region is adopted only if it carries these seals;
+//! * its descriptor is private to the region (no `AsFd`): safe code cannot
+//!   write it or resize it, and only the runtime puts it into a handoff;
+//! * it is close-on-exec, never given to a child (the probe included), and
+//!   inheritable only at the instant of the commit's exec.
+//!
+//! Like any memory, it can still be reached by a process of the same user
+//! through `/proc/PID/fd` or `/proc/PID/mem`.
+//!
+//! # After a rollback
+//!
+//! A region is shared, not copied: the old image that comes back after a
+//! rollback sees **whatever the failed new image wrote** into it before it
+//! failed. Keep a region's layout versioned, and have a new image write to
+//! it only after it has checked everything it needs (or after
+//! [`Copyover::ready`](crate::Copyover::ready)).
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 use crate::error::Error;
 use crate::sys;
@@ -43,14 +63,23 @@ impl Region {
         let file = std::fs::File::from(fd);
         file.set_len(len as u64).map_err(setup("size a region"))?;
         let fd = OwnedFd::from(file);
+        nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_ADD_SEALS(size_seals()))
+            .map_err(|e| setup("seal a region's size")(e.into()))?;
         let map = sys::map_region(fd.as_fd(), len, false).map_err(setup("map a region"))?;
         Ok(Region { map, fd })
     }
 
-    /// Maps an inherited region's memfd (after checking that it is one).
+    /// Maps an inherited region's memfd, after checking that it is a memfd
+    /// whose size is sealed.
     pub(crate) fn adopt(fd: OwnedFd) -> Result<Region, std::io::Error> {
-        nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GET_SEALS)
+        let seals = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GET_SEALS)
             .map_err(|_| std::io::Error::other("it is not a memfd"))?;
+        let need = size_seals().bits();
+        if seals & need != need {
+            return Err(std::io::Error::other(
+                "its size is not sealed (F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_SEAL): it could shrink under the mapping",
+            ));
+        }
         let len = nix::sys::stat::fstat(fd.as_fd())?.st_size;
         let len = usize::try_from(len).map_err(|_| std::io::Error::other("negative size"))?;
         let map = sys::map_region(fd.as_fd(), len, false)?;
@@ -78,10 +107,17 @@ impl Region {
     }
 }
 
-impl AsFd for Region {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+impl Region {
+    /// The memfd's number, for the handoff only (see "Soundness").
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
+}
+
+/// The seals that fix a region's size for good.
+fn size_seals() -> nix::fcntl::SealFlag {
+    use nix::fcntl::SealFlag;
+    SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL
 }
 
 #[cfg(test)]
@@ -97,5 +133,16 @@ mod tests {
         assert_eq!(again.len(), 8192);
         let file = std::fs::File::open("/proc/self/stat").unwrap();
         assert!(Region::adopt(OwnedFd::from(file)).is_err());
+        // Its size cannot change under the mapping.
+        let f = std::fs::File::from(r.fd.try_clone().unwrap());
+        assert!(f.set_len(4096).is_err(), "a region shrank");
+        assert!(f.set_len(1 << 20).is_err(), "a region grew");
+        // A memfd whose size is not sealed is refused.
+        let loose = sys::memfd_create(c"loose").unwrap();
+        std::fs::File::from(loose.try_clone().unwrap())
+            .set_len(8192)
+            .unwrap();
+        let err = Region::adopt(loose).unwrap_err().to_string();
+        assert!(err.contains("not sealed"), "{err}");
     }
 }

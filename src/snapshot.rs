@@ -379,6 +379,14 @@ fn write_and_seal(
     cut_and_seal(file, at + payload.len() as u64)
 }
 
+/// Writes `bytes` into a new memfd named `name` and seals it, like a
+/// snapshot (for the other sealed records that cross the exec).
+pub(crate) fn seal_bytes(name: &std::ffi::CStr, bytes: &[u8]) -> Result<OwnedFd, SnapshotError> {
+    let file = File::from(crate::sys::memfd_create(name).map_err(io_err("create a memfd"))?);
+    file.write_all_at(bytes, 0).map_err(io_err("write"))?;
+    cut_and_seal(file, bytes.len() as u64)
+}
+
 /// Cuts the memfd to `total` bytes (dropping any unused reserve) and adds
 /// the four seals.
 fn cut_and_seal(file: File, total: u64) -> Result<OwnedFd, SnapshotError> {

@@ -22,13 +22,15 @@ use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::Path;
 
 use crate::error::UpgradeError;
 use crate::handoff::{HANDOFF_VAR, HandoffVar, Mode, ROLLBACK_REASON_VAR};
+use crate::probe::Executable;
 use crate::probe::PROBE_VAR;
+use crate::rollback::ExecRecord;
 use crate::rollback::cstring;
 use crate::snapshot::{Draft, Header, ManifestEntry};
+use crate::sys::holder::HolderSpec;
 use crate::{signal, sys};
 
 /// Where an upgrade stands after [`Copyover::upgrade`] returned.
@@ -65,36 +67,9 @@ pub(crate) fn clean_env() -> Vec<(OsString, OsString)> {
 
 /// The exec environment: [`clean_env`] plus `COPYOVER_HANDOFF=handoff`.
 pub(crate) fn exec_env(handoff: &str) -> io::Result<Vec<CString>> {
-    let mut env = Vec::new();
-    for (k, v) in clean_env() {
-        let mut e = k.into_vec();
-        e.push(b'=');
-        e.extend_from_slice(v.as_bytes());
-        env.push(cstring(&e)?);
-    }
+    let mut env = plain_env()?;
     env.push(cstring(format!("{HANDOFF_VAR}={handoff}").as_bytes())?);
     Ok(env)
-}
-
-/// Checks that `path` is an executable file.
-pub(crate) fn preflight(path: &Path) -> Result<(), UpgradeError> {
-    nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).map_err(|e| {
-        UpgradeError::Binary {
-            path: path.to_owned(),
-            source: e.into(),
-        }
-    })?;
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(UpgradeError::Binary {
-            path: path.to_owned(),
-            source: io::Error::other("not a regular file"),
-        }),
-        Err(source) => Err(UpgradeError::Binary {
-            path: path.to_owned(),
-            source,
-        }),
-    }
 }
 
 /// What the commit needs from the runtime.
@@ -102,6 +77,8 @@ pub(crate) struct Commit<'a> {
     pub header: Header,
     pub manifest: &'a [ManifestEntry],
     pub own_binary: &'a OwnedFd,
+    /// The new binary, as probed.
+    pub exe: &'a Executable,
     pub argv: &'a [CString],
     pub requests: &'a signal::Requests,
     /// A memfd prepared during the probe (pages allocated), if any.
@@ -110,8 +87,23 @@ pub(crate) struct Commit<'a> {
     pub payload_hint: usize,
 }
 
-/// Writes the snapshot, prepares the fds and the mask, and executes.
-/// Returns only on failure, with everything undone.
+/// Undoes the commit's flags and mask if the exec does not happen: every fd
+/// close-on-exec again, the held signals released.
+struct Undo {
+    signals_held: bool,
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        let _ = sys::cloexec_from(3);
+        if self.signals_held {
+            let _ = signal::release();
+        }
+    }
+}
+
+/// Writes the snapshot, prepares the fds, the mask and the holder, and
+/// executes. Returns only on failure, with everything undone.
 pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeError {
     let t0 = std::time::Instant::now();
     let draft = match c.draft {
@@ -125,53 +117,77 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
             Err(e) => return e.into(),
         };
     let written = t0.elapsed();
-    let path = match cstring(c.header.binary.as_os_str().as_bytes()) {
-        Ok(p) => p,
-        Err(source) => {
-            return UpgradeError::Io {
-                what: "name the binary",
-                source,
-            };
-        }
+    let io = |what: &'static str| move |source| UpgradeError::Io { what, source };
+    // How this image runs, for a rollback to start it the same way.
+    let record = match plain_env() {
+        Ok(env) => ExecRecord::encode(c.argv, &env),
+        Err(e) => return io("build the environment")(e),
     };
-    let var = HandoffVar {
+    let record = match crate::snapshot::seal_bytes(c"copyover-exec", &record) {
+        Ok(fd) => fd,
+        Err(e) => return e.into(),
+    };
+    let mut var = HandoffVar {
         pid: std::process::id() as i32,
         snapshot_fd: memfd.as_raw_fd(),
         binary_fd: c.own_binary.as_raw_fd(),
         mode: Mode::Upgrade,
+        exec: Some(record.as_raw_fd()),
+        nofile: sys::nofile_limit().ok().map(|(soft, _)| soft),
+        ..Default::default()
     };
-    let env = match exec_env(&var.format()) {
+    // What the holder runs if the new image dies before it is ready: this
+    // binary, in rollback mode, under the holder's PID.
+    let rescue = HandoffVar {
+        mode: Mode::Rollback,
+        rescued: true,
+        ..var.clone()
+    };
+    let env = match rescue_env() {
         Ok(e) => e,
-        Err(source) => {
-            return UpgradeError::Io {
-                what: "build the environment",
-                source,
-            };
-        }
+        Err(e) => return io("build the environment")(e),
     };
+    let holder_spec = HolderSpec {
+        binary_fd: c.own_binary.as_raw_fd(),
+        argv: c.argv.to_vec(),
+        env,
+        var_prefix: format!("{HANDOFF_VAR}=1:pid="),
+        var_suffix: rescue.format_after_pid(),
+        blocked: signal::HELD_SIGNALS.to_vec(),
+    };
+    if c.exe.script {
+        var.script = Some(c.exe.fd.as_raw_fd());
+    }
     tracing::debug!(
         phase = "snapshot",
         bytes = payload_len,
         fds = c.manifest.len(),
         encode_ms = written.as_secs_f64() * 1e3,
         "snapshot sealed, executing {:?}",
-        c.header.binary
+        c.exe.path
     );
 
-    // From here on: no logging, no allocation that matters, until the exec.
-    if let Err(source) = keep_only(c.manifest, &[memfd.as_raw_fd(), c.own_binary.as_raw_fd()]) {
-        let _ = sys::cloexec_from(3);
+    // From here on: no logging until the exec.
+    let mut undo = Undo {
+        signals_held: false,
+    };
+    let mut extra = vec![
+        memfd.as_raw_fd(),
+        c.own_binary.as_raw_fd(),
+        record.as_raw_fd(),
+    ];
+    if c.exe.script {
+        extra.push(c.exe.fd.as_raw_fd());
+    }
+    if let Err(source) = keep_only(c.manifest, &extra) {
         return UpgradeError::Handoff {
             reason: format!("a kept fd is not open: {source}"),
         };
     }
     if let Err(source) = signal::hold() {
-        let _ = sys::cloexec_from(3);
-        return UpgradeError::Io {
-            what: "block signals",
-            source,
-        };
+        return io("block signals")(source);
     }
+    undo.signals_held = true;
     // Signals are held now and will wait, pending, for the new image. One
     // that came since the loop last polled only set a flag, which the exec
     // would forget: a shutdown abandons the upgrade, other requests are
@@ -180,21 +196,57 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         .shutdown
         .load(std::sync::atomic::Ordering::SeqCst)
     {
-        let _ = sys::cloexec_from(3);
-        let _ = signal::release();
         return UpgradeError::Shutdown;
     }
+    let holder = match sys::holder::spawn(holder_spec) {
+        Ok(h) => h,
+        Err(e) => return io("start the holder")(e),
+    };
+    var.holder = Some(holder.pid());
+    let env = match exec_env(&var.format()) {
+        Ok(e) => e,
+        Err(e) => {
+            holder.abort();
+            return io("build the environment")(e);
+        }
+    };
     c.requests.re_raise_pending();
-    let err = nix::unistd::execve(&path, c.argv, &env)
-        .err()
-        .map(io::Error::from);
-    // execve returned: undo, and keep serving.
-    let _ = sys::cloexec_from(3);
-    let _ = signal::release();
+    let err = sys::execveat(c.exe.fd.as_raw_fd(), c.argv, &env);
+    // execveat returned: undo, and keep serving.
+    holder.abort();
+    drop(undo);
+    // A re-raised request is pending, and is delivered now, to this image.
     UpgradeError::Exec {
-        path: c.header.binary.clone(),
-        source: err.unwrap_or_else(|| io::Error::other("execve returned")),
+        path: c.exe.path.clone(),
+        source: err,
     }
+}
+
+/// [`clean_env`] as `NAME=value` C strings.
+fn plain_env() -> io::Result<Vec<CString>> {
+    clean_env()
+        .into_iter()
+        .map(|(k, v)| {
+            let mut e = k.into_vec();
+            e.push(b'=');
+            e.extend_from_slice(v.as_bytes());
+            cstring(&e)
+        })
+        .collect()
+}
+
+/// The rescue's environment: [`clean_env`] and the reason, without the
+/// handoff variable (the holder writes it with its own PID).
+fn rescue_env() -> io::Result<Vec<CString>> {
+    let mut env = plain_env()?;
+    env.push(cstring(
+        format!(
+            "{ROLLBACK_REASON_VAR}=the new image died before it was ready; \
+             the holder started the old binary again under its own PID"
+        )
+        .as_bytes(),
+    )?);
+    Ok(env)
 }
 
 /// Deny by default: every fd close-on-exec, then clear the flag on exactly
@@ -217,15 +269,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn preflight_explains_a_missing_binary() {
-        let err = preflight(Path::new("/nonexistent/server"))
+    fn opening_explains_a_missing_binary() {
+        use std::path::Path;
+        let err = Executable::open(Path::new("/nonexistent/server"))
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("/nonexistent/server") && err.contains("Config::binary"),
             "{err}"
         );
-        assert!(preflight(Path::new("/bin/sh")).is_ok());
+        assert!(!Executable::open(Path::new("/bin/sh")).unwrap().script);
+        assert!(Executable::open(Path::new("/dev/null")).is_err());
     }
 
     #[test]

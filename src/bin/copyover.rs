@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use copyover::status::{Status, status_dir, status_path};
+use copyover::status::{Status, start_ticks, status_dir, status_path};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -126,7 +126,21 @@ fn read_status(t: &Target) -> Result<Status, Failure> {
     }
     let path = status_path(&t.dir, t.pid);
     match Status::read(&path) {
-        Ok(s) if s.pid == t.pid => Ok(s),
+        Ok(s) if s.pid == t.pid => {
+            // The file outlives a server killed with SIGKILL: make sure the
+            // PID is still the process that wrote it, not a stranger that
+            // SIGHUP (whose default action kills) would hurt.
+            let actual = start_ticks(t.pid).unwrap_or(0);
+            if s.start_ticks == 0 || s.start_ticks != actual {
+                return Err(Failure::Target(format!(
+                    "process {} is not the process that wrote {} (it started at tick {actual}, the file says {}): the server died and its PID was reused; remove the stale file",
+                    t.pid,
+                    path.display(),
+                    s.start_ticks
+                )));
+            }
+            Ok(s)
+        }
         Ok(_) | Err(_) if !path.exists() => Err(Failure::Target(format!(
             "process {} is not a copyover process: it has no status file at {} (if it runs under another status directory, pass --status-dir)",
             t.pid,

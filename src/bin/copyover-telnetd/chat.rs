@@ -38,13 +38,15 @@ pub const FAULT: Option<&str> = match option_env!("COPYOVER_DEMO_FAULT") {
 };
 
 /// The faults `COPYOVER_DEMO_FAULT` may name.
-const FAULTS: [&str; 6] = [
+const FAULTS: [&str; 8] = [
     "reject-state",
     "wrong-app",
     "panic-after-adopt",
     "abort-after-adopt",
     "hang-after-adopt",
     "exit-before-ready",
+    "error-after-adopt",
+    "thread-before-boot",
 ];
 
 const fn known_fault(fault: Option<&str>) -> bool {
@@ -62,7 +64,7 @@ const fn known_fault(fault: Option<&str>) -> bool {
 // A misspelt fault fails the build instead of making a silent good build.
 const _: () = assert!(
     known_fault(FAULT),
-    "COPYOVER_DEMO_FAULT must be one of: reject-state, wrong-app, panic-after-adopt, abort-after-adopt, hang-after-adopt, exit-before-ready"
+    "COPYOVER_DEMO_FAULT must be one of: reject-state, wrong-app, panic-after-adopt, abort-after-adopt, hang-after-adopt, exit-before-ready, error-after-adopt, thread-before-boot"
 );
 
 /// The state version this build writes: 2, or 1 for a build made with

@@ -117,6 +117,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if FAULT == Some("thread-before-boot") {
+        // What a static initializer, an LD_PRELOAD library or an async
+        // runtime's main does: a thread before `boot`.
+        std::thread::spawn(|| {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        });
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
@@ -186,7 +195,7 @@ fn run(args: Args) -> Result<(), BoxError> {
                 state.conns.remove(&id);
             }
             if let Some(fault) = FAULT {
-                inject_fault(fault);
+                inject_fault(fault)?;
             }
             (state, listener, streams)
         }
@@ -216,16 +225,20 @@ fn run(args: Args) -> Result<(), BoxError> {
 }
 
 /// The bad releases of `COPYOVER_DEMO_FAULT`, for tests and demonstrations.
-fn inject_fault(fault: &str) {
+/// `thread-before-boot` acts in `main`, before `boot`.
+fn inject_fault(fault: &str) -> Result<(), BoxError> {
     tracing::warn!(fault, "this is a fault build");
     match fault {
+        // Every descriptor is claimed (and owned by locals that the error
+        // drops, closing them) when `main` returns the error.
+        "error-after-adopt" => Err("fault build: an error after adopting every descriptor".into()),
         "panic-after-adopt" => panic!("fault build: panic after adopting the sockets"),
         "abort-after-adopt" => std::process::abort(),
         "hang-after-adopt" => loop {
             std::thread::sleep(Duration::from_secs(3600));
         },
         "exit-before-ready" => std::process::exit(3),
-        _ => {}
+        _ => Ok(()),
     }
 }
 

@@ -488,7 +488,7 @@ impl Inherited {
 /// An adoption error. While an upgraded image is not ready, it rolls back
 /// at once, where it happens, with every inherited descriptor still open;
 /// otherwise it is just returned.
-fn refuse(name: &str, fd: RawFd, wanted: &'static str, reason: String) -> Error {
+pub(crate) fn refuse(name: &str, fd: RawFd, wanted: &'static str, reason: String) -> Error {
     let err = Error::Adopt {
         name: name.to_owned(),
         fd,

@@ -145,6 +145,8 @@ pub mod snapshot;
 mod state;
 pub mod status;
 mod sys;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 pub mod upgrade;
 
 pub use error::{Error, UpgradeError};

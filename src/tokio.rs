@@ -528,6 +528,7 @@ impl<T> Quiesce<T> {
             {
                 let mut tally = self.inner.tally();
                 if tally.live == 0 {
+                    tracing::debug!(tasks = tally.parked.len(), "every task parked");
                     return std::mem::take(&mut tally.parked);
                 }
             }

@@ -1,11 +1,9 @@
-//! A line chat on tokio, in the style of tokio's own `examples/chat.rs`: a
+//! A line chat on tokio in the style of tokio's own `examples/chat.rs`: a
 //! multi-threaded runtime, one task per client, a shared map of the peers'
-//! inboxes. It knows nothing of copyover: `tokio-chat.rs` is this file
-//! made upgradeable in place, and the README shows the diff.
-//!
-//! ```sh
-//! cargo run --example tokio-chat-plain --features tokio -- 127.0.0.1:6142
-//! ```
+//! inboxes. `tokio-chat-plain.rs` knows nothing of copyover; `tokio-chat.rs`
+//! is the same chat upgradeable in place (SIGHUP: a new build takes over at
+//! the same PID, every client keeps its connection, its name, its half-typed
+//! line and the messages not yet written to it). The README shows the diff.
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -49,17 +47,16 @@ struct Client {
 }
 
 impl Client {
-    fn new(addr: SocketAddr, stream: TcpStream) -> Client {
+    fn new(addr: SocketAddr, lines: Framed<TcpStream, LinesCodec>) -> Client {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut client = Client {
+        let name = None;
+        Client {
             addr,
-            lines: Framed::new(stream, LinesCodec::new()),
-            name: None,
+            lines,
+            name,
             tx,
             rx,
-        };
-        client.queue("Please enter your username:".into());
-        client
+        }
     }
 
     /// Adds a line to the output buffer; the task's loop writes it.
@@ -84,7 +81,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
     tracing::info!(addr = %listener.local_addr()?, "listening");
     loop {
         let (stream, addr) = listener.accept().await?;
-        let client = Client::new(addr, stream);
+        let mut client = Client::new(addr, Framed::new(stream, LinesCodec::new()));
+        client.queue("Please enter your username:".into());
         tokio::spawn(process(Arc::clone(&shared), client));
     }
 }

@@ -1,14 +1,9 @@
-//! A line chat on tokio, in the style of tokio's own `examples/chat.rs`, that
-//! upgrades in place: on SIGHUP a new build takes over at the same PID and
-//! every client stays connected, with its name, its half-typed line and the
-//! messages not yet written to it. `tokio-chat-plain.rs` is the same chat
-//! without copyover; the README shows the diff.
-//!
-//! ```sh
-//! cargo run --example tokio-chat --features tokio -- 127.0.0.1:6142
-//! COPYOVER_CHAT_LABEL=v2 cargo build --example tokio-chat --features tokio
-//! kill -HUP $(pgrep -f 'examples/tokio-chat')
-//! ```
+//! A line chat on tokio in the style of tokio's own `examples/chat.rs`: a
+//! multi-threaded runtime, one task per client, a shared map of the peers'
+//! inboxes. `tokio-chat-plain.rs` knows nothing of copyover; `tokio-chat.rs`
+//! is the same chat upgradeable in place (SIGHUP: a new build takes over at
+//! the same PID, every client keeps its connection, its name, its half-typed
+//! line and the messages not yet written to it). The README shows the diff.
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -16,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use copyover::tokio::{AsyncCopyover, Quiesce, SafePoint, TakeTokio};
-use copyover::{AppState, Config, Event, Handoff, Start};
+use copyover::{AppState, Config, Copyover, Event, Handoff, Start};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,13 +19,9 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_util::codec::{Encoder, Framed, FramedParts, LinesCodec};
 use tracing_subscriber::EnvFilter;
 
-/// The build's label (tests build a `v2`), and a bad release for the tests:
-/// `COPYOVER_CHAT_FAULT=panic` panics after adopting the sockets.
-const LABEL: &str = match option_env!("COPYOVER_CHAT_LABEL") {
-    Some(l) => l,
-    None => "v1",
-};
-const FAULT: Option<&str> = option_env!("COPYOVER_CHAT_FAULT");
+/// The build's label; the tests build a `v2`, and a `bad` one that panics
+/// after adopting the sockets (it is rolled back).
+const LABEL: Option<&str> = option_env!("COPYOVER_CHAT_LABEL");
 
 type Tx = mpsc::UnboundedSender<String>;
 type Rx = mpsc::UnboundedReceiver<String>;
@@ -62,11 +53,9 @@ struct Client {
     rx: Rx,
 }
 
-/// What crosses the exec: every client, with its socket named `conn:ADDR`.
+/// What crosses the exec: each client's socket (`conn:ADDR`) and record.
 #[derive(Serialize, Deserialize, Default)]
-struct Saved {
-    clients: Vec<SavedClient>,
-}
+struct Saved(Vec<SavedClient>);
 
 impl AppState for Saved {
     const VERSION: u32 = 1;
@@ -81,45 +70,9 @@ struct SavedClient {
 }
 
 impl Client {
-    fn new(addr: SocketAddr, stream: TcpStream) -> Client {
+    fn new(addr: SocketAddr, lines: Framed<TcpStream, LinesCodec>) -> Client {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut client = Client {
-            addr,
-            lines: Framed::new(stream, LinesCodec::new()),
-            name: None,
-            tx,
-            rx,
-        };
-        client.queue("Please enter your username:".into());
-        client
-    }
-
-    /// Adds a line to the output buffer; the task's loop writes it.
-    fn queue(&mut self, line: String) {
-        let _ = LinesCodec::new().encode(line, self.lines.write_buffer_mut());
-    }
-
-    /// Its record, once every task is paused: messages still in its inbox
-    /// join the unsent output.
-    fn save(&mut self) -> SavedClient {
-        while let Ok(message) = self.rx.try_recv() {
-            self.queue(message);
-        }
-        SavedClient {
-            addr: self.addr,
-            name: self.name.clone(),
-            unread: self.lines.read_buffer().to_vec(),
-            unsent: self.lines.write_buffer().to_vec(),
-        }
-    }
-
-    fn restore(saved: SavedClient, stream: TcpStream) -> Client {
-        let mut parts = FramedParts::new::<String>(stream, LinesCodec::new());
-        parts.read_buf = saved.unread[..].into();
-        parts.write_buf = saved.unsent[..].into();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (addr, name) = (saved.addr, saved.name);
-        let lines = Framed::from_parts(parts);
+        let name = None;
         Client {
             addr,
             lines,
@@ -128,6 +81,47 @@ impl Client {
             rx,
         }
     }
+
+    /// Adds a line to the output buffer; the task's loop writes it.
+    fn queue(&mut self, line: String) {
+        let _ = LinesCodec::new().encode(line, self.lines.write_buffer_mut());
+    }
+
+    /// Its record, once every task is parked (its inbox joins the output).
+    fn save(&mut self) -> SavedClient {
+        while let Ok(message) = self.rx.try_recv() {
+            self.queue(message);
+        }
+        let (unread, unsent) = (self.lines.read_buffer(), self.lines.write_buffer());
+        let (unread, unsent) = (unread.to_vec(), unsent.to_vec());
+        let (addr, name) = (self.addr, self.name.clone());
+        SavedClient {
+            addr,
+            name,
+            unread,
+            unsent,
+        }
+    }
+
+    fn restore(saved: SavedClient, stream: TcpStream) -> Client {
+        let mut parts = FramedParts::new::<String>(stream, LinesCodec::new());
+        (parts.read_buf, parts.write_buf) = (saved.unread[..].into(), saved.unsent[..].into());
+        let client = Client::new(saved.addr, Framed::from_parts(parts));
+        Client {
+            name: saved.name,
+            ..client
+        }
+    }
+}
+
+/// The listener and the clients' sockets, by name.
+fn keep<'a>(listener: &'a TcpListener, clients: &'a [Client]) -> Handoff<'a> {
+    let mut keep = Handoff::new();
+    keep.listener("listener", listener);
+    for c in clients {
+        keep.stream(format!("conn:{}", c.addr), c.lines.get_ref());
+    }
+    keep
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
@@ -137,64 +131,51 @@ fn main() -> Result<(), Box<dyn Error>> {
         .with_ansi(false)
         .with_env_filter(filter)
         .init();
-    // First, before any thread: copyover, then the runtime.
-    let (co, start) = copyover::boot::<Saved>(Config::new("tokio-chat", LABEL))?;
+    // copyover first, before any thread; then the runtime.
+    let (co, start) = copyover::boot(Config::new("tokio-chat", LABEL.unwrap_or("v1")))?;
     copyover::tokio::runtime()?.block_on(run(co, start))
 }
 
-async fn run(co: copyover::Copyover, start: Start<Saved>) -> Result<(), Box<dyn Error>> {
+async fn run(co: Copyover, start: Start<Saved>) -> Result<(), Box<dyn Error>> {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:6142".into());
     let shared = Arc::new(Mutex::new(Shared::default()));
-    let mut co = AsyncCopyover::new(co)?;
-    let quiesce = Quiesce::new();
-    let (listener, clients) = match start {
-        Start::Fresh => (TcpListener::bind(&addr).await?, Vec::new()),
+    let (mut co, quiesce) = (AsyncCopyover::new(co)?, Quiesce::new());
+    let mut clients = Vec::new();
+    let listener = match start {
+        Start::Fresh => TcpListener::bind(&addr).await?,
         Start::Resumed { state, mut fds } => {
-            let listener = fds.take_tokio_tcp_listener("listener")?;
-            let mut clients = Vec::new();
-            for saved in state.clients {
+            for saved in state.0 {
                 if let Some(s) = fds.take_tokio_tcp_stream(&format!("conn:{}", saved.addr))? {
                     clients.push(Client::restore(saved, s));
                 }
             }
-            assert!(
-                FAULT != Some("panic"),
-                "fault build: a panic after adoption"
-            );
-            (listener.ok_or("no listener was handed over")?, clients)
+            assert!(LABEL != Some("bad"), "a bad build");
+            fds.take_tokio_tcp_listener("listener")?
+                .ok_or("no listener")?
         }
     };
-    // Ready before any task touches a socket: until then a rollback could
-    // bring back the old image, which would say the same things again.
+    // Ready before any task touches a socket (a rollback would repeat it).
     co.ready()?;
     spawn_all(&shared, &quiesce, clients).await;
-    tracing::info!(addr = %listener.local_addr()?, version = LABEL, "listening");
+    tracing::info!(addr = %listener.local_addr()?, "listening");
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, addr) = accepted?;
-                let client = Client::new(addr, stream);
+                let mut client = Client::new(addr, Framed::new(stream, LinesCodec::new()));
+                client.queue("Please enter your username:".into());
                 tokio::spawn(process(Arc::clone(&shared), client, quiesce.join()));
             }
             event = co.next_event() => match event {
-                Event::Upgrade => {
-                    // The probe checks that the new build reads our state.
-                    let mut keep = Handoff::new();
-                    keep.listener("listener", &listener);
-                    let _ = co.upgrade(&Saved::default(), &keep);
-                }
+                // The probe checks that the new build reads our state.
+                Event::Upgrade => drop(co.upgrade(&Saved::default(), &keep(&listener, &[]))),
                 Event::UpgradeApproved => {
                     let mut parked = quiesce.pause().await;
-                    let clients = parked.iter_mut().map(Client::save).collect();
-                    let mut keep = Handoff::new();
-                    keep.listener("listener", &listener);
-                    for c in &parked {
-                        keep.stream(format!("conn:{}", c.addr), c.lines.get_ref());
-                    }
+                    let saved = Saved(parked.iter_mut().map(Client::save).collect());
                     // Returns only if the commit failed: serve on.
-                    let _ = co.upgrade(&Saved { clients }, &keep);
+                    let _ = co.upgrade(&saved, &keep(&listener, &parked));
                     quiesce.resume();
                     spawn_all(&shared, &quiesce, parked).await;
                 }
@@ -207,16 +188,16 @@ async fn run(co: copyover::Copyover, start: Start<Saved>) -> Result<(), Box<dyn 
 
 /// Starts a task per client (resumed, or back from a failed commit).
 async fn spawn_all(shared: &Arc<Mutex<Shared>>, quiesce: &Quiesce<Client>, clients: Vec<Client>) {
-    let mut peers = shared.lock().await;
+    let mut shared_now = shared.lock().await;
     for client in clients {
         if client.name.is_some() {
-            peers.peers.insert(client.addr, client.tx.clone());
+            shared_now.peers.insert(client.addr, client.tx.clone());
         }
         tokio::spawn(process(Arc::clone(shared), client, quiesce.join()));
     }
 }
 
-/// Serves one client until it leaves, or hands it back for an upgrade.
+/// Serves one client until it leaves, or parks it for an upgrade.
 async fn process(shared: Arc<Mutex<Shared>>, mut client: Client, mut safe: SafePoint<Client>) {
     match serve(&shared, &mut client, &mut safe).await {
         Ok(true) => return safe.park(client),

@@ -134,13 +134,8 @@ fn all_still_there(ann: &mut Client, bob: &mut Client, cy: &mut Client, round: &
 fn tokio_chat_upgrades_refuses_and_rolls_back_keeping_everyone() {
     let v1 = chat("v1");
     let v2 = chat("v2");
-    let bad = util::example(
-        "tokio-chat",
-        &[
-            ("COPYOVER_CHAT_LABEL", "bad-panic"),
-            ("COPYOVER_CHAT_FAULT", "panic"),
-        ],
-    );
+    // Labelled `bad`: panics after adopting the sockets.
+    let bad = chat("bad");
     let mut server = start("tokio-chat", &v1);
     let pid = server.pid;
     let (mut ann, mut bob, mut cy) = three(server.addr);

@@ -45,9 +45,9 @@
 //! read them, so they never reach a child process.
 
 use std::collections::HashMap;
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 
 use crate::error::Error;
 use crate::snapshot::{FdKind, ManifestEntry};
@@ -230,6 +230,13 @@ impl<'a> Handoff<'a> {
     /// Keeps a connected stream socket under `name`.
     pub fn stream(&mut self, name: impl Into<String>, fd: &'a impl AsFd) -> &mut Self {
         self.push(name.into(), fd.as_fd().as_raw_fd(), FdKind::Stream)
+    }
+
+    /// Keeps a datagram socket (UDP or Unix datagram) under `name`; claim
+    /// it with [`Inherited::take_udp_socket`] or
+    /// [`Inherited::take_unix_datagram`].
+    pub fn datagram(&mut self, name: impl Into<String>, fd: &'a impl AsFd) -> &mut Self {
+        self.push(name.into(), fd.as_fd().as_raw_fd(), FdKind::Datagram)
     }
 
     /// Keeps any other descriptor (a pipe, a file, a datagram socket).
@@ -517,10 +524,85 @@ impl Inherited {
     }
 }
 
+/// Which datagram socket a take asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DatagramFamily {
+    /// `AF_INET` or `AF_INET6`, `IPPROTO_UDP`.
+    Udp,
+    /// `AF_UNIX`.
+    Unix,
+}
+
+impl Inherited {
+    /// Takes a UDP socket (bound, and connected if it was).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Adopt`] if the descriptor is not a UDP socket (`SO_TYPE`
+    /// `SOCK_DGRAM`, `SO_DOMAIN` `AF_INET` or `AF_INET6`, `SO_PROTOCOL`
+    /// `IPPROTO_UDP`).
+    pub fn take_udp_socket(&mut self, name: &str) -> Result<Option<UdpSocket>, Error> {
+        self.take_datagram(name, "a UDP socket", DatagramFamily::Udp)
+            .map(|o| o.map(UdpSocket::from))
+    }
+
+    /// Takes a Unix datagram socket.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Adopt`] if the descriptor is not a Unix datagram socket
+    /// (`SO_TYPE` `SOCK_DGRAM`, `SO_DOMAIN` `AF_UNIX`).
+    pub fn take_unix_datagram(&mut self, name: &str) -> Result<Option<UnixDatagram>, Error> {
+        self.take_datagram(name, "a Unix datagram socket", DatagramFamily::Unix)
+            .map(|o| o.map(UnixDatagram::from))
+    }
+
+    /// The checks of a datagram take; the descriptor leaves the set only
+    /// once it passed them. Entries kept with [`Handoff::other`] (the way
+    /// to keep a datagram socket before [`Handoff::datagram`]) are accepted
+    /// too: the socket's own options decide.
+    fn take_datagram(
+        &mut self,
+        name: &str,
+        wanted: &'static str,
+        family: DatagramFamily,
+    ) -> Result<Option<OwnedFd>, Error> {
+        let Some((owned, kind)) = self.fds.get(name) else {
+            return Ok(None);
+        };
+        let (fd, kind) = (owned.as_raw_fd(), *kind);
+        let fail = |reason: String| refuse(name, fd, wanted, reason);
+        if !matches!(kind, FdKind::Datagram | FdKind::Other) {
+            return Err(fail(format!("the manifest says it is {kind:?}")));
+        }
+        let ty = sys::socket_type(fd).map_err(|e| fail(format!("it is not a socket ({e})")))?;
+        if ty != libc::SOCK_DGRAM {
+            return Err(fail(format!("its type is {ty}, not SOCK_DGRAM")));
+        }
+        let domain = sys::socket_domain(fd).map_err(|e| fail(e.to_string()))?;
+        match family {
+            DatagramFamily::Udp => {
+                if domain != libc::AF_INET && domain != libc::AF_INET6 {
+                    return Err(fail(format!("its domain is {domain}, not AF_INET(6)")));
+                }
+                let protocol = sys::socket_protocol(fd).map_err(|e| fail(e.to_string()))?;
+                if protocol != libc::IPPROTO_UDP {
+                    return Err(fail(format!("its protocol is {protocol}, not UDP")));
+                }
+            }
+            DatagramFamily::Unix if domain != libc::AF_UNIX => {
+                return Err(fail(format!("its domain is {domain}, not AF_UNIX")));
+            }
+            DatagramFamily::Unix => {}
+        }
+        Ok(self.fds.remove(name).map(|(fd, _)| fd))
+    }
+}
+
 /// An adoption error. While an upgraded image is not ready, it rolls back
 /// at once, where it happens, with every inherited descriptor still open;
 /// otherwise it is just returned.
-fn refuse(name: &str, fd: RawFd, wanted: &'static str, reason: String) -> Error {
+pub(crate) fn refuse(name: &str, fd: RawFd, wanted: &'static str, reason: String) -> Error {
     let err = Error::Adopt {
         name: name.to_owned(),
         fd,
@@ -648,6 +730,52 @@ mod tests {
         let err = inh.take_unix_listener("t").unwrap_err().to_string();
         assert!(err.contains("not a Unix socket"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn datagram_sockets_are_checked_by_type_domain_and_protocol() {
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (ud, _peer) = UnixDatagram::pair().unwrap();
+        let (us, _peer2) = UnixStream::pair().unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut h = Handoff::new();
+        h.datagram("u", &udp).datagram("d", &ud);
+        assert_eq!(h.manifest().unwrap()[0].kind, FdKind::Datagram);
+        let mut inh = Inherited::default();
+        let dup = |fd: &dyn AsFd| fd.as_fd().try_clone_to_owned().unwrap();
+        for (name, fd, kind) in [
+            ("udp", dup(&udp), FdKind::Datagram),
+            ("udp-other", dup(&udp), FdKind::Other),
+            ("udp-as-unix", dup(&udp), FdKind::Datagram),
+            ("unix", dup(&ud), FdKind::Datagram),
+            ("unix-as-udp", dup(&ud), FdKind::Datagram),
+            ("unix-stream", dup(&us), FdKind::Datagram),
+            ("tcp", dup(&tcp), FdKind::Datagram),
+            ("udp-as-stream", dup(&udp), FdKind::Stream),
+        ] {
+            inh.fds.insert(name.into(), (fd, kind));
+        }
+        let port = udp.local_addr().unwrap();
+        let got = inh.take_udp_socket("udp").unwrap().unwrap();
+        assert_eq!(got.local_addr().unwrap(), port);
+        assert!(inh.take_udp_socket("udp-other").unwrap().is_some());
+        assert!(inh.take_unix_datagram("unix").unwrap().is_some());
+        for (name, unix, want) in [
+            ("udp-as-unix", true, "not AF_UNIX"),
+            ("unix-as-udp", false, "not AF_INET"),
+            ("unix-stream", true, "not SOCK_DGRAM"),
+            ("tcp", false, "not SOCK_DGRAM"),
+            ("udp-as-stream", false, "the manifest says it is Stream"),
+        ] {
+            let err = if unix {
+                inh.take_unix_datagram(name).map(|_| ())
+            } else {
+                inh.take_udp_socket(name).map(|_| ())
+            };
+            let err = err.unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains(name), "{name}: {err}");
+        }
+        assert_eq!(inh.len(), 5, "refused descriptors stay in the set");
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //!    against a sealed snapshot, on a helper thread, while the loop keeps
 //!    serving. A binary that is not a copyover program of this application,
 //!    or cannot read this state version, is refused here.
-//! 4. On a yes, [`Event::Upgrade`] comes again and `upgrade` **commits**:
+//! 4. On a yes, [`Event::UpgradeApproved`] comes and `upgrade` **commits**:
 //!    the state goes into a sealed memfd, every fd becomes close-on-exec but
 //!    the kept ones, the reload signals are held, and the binary's path is
 //!    executed **at the same PID**.
@@ -71,7 +71,7 @@
 //!         }
 //!         while let Some(event) = co.poll() {
 //!             match event {
-//!                 Event::Upgrade => {
+//!                 Event::Upgrade | Event::UpgradeApproved => {
 //!                     state.connections = conns.iter().map(|(id, _)| *id).collect();
 //!                     let names: Vec<String> = conns.iter().map(|(id, _)| format!("conn:{id}")).collect();
 //!                     let mut keep = Handoff::new();
@@ -147,6 +147,8 @@ mod state;
 pub mod status;
 #[allow(unsafe_code)]
 mod sys;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 pub mod upgrade;
 
 pub use error::{Error, UpgradeError};

@@ -89,8 +89,15 @@ pub enum Start<S> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {
-    /// Call [`Copyover::upgrade`] with the current state and descriptors.
+    /// An upgrade was asked for: call [`Copyover::upgrade`] with the
+    /// current state and descriptors. It starts the probe of the new binary
+    /// and returns: keep serving (nothing needs to pause for the probe).
     Upgrade,
+    /// The probe approved the new binary: reach a safe point (pause what
+    /// must pause, collect every connection) and call [`Copyover::upgrade`]
+    /// again, which commits. Comes once per upgrade, after
+    /// [`Event::Upgrade`], so a server stalls its connections once.
+    UpgradeApproved,
     /// The probe refused the new binary; the runtime logged why. Nothing to do.
     UpgradeRefused {
         /// Why.
@@ -617,7 +624,7 @@ impl Copyover {
                 Verdict::Accepted(to_version) => {
                     tracing::debug!(phase = "probe", probe_ms, %to_version, "the new binary accepted the snapshot");
                     self.phase = Phase::Approved { to_version, exe };
-                    return Some(Event::Upgrade);
+                    return Some(Event::UpgradeApproved);
                 }
                 Verdict::Refused(reason) => {
                     self.draft = None;
@@ -688,12 +695,13 @@ impl Copyover {
         }
     }
 
-    /// Moves the upgrade forward; call it on [`Event::Upgrade`] with the
-    /// whole current state and every descriptor to keep.
+    /// Moves the upgrade forward; call it on [`Event::Upgrade`] and on
+    /// [`Event::UpgradeApproved`] with the whole current state and every
+    /// descriptor to keep.
     ///
     /// * The first call checks the binary and starts the probe, then returns
     ///   [`Progress::Probing`]: keep serving.
-    /// * Once the probe said yes, [`Event::Upgrade`] comes again; this call
+    /// * Once the probe said yes, [`Event::UpgradeApproved`] comes; this call
     ///   then commits: it writes the snapshot and executes the new binary.
     ///   **It does not return on success**: the new image carries on.
     ///

@@ -76,6 +76,10 @@ pub enum FdKind {
     Other,
     /// The memfd of a [`Region`](crate::Region).
     Region,
+    /// A datagram socket (UDP, Unix datagram). Added after `Region`, so the
+    /// encoding of the other kinds is unchanged; an older binary refuses a
+    /// manifest that holds one (in its probe).
+    Datagram,
 }
 
 /// One descriptor kept across the exec: its name, number and kind.

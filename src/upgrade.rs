@@ -40,8 +40,8 @@ use crate::{signal, sys};
 #[non_exhaustive]
 pub enum Progress {
     /// The new binary is being probed; keep serving. The event fd wakes the
-    /// loop with [`Event::Upgrade`](crate::Event::Upgrade) again once it
-    /// answered yes (then call `upgrade` again to commit), or with
+    /// loop with [`Event::UpgradeApproved`](crate::Event::UpgradeApproved)
+    /// once it answered yes (then call `upgrade` again to commit), or with
     /// [`Event::UpgradeRefused`](crate::Event::UpgradeRefused).
     Probing,
 }

@@ -309,9 +309,15 @@ pub(crate) fn is_listening(fd: RawFd) -> bool {
     getsockopt_int(fd, libc::SO_ACCEPTCONN).is_ok_and(|v| v != 0)
 }
 
-/// Reads `SO_TYPE` (`SOCK_STREAM`, `SOCK_DGRAM`, `SOCK_SEQPACKET`).
+/// Reads `SO_TYPE` (`SOCK_STREAM`, `SOCK_DGRAM`, ...); fails with
+/// `ENOTSOCK` for a descriptor that is not a socket.
 pub(crate) fn socket_type(fd: RawFd) -> io::Result<i32> {
     getsockopt_int(fd, libc::SO_TYPE)
+}
+
+/// Reads `SO_PROTOCOL` (`IPPROTO_UDP`, 0 for a Unix socket, ...).
+pub(crate) fn socket_protocol(fd: RawFd) -> io::Result<i32> {
+    getsockopt_int(fd, libc::SO_PROTOCOL)
 }
 
 /// Reads `SO_DOMAIN` (`AF_UNIX`, `AF_INET`, ...).

@@ -525,3 +525,60 @@ pub fn survive(name: &str, bad: Deploy<'_>, outcome: &str, reason: &str) {
     assert_eq!(ann.ask("/get color"), "color = green");
     ann.assert_quiet();
 }
+
+/// A build of one of the crate's examples, with `--features tokio` and
+/// compile-time settings such as `[("COPYOVER_CHAT_LABEL", "v2")]`, into
+/// target/demo-builds like [`build`]. Built again when the test binary or
+/// the example's source is newer than the copy.
+pub fn example(name: &str, settings: &[(&str, &str)]) -> PathBuf {
+    let target = manifest_dir().join("target").join("demo-builds");
+    std::fs::create_dir_all(target.join("out")).expect("create target/demo-builds");
+    let mut key = name.to_owned();
+    for (k, v) in settings {
+        key.push_str(&format!(",{k}={v}"));
+    }
+    let out = target.join("out").join(key);
+    let lock = std::fs::File::create(target.join(".lock")).expect("lock file");
+    let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).expect("flock");
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let source = manifest_dir().join("examples").join(format!("{name}.rs"));
+    let reference = std::env::current_exe()
+        .ok()
+        .and_then(|p| mtime(&p))
+        .max(mtime(&source));
+    let fresh = mtime(&out);
+    if fresh.is_some() && fresh >= reference {
+        return out;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "--features",
+        "tokio",
+        "--example",
+        name,
+        "--manifest-path",
+    ])
+    .arg(manifest_dir().join("Cargo.toml"))
+    .env("CARGO_TARGET_DIR", &target);
+    for var in [
+        "COPYOVER_CHAT_LABEL",
+        "COPYOVER_CHAT_FAULT",
+        "COPYOVER_DEMO_LABEL",
+        "RUSTFLAGS",
+    ] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in settings {
+        cmd.env(k, v);
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(
+        status.success(),
+        "building example {name} with {settings:?} failed"
+    );
+    std::fs::copy(target.join("debug").join("examples").join(name), &out).expect("copy the build");
+    out
+}

@@ -183,7 +183,7 @@ pub fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
                 TOKEN_EVENTS => {
                     while let Some(event) = co.poll() {
                         match event {
-                            Event::Upgrade => {
+                            Event::Upgrade | Event::UpgradeApproved => {
                                 state.conns = conns.keys().copied().collect();
                                 let mut keep = Handoff::new();
                                 keep.listener("listener", &listener);

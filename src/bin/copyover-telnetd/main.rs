@@ -302,7 +302,7 @@ impl Server {
     fn copyover_events(&mut self) -> Result<bool, BoxError> {
         while let Some(event) = self.co.poll() {
             match event {
-                Event::Upgrade => {
+                Event::Upgrade | Event::UpgradeApproved => {
                     let mut keep = Handoff::new();
                     keep.listener(LISTENER, &self.listener);
                     for (id, (s, _)) in &self.streams {

@@ -1,0 +1,665 @@
+//! tokio servers (feature `tokio`): the runtime's events as an `async fn`,
+//! inherited sockets as tokio sockets, and a way to pause every connection
+//! task at a safe point for the commit.
+//!
+//! A tokio server keeps its state spread over tasks: one per connection,
+//! each owning its socket, its unread input and its unsent output. An
+//! upgrade needs all of that in one place for a moment, on one thread,
+//! while no other thread touches a kept socket. This module does it in
+//! three steps, with no `unsafe` in the server:
+//!
+//! 1. [`Event::Upgrade`] (from [`AsyncCopyover::next_event`]): start the
+//!    probe with [`AsyncCopyover::upgrade`] and the state as the main task
+//!    has it. Nothing pauses: the probe runs beside the server.
+//! 2. [`Event::UpgradeApproved`]: [`Quiesce::pause`] asks every task that
+//!    holds a [`SafePoint`] to stop at its next safe point and hand back
+//!    its socket and per-connection state ([`SafePoint::park`]); it returns
+//!    them all. Build the state and the [`Handoff`](crate::Handoff) from
+//!    them and call [`AsyncCopyover::upgrade`] again: it commits and, on
+//!    success, never returns.
+//! 3. If the commit fails, it returns the error and the old image serves
+//!    on: [`Quiesce::resume`], then spawn the tasks again from what they
+//!    handed back, the same way the new image starts them from the
+//!    inherited state.
+//!
+//! # The shape of `main`
+//!
+//! [`boot`](crate::boot) must run before any thread starts, so before the
+//! runtime is built: no `#[tokio::main]`, but a `main` that boots, then
+//! builds the runtime with [`runtime`] and runs the server in `block_on`.
+//! The main task (the future given to `block_on`) must be the one that
+//! commits: it runs on the process's main thread, the only thread that
+//! receives the reload signals (see below).
+//!
+//! ```no_run
+//! use copyover::tokio::{AsyncCopyover, Quiesce, TakeTokio};
+//! use copyover::{AppState, Config, Event, Handoff, Start};
+//! # #[derive(serde::Serialize, serde::Deserialize, Default)]
+//! # struct State { names: Vec<String> }
+//! # impl AppState for State { const VERSION: u32 = 1; }
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let (co, start) = copyover::boot::<State>(Config::new("app", "v1"))?;
+//!     copyover::tokio::runtime()?.block_on(async move {
+//!         let mut co = AsyncCopyover::new(co)?;
+//!         let listener = match start {
+//!             Start::Fresh => tokio::net::TcpListener::bind("127.0.0.1:7000").await?,
+//!             Start::Resumed { state, mut fds } => {
+//!                 // Take the connections here too; spawn their tasks
+//!                 // only after `ready`.
+//!                 fds.take_tokio_tcp_listener("listener")?.ok_or("no listener")?
+//!             }
+//!         };
+//!         co.ready()?;
+//!         let quiesce: Quiesce<tokio::net::TcpStream> = Quiesce::new();
+//!         loop {
+//!             tokio::select! {
+//!                 accepted = listener.accept() => {
+//!                     let (stream, _) = accepted?;
+//!                     let mut safe_point = quiesce.join();
+//!                     tokio::spawn(async move {
+//!                         // ... serve, and at a safe point:
+//!                         safe_point.requested().await;
+//!                         safe_point.park(stream);
+//!                     });
+//!                 }
+//!                 event = co.next_event() => match event {
+//!                     Event::Upgrade => {
+//!                         let mut keep = Handoff::new();
+//!                         keep.listener("listener", &listener);
+//!                         let _ = co.upgrade(&State::default(), &keep);
+//!                     }
+//!                     Event::UpgradeApproved => {
+//!                         let parked = quiesce.pause().await;
+//!                         let mut keep = Handoff::new();
+//!                         keep.listener("listener", &listener);
+//!                         for (i, s) in parked.iter().enumerate() {
+//!                             keep.stream(format!("conn:{i}"), s);
+//!                         }
+//!                         // Returns only if the commit failed.
+//!                         let _ = co.upgrade(&State::default(), &keep);
+//!                         quiesce.resume();
+//!                         // ... spawn the tasks again from `parked`.
+//!                     }
+//!                     Event::Shutdown => return Ok(()),
+//!                     _ => {}
+//!                 },
+//!             }
+//!         }
+//!     })
+//! }
+//! ```
+//!
+//! # Signals in a multi-threaded process
+//!
+//! The commit blocks the reload signals ([`HELD_SIGNALS`]) in the thread
+//! that executes the new binary: the mask and the pending signals of that
+//! thread, and the signals pending for the process, survive `execve`. A
+//! signal that the kernel hands to *another* thread during the commit runs
+//! the handler there, sets a flag that the exec then forgets: lost. So no
+//! other thread may take them: [`runtime`] (or [`mask_held_signals`] in
+//! your own builder's `on_thread_start`) blocks them in every worker and
+//! blocking-pool thread, and [`AsyncCopyover::upgrade`] blocks them while
+//! the probe's helper thread is created. The main thread alone handles
+//! them; once it blocks them for the commit, a signal stays pending for
+//! the process and reaches the new image.
+//!
+//! [`HELD_SIGNALS`]: crate::signal::HELD_SIGNALS
+
+use std::io;
+use std::net;
+use std::ops::{Deref, DerefMut};
+use std::os::fd::OwnedFd;
+use std::os::unix::net as unix;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ::tokio::sync::{Notify, watch};
+use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
+
+use crate::error::{Error, UpgradeError};
+use crate::handoff::{Handoff, Inherited};
+use crate::runtime::{Copyover, Event};
+use crate::state::AppState;
+use crate::upgrade::Progress;
+
+/// Blocks [`HELD_SIGNALS`](crate::signal::HELD_SIGNALS) in the calling
+/// thread, for good. Give it to `Builder::on_thread_start` if you build
+/// your own runtime (what [`runtime_builder`] does), and call it first in
+/// any thread you spawn yourself: only the main thread may handle the
+/// reload signals.
+pub fn mask_held_signals() {
+    // Cannot fail with a valid `how` and set.
+    let _ = pthread_sigmask(
+        SigmaskHow::SIG_BLOCK,
+        Some(&crate::signal::held_set()),
+        None,
+    );
+}
+
+/// The held signals blocked in this thread until dropped; the previous mask
+/// is then put back.
+struct Masked(Option<SigSet>);
+
+impl Masked {
+    fn now() -> Masked {
+        let mut old = SigSet::empty();
+        let set = crate::signal::held_set();
+        Masked(
+            pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old))
+                .ok()
+                .map(|()| old),
+        )
+    }
+}
+
+impl Drop for Masked {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(old), None);
+        }
+    }
+}
+
+/// A multi-threaded runtime builder (`enable_all`) whose worker and
+/// blocking-pool threads block the held signals (see the module docs).
+/// Add your own settings, then `build` it with the held signals blocked in
+/// the calling thread, as [`runtime`] does, so that no thread of the
+/// runtime ever starts with them unblocked.
+pub fn runtime_builder() -> ::tokio::runtime::Builder {
+    let mut b = ::tokio::runtime::Builder::new_multi_thread();
+    b.enable_all().on_thread_start(mask_held_signals);
+    b
+}
+
+/// Builds [`runtime_builder`]'s runtime. Call it after
+/// [`boot`](crate::boot), in the main thread.
+///
+/// # Errors
+///
+/// The runtime's own error if its threads or its I/O driver cannot be set
+/// up.
+pub fn runtime() -> io::Result<::tokio::runtime::Runtime> {
+    // Threads inherit the creating thread's mask: workers never run a
+    // moment with the signals unblocked.
+    let _masked = Masked::now();
+    runtime_builder().build()
+}
+
+/// A [`Copyover`] whose events are awaited: owned and `'static`, to keep
+/// in the main task. It dereferences to the [`Copyover`] for everything
+/// else ([`ready`](Copyover::ready), [`generation`](Copyover::generation),
+/// ...).
+#[derive(Debug)]
+pub struct AsyncCopyover {
+    co: Copyover,
+    /// A duplicate of [`Copyover::event_fd`] (the read end of the runtime's
+    /// wake-up socket pair), registered with tokio as a Unix stream: safe
+    /// code all the way, where an `AsyncFd` over a raw descriptor would
+    /// need `unsafe`.
+    wake: ::tokio::net::UnixStream,
+}
+
+impl AsyncCopyover {
+    /// Registers the runtime's event descriptor with tokio's reactor. Call
+    /// it inside the runtime.
+    ///
+    /// # Errors
+    ///
+    /// If the descriptor cannot be duplicated or registered (no runtime).
+    pub fn new(co: Copyover) -> io::Result<AsyncCopyover> {
+        let fd: OwnedFd = co.event_fd().try_clone_to_owned()?;
+        // Non-blocking already: the flag lives on the shared file description.
+        let wake = ::tokio::net::UnixStream::from_std(unix::UnixStream::from(fd))?;
+        Ok(AsyncCopyover { co, wake })
+    }
+
+    /// The next event. Cancel-safe: an event is taken only when this
+    /// returns it, so it fits a `tokio::select!` loop.
+    pub async fn next_event(&mut self) -> Event {
+        loop {
+            if let Some(event) = self.co.poll() {
+                return event;
+            }
+            if self.wake.readable().await.is_err() {
+                // The reactor is gone (the runtime shuts down): nothing will
+                // wake us again.
+                std::future::pending::<()>().await;
+            }
+            // Drained through tokio's registration, so that tokio clears its
+            // readiness on `WouldBlock`; then polled again: a wake-up byte
+            // that came meanwhile is seen by that poll, a later one makes
+            // the socket ready again.
+            let mut buf = [0u8; 256];
+            loop {
+                match self.wake.try_read(&mut buf) {
+                    Ok(n) if n > 0 => {}
+                    // EOF cannot happen while the runtime lives (it holds
+                    // the other end); were it to, nothing would wake us.
+                    Ok(_) => std::future::pending::<()>().await,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// [`Copyover::upgrade`], with the held signals blocked in this thread
+    /// while it runs, so that the probe's helper thread starts with them
+    /// blocked (only the main thread may handle them). Call it from the
+    /// main task: on [`Event::Upgrade`] with the state as you have it (the
+    /// probe checks that the new binary reads it), on
+    /// [`Event::UpgradeApproved`] with the state and the sockets that
+    /// [`Quiesce::pause`] collected. A commit does not return on success.
+    ///
+    /// # Errors
+    ///
+    /// As [`Copyover::upgrade`]: the old image keeps serving.
+    pub fn upgrade<S: AppState>(
+        &mut self,
+        state: &S,
+        keep: &Handoff<'_>,
+    ) -> Result<Progress, UpgradeError> {
+        let _masked = Masked::now();
+        self.co.upgrade(state, keep)
+    }
+
+    /// The [`Copyover`] back.
+    pub fn into_inner(self) -> Copyover {
+        self.co
+    }
+}
+
+impl Deref for AsyncCopyover {
+    type Target = Copyover;
+    fn deref(&self) -> &Copyover {
+        &self.co
+    }
+}
+
+impl DerefMut for AsyncCopyover {
+    fn deref_mut(&mut self) -> &mut Copyover {
+        &mut self.co
+    }
+}
+
+/// Takes inherited sockets as tokio sockets, registered with the current
+/// runtime's reactor and non-blocking. Call them inside the runtime.
+///
+/// Each checks the descriptor as its [`Inherited`] counterpart does and
+/// returns `Ok(None)` for a name that was not handed over (or was already
+/// taken).
+///
+/// # Errors
+///
+/// [`Error::Adopt`] if the descriptor is not of the asked type, or cannot
+/// be registered with tokio. Before [`Copyover::ready`] after an upgrade,
+/// either rolls back at once.
+pub trait TakeTokio {
+    /// A listening TCP socket.
+    fn take_tokio_tcp_listener(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<::tokio::net::TcpListener>, Error>;
+    /// A connected TCP socket.
+    fn take_tokio_tcp_stream(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<::tokio::net::TcpStream>, Error>;
+    /// A UDP socket.
+    fn take_tokio_udp_socket(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<::tokio::net::UdpSocket>, Error>;
+    /// A listening Unix stream socket.
+    fn take_tokio_unix_listener(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<::tokio::net::UnixListener>, Error>;
+    /// A connected Unix stream socket.
+    fn take_tokio_unix_stream(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<::tokio::net::UnixStream>, Error>;
+    /// A Unix datagram socket.
+    fn take_tokio_unix_datagram(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<::tokio::net::UnixDatagram>, Error>;
+}
+
+/// Makes a checked std socket non-blocking and hands it to tokio.
+fn to_tokio<S, T>(
+    name: &str,
+    wanted: &'static str,
+    taken: Result<Option<S>, Error>,
+    nonblocking: impl FnOnce(&S) -> io::Result<()>,
+    register: impl FnOnce(S) -> io::Result<T>,
+) -> Result<Option<T>, Error>
+where
+    S: std::os::fd::AsRawFd,
+{
+    let Some(s) = taken? else { return Ok(None) };
+    let fd = s.as_raw_fd();
+    nonblocking(&s)
+        .and_then(|()| register(s))
+        .map(Some)
+        .map_err(|e| {
+            crate::handoff::refuse(
+                name,
+                fd,
+                wanted,
+                format!("it cannot be registered with tokio ({e})"),
+            )
+        })
+}
+
+impl TakeTokio for Inherited {
+    fn take_tokio_tcp_listener(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<::tokio::net::TcpListener>, Error> {
+        to_tokio(
+            name,
+            "a listening TCP socket",
+            self.take_tcp_listener(name),
+            |s: &net::TcpListener| s.set_nonblocking(true),
+            ::tokio::net::TcpListener::from_std,
+        )
+    }
+
+    fn take_tokio_tcp_stream(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<::tokio::net::TcpStream>, Error> {
+        to_tokio(
+            name,
+            "a connected TCP socket",
+            self.take_tcp_stream(name),
+            |s: &net::TcpStream| s.set_nonblocking(true),
+            ::tokio::net::TcpStream::from_std,
+        )
+    }
+
+    fn take_tokio_udp_socket(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<::tokio::net::UdpSocket>, Error> {
+        to_tokio(
+            name,
+            "a UDP socket",
+            self.take_udp_socket(name),
+            |s: &net::UdpSocket| s.set_nonblocking(true),
+            ::tokio::net::UdpSocket::from_std,
+        )
+    }
+
+    fn take_tokio_unix_listener(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<::tokio::net::UnixListener>, Error> {
+        to_tokio(
+            name,
+            "a listening Unix socket",
+            self.take_unix_listener(name),
+            |s: &unix::UnixListener| s.set_nonblocking(true),
+            ::tokio::net::UnixListener::from_std,
+        )
+    }
+
+    fn take_tokio_unix_stream(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<::tokio::net::UnixStream>, Error> {
+        to_tokio(
+            name,
+            "a connected Unix socket",
+            self.take_unix_stream(name),
+            |s: &unix::UnixStream| s.set_nonblocking(true),
+            ::tokio::net::UnixStream::from_std,
+        )
+    }
+
+    fn take_tokio_unix_datagram(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<::tokio::net::UnixDatagram>, Error> {
+        to_tokio(
+            name,
+            "a Unix datagram socket",
+            self.take_unix_datagram(name),
+            |s: &unix::UnixDatagram| s.set_nonblocking(true),
+            ::tokio::net::UnixDatagram::from_std,
+        )
+    }
+}
+
+/// Pauses the tasks that joined it, each at a safe point of its own, and
+/// collects what they hand back: a `T` per task, typically the socket and
+/// the per-connection state (unread input, unsent output).
+///
+/// Clone it freely; every clone is the same quiesce.
+#[derive(Debug)]
+pub struct Quiesce<T> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T> Clone for Quiesce<T> {
+    fn clone(&self) -> Self {
+        Quiesce {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner<T> {
+    tally: Mutex<Tally<T>>,
+    /// `true` while a pause is asked for.
+    paused: watch::Sender<bool>,
+    /// Wakes `pause` when a task parked or left.
+    changed: Notify,
+}
+
+#[derive(Debug)]
+struct Tally<T> {
+    /// Tasks that joined and have not parked or left.
+    live: usize,
+    parked: Vec<T>,
+}
+
+impl<T> Inner<T> {
+    fn tally(&self) -> MutexGuard<'_, Tally<T>> {
+        // A panic while holding this lock leaves consistent counts.
+        self.tally.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl<T> Default for Quiesce<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> Quiesce<T> {
+    /// A quiesce that no task has joined.
+    pub fn new() -> Self {
+        Quiesce {
+            inner: Arc::new(Inner {
+                tally: Mutex::new(Tally {
+                    live: 0,
+                    parked: Vec::new(),
+                }),
+                paused: watch::Sender::new(false),
+                changed: Notify::new(),
+            }),
+        }
+    }
+
+    /// Enrols one more task. Call it **before** spawning the task, and move
+    /// the [`SafePoint`] into it: a task that joins only once it runs could
+    /// be missed by a pause that starts meanwhile, and then run on while
+    /// the commit hands its socket over.
+    pub fn join(&self) -> SafePoint<T> {
+        self.inner.tally().live += 1;
+        SafePoint {
+            inner: Arc::clone(&self.inner),
+            paused: self.inner.paused.subscribe(),
+            left: false,
+        }
+    }
+
+    /// Tasks that joined and have neither parked nor left.
+    pub fn running(&self) -> usize {
+        self.inner.tally().live
+    }
+
+    /// Asks every joined task to stop at its next safe point, waits until
+    /// each one parked (or ended: a closed connection), and returns what
+    /// they handed back, in the order they parked. Tasks that join while
+    /// the pause lasts are asked at once.
+    ///
+    /// A task that never reaches a safe point (it waits on something else
+    /// forever) makes this wait forever too: put the safe point in the
+    /// same `select!` as every wait of the task.
+    pub async fn pause(&self) -> Vec<T> {
+        self.inner.paused.send_replace(true);
+        loop {
+            let changed = self.inner.changed.notified();
+            {
+                let mut tally = self.inner.tally();
+                if tally.live == 0 {
+                    tracing::debug!(tasks = tally.parked.len(), "every task parked");
+                    return std::mem::take(&mut tally.parked);
+                }
+            }
+            changed.await;
+        }
+    }
+
+    /// Ends the pause: tasks that join from now on run until the next one.
+    /// Call it after a failed commit, before spawning the tasks again from
+    /// what [`pause`](Self::pause) returned.
+    pub fn resume(&self) {
+        self.inner.paused.send_replace(false);
+    }
+}
+
+/// One task's enrolment in a [`Quiesce`]: it learns there when to stop,
+/// and hands back its socket and state with [`park`](Self::park). Dropping
+/// it (the connection ended) takes the task out of the count.
+#[derive(Debug)]
+pub struct SafePoint<T> {
+    inner: Arc<Inner<T>>,
+    paused: watch::Receiver<bool>,
+    left: bool,
+}
+
+impl<T> SafePoint<T> {
+    /// Completes when a pause is asked for (at once if one is under way).
+    /// Cancel-safe: put it in the task's `select!` loop, beside the reads
+    /// and writes, and [`park`](Self::park) when it completes.
+    pub async fn requested(&mut self) {
+        if self.paused.wait_for(|p| *p).await.is_err() {
+            // Every `Quiesce` was dropped: no pause will ever come.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Whether a pause is asked for now.
+    pub fn is_requested(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Hands the task's socket and state back to the pausing task. The task
+    /// should end right after: the main task owns them now.
+    pub fn park(mut self, item: T) {
+        let mut tally = self.inner.tally();
+        tally.parked.push(item);
+        tally.live = tally.live.saturating_sub(1);
+        drop(tally);
+        self.left = true;
+        self.inner.changed.notify_one();
+    }
+}
+
+impl<T> Drop for SafePoint<T> {
+    fn drop(&mut self) {
+        if !self.left {
+            let mut tally = self.inner.tally();
+            tally.live = tally.live.saturating_sub(1);
+            drop(tally);
+            self.inner.changed.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pause_collects_every_task_and_resume_lets_new_ones_run() {
+        let rt = runtime().unwrap();
+        rt.block_on(async {
+            let q: Quiesce<u32> = Quiesce::new();
+            let mut handles = Vec::new();
+            for i in 0..50u32 {
+                let mut sp = q.join();
+                handles.push(::tokio::spawn(async move {
+                    if i % 10 == 0 {
+                        // A connection that ends before the pause.
+                        return;
+                    }
+                    sp.requested().await;
+                    sp.park(i);
+                }));
+            }
+            let mut got = q.pause().await;
+            got.sort_unstable();
+            assert_eq!(got, (0..50).filter(|i| i % 10 != 0).collect::<Vec<_>>());
+            assert_eq!(q.running(), 0);
+            // One that joins during a pause is asked at once.
+            let mut late = q.join();
+            assert!(late.is_requested());
+            late.requested().await;
+            late.park(99);
+            assert_eq!(q.pause().await, [99]);
+            q.resume();
+            let sp = q.join();
+            assert!(!sp.is_requested());
+            drop(sp);
+            for h in handles {
+                h.await.unwrap();
+            }
+        });
+    }
+
+    #[test]
+    fn runtime_threads_block_the_held_signals() {
+        let rt = runtime().unwrap();
+        let masks = rt.block_on(async {
+            let mut v = Vec::new();
+            for _ in 0..8 {
+                v.push(
+                    ::tokio::task::spawn_blocking(|| {
+                        let mut cur = SigSet::empty();
+                        pthread_sigmask(SigmaskHow::SIG_BLOCK, None, Some(&mut cur)).unwrap();
+                        crate::signal::HELD_SIGNALS.iter().all(|s| {
+                            nix::sys::signal::Signal::try_from(*s).is_ok_and(|s| cur.contains(s))
+                        })
+                    })
+                    .await
+                    .unwrap(),
+                );
+            }
+            v
+        });
+        assert!(masks.iter().all(|m| *m));
+        let mut cur = SigSet::empty();
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, None, Some(&mut cur)).unwrap();
+        assert!(
+            !cur.contains(nix::sys::signal::Signal::SIGHUP),
+            "building the runtime left this thread's mask as it was"
+        );
+    }
+}

@@ -1,0 +1,247 @@
+//! The tokio chat example (examples/tokio-chat.rs, a multi-threaded tokio
+//! server with a task per client) upgraded in place: same PID, every client
+//! still there with its name, a line typed across the upgrade delivered
+//! once; then a refused build and a rolled-back build, with everyone kept.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use util::{Server, WAIT};
+
+fn chat(label: &str) -> std::path::PathBuf {
+    util::example("tokio-chat", &[("COPYOVER_CHAT_LABEL", label)])
+}
+
+fn start(name: &str, build: &Path) -> Server {
+    Server::spawn(name, build, |binary| {
+        let mut cmd = Command::new(binary);
+        cmd.arg("127.0.0.1:0");
+        cmd
+    })
+}
+
+/// A chat client speaking plain lines.
+struct Client {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    name: String,
+}
+
+impl Client {
+    /// Connects, answers the prompt with `name`.
+    fn login(addr: SocketAddr, name: &str) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut c = Client {
+            stream,
+            buf: Vec::new(),
+            name: name.into(),
+        };
+        assert_eq!(c.line(), "Please enter your username:");
+        c.send(&format!("{name}\n"));
+        c
+    }
+
+    fn send(&mut self, text: &str) {
+        self.stream.write_all(text.as_bytes()).expect("send");
+    }
+
+    fn say(&mut self, text: &str) {
+        self.send(&format!("{text}\n"));
+    }
+
+    fn line(&mut self) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let raw: Vec<u8> = self.buf.drain(..=pos).take(pos).collect();
+                return String::from_utf8_lossy(&raw).trim_end_matches('\r').into();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: timed out waiting for a line; have {:?}",
+                self.name,
+                String::from_utf8_lossy(&self.buf)
+            );
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!("{}: the server closed the connection", self.name),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("{}: read failed: {e}", self.name),
+            }
+        }
+    }
+
+    fn expect(&mut self, want: &str) {
+        assert_eq!(self.line(), want, "{}", self.name);
+    }
+
+    /// Nothing more buffered or arriving now.
+    fn assert_quiet(&mut self) {
+        let mut chunk = [0u8; 4096];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => panic!("{}: EOF", self.name),
+            Ok(n) => panic!(
+                "{}: unexpected {:?}",
+                self.name,
+                String::from_utf8_lossy(&chunk[..n])
+            ),
+            Err(_) => assert!(
+                self.buf.is_empty(),
+                "{}: unexpected {:?}",
+                self.name,
+                self.buf
+            ),
+        }
+    }
+}
+
+/// ann, bob and cy logged in; each has seen the later ones join.
+fn three(addr: SocketAddr) -> (Client, Client, Client) {
+    let mut ann = Client::login(addr, "ann");
+    let mut bob = Client::login(addr, "bob");
+    ann.expect("bob has joined the chat");
+    let cy = Client::login(addr, "cy");
+    ann.expect("cy has joined the chat");
+    bob.expect("cy has joined the chat");
+    (ann, bob, cy)
+}
+
+/// Everyone still there, with the names they gave.
+fn all_still_there(ann: &mut Client, bob: &mut Client, cy: &mut Client, round: &str) {
+    ann.say(&format!("ann after {round}"));
+    bob.expect(&format!("ann: ann after {round}"));
+    cy.expect(&format!("ann: ann after {round}"));
+    cy.say(&format!("cy after {round}"));
+    ann.expect(&format!("cy: cy after {round}"));
+    bob.expect(&format!("cy: cy after {round}"));
+}
+
+#[test]
+fn tokio_chat_upgrades_refuses_and_rolls_back_keeping_everyone() {
+    let v1 = chat("v1");
+    let v2 = chat("v2");
+    // Labelled `bad`: panics after adopting the sockets.
+    let bad = chat("bad");
+    let mut server = start("tokio-chat", &v1);
+    let pid = server.pid;
+    let (mut ann, mut bob, mut cy) = three(server.addr);
+    ann.say("hi all");
+    bob.expect("ann: hi all");
+    cy.expect("ann: hi all");
+
+    // bob is typing when the upgrade happens.
+    bob.send("hello, every");
+    server.deploy(&v2);
+    let outcome = server.upgrade();
+    assert!(outcome.contains("upgrade complete"), "{outcome}");
+    assert!(
+        outcome.contains("from_version=v1") && outcome.contains("to_version=v2"),
+        "{outcome}"
+    );
+    assert!(server.alive(), "same process");
+    assert_eq!(server.pid, pid);
+    bob.send("one\n");
+    ann.expect("bob: hello, everyone");
+    cy.expect("bob: hello, everyone");
+    all_still_there(&mut ann, &mut bob, &mut cy, "the upgrade");
+    // A newcomer reaches the inherited listener; everyone sees it join.
+    let mut dee = Client::login(server.addr, "dee");
+    for c in [&mut ann, &mut bob, &mut cy] {
+        c.expect("dee has joined the chat");
+    }
+
+    // A binary that is not a copyover program: refused, nothing changes.
+    server.deploy(Path::new("/bin/true"));
+    cy.send("half ");
+    let outcome = server.upgrade();
+    assert!(outcome.contains("upgrade refused"), "{outcome}");
+    cy.send("and half\n");
+    for c in [&mut ann, &mut bob, &mut dee] {
+        c.expect("cy: half and half");
+    }
+    all_still_there(&mut ann, &mut bob, &mut cy, "the refusal");
+    dee.expect("ann: ann after the refusal");
+    dee.expect("cy: cy after the refusal");
+
+    // A build that panics after adopting the sockets: rolled back to v2.
+    server.deploy(&bad);
+    ann.send("rolled ");
+    let outcome = server.upgrade();
+    assert!(outcome.contains("upgrade rolled back"), "{outcome}");
+    server.wait_log(0, "serving again after the rollback");
+    ann.send("back\n");
+    for c in [&mut bob, &mut cy, &mut dee] {
+        c.expect("ann: rolled back");
+    }
+    all_still_there(&mut ann, &mut bob, &mut cy, "the rollback");
+    dee.expect("ann: ann after the rollback");
+    dee.expect("cy: cy after the rollback");
+    assert!(server.alive());
+
+    // And a good build goes through after all that.
+    server.deploy(&v1);
+    let outcome = server.upgrade();
+    assert!(outcome.contains("to_version=v1"), "{outcome}");
+    all_still_there(&mut ann, &mut bob, &mut cy, "the last upgrade");
+    dee.expect("ann: ann after the last upgrade");
+    dee.expect("cy: cy after the last upgrade");
+    dee.say("bye");
+    drop(dee);
+    for c in [&mut ann, &mut bob, &mut cy] {
+        c.expect("dee: bye");
+        c.expect("dee has left the chat");
+    }
+    for c in [&mut ann, &mut bob, &mut cy] {
+        c.assert_quiet();
+    }
+    // Four probes (the refused build's too), three commits: the tasks were
+    // paused once per commit, never for a probe.
+    let log = server.log_text();
+    assert_eq!(log.matches("probing the new binary").count(), 4, "{log}");
+    assert_eq!(log.matches("every task parked").count(), 3, "{log}");
+}
+
+#[test]
+fn tokio_chat_delivers_every_message_once_across_upgrades() {
+    let v1 = chat("v1");
+    let v2 = chat("v2");
+    let server = start("tokio-chat-burst", &v1);
+    let mut ann = Client::login(server.addr, "ann");
+    let mut bob = Client::login(server.addr, "bob");
+    ann.expect("bob has joined the chat");
+    // bob talks without pause while the server is upgraded twice; ann
+    // reads every message, in order, once.
+    let total = 600;
+    for i in 0..total {
+        bob.say(&format!("msg {i}"));
+        if i == total / 3 {
+            server.deploy(&v2);
+            server.signal(Signal::SIGHUP);
+        }
+        if i == 2 * total / 3 {
+            server.wait_log(0, "to_version=v2");
+            server.deploy(&v1);
+            server.signal(Signal::SIGHUP);
+        }
+    }
+    for i in 0..total {
+        ann.expect(&format!("bob: msg {i}"));
+    }
+    server.wait_log(0, "to_version=v1");
+    ann.assert_quiet();
+    bob.assert_quiet();
+}

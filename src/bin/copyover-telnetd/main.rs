@@ -217,8 +217,17 @@ fn run(args: Args) -> Result<(), BoxError> {
             .rollback(&format!("registering the sockets failed: {e}"))
             .into());
     }
-    server.co.ready()?;
-    tracing::info!(addr = %server.listener.local_addr()?, clients = server.streams.len(), "listening");
+    if let Err(e) = server.co.ready() {
+        // The image serves (the upgrade is complete); only the next upgrade
+        // is impossible, and the runtime refuses it with a reason.
+        tracing::warn!("{e}; serving on, later upgrades will be refused");
+    }
+    // Only a log line: never a reason to stop serving.
+    let addr = server
+        .listener
+        .local_addr()
+        .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
+    tracing::info!(addr = %addr, clients = server.streams.len(), "listening");
     // Output that was pending at the upgrade goes out now.
     server.flush(server.streams.keys().copied().collect());
     server.serve()

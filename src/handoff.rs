@@ -239,6 +239,37 @@ impl<'a> Handoff<'a> {
         self.push(name.into(), fd.as_fd().as_raw_fd(), FdKind::Datagram)
     }
 
+    /// Keeps many connected stream sockets at once, each under the name
+    /// `PREFIX:ID`, where `ID` is the number the application knows the
+    /// connection by (its record in the state, its epoll token). The new
+    /// image takes them back in one call with
+    /// [`Inherited::take_tcp_streams`] or [`Inherited::take_unix_streams`].
+    ///
+    /// ```
+    /// # use std::net::{TcpListener, TcpStream};
+    /// let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    /// let conns = vec![(7u64, TcpStream::connect(l.local_addr().unwrap()).unwrap())];
+    /// let mut keep = copyover::Handoff::new();
+    /// keep.streams("conn", conns.iter().map(|(id, s)| (*id, s)));
+    /// assert_eq!(keep.len(), 1);
+    /// ```
+    pub fn streams<F: AsFd + 'a>(
+        &mut self,
+        prefix: &str,
+        conns: impl IntoIterator<Item = (u64, &'a F)>,
+    ) -> &mut Self {
+        let conns = conns.into_iter();
+        self.entries.reserve(conns.size_hint().0);
+        for (id, fd) in conns {
+            self.push(
+                format!("{prefix}:{id}"),
+                fd.as_fd().as_raw_fd(),
+                FdKind::Stream,
+            );
+        }
+        self
+    }
+
     /// Keeps any other descriptor (a pipe, a file, a datagram socket).
     pub fn other(&mut self, name: impl Into<String>, fd: &'a impl AsFd) -> &mut Self {
         self.push(name.into(), fd.as_fd().as_raw_fd(), FdKind::Other)
@@ -445,6 +476,51 @@ impl Inherited {
             Some(libc::IPPROTO_TCP),
         )
         .map(|o| o.map(TcpStream::from))
+    }
+
+    /// Takes every connected TCP socket kept with
+    /// [`Handoff::streams`]`(prefix, ..)`, with its id, in no particular
+    /// order. Each is checked as [`take_tcp_stream`](Self::take_tcp_stream)
+    /// checks one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Adopt`] for the first descriptor that is not a connected TCP
+    /// socket (while an upgraded image is not ready, that rolls back).
+    pub fn take_tcp_streams(&mut self, prefix: &str) -> Result<Vec<(u64, TcpStream)>, Error> {
+        self.take_group(prefix, |set, name| set.take_tcp_stream(name))
+    }
+
+    /// Takes every connected Unix stream socket kept with
+    /// [`Handoff::streams`]`(prefix, ..)`, with its id.
+    ///
+    /// # Errors
+    ///
+    /// As [`take_tcp_streams`](Self::take_tcp_streams), for Unix sockets.
+    pub fn take_unix_streams(&mut self, prefix: &str) -> Result<Vec<(u64, UnixStream)>, Error> {
+        self.take_group(prefix, |set, name| set.take_unix_stream(name))
+    }
+
+    fn take_group<T>(
+        &mut self,
+        prefix: &str,
+        mut take: impl FnMut(&mut Self, &str) -> Result<Option<T>, Error>,
+    ) -> Result<Vec<(u64, T)>, Error> {
+        let members: Vec<(u64, String)> = self
+            .fds
+            .keys()
+            .filter_map(|name| {
+                let id = name.strip_prefix(prefix)?.strip_prefix(':')?.parse().ok()?;
+                Some((id, name.clone()))
+            })
+            .collect();
+        let mut out = Vec::with_capacity(members.len());
+        for (id, name) in members {
+            if let Some(s) = take(self, &name)? {
+                out.push((id, s));
+            }
+        }
+        Ok(out)
     }
 
     /// Takes a listening Unix stream socket.

@@ -753,7 +753,6 @@ impl Copyover {
             Phase::Probing(..) => Ok(Progress::Probing),
             Phase::Idle => {
                 let exe = Arc::new(Executable::open(&self.binary)?);
-                warn_unkept_listeners(manifest);
                 // Only the encoding happens in the event loop; the probe's
                 // thread writes the snapshot, starts the new binary and, off
                 // the critical path, prepares the commit's memfd for a
@@ -994,23 +993,5 @@ impl Drop for Copyover {
         if self.ready {
             crate::status::Status::remove(std::process::id());
         }
-    }
-}
-
-/// Warns about listening sockets that an upgrade would close (DESIGN.md's
-/// "unregistered listeners are lost silently"). Runs while the probe starts,
-/// off the critical path.
-fn warn_unkept_listeners(manifest: &[crate::snapshot::ManifestEntry]) {
-    let kept: std::collections::HashSet<i32> = manifest.iter().map(|e| e.fd).collect();
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    let lost: Vec<i32> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
-        .filter(|fd| *fd >= 3 && !kept.contains(fd) && sys::is_listening(*fd))
-        .collect();
-    if !lost.is_empty() {
-        tracing::warn!(fds = ?lost, "listening sockets not in the handoff will be closed by the upgrade");
     }
 }

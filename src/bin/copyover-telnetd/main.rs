@@ -33,6 +33,9 @@ const APP_NAME: &str = if chat::env_is(FAULT, "wrong-app") {
     APP
 };
 const LISTENER: &str = "listener:telnet";
+/// The connections' prefix in the handoff: `conn:ID`.
+const CONN: &str = "conn";
+const EPOLL: &str = "epoll";
 const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_EVENTS: u64 = u64::MAX - 1;
 
@@ -157,7 +160,10 @@ struct Server {
 fn run(args: Args) -> Result<(), BoxError> {
     let config = Config::new(APP_NAME, LABEL).ready_timeout(args.ready_timeout);
     let (mut co, start) = copyover::boot::<Chat>(config)?;
-    let (chat, listener, streams) = match start {
+    // The epoll instance crosses the exec with the sockets: its
+    // registrations (and their tokens, the connection ids) survive, so a
+    // resumed image re-registers nothing but the runtime's new event fd.
+    let (chat, listener, streams, epoll) = match start {
         Start::Fresh => {
             let mut chat = Chat::default();
             if let Some(path) = &args.restore_from {
@@ -171,22 +177,29 @@ fn run(args: Args) -> Result<(), BoxError> {
                 None => TcpListener::bind(args.listen)
                     .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?,
             };
-            (chat, listener, HashMap::new())
+            (chat, listener, HashMap::new(), None)
         }
         Start::Resumed { mut state, mut fds } => {
             let listener = fds
                 .take_tcp_listener(LISTENER)?
                 .ok_or("the previous image handed over no listener")?;
-            let mut streams = HashMap::with_capacity(state.conns.len());
-            let mut lost = Vec::new();
-            for id in state.conns.keys() {
-                match fds.take_tcp_stream(&format!("conn:{id}"))? {
-                    Some(s) => {
-                        streams.insert(*id, (s, false));
-                    }
-                    None => lost.push(*id),
-                }
-            }
+            let streams: HashMap<u64, (TcpStream, bool)> = fds
+                .take_tcp_streams(CONN)?
+                .into_iter()
+                .filter(|(id, _)| state.conns.contains_key(id))
+                .map(|(id, s)| {
+                    // Registered for EPOLLOUT in the kept epoll instance
+                    // exactly when output was pending (see `serve`).
+                    let pending = state.conns.get(&id).is_some_and(|c| !c.out.is_empty());
+                    (id, (s, pending))
+                })
+                .collect();
+            let lost: Vec<u64> = state
+                .conns
+                .keys()
+                .filter(|id| !streams.contains_key(id))
+                .copied()
+                .collect();
             for id in lost {
                 tracing::warn!(
                     conn = id,
@@ -194,13 +207,18 @@ fn run(args: Args) -> Result<(), BoxError> {
                 );
                 state.conns.remove(&id);
             }
+            let epoll = fds.take_fd(EPOLL)?.map(Epoll);
             if let Some(fault) = FAULT {
                 inject_fault(fault)?;
             }
-            (state, listener, streams)
+            (state, listener, streams, epoll)
         }
     };
-    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    let kept = epoll.is_some();
+    let epoll = match epoll {
+        Some(e) => e,
+        None => Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
+    };
     let mut server = Server {
         co,
         epoll,
@@ -209,7 +227,7 @@ fn run(args: Args) -> Result<(), BoxError> {
         chat,
         args,
     };
-    if let Err(e) = server.register() {
+    if let Err(e) = server.register(kept) {
         // Roll back while every adopted socket is still open (a no-op on a
         // fresh start, where the error is simply returned).
         return Err(server
@@ -220,7 +238,14 @@ fn run(args: Args) -> Result<(), BoxError> {
     server.co.ready()?;
     tracing::info!(addr = %server.listener.local_addr()?, clients = server.streams.len(), "listening");
     // Output that was pending at the upgrade goes out now.
-    server.flush(server.streams.keys().copied().collect());
+    let pending = server
+        .chat
+        .conns
+        .iter()
+        .filter(|(_, c)| !c.out.is_empty())
+        .map(|(id, _)| *id)
+        .collect();
+    server.flush(pending);
     server.serve()
 }
 
@@ -243,13 +268,17 @@ fn inject_fault(fault: &str) -> Result<(), BoxError> {
 }
 
 impl Server {
-    /// Registers the listener, the runtime's event fd and every connection
-    /// with epoll: registrations do not survive an exec.
-    fn register(&self) -> Result<(), BoxError> {
-        self.listener.set_nonblocking(true)?;
+    /// Registers the runtime's event fd (new in every image) with epoll,
+    /// and, unless the epoll instance was kept across the exec with its
+    /// registrations, the listener and every connection.
+    fn register(&self, kept: bool) -> Result<(), BoxError> {
         let ev = |token| EpollEvent::new(EpollFlags::EPOLLIN, token);
-        self.epoll.add(&self.listener, ev(TOKEN_LISTENER))?;
         self.epoll.add(self.co.event_fd(), ev(TOKEN_EVENTS))?;
+        if kept {
+            return Ok(());
+        }
+        self.listener.set_nonblocking(true)?;
+        self.epoll.add(&self.listener, ev(TOKEN_LISTENER))?;
         for (id, (s, _)) in &self.streams {
             self.epoll.add(s, ev(*id))?;
         }
@@ -274,14 +303,11 @@ impl Server {
                 Err(e) => return Err(e.into()),
             };
             let mut dirty = BTreeSet::new();
+            let mut runtime_events = false;
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_LISTENER => self.accept(&mut dirty),
-                    TOKEN_EVENTS => {
-                        if self.copyover_events()? {
-                            return Ok(());
-                        }
-                    }
+                    TOKEN_EVENTS => runtime_events = true,
                     id => {
                         if ev.events().intersects(
                             EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR,
@@ -295,6 +321,12 @@ impl Server {
                 }
             }
             self.flush(dirty);
+            // After the flush: at an upgrade, every connection's EPOLLOUT
+            // registration matches its pending output, which the kept epoll
+            // instance and the state carry across the exec.
+            if runtime_events && self.copyover_events()? {
+                return Ok(());
+            }
         }
     }
 
@@ -304,10 +336,9 @@ impl Server {
             match event {
                 Event::Upgrade | Event::UpgradeApproved => {
                     let mut keep = Handoff::new();
-                    keep.listener(LISTENER, &self.listener);
-                    for (id, (s, _)) in &self.streams {
-                        keep.stream(format!("conn:{id}"), s);
-                    }
+                    keep.listener(LISTENER, &self.listener)
+                        .other(EPOLL, &self.epoll.0)
+                        .streams(CONN, self.streams.iter().map(|(id, (s, _))| (*id, s)));
                     // Returns while probing, never on success; a refusal is
                     // logged by the runtime and we keep serving.
                     let _ = self.co.upgrade(&self.chat, &keep);

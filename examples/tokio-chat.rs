@@ -251,6 +251,7 @@ async fn serve(
                         None => {
                             shared.peers.insert(client.addr, client.tx.clone());
                             shared.broadcast(client.addr, &format!("{line} has joined the chat"));
+                            client.queue(format!("Welcome, {line}!"));
                             client.name = Some(line);
                         }
                         Some(name) => shared.broadcast(client.addr, &format!("{name}: {line}")),

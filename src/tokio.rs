@@ -90,6 +90,18 @@
 //! }
 //! ```
 //!
+//! # Resuming a thousand connections quickly
+//!
+//! Take the connections with the std takes ([`Inherited::take_tcp_stream`]:
+//! the type checks, before [`Copyover::ready`]) and turn each into a tokio
+//! socket (`TcpStream::from_std`) inside its own task, after `ready`.
+//! tokio registers every socket for writability, and a connected socket is
+//! writable at once: registered from the main thread, each one wakes the
+//! runtime thread that waits in `epoll_wait`, a thread switch per client
+//! inside the blackout. From the tasks, the registrations run on busy
+//! workers, in parallel, after the blackout. [`TakeTokio`] suits listeners
+//! and the odd socket.
+//!
 //! # Signals in a multi-threaded process
 //!
 //! The commit blocks the reload signals ([`HELD_SIGNALS`]) in the thread
@@ -472,6 +484,18 @@ impl<T> Inner<T> {
         // A panic while holding this lock leaves consistent counts.
         self.tally.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// One task fewer; the last one of a pause wakes `pause` (once, not
+    /// once per task: the pausing task is on the main thread, and waking it
+    /// a thousand times costs a thousand thread switches).
+    fn leave(&self, mut tally: MutexGuard<'_, Tally<T>>) {
+        tally.live = tally.live.saturating_sub(1);
+        let last = tally.live == 0;
+        drop(tally);
+        if last {
+            self.changed.notify_one();
+        }
+    }
 }
 
 impl<T> Default for Quiesce<T> {
@@ -575,20 +599,15 @@ impl<T> SafePoint<T> {
     pub fn park(mut self, item: T) {
         let mut tally = self.inner.tally();
         tally.parked.push(item);
-        tally.live = tally.live.saturating_sub(1);
-        drop(tally);
         self.left = true;
-        self.inner.changed.notify_one();
+        self.inner.leave(tally);
     }
 }
 
 impl<T> Drop for SafePoint<T> {
     fn drop(&mut self) {
         if !self.left {
-            let mut tally = self.inner.tally();
-            tally.live = tally.live.saturating_sub(1);
-            drop(tally);
-            self.inner.changed.notify_one();
+            self.inner.leave(self.inner.tally());
         }
     }
 }

@@ -135,6 +135,7 @@
 #![deny(unsafe_code)]
 
 mod error;
+pub mod fdstore;
 pub mod handoff;
 mod notify;
 pub mod probe;

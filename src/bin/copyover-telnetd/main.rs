@@ -51,6 +51,10 @@ OPTIONS:
                             ./copyover-telnetd.snapshot]
     --restore-from PATH     start from a saved snapshot (names and variables,
                             no connections): a staging server
+    --fdstore               under systemd, keep the listener, every connection
+                            and a checkpoint of the state in the service's fd
+                            store, so that a crash drops no one (the unit
+                            needs FileDescriptorStoreMax=)
     -h, --help              print this help
 
 SIGNALS:
@@ -66,6 +70,7 @@ struct Args {
     ready_timeout: Duration,
     snapshot_file: PathBuf,
     restore_from: Option<PathBuf>,
+    fdstore: bool,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
@@ -74,6 +79,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         ready_timeout: Duration::from_secs(10),
         snapshot_file: PathBuf::from("copyover-telnetd.snapshot"),
         restore_from: None,
+        fdstore: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -99,6 +105,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             }
             "--snapshot-file" => args.snapshot_file = PathBuf::from(value("--snapshot-file")?),
             "--restore-from" => args.restore_from = Some(PathBuf::from(value("--restore-from")?)),
+            "--fdstore" => args.fdstore = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -157,6 +164,11 @@ struct Server {
 fn run(args: Args) -> Result<(), BoxError> {
     let config = Config::new(APP_NAME, LABEL).ready_timeout(args.ready_timeout);
     let (mut co, start) = copyover::boot::<Chat>(config)?;
+    if args.fdstore && !co.enable_fdstore() {
+        tracing::warn!(
+            "--fdstore: not a systemd service (no NOTIFY_SOCKET); a crash drops everyone"
+        );
+    }
     let (chat, listener, streams) = match start {
         Start::Fresh => {
             let mut chat = Chat::default();
@@ -165,18 +177,27 @@ fn run(args: Args) -> Result<(), BoxError> {
                 chat.conns.clear();
                 tracing::info!(path = ?path, users = chat.users.len(), "staging: restored names and variables");
             }
-            // A listener passed by systemd socket activation, or our own.
+            // A listener passed by systemd socket activation (which its
+            // socket unit keeps), or our own (kept in the fd store, if used).
             let listener = match co.take_activated_tcp_listener(None)? {
                 Some(l) => l,
-                None => TcpListener::bind(args.listen)
-                    .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?,
+                None => {
+                    let l = TcpListener::bind(args.listen)
+                        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+                    co.store_fd(LISTENER, l.as_fd())?;
+                    l
+                }
             };
             (chat, listener, HashMap::new())
         }
         Start::Resumed { mut state, mut fds } => {
-            let listener = fds
-                .take_tcp_listener(LISTENER)?
-                .ok_or("the previous image handed over no listener")?;
+            // After a crash, a socket unit's listener comes back as such.
+            let listener = match fds.take_tcp_listener(LISTENER)? {
+                Some(l) => l,
+                None => co
+                    .take_activated_tcp_listener(None)?
+                    .ok_or("the previous image handed over no listener")?,
+            };
             let mut streams = HashMap::with_capacity(state.conns.len());
             let mut lost = Vec::new();
             for id in state.conns.keys() {
@@ -193,6 +214,21 @@ fn run(args: Args) -> Result<(), BoxError> {
                     "connection missing from the handoff; dropping its record"
                 );
                 state.conns.remove(&id);
+            }
+            // After a crash: connections newer than the last checkpoint.
+            let newer: Vec<(u64, String)> = fds
+                .names()
+                .filter_map(|n| Some((n.strip_prefix("conn:")?.parse().ok()?, n.to_owned())))
+                .collect();
+            for (id, name) in newer {
+                if let Some(s) = fds.take_tcp_stream(&name)? {
+                    tracing::info!(
+                        conn = id,
+                        "a connection newer than the checkpoint: greeting it again"
+                    );
+                    state.connect_as(id, "The server restarted.\r\n");
+                    streams.insert(id, (s, false));
+                }
             }
             if let Some(fault) = FAULT {
                 inject_fault(fault)?;
@@ -218,6 +254,10 @@ fn run(args: Args) -> Result<(), BoxError> {
             .into());
     }
     server.co.ready()?;
+    // A first checkpoint at once: a crash before any event finds one.
+    if let Err(e) = server.co.checkpoint(&server.chat) {
+        tracing::warn!("checkpoint failed: {e}");
+    }
     tracing::info!(addr = %server.listener.local_addr()?, clients = server.streams.len(), "listening");
     // Output that was pending at the upgrade goes out now.
     server.flush(server.streams.keys().copied().collect());
@@ -274,9 +314,13 @@ impl Server {
                 Err(e) => return Err(e.into()),
             };
             let mut dirty = BTreeSet::new();
+            let mut changed = false;
             for ev in &events[..n] {
                 match ev.data() {
-                    TOKEN_LISTENER => self.accept(&mut dirty),
+                    TOKEN_LISTENER => {
+                        changed = true;
+                        self.accept(&mut dirty);
+                    }
                     TOKEN_EVENTS => {
                         if self.copyover_events()? {
                             return Ok(());
@@ -286,6 +330,7 @@ impl Server {
                         if ev.events().intersects(
                             EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR,
                         ) {
+                            changed = true;
                             self.read(id, &mut buf, &mut dirty);
                         }
                         if ev.events().contains(EpollFlags::EPOLLOUT) {
@@ -295,6 +340,10 @@ impl Server {
                 }
             }
             self.flush(dirty);
+            // After the flush, so that output already written is not in it.
+            if changed && let Err(e) = self.co.checkpoint(&self.chat) {
+                tracing::warn!("checkpoint failed (the previous one stays): {e}");
+            }
         }
     }
 
@@ -339,6 +388,9 @@ impl Server {
                         continue;
                     }
                     let id = self.chat.connect(LABEL);
+                    if let Err(e) = self.co.store_fd(&format!("conn:{id}"), stream.as_fd()) {
+                        tracing::warn!(conn = id, "this connection would not survive a crash: {e}");
+                    }
                     if let Err(e) = self
                         .epoll
                         .add(&stream, EpollEvent::new(EpollFlags::EPOLLIN, id))
@@ -390,6 +442,10 @@ impl Server {
     fn close(&mut self, id: u64) {
         if let Some((s, _)) = self.streams.remove(&id) {
             let _ = self.epoll.delete(&s);
+            // systemd's copy in the fd store would keep it open: shut it
+            // down, and take it out of the store.
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            self.co.unstore_fd(&format!("conn:{id}"));
         }
         self.chat.conns.remove(&id);
     }

@@ -144,9 +144,10 @@ pub(crate) struct Recovered<S> {
 /// crash), decodes the newest valid one and takes every stored descriptor
 /// out of `activated`. Socket units' descriptors stay there.
 ///
-/// A checkpoint this binary cannot read is logged and the start is fresh;
-/// the stored connections are then shut down and removed from the store, so
-/// that their clients see the restart instead of hanging.
+/// Without a checkpoint this binary can read, the start is fresh (logged):
+/// stored listeners are offered as activated ones (and stay stored), stored
+/// connections are shut down and removed from the store, so that their
+/// clients see the restart instead of hanging.
 pub(crate) fn recover<S: AppState>(
     app: &str,
     activated: &mut Activated,

@@ -189,3 +189,28 @@ fn a_connection_newer_than_the_checkpoint_is_kept_and_greeted_again() {
     assert_eq!(ann.ask("/get color"), "color = green");
     assert_eq!(ann.ask("/who"), "online: ann, eve");
 }
+
+#[test]
+fn a_checkpoint_the_new_binary_cannot_read_means_a_fresh_start_on_the_same_listener() {
+    let server = under_fake_systemd("crash-unreadable");
+    let pid = ready_pid(&server, 0);
+    let mut ann = Client::login(server.addr, "ann");
+    assert_eq!(ann.ask("/set color green"), "ok");
+    // The restart runs a build of another application: the checkpoint is
+    // not its to read.
+    server.deploy(&util::faulty("wrong-app"));
+    let mark = server.mark();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill -9");
+    ready_pid(&server, mark);
+    server.wait_log(mark, "cannot recover after the crash, starting fresh");
+    // ann's connection was shut down rather than left hanging...
+    let mut rest = Vec::new();
+    wait_for("ann's EOF", || match ann.stream.read_to_end(&mut rest) {
+        Ok(_) => Some(()),
+        Err(_) => None,
+    });
+    // ...and the stored listener serves the fresh start.
+    let mut bob = Client::login(server.addr, "bob");
+    assert_eq!(bob.ask("/who"), "online: bob");
+    assert_eq!(bob.ask("/get color"), "color is not set");
+}

@@ -22,7 +22,7 @@ use util::{Client, Server, default_build, version_line, wait_for};
 /// checkpoint: stores and removals of checkpoints are ignored from then on,
 /// to make connections newer than it.
 const FAKE_SYSTEMD: &str = r#"
-import array, fcntl, os, select, socket, sys
+import array, ctypes, fcntl, os, select, signal, socket, sys
 path, argv = sys.argv[1], sys.argv[2:]
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 sock.bind(path)
@@ -31,11 +31,16 @@ frozen = False
 def log(msg):  # one write, so that lines of the demo's never cut into it
     os.write(2, f"fake-systemd: {msg}\n".encode())
 def start():
+    manager = os.getpid()
     pid = os.fork()
     if pid:
         log(f"started pid={pid} with {len(store)} stored fds")
         return pid
     # Out of the way of 3.. first, then into place (inheritable).
+    # The service dies with its manager (the test kills the manager).
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != manager:  # it died before that
+        os._exit(1)
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for _, fd in store]
     for i, fd in enumerate(high):
         os.dup2(fd, 3 + i)

@@ -391,6 +391,17 @@ impl Inherited {
         Ok(Self { fds })
     }
 
+    /// A set of descriptors already owned and checked by the caller (the fd
+    /// store's, after a crash: see [`crate::fdstore`]).
+    pub(crate) fn from_owned(fds: impl IntoIterator<Item = (String, OwnedFd, FdKind)>) -> Self {
+        Self {
+            fds: fds
+                .into_iter()
+                .map(|(name, fd, kind)| (name, (fd, kind)))
+                .collect(),
+        }
+    }
+
     /// The fd numbers not claimed yet.
     pub(crate) fn numbers(&self) -> Vec<RawFd> {
         self.fds.values().map(|(fd, _)| fd.as_raw_fd()).collect()

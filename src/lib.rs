@@ -121,10 +121,13 @@
 //! # Operations
 //!
 //! With `NOTIFY_SOCKET` set, the runtime speaks systemd's notify protocol
-//! (`Type=notify-reload`): `READY=1`, `RELOADING=1`, `STATUS=`. It offers
-//! socket-activated listeners on a first start
-//! ([`Copyover::take_activated_tcp_listener`]), and keeps a status file per
-//! process ([`status`]) that the `copyover` CLI reads.
+//! (`Type=notify`, or `Type=notify-reload` on systemd 253+): `READY=1`,
+//! `RELOADING=1`, `STATUS=`. It offers socket-activated listeners on a first
+//! start ([`Copyover::take_activated_tcp_listener`]), and keeps a status file
+//! per process ([`status`]) that the `copyover` CLI reads. With systemd's
+//! file descriptor store ([`fdstore`]) a crash drops no client either: the
+//! restarted service resumes from the last [`Copyover::checkpoint`] with
+//! every connection.
 //!
 //! # Specifications
 //!
@@ -135,6 +138,7 @@
 #![deny(unsafe_code)]
 
 mod error;
+pub mod fdstore;
 pub mod handoff;
 mod notify;
 pub mod probe;

@@ -74,8 +74,9 @@ impl Config {
 pub enum Start<S> {
     /// A first start: build the state and bind the listeners.
     Fresh,
-    /// A resumed image, after an upgrade or a rollback: the state and the
-    /// inherited descriptors. Claim the descriptors, register them with the
+    /// A resumed image, after an upgrade or a rollback (or, with systemd's
+    /// fd store, a restart after a crash: see [`crate::fdstore`]): the state
+    /// and the inherited descriptors. Claim the descriptors, register them with the
     /// event loop, then call [`Copyover::ready`].
     Resumed {
         /// The application's state, decoded (and migrated if needed).
@@ -274,7 +275,10 @@ fn install_requests() -> Result<Requests, Error> {
     Ok(requests)
 }
 
-fn boot_fresh<S>(config: Config, argv: Vec<OsString>) -> Result<(Copyover, Start<S>), Error> {
+fn boot_fresh<S: AppState>(
+    config: Config,
+    argv: Vec<OsString>,
+) -> Result<(Copyover, Start<S>), Error> {
     single_thread()?;
     forget_handoff_vars();
     // Socket activation first, before this image opens any descriptor of
@@ -283,6 +287,12 @@ fn boot_fresh<S>(config: Config, argv: Vec<OsString>) -> Result<(Copyover, Start
     let mut co = Copyover::new(config, argv, install_requests()?)?;
     co.activated = activated;
     co.own_binary = Some(open_own_binary()?);
+    // A restart after a crash: the last checkpoint and the stored fds.
+    if let Some(r) = crate::fdstore::recover::<S>(&co.config.app, &mut co.activated)? {
+        co.generation = r.generation;
+        let (state, fds) = (r.state, r.fds);
+        return Ok((co, Start::Resumed { state, fds }));
+    }
     Ok((co, Start::Fresh))
 }
 
@@ -682,7 +692,7 @@ impl Copyover {
         .publish();
     }
 
-    fn header(&self, now: u64) -> Header {
+    pub(crate) fn header(&self, now: u64) -> Header {
         Header {
             format_version: FORMAT_VERSION,
             app: self.config.app.clone(),

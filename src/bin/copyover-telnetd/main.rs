@@ -54,6 +54,10 @@ OPTIONS:
                             ./copyover-telnetd.snapshot]
     --restore-from PATH     start from a saved snapshot (names and variables,
                             no connections): a staging server
+    --fdstore               under systemd, keep the listener, every connection
+                            and a checkpoint of the state in the service's fd
+                            store, so that a crash drops no one (the unit
+                            needs FileDescriptorStoreMax=)
     -h, --help              print this help
 
 SIGNALS:
@@ -69,6 +73,7 @@ struct Args {
     ready_timeout: Duration,
     snapshot_file: PathBuf,
     restore_from: Option<PathBuf>,
+    fdstore: bool,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
@@ -77,6 +82,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         ready_timeout: Duration::from_secs(10),
         snapshot_file: PathBuf::from("copyover-telnetd.snapshot"),
         restore_from: None,
+        fdstore: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -102,6 +108,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             }
             "--snapshot-file" => args.snapshot_file = PathBuf::from(value("--snapshot-file")?),
             "--restore-from" => args.restore_from = Some(PathBuf::from(value("--restore-from")?)),
+            "--fdstore" => args.fdstore = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -160,6 +167,11 @@ struct Server {
 fn run(args: Args) -> Result<(), BoxError> {
     let config = Config::new(APP_NAME, LABEL).ready_timeout(args.ready_timeout);
     let (mut co, start) = copyover::boot::<Chat>(config)?;
+    if args.fdstore && !co.enable_fdstore() {
+        tracing::warn!(
+            "--fdstore: not a systemd service (no NOTIFY_SOCKET); a crash drops everyone"
+        );
+    }
     // The epoll instance crosses the exec with the sockets: its
     // registrations (and their tokens, the connection ids) survive, so a
     // resumed image re-registers nothing but the runtime's new event fd.
@@ -171,29 +183,39 @@ fn run(args: Args) -> Result<(), BoxError> {
                 chat.conns.clear();
                 tracing::info!(path = ?path, users = chat.users.len(), "staging: restored names and variables");
             }
-            // A listener passed by systemd socket activation, or our own.
+            // A listener passed by systemd socket activation (which its
+            // socket unit keeps), or our own (kept in the fd store, if used).
             let listener = match co.take_activated_tcp_listener(None)? {
                 Some(l) => l,
-                None => TcpListener::bind(args.listen)
-                    .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?,
+                None => {
+                    let l = TcpListener::bind(args.listen)
+                        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+                    co.store_fd(LISTENER, l.as_fd())?;
+                    l
+                }
             };
             (chat, listener, HashMap::new(), None)
         }
         Start::Resumed { mut state, mut fds } => {
-            let listener = fds
-                .take_tcp_listener(LISTENER)?
-                .ok_or("the previous image handed over no listener")?;
-            let streams: HashMap<u64, (TcpStream, bool)> = fds
-                .take_tcp_streams(CONN)?
-                .into_iter()
-                .filter(|(id, _)| state.conns.contains_key(id))
-                .map(|(id, s)| {
+            // After a crash, a socket unit's listener comes back as such.
+            let listener = match fds.take_tcp_listener(LISTENER)? {
+                Some(l) => l,
+                None => co
+                    .take_activated_tcp_listener(None)?
+                    .ok_or("the previous image handed over no listener")?,
+            };
+            let mut streams = HashMap::with_capacity(state.conns.len());
+            let mut newer = Vec::new();
+            for (id, s) in fds.take_tcp_streams(CONN)? {
+                match state.conns.get(&id) {
                     // Registered for EPOLLOUT in the kept epoll instance
                     // exactly when output was pending (see `serve`).
-                    let pending = state.conns.get(&id).is_some_and(|c| !c.out.is_empty());
-                    (id, (s, pending))
-                })
-                .collect();
+                    Some(c) => {
+                        streams.insert(id, (s, !c.out.is_empty()));
+                    }
+                    None => newer.push((id, s)),
+                }
+            }
             let lost: Vec<u64> = state
                 .conns
                 .keys()
@@ -206,6 +228,15 @@ fn run(args: Args) -> Result<(), BoxError> {
                     "connection missing from the handoff; dropping its record"
                 );
                 state.conns.remove(&id);
+            }
+            // After a crash: connections newer than the last checkpoint.
+            for (id, s) in newer {
+                tracing::info!(
+                    conn = id,
+                    "a connection newer than the checkpoint: greeting it again"
+                );
+                state.connect_as(id, "The server restarted.\r\n");
+                streams.insert(id, (s, false));
             }
             let epoll = fds.take_fd(EPOLL)?.map(Epoll);
             if let Some(fault) = FAULT {
@@ -236,6 +267,10 @@ fn run(args: Args) -> Result<(), BoxError> {
             .into());
     }
     server.co.ready()?;
+    // A first checkpoint at once: a crash before any event finds one.
+    if let Err(e) = server.co.checkpoint(&server.chat) {
+        tracing::warn!("checkpoint failed: {e}");
+    }
     tracing::info!(addr = %server.listener.local_addr()?, clients = server.streams.len(), "listening");
     // Output that was pending at the upgrade goes out now.
     let pending = server
@@ -304,14 +339,19 @@ impl Server {
             };
             let mut dirty = BTreeSet::new();
             let mut runtime_events = false;
+            let mut changed = false;
             for ev in &events[..n] {
                 match ev.data() {
-                    TOKEN_LISTENER => self.accept(&mut dirty),
+                    TOKEN_LISTENER => {
+                        changed = true;
+                        self.accept(&mut dirty);
+                    }
                     TOKEN_EVENTS => runtime_events = true,
                     id => {
                         if ev.events().intersects(
                             EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR,
                         ) {
+                            changed = true;
                             self.read(id, &mut buf, &mut dirty);
                         }
                         if ev.events().contains(EpollFlags::EPOLLOUT) {
@@ -321,6 +361,10 @@ impl Server {
                 }
             }
             self.flush(dirty);
+            // After the flush, so that output already written is not in it.
+            if changed && let Err(e) = self.co.checkpoint(&self.chat) {
+                tracing::warn!("checkpoint failed (the previous one stays): {e}");
+            }
             // After the flush: at an upgrade, every connection's EPOLLOUT
             // registration matches its pending output, which the kept epoll
             // instance and the state carry across the exec.
@@ -370,6 +414,9 @@ impl Server {
                         continue;
                     }
                     let id = self.chat.connect(LABEL);
+                    if let Err(e) = self.co.store_fd(&format!("conn:{id}"), stream.as_fd()) {
+                        tracing::warn!(conn = id, "this connection would not survive a crash: {e}");
+                    }
                     if let Err(e) = self
                         .epoll
                         .add(&stream, EpollEvent::new(EpollFlags::EPOLLIN, id))
@@ -421,6 +468,10 @@ impl Server {
     fn close(&mut self, id: u64) {
         if let Some((s, _)) = self.streams.remove(&id) {
             let _ = self.epoll.delete(&s);
+            // systemd's copy in the fd store would keep it open: shut it
+            // down, and take it out of the store.
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            self.co.unstore_fd(&format!("conn:{id}"));
         }
         self.chat.conns.remove(&id);
     }

@@ -382,11 +382,11 @@ fn resume<S: AppState>(
     let snapshot = adopt_handoff_fd(var.snapshot_fd, "the snapshot").map_err(or_roll_back)?;
     let old_binary =
         adopt_handoff_fd(var.binary_fd, "the previous binary").map_err(or_roll_back)?;
-    let snap = read_sealed(snapshot.as_fd())
+    let mut snap = read_sealed(snapshot.as_fd())
         .and_then(|snap| snap.check_app(&config.app).map(|()| snap))
         .map_err(|e| or_roll_back(e.into()))?;
     // An adoption error has already rolled back (after an upgrade).
-    let fds = Inherited::check(&snap.manifest, &reserved, !upgraded)?;
+    let fds = Inherited::check(std::mem::take(&mut snap.manifest), &reserved, !upgraded)?;
 
     // Now nothing of the old image can be mistaken for ours: close-on-exec
     // on everything, the holder's pidfd, and the full rollback plan.

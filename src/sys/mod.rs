@@ -117,24 +117,42 @@ pub(crate) fn is_cloexec(fd: RawFd) -> io::Result<bool> {
 /// foreign code (a C library) before `boot`. `boot` must come first in
 /// `main`.
 pub(crate) fn inherit(fd: RawFd) -> io::Result<OwnedFd> {
-    static CLAIMED: std::sync::Mutex<std::collections::BTreeSet<RawFd>> =
-        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
+    claim(&mut claimed, fd)
+}
+
+/// [`inherit`] for many numbers at once (one lock for all): the result for
+/// each, in order.
+pub(crate) fn inherit_all(fds: impl IntoIterator<Item = RawFd>) -> Vec<io::Result<OwnedFd>> {
+    let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
+    fds.into_iter().map(|fd| claim(&mut claimed, fd)).collect()
+}
+
+/// The numbers claimed in this process image, one bit each.
+static CLAIMED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
+fn claim(claimed: &mut Vec<u64>, fd: RawFd) -> io::Result<OwnedFd> {
     if is_cloexec(fd)? {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "it is close-on-exec, so the previous image did not leave it for us",
         ));
     }
-    let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
-    if !claimed.insert(fd) {
+    // `is_cloexec` refused negative numbers (EBADF).
+    let (word, bit) = (fd as usize / 64, 1u64 << (fd as usize % 64));
+    if claimed.len() <= word {
+        claimed.resize(word + 1, 0);
+    }
+    if claimed[word] & bit != 0 {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
             "it was already claimed",
         ));
     }
-    // SAFETY: the number is open and inheritable, so (see above) nothing in
-    // this image opened it, and the set makes this its only claim: this
-    // `OwnedFd` is its only owner.
+    claimed[word] |= bit;
+    // SAFETY: the number is open and inheritable, so (see `inherit`)
+    // nothing in this image opened it, and the set makes this its only
+    // claim: this `OwnedFd` is its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 

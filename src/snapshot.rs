@@ -290,12 +290,11 @@ impl Draft {
     pub fn new(reserve: u64) -> Result<Draft, SnapshotError> {
         let fd = crate::sys::memfd_create(c"copyover-snapshot").map_err(io_err("create"))?;
         let mut map = None;
-        if let (Ok(len), Ok(size)) = (libc::off_t::try_from(reserve), usize::try_from(reserve)) {
-            if len > 0
-                && nix::fcntl::fallocate(&fd, nix::fcntl::FallocateFlags::empty(), 0, len).is_ok()
-            {
-                map = crate::sys::map_region(fd.as_fd(), size, true).ok();
-            }
+        if let (Ok(len), Ok(size)) = (libc::off_t::try_from(reserve), usize::try_from(reserve))
+            && len > 0
+            && nix::fcntl::fallocate(&fd, nix::fcntl::FallocateFlags::empty(), 0, len).is_ok()
+        {
+            map = crate::sys::map_region(fd.as_fd(), size, true).ok();
         }
         Ok(Draft {
             file: File::from(fd),

@@ -997,4 +997,24 @@ mod tests {
         );
         assert!(inh.names().any(|n| n == "conn:3"));
     }
+
+    #[test]
+    fn a_unix_datagram_or_seqpacket_socket_is_not_a_stream() {
+        let (dgram, _) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let (seq, _) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let mut inh = Inherited::default();
+        inh.fds
+            .insert("d".into(), (OwnedFd::from(dgram), FdKind::Stream));
+        inh.fds.insert("s".into(), (seq, FdKind::Stream));
+        for name in ["d", "s"] {
+            let err = inh.take_unix_stream(name).unwrap_err().to_string();
+            assert!(err.contains("not a stream"), "{name}: {err}");
+        }
+    }
 }

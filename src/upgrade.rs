@@ -136,8 +136,12 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         nofile: sys::nofile_limit().ok().map(|(soft, _)| soft),
         ..Default::default()
     };
+    if c.exe.script {
+        var.script = Some(c.exe.fd.as_raw_fd());
+    }
     // What the holder runs if the new image dies before it is ready: this
-    // binary, in rollback mode, under the holder's PID.
+    // binary, in rollback mode, under the holder's PID (which closes the
+    // script's fd, inherited from the holder's table, at once).
     let rescue = HandoffVar {
         mode: Mode::Rollback,
         rescued: true,
@@ -155,9 +159,6 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         var_suffix: rescue.format_after_pid(),
         blocked: signal::HELD_SIGNALS.to_vec(),
     };
-    if c.exe.script {
-        var.script = Some(c.exe.fd.as_raw_fd());
-    }
     tracing::debug!(
         phase = "snapshot",
         bytes = payload_len,

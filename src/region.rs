@@ -40,6 +40,8 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
+use memfd::{FileSeal, Memfd};
+
 use crate::error::Error;
 use crate::sys;
 
@@ -59,12 +61,13 @@ impl Region {
     /// [`Error::Setup`] if the memfd cannot be created, sized or mapped.
     pub fn new(len: usize) -> Result<Region, Error> {
         let setup = |what| move |source| Error::Setup { what, source };
+        // Created by `sys`, not `memfd::MemfdOptions`: the crate cannot ask
+        // for MFD_NOEXEC_SEAL.
         let fd = sys::memfd_create(c"copyover-region").map_err(setup("create a region memfd"))?;
         let file = std::fs::File::from(fd);
         file.set_len(len as u64).map_err(setup("size a region"))?;
-        let fd = OwnedFd::from(file);
-        nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_ADD_SEALS(size_seals()))
-            .map_err(|e| setup("seal a region's size")(e.into()))?;
+        let fd =
+            crate::snapshot::add_seals(file, &SIZE_SEALS).map_err(setup("seal a region's size"))?;
         let map = sys::map_region(fd.as_fd(), len, false).map_err(setup("map a region"))?;
         Ok(Region { map, fd })
     }
@@ -72,14 +75,15 @@ impl Region {
     /// Maps an inherited region's memfd, after checking that it is a memfd
     /// whose size is sealed.
     pub(crate) fn adopt(fd: OwnedFd) -> Result<Region, std::io::Error> {
-        let seals = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GET_SEALS)
-            .map_err(|_| std::io::Error::other("it is not a memfd"))?;
-        let need = size_seals().bits();
-        if seals & need != need {
+        let memfd =
+            Memfd::try_from_fd(fd).map_err(|_| std::io::Error::other("it is not a memfd"))?;
+        let seals = memfd.seals().map_err(crate::snapshot::memfd_io)?;
+        if !SIZE_SEALS.iter().all(|s| seals.contains(s)) {
             return Err(std::io::Error::other(
                 "its size is not sealed (F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_SEAL): it could shrink under the mapping",
             ));
         }
+        let fd = OwnedFd::from(memfd.into_file());
         let len = nix::sys::stat::fstat(fd.as_fd())?.st_size;
         let len = usize::try_from(len).map_err(|_| std::io::Error::other("negative size"))?;
         let map = sys::map_region(fd.as_fd(), len, false)?;
@@ -115,10 +119,7 @@ impl Region {
 }
 
 /// The seals that fix a region's size for good.
-fn size_seals() -> nix::fcntl::SealFlag {
-    use nix::fcntl::SealFlag;
-    SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL
-}
+const SIZE_SEALS: [FileSeal; 3] = [FileSeal::SealShrink, FileSeal::SealGrow, FileSeal::SealSeal];
 
 #[cfg(test)]
 mod tests {

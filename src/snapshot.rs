@@ -48,6 +48,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use memfd::{FileSeal, Memfd};
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -59,7 +60,15 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 96;
 
-/// The seals a snapshot memfd must carry before anyone reads it.
+/// The seals a snapshot memfd carries, added by [`cut_and_seal`].
+const SEALS: [FileSeal; 4] = [
+    FileSeal::SealShrink,
+    FileSeal::SealGrow,
+    FileSeal::SealWrite,
+    FileSeal::SealSeal,
+];
+
+/// [`SEALS`] as `fcntl` flags, for [`check_sealed`].
 fn required_seals() -> SealFlag {
     SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SEAL
 }
@@ -288,6 +297,8 @@ impl Draft {
     /// allocation or mapping only leaves the memfd empty (it then grows as
     /// written).
     pub fn new(reserve: u64) -> Result<Draft, SnapshotError> {
+        // Created by `sys`, not `memfd::MemfdOptions`: the crate cannot ask
+        // for MFD_NOEXEC_SEAL.
         let fd = crate::sys::memfd_create(c"copyover-snapshot").map_err(io_err("create"))?;
         let mut map = None;
         if let (Ok(len), Ok(size)) = (libc::off_t::try_from(reserve), usize::try_from(reserve)) {
@@ -395,12 +406,21 @@ pub(crate) fn seal_bytes(name: &std::ffi::CStr, bytes: &[u8]) -> Result<OwnedFd,
 /// the four seals.
 fn cut_and_seal(file: File, total: u64) -> Result<OwnedFd, SnapshotError> {
     file.set_len(total).map_err(io_err("size"))?;
-    let fd = OwnedFd::from(file);
-    fcntl(fd.as_fd(), FcntlArg::F_ADD_SEALS(required_seals())).map_err(|e| SnapshotError::Io {
-        what: "seal",
-        source: e.into(),
-    })?;
-    Ok(fd)
+    add_seals(file, &SEALS).map_err(io_err("seal"))
+}
+
+/// Adds `seals` to a memfd this process created with sealing allowed.
+pub(crate) fn add_seals(file: File, seals: &[FileSeal]) -> io::Result<OwnedFd> {
+    let memfd = Memfd::try_from_file(file).map_err(|_| io::Error::other("not a memfd"))?;
+    memfd.add_seals(seals).map_err(memfd_io)?;
+    Ok(OwnedFd::from(memfd.into_file()))
+}
+
+/// The system error inside a `memfd` crate error.
+pub(crate) fn memfd_io(e: memfd::Error) -> io::Error {
+    match e {
+        memfd::Error::Create(e) | memfd::Error::AddSeals(e) | memfd::Error::GetSeals(e) => e,
+    }
 }
 
 /// Encodes a state value with postcard into a buffer of `capacity` bytes to
@@ -531,6 +551,10 @@ pub fn read_sealed(fd: BorrowedFd<'_>) -> Result<Snapshot, SnapshotError> {
 ///
 /// [`SnapshotError::NotSealed`] saying what is missing.
 pub fn check_sealed(fd: BorrowedFd<'_>) -> Result<(), SnapshotError> {
+    // Not with `memfd::Memfd`, which must own the descriptor: checking a
+    // borrowed one would take a duplicate, and at the RLIMIT_NOFILE ceiling
+    // (a new image with a lower limit) the dup fails where this check, in
+    // the restore and the rollback, must not.
     let seals = match fcntl(fd, FcntlArg::F_GET_SEALS) {
         Ok(s) => SealFlag::from_bits_truncate(s),
         Err(nix::errno::Errno::EINVAL) => {

@@ -4,7 +4,8 @@
 //! `copyover-bench run` starts the bench server (`copyover-bench serve`, a
 //! line echo whose state size is set by flags), connects the clients, and
 //! upgrades it over and over while one client pings back to back, timing
-//! each reply. See `copyover-bench --help` and `scripts/bench`.
+//! each reply. See `copyover-bench --help` (and `copyover-bench COMMAND
+//! --help`) and `scripts/bench`.
 
 mod server;
 mod soak;
@@ -18,47 +19,71 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-const USAGE: &str = "\
-copyover-bench: blackout of copyover upgrades against the floor and a naive restart
+/// copyover-bench: blackout of copyover upgrades against the floor and a
+/// naive restart
+#[derive(Parser)]
+#[command(name = "copyover-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
 
-USAGE:
-    copyover-bench run [--quick] [--upgrades N] [--only TEXT] [--out DIR]
-    copyover-bench soak [--clients N] [--upgrades N] [--rate MSGS_PER_SEC]
-                        [--max-seconds S] BUILD_A BUILD_B
-    copyover-bench serve [--listen ADDR] [--bulk BYTES] [--records N] [--region BYTES]
-    copyover-bench --help
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Measures every point and writes DIR/results.csv.
+    ///
+    /// The points: 1, 1,000 and 10,000 clients with a small state; 10 MiB,
+    /// 100 MiB and 1 GiB of bulk state; 100 MiB of small records; 1 GiB in a
+    /// copyover::Region. Prints a table.
+    Run(RunArgs),
+    /// Chats with N clients of copyover-telnetd while the server is
+    /// upgraded back and forth between BUILD_A and BUILD_B.
+    ///
+    /// The clients send sequence numbers (--rate messages per second in
+    /// all). Fails unless nothing is lost, duplicated or reordered, nobody
+    /// is disconnected, and fds, RSS and children do not grow.
+    Soak(soak::SoakArgs),
+    /// The bench server: answers every line with `pong`; upgraded by SIGHUP.
+    Serve(server::ServeArgs),
+    /// Executes itself COPYOVER_BENCH_EXECS times and prints the total
+    /// nanoseconds (what `run` calls the exec floor).
+    #[command(hide = true)]
+    ExecFloor,
+}
 
-run        measures every point (1, 1,000 and 10,000 clients with a small
-           state; 10 MiB, 100 MiB and 1 GiB of bulk state; 100 MiB of small
-           records; 1 GiB in a copyover::Region), --upgrades times each (default 10), prints a table and
-           writes DIR/results.csv (default: bench/). --quick: two small points,
-           3 upgrades (a smoke run). --only: the points whose name contains TEXT.
-soak       N clients (default 1000) of copyover-telnetd chat with sequence
-           numbers (--rate messages per second in all, default 50) while the
-           server is upgraded back and forth between BUILD_A and BUILD_B
-           (default 1000 times, at most --max-seconds, default 300). Fails
-           unless nothing is lost, duplicated or reordered, nobody is
-           disconnected, and fds, RSS and children do not grow.
-serve      the bench server: answers every line with `pong`; upgraded by SIGHUP.
-";
+/// `copyover-bench run`'s options.
+#[derive(Args)]
+struct RunArgs {
+    /// Two small points, at most 3 upgrades each (a smoke run).
+    #[arg(long)]
+    quick: bool,
+    /// Upgrades per point.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    upgrades: usize,
+    /// Only the points whose name contains TEXT.
+    #[arg(long, value_name = "TEXT")]
+    only: Option<String>,
+    /// Where results.csv goes.
+    #[arg(long, value_name = "DIR", default_value = "bench")]
+    out: PathBuf,
+}
 
 pub type BoxError = Box<dyn std::error::Error>;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("serve") => parse_serve(&args[1..]).and_then(server::serve),
-        Some("run") => run(&args[1..]),
-        Some("soak") => soak::parse(&args[1..]).and_then(soak::soak),
-        Some("exec-floor") => exec_floor(),
-        Some("-h" | "--help") => {
-            print!("{USAGE}");
-            Ok(())
+    // Bad usage exits with 2, help with 0 (clap's own).
+    let result = match Cli::parse().command {
+        BenchCommand::Serve(args) => {
+            init_log();
+            server::serve(args)
         }
-        _ => Err(format!("expected a command\n\n{USAGE}").into()),
+        BenchCommand::Run(args) => run(args),
+        BenchCommand::Soak(args) => soak::soak(args),
+        BenchCommand::ExecFloor => exec_floor(),
     };
     if let Err(e) = result {
         eprintln!("copyover-bench: {e}");
@@ -66,7 +91,8 @@ fn main() {
     }
 }
 
-fn parse_serve(args: &[String]) -> Result<server::ServeArgs, BoxError> {
+/// The bench server's log, on stderr (where `run` reads it).
+fn init_log() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
@@ -75,24 +101,6 @@ fn parse_serve(args: &[String]) -> Result<server::ServeArgs, BoxError> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,copyover=debug")),
         )
         .init();
-    let mut s = server::ServeArgs {
-        listen: "127.0.0.1:0".parse()?,
-        bulk: 1024,
-        records: 0,
-        region: 0,
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let v = it.next().ok_or_else(|| format!("{a} needs a value"))?;
-        match a.as_str() {
-            "--listen" => s.listen = v.parse()?,
-            "--bulk" => s.bulk = v.parse()?,
-            "--records" => s.records = v.parse()?,
-            "--region" => s.region = v.parse()?,
-            _ => return Err(format!("unknown argument {a}").into()),
-        }
-    }
-    Ok(s)
 }
 
 /// One measured configuration.
@@ -377,21 +385,13 @@ fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(0.0, f64::max)
 }
 
-fn run(args: &[String]) -> Result<(), BoxError> {
-    let mut quick = false;
-    let mut upgrades = 10;
-    let mut out = PathBuf::from("bench");
-    let mut only: Option<String> = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--quick" => quick = true,
-            "--upgrades" => upgrades = it.next().ok_or("--upgrades needs a value")?.parse()?,
-            "--out" => out = PathBuf::from(it.next().ok_or("--out needs a value")?),
-            "--only" => only = Some(it.next().ok_or("--only needs a value")?.clone()),
-            _ => return Err(format!("unknown argument {a}").into()),
-        }
-    }
+fn run(args: RunArgs) -> Result<(), BoxError> {
+    let RunArgs {
+        quick,
+        mut upgrades,
+        only,
+        out,
+    } = args;
     if quick {
         upgrades = upgrades.min(3);
     }

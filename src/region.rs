@@ -24,8 +24,12 @@
 //!   inherited region is adopted only if it carries these seals;
 //! * its descriptor is private to the region (no `AsFd`): safe code cannot
 //!   write it or resize it, and only the runtime puts it into a handoff;
-//! * it is close-on-exec, never given to a child (the probe included), and
-//!   inheritable only at the instant of the commit's exec.
+//! * it is close-on-exec, so no child the application starts gets it (the
+//!   probe neither). Only the runtime hands it on: it is inheritable at the
+//!   commit's exec and at a rollback's, and the holder (the child the
+//!   commit leaves behind, sharing the old image's descriptor table, to
+//!   start the old binary again if the new image dies before it can roll
+//!   back) keeps it until an image is ready.
 //!
 //! Like any memory, it can still be reached by a process of the same user
 //! through `/proc/PID/fd` or `/proc/PID/mem`.
@@ -46,6 +50,33 @@ use crate::error::Error;
 use crate::sys;
 
 /// A memfd-backed byte buffer that survives upgrades in place.
+///
+/// # Example
+///
+/// A cache created on a fresh start, taken back by name after an upgrade,
+/// and kept in the handoff like a socket:
+///
+/// ```
+/// use copyover::{Handoff, Inherited, Region};
+///
+/// /// The inherited cache after an upgrade, else a new one.
+/// fn cache(inherited: Option<&mut Inherited>) -> Result<Region, copyover::Error> {
+///     if let Some(fds) = inherited {
+///         if let Some(cache) = fds.take_region("cache")? {
+///             return Ok(cache);
+///         }
+///     }
+///     Region::new(1 << 20)
+/// }
+///
+/// let mut cache = cache(None)?;
+/// cache.as_mut_slice()[..5].copy_from_slice(b"hello");
+/// assert_eq!(&cache.as_slice()[..5], b"hello");
+/// // At the upgrade, beside the sockets:
+/// let mut keep = Handoff::new();
+/// keep.region("cache", &cache);
+/// # Ok::<(), copyover::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct Region {
     map: sys::Mapping,

@@ -25,7 +25,12 @@
 //! 6. Until `ready`, any failure of the new image (an error, a panic, a
 //!    crash, a missed deadline, an exit) **rolls back**: the old binary is
 //!    executed again from a descriptor opened at its start-up, with the
-//!    untouched snapshot. Clients see a short stall, never a disconnect.
+//!    untouched snapshot (a [`Region`] is shared, not copied: it holds what
+//!    the failed image wrote). If the new image dies before `boot` could
+//!    arm that (in the dynamic loader, say), a holder the commit left
+//!    behind, a child with the old image's descriptors, starts the old
+//!    binary instead, under the holder's PID. Clients see a short stall,
+//!    never a disconnect.
 //!
 //! # A complete server `main`
 //!

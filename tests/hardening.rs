@@ -28,7 +28,7 @@ fn a_thread_started_before_boot_is_refused_by_the_probe() {
 
 /// A shared library whose constructor starts a thread, built with gcc.
 fn thread_library() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-lib");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-lib");
     std::fs::create_dir_all(&dir).expect("create target/test-lib");
     let src = dir.join("thread.c");
     let lib = dir.join(format!("thread-{}.so", std::process::id()));

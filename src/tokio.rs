@@ -14,7 +14,7 @@
 //! 2. [`Event::UpgradeApproved`]: [`Quiesce::pause`] asks every task that
 //!    holds a [`SafePoint`] to stop at its next safe point and hand back
 //!    its socket and per-connection state ([`SafePoint::park`]); it returns
-//!    them all. Build the state and the [`Handoff`](crate::Handoff) from
+//!    them all. Build the state and the [`Handoff`] from
 //!    them and call [`AsyncCopyover::upgrade`] again: it commits and, on
 //!    success, never returns.
 //! 3. If the commit fails, it returns the error and the old image serves

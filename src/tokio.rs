@@ -174,9 +174,7 @@ impl Drop for Masked {
 
 /// A multi-threaded runtime builder (`enable_all`) whose worker and
 /// blocking-pool threads block the held signals (see the module docs).
-/// Add your own settings, then `build` it with the held signals blocked in
-/// the calling thread, as [`runtime`] does, so that no thread of the
-/// runtime ever starts with them unblocked.
+/// Add your own settings, then build it with [`build_runtime`].
 pub fn runtime_builder() -> ::tokio::runtime::Builder {
     let mut b = ::tokio::runtime::Builder::new_multi_thread();
     b.enable_all().on_thread_start(mask_held_signals);
@@ -191,10 +189,22 @@ pub fn runtime_builder() -> ::tokio::runtime::Builder {
 /// The runtime's own error if its threads or its I/O driver cannot be set
 /// up.
 pub fn runtime() -> io::Result<::tokio::runtime::Runtime> {
-    // Threads inherit the creating thread's mask: workers never run a
-    // moment with the signals unblocked.
+    build_runtime(&mut runtime_builder())
+}
+
+/// Builds `builder`'s runtime (from [`runtime_builder`], with your
+/// settings) with the held signals blocked in the calling thread: threads
+/// inherit the creating thread's mask, so the runtime's threads never run a
+/// moment with the signals unblocked, not even before `on_thread_start`.
+///
+/// # Errors
+///
+/// The runtime's own error.
+pub fn build_runtime(
+    builder: &mut ::tokio::runtime::Builder,
+) -> io::Result<::tokio::runtime::Runtime> {
     let _masked = Masked::now();
-    runtime_builder().build()
+    builder.build()
 }
 
 /// A [`Copyover`] whose events are awaited: owned and `'static`, to keep

@@ -108,7 +108,15 @@ impl Region {
     pub(crate) fn adopt(fd: OwnedFd) -> Result<Region, std::io::Error> {
         let memfd =
             Memfd::try_from_fd(fd).map_err(|_| std::io::Error::other("it is not a memfd"))?;
-        let seals = memfd.seals().map_err(crate::snapshot::memfd_io)?;
+        let mut seals = memfd.seals().map_err(crate::snapshot::memfd_io)?;
+        if !seals.contains(&::memfd::FileSeal::SealSeal) {
+            // A region made by an older release, before regions were
+            // sealed: seal its size now, before mapping it.
+            memfd
+                .add_seals(&SIZE_SEALS)
+                .map_err(crate::snapshot::memfd_io)?;
+            seals = memfd.seals().map_err(crate::snapshot::memfd_io)?;
+        }
         if !SIZE_SEALS.iter().all(|s| seals.contains(s)) {
             return Err(std::io::Error::other(
                 "its size is not sealed (F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_SEAL): it could shrink under the mapping",
@@ -169,12 +177,19 @@ mod tests {
         let f = std::fs::File::from(r.fd.try_clone().unwrap());
         assert!(f.set_len(4096).is_err(), "a region shrank");
         assert!(f.set_len(1 << 20).is_err(), "a region grew");
-        // A memfd whose size is not sealed is refused.
+        // An unsealed memfd (a region of an older release) is sealed on
+        // adoption; one sealed for good without its size fixed is refused.
         let loose = sys::memfd_create(c"loose").unwrap();
-        std::fs::File::from(loose.try_clone().unwrap())
-            .set_len(8192)
-            .unwrap();
-        let err = Region::adopt(loose).unwrap_err().to_string();
+        let f = std::fs::File::from(loose.try_clone().unwrap());
+        f.set_len(8192).unwrap();
+        let adopted = Region::adopt(loose).unwrap();
+        assert_eq!(adopted.len(), 8192);
+        assert!(f.set_len(4096).is_err(), "an adopted region can shrink");
+        let sealed = sys::memfd_create(c"sealed").unwrap();
+        let f = std::fs::File::from(sealed.try_clone().unwrap());
+        f.set_len(8192).unwrap();
+        crate::snapshot::add_seals(f, &[::memfd::FileSeal::SealSeal]).unwrap();
+        let err = Region::adopt(sealed).unwrap_err().to_string();
         assert!(err.contains("not sealed"), "{err}");
     }
 }

@@ -388,22 +388,14 @@ fn resume<S: AppState>(
     // An adoption error has already rolled back (after an upgrade).
     let fds = Inherited::check(std::mem::take(&mut snap.manifest), &reserved, !upgraded)?;
 
-    // Now nothing of the old image can be mistaken for ours: close-on-exec
-    // on everything, the holder's pidfd, and the full rollback plan.
-    if let Err(source) = sys::cloexec_from(3) {
-        let e = Error::Setup {
-            what: "set close-on-exec on the inherited fds",
-            source,
-        };
-        if upgraded {
-            return Err(or_roll_back(e));
-        }
-        tracing::warn!("{e}; a child started now would inherit them");
-    }
+    // Now nothing of the old image can be mistaken for ours: the holder's
+    // pidfd, the full rollback plan (the kept fds), then close-on-exec on
+    // everything (the plan makes the kept fds inheritable again at its
+    // exec, so it must know them first).
     let mut holder = var.holder.and_then(|pid| match sys::pidfd_open(pid) {
         Ok(fd) => Some(fd),
         Err(e) => {
-            tracing::warn!(holder = pid, "the holder is gone ({e})");
+            tracing::warn!(holder = pid, "no pidfd of the holder ({e})");
             None
         }
     });
@@ -417,6 +409,22 @@ fn resume<S: AppState>(
                 source,
             })
             .map_err(or_roll_back)?;
+    }
+    if let Err(source) = sys::cloexec_from(3) {
+        let e = Error::Setup {
+            what: "set close-on-exec on the inherited fds",
+            source,
+        };
+        if upgraded {
+            return Err(or_roll_back(e));
+        }
+        tracing::warn!("{e}; a child started now would inherit them");
+    }
+    if !upgraded {
+        // A deadline that fired while the failed image rolled back is
+        // pending here: it must not meet SIGALRM's default action when
+        // the signals are unblocked.
+        sys::discard_pending_sigalrm();
     }
     reap_exited_children();
 
@@ -546,8 +554,19 @@ fn open_own_binary() -> Result<OwnedFd, Error> {
 /// Kills the holder (through its pidfd: never another process) and reaps
 /// it on a short-lived thread, since its exit tears down the old image's
 /// memory, which takes time we do not wait for.
-fn reap_holder(pidfd: OwnedFd, pid: i32) {
-    if let Err(e) = sys::pidfd_kill(pidfd.as_fd()) {
+///
+/// Without a pidfd (`pidfd_open` failed in `boot`), by PID: the holder is
+/// our child, unreaped unless it already died, so the number is still its.
+fn reap_holder(pidfd: Option<OwnedFd>, pid: i32) {
+    let killed = match &pidfd {
+        Some(fd) => sys::pidfd_kill(fd.as_fd()),
+        None => nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .map_err(std::io::Error::from),
+    };
+    if let Err(e) = killed {
         tracing::debug!(holder = pid, "could not kill the holder: {e}");
     }
     // Reaped by PID, so that no descriptor lingers: the holder is our
@@ -837,8 +856,8 @@ impl Copyover {
         // (the timer first), then the holder, whose exit frees the old
         // image's memory in its own time.
         let planned = rollback::disarm();
-        if let (Some(pidfd), Some(pid)) = (planned.or(r.holder), r.holder_pid) {
-            reap_holder(pidfd, pid);
+        if let Some(pid) = r.holder_pid {
+            reap_holder(planned.or(r.holder), pid);
         }
         drop(r.snapshot);
         drop(r.exec_record);

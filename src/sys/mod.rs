@@ -272,6 +272,25 @@ pub(crate) fn on_signal(
     unsafe { signal_hook::low_level::register(sig, action) }.map(drop)
 }
 
+/// Takes a pending SIGALRM, if any, off this thread and the process
+/// (`sigtimedwait` with a zero timeout), so that unblocking SIGALRM cannot
+/// deliver it.
+pub(crate) fn discard_pending_sigalrm() {
+    // SAFETY: a zeroed sigset_t, initialised by sigemptyset/sigaddset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `set` and `zero` are valid for the calls; sigtimedwait takes
+    // a pending signal of the set or returns EAGAIN at once.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGALRM);
+        while libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) == libc::SIGALRM {}
+    }
+}
+
 /// Sets SIGALRM to be ignored: the fallback when an inherited readiness
 /// deadline cannot be cancelled, so that it can never kill the process.
 pub(crate) fn ignore_sigalrm() {

@@ -55,12 +55,8 @@
 //!         Start::Fresh => (State::default(), TcpListener::bind("127.0.0.1:7000")?, Vec::new()),
 //!         Start::Resumed { state, mut fds } => {
 //!             let listener = fds.take_tcp_listener("listener")?.ok_or("no listener")?;
-//!             let mut conns = Vec::new();
-//!             for id in &state.connections {
-//!                 if let Some(s) = fds.take_tcp_stream(&format!("conn:{id}"))? {
-//!                     conns.push((*id, s));
-//!                 }
-//!             }
+//!             // Every connection, with the id it was kept under, in one call.
+//!             let conns = fds.take_tcp_streams("conn")?;
 //!             (state, listener, conns)
 //!         }
 //!     };
@@ -78,12 +74,9 @@
 //!             match event {
 //!                 Event::Upgrade | Event::UpgradeApproved => {
 //!                     state.connections = conns.iter().map(|(id, _)| *id).collect();
-//!                     let names: Vec<String> = conns.iter().map(|(id, _)| format!("conn:{id}")).collect();
 //!                     let mut keep = Handoff::new();
-//!                     keep.listener("listener", &listener);
-//!                     for ((_, s), name) in conns.iter().zip(&names) {
-//!                         keep.stream(name.clone(), s);
-//!                     }
+//!                     keep.listener("listener", &listener)
+//!                         .streams("conn", conns.iter().map(|(id, s)| (*id, s)));
 //!                     // Probing: returns and we keep serving. Committing: does
 //!                     // not return on success. An error: logged, keep serving.
 //!                     let _ = co.upgrade(&state, &keep);

@@ -7,7 +7,8 @@
 
 use std::path::Path;
 
-use super::{Snapshot, SnapshotError, decode, io_err};
+use super::error::{SnapshotError, io_err};
+use super::format::{Snapshot, decode};
 
 /// Reads a snapshot saved to a regular file (see `copyover inspect`).
 ///

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{Payload, Snapshot, SnapshotError};
+use super::error::SnapshotError;
 
 /// The eight bytes every snapshot starts with.
 pub const MAGIC: [u8; 8] = *b"COPYOVER";
@@ -67,6 +67,67 @@ pub struct Header {
     pub committed_at_ns: u64,
     /// The binary path the next image is executed from.
     pub binary: PathBuf,
+}
+
+/// A decoded snapshot: header, manifest and the still-encoded state.
+///
+/// A snapshot read from a sealed memfd ([`read_sealed`]) is mapped, not
+/// copied: its payload is read in place.
+///
+/// [`read_sealed`]: crate::snapshot::read_sealed
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The fixed header.
+    pub header: Header,
+    /// The descriptors that crossed the exec.
+    pub manifest: Vec<ManifestEntry>,
+    pub(super) payload: Payload,
+}
+
+/// The payload's bytes: a copy, or in place in a sealed memfd's read-only
+/// mapping (the one thing this module knows of the memfd).
+#[derive(Debug)]
+pub(super) enum Payload {
+    Owned(Vec<u8>),
+    Mapped(crate::sys::Mapping, std::ops::Range<usize>),
+}
+
+impl Snapshot {
+    /// The application's state, postcard-encoded; see [`decode_state`].
+    pub fn payload(&self) -> &[u8] {
+        match &self.payload {
+            Payload::Owned(v) => v,
+            Payload::Mapped(map, range) => &map[range.clone()],
+        }
+    }
+
+    /// Checks that the snapshot belongs to `app`.
+    ///
+    /// # Errors
+    ///
+    /// [`SnapshotError::WrongApp`] naming both applications.
+    pub fn check_app(&self, app: &str) -> Result<(), SnapshotError> {
+        if self.header.app == app {
+            Ok(())
+        } else {
+            Err(SnapshotError::WrongApp {
+                found: self.header.app.clone(),
+                expected: app.to_owned(),
+            })
+        }
+    }
+
+    /// Total encoded size in bytes.
+    pub fn encoded_len(&self) -> usize {
+        HEADER_LEN
+            + self.header.app.len()
+            + self.header.writer_version.len()
+            + self.header.binary.as_os_str().len()
+            + postcard::to_allocvec(&self.manifest)
+                .map(|v| v.len())
+                .unwrap_or(0)
+            + self.payload().len()
+    }
 }
 
 /// Encodes a state value with postcard, the payload encoding.

@@ -11,11 +11,11 @@ use ::memfd::{FileSeal, Memfd};
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use serde::Serialize;
 
+use super::error::{SnapshotError, io_err};
 use super::format::{
-    HEADER_LEN, Header, ManifestEntry, Prefix, encode_prefix, encode_state_with_capacity,
-    finish_head, parse,
+    HEADER_LEN, Header, ManifestEntry, Payload, Prefix, Snapshot, encode_prefix,
+    encode_state_with_capacity, finish_head, parse,
 };
-use super::{Payload, Snapshot, SnapshotError, io_err};
 
 /// The seals a snapshot memfd carries, added by [`cut_and_seal`].
 const SEALS: [FileSeal; 4] = [
@@ -192,15 +192,17 @@ pub(crate) fn memfd_io(e: ::memfd::Error) -> io::Error {
     }
 }
 
-/// Reads and checks a snapshot from a memfd: seals first, then
-/// [`decode`](super::decode)'s checks, on a read-only mapping of the memfd (no copy; the
-/// file offset, shared with whoever else holds the descriptor, is neither
-/// used nor moved).
+/// Reads and checks a snapshot from a memfd: seals first, then [`decode`]'s
+/// checks, on a read-only mapping of the memfd (no copy; the file offset,
+/// shared with whoever else holds the descriptor, is neither used nor
+/// moved).
 ///
 /// # Errors
 ///
 /// [`SnapshotError::NotSealed`] for a descriptor that is not a sealed memfd,
-/// and every error [`decode`](super::decode) returns.
+/// and every error [`decode`] returns.
+///
+/// [`decode`]: super::format::decode
 pub fn read_sealed(fd: BorrowedFd<'_>) -> Result<Snapshot, SnapshotError> {
     check_sealed(fd)?;
     let size = nix::sys::stat::fstat(fd)
@@ -261,7 +263,7 @@ pub fn check_sealed(fd: BorrowedFd<'_>) -> Result<(), SnapshotError> {
 #[cfg(test)]
 mod tests {
     use super::super::format::tests::sample;
-    use super::super::{decode_state, encode, encode_state_with_capacity};
+    use super::super::format::{decode_state, encode, encode_state_with_capacity};
     use super::*;
 
     #[test]

@@ -423,8 +423,9 @@ impl Mapping {
         // SAFETY: `ptr` maps `len` readable bytes for the life of `self`
         // (unmapped only in Drop). Nobody else writes them: a read-only
         // mapping is of a sealed memfd; a region's memfd is private to this
-        // process (close-on-exec, never given to a child, and kept across
-        // our own exec only after this mapping is gone).
+        // process (close-on-exec, never given to a child by the crate,
+        // inheritable only at the instant of our own exec, which ends this
+        // mapping); its size is sealed, so no page can vanish under it.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 

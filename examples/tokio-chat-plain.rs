@@ -111,6 +111,7 @@ async fn serve(shared: &Mutex<Shared>, client: &mut Client) -> Result<(), Box<dy
                         None => {
                             shared.peers.insert(client.addr, client.tx.clone());
                             shared.broadcast(client.addr, &format!("{line} has joined the chat"));
+                            client.queue(format!("Welcome, {line}!"));
                             client.name = Some(line);
                         }
                         Some(name) => shared.broadcast(client.addr, &format!("{name}: {line}")),

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::error::Error;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -103,14 +104,17 @@ impl Client {
         }
     }
 
-    fn restore(saved: SavedClient, stream: TcpStream) -> Client {
-        let mut parts = FramedParts::new::<String>(stream, LinesCodec::new());
+    fn restore(saved: SavedClient, s: std::net::TcpStream, tx: Tx, rx: Rx) -> io::Result<Client> {
+        let mut parts = FramedParts::new::<String>(TcpStream::from_std(s)?, LinesCodec::new());
         (parts.read_buf, parts.write_buf) = (saved.unread[..].into(), saved.unsent[..].into());
         let client = Client::new(saved.addr, Framed::from_parts(parts));
-        Client {
-            name: saved.name,
+        let name = saved.name;
+        Ok(Client {
+            name,
+            tx,
+            rx,
             ..client
-        }
+        })
     }
 }
 
@@ -147,8 +151,8 @@ async fn run(co: Copyover, start: Start<Saved>) -> Result<(), Box<dyn Error>> {
         Start::Fresh => TcpListener::bind(&addr).await?,
         Start::Resumed { state, mut fds } => {
             for saved in state.0 {
-                if let Some(s) = fds.take_tokio_tcp_stream(&format!("conn:{}", saved.addr))? {
-                    clients.push(Client::restore(saved, s));
+                if let Some(s) = fds.take_tcp_stream(&format!("conn:{}", saved.addr))? {
+                    clients.push((saved, s));
                 }
             }
             assert!(LABEL != Some("bad"), "a bad build");
@@ -158,7 +162,22 @@ async fn run(co: Copyover, start: Start<Saved>) -> Result<(), Box<dyn Error>> {
     };
     // Ready before any task touches a socket (a rollback would repeat it).
     co.ready()?;
-    spawn_all(&shared, &quiesce, clients).await;
+    let mut peers = shared.lock().await;
+    for (saved, stream) in clients {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if saved.name.is_some() {
+            peers.peers.insert(saved.addr, tx.clone());
+        }
+        let (shared, safe) = (Arc::clone(&shared), quiesce.join());
+        // Registered with tokio in its own task: cheaper (see copyover::tokio).
+        tokio::spawn(async move {
+            match Client::restore(saved, stream, tx, rx) {
+                Ok(client) => process(shared, client, safe).await,
+                Err(e) => tracing::warn!("lost a client: {e}"),
+            }
+        });
+    }
+    drop(peers);
     tracing::info!(addr = %listener.local_addr()?, "listening");
     loop {
         tokio::select! {
@@ -232,6 +251,7 @@ async fn serve(
                         None => {
                             shared.peers.insert(client.addr, client.tx.clone());
                             shared.broadcast(client.addr, &format!("{line} has joined the chat"));
+                            client.queue(format!("Welcome, {line}!"));
                             client.name = Some(line);
                         }
                         Some(name) => shared.broadcast(client.addr, &format!("{name}: {line}")),

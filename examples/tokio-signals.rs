@@ -67,9 +67,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         b.enable_all().worker_threads(16).build()?
     } else {
-        copyover::tokio::runtime_builder()
-            .worker_threads(16)
-            .build()?
+        copyover::tokio::build_runtime(copyover::tokio::runtime_builder().worker_threads(16))?
     };
     runtime.block_on(run(co, start, pending, no_mask))
 }

@@ -206,6 +206,7 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
         }
     };
     drop(spec.payload);
+    warn_unkept_listeners(&spec.manifest);
     let mut cmd = Command::new(spec.exe.proc_path());
     if spec.exe.script {
         use std::os::fd::AsRawFd;
@@ -255,6 +256,25 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
         "probe finished"
     );
     Outcome { verdict, draft }
+}
+
+/// Warns about listening sockets that an upgrade would close (DESIGN.md's
+/// "unregistered listeners are lost silently"). Runs on the probe's thread,
+/// off the event loop: it reads `/proc/self/fd`, which is long for a server
+/// with many connections.
+fn warn_unkept_listeners(manifest: &[crate::snapshot::ManifestEntry]) {
+    let kept: std::collections::HashSet<i32> = manifest.iter().map(|e| e.fd).collect();
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let lost: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|fd| *fd >= 3 && !kept.contains(fd) && crate::sys::is_listening(*fd))
+        .collect();
+    if !lost.is_empty() {
+        tracing::warn!(fds = ?lost, "listening sockets not in the handoff will be closed by the upgrade");
+    }
 }
 
 /// Reads the one answer line, up to the deadline.

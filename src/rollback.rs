@@ -177,11 +177,15 @@ pub(crate) fn arm(back: &mut Back, deadline: Option<Duration>) -> io::Result<()>
 /// that cannot be cancelled is made harmless: SIGALRM is ignored. Returns
 /// the holder's pidfd, which the plan owned.
 pub(crate) fn disarm() -> Option<std::os::fd::OwnedFd> {
-    if let Err(e) = sys::set_real_timer(0) {
-        tracing::warn!("could not cancel the readiness deadline ({e}); SIGALRM is now ignored");
-        sys::ignore_sigalrm();
-    }
-    sys::rollback::disarm()
+    let timer_off = match sys::set_real_timer(0) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("could not cancel the readiness deadline ({e}); SIGALRM is now ignored");
+            sys::ignore_sigalrm();
+            false
+        }
+    };
+    sys::rollback::disarm(timer_off)
 }
 
 /// Rolls back now with `reason`. Returns only if no rollback is armed or

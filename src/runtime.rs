@@ -74,8 +74,9 @@ impl Config {
 pub enum Start<S> {
     /// A first start: build the state and bind the listeners.
     Fresh,
-    /// A resumed image, after an upgrade or a rollback: the state and the
-    /// inherited descriptors. Claim the descriptors, register them with the
+    /// A resumed image, after an upgrade or a rollback (or, with systemd's
+    /// fd store, a restart after a crash: see [`crate::fdstore`]): the state
+    /// and the inherited descriptors. Claim the descriptors, register them with the
     /// event loop, then call [`Copyover::ready`].
     Resumed {
         /// The application's state, decoded (and migrated if needed).
@@ -274,7 +275,10 @@ fn install_requests() -> Result<Requests, Error> {
     Ok(requests)
 }
 
-fn boot_fresh<S>(config: Config, argv: Vec<OsString>) -> Result<(Copyover, Start<S>), Error> {
+fn boot_fresh<S: AppState>(
+    config: Config,
+    argv: Vec<OsString>,
+) -> Result<(Copyover, Start<S>), Error> {
     single_thread()?;
     forget_handoff_vars();
     // Socket activation first, before this image opens any descriptor of
@@ -283,6 +287,12 @@ fn boot_fresh<S>(config: Config, argv: Vec<OsString>) -> Result<(Copyover, Start
     let mut co = Copyover::new(config, argv, install_requests()?)?;
     co.activated = activated;
     co.own_binary = Some(open_own_binary()?);
+    // A restart after a crash: the last checkpoint and the stored fds.
+    if let Some(r) = crate::fdstore::recover::<S>(&co.config.app, &mut co.activated)? {
+        co.generation = r.generation;
+        let (state, fds) = (r.state, r.fds);
+        return Ok((co, Start::Resumed { state, fds }));
+    }
     Ok((co, Start::Fresh))
 }
 
@@ -372,28 +382,20 @@ fn resume<S: AppState>(
     let snapshot = adopt_handoff_fd(var.snapshot_fd, "the snapshot").map_err(or_roll_back)?;
     let old_binary =
         adopt_handoff_fd(var.binary_fd, "the previous binary").map_err(or_roll_back)?;
-    let snap = read_sealed(snapshot.as_fd())
+    let mut snap = read_sealed(snapshot.as_fd())
         .and_then(|snap| snap.check_app(&config.app).map(|()| snap))
         .map_err(|e| or_roll_back(e.into()))?;
     // An adoption error has already rolled back (after an upgrade).
-    let fds = Inherited::check(&snap.manifest, &reserved, !upgraded)?;
+    let fds = Inherited::check(std::mem::take(&mut snap.manifest), &reserved, !upgraded)?;
 
-    // Now nothing of the old image can be mistaken for ours: close-on-exec
-    // on everything, the holder's pidfd, and the full rollback plan.
-    if let Err(source) = sys::cloexec_from(3) {
-        let e = Error::Setup {
-            what: "set close-on-exec on the inherited fds",
-            source,
-        };
-        if upgraded {
-            return Err(or_roll_back(e));
-        }
-        tracing::warn!("{e}; a child started now would inherit them");
-    }
+    // Now nothing of the old image can be mistaken for ours: the holder's
+    // pidfd, the full rollback plan (the kept fds), then close-on-exec on
+    // everything (the plan makes the kept fds inheritable again at its
+    // exec, so it must know them first).
     let mut holder = var.holder.and_then(|pid| match sys::pidfd_open(pid) {
         Ok(fd) => Some(fd),
         Err(e) => {
-            tracing::warn!(holder = pid, "the holder is gone ({e})");
+            tracing::warn!(holder = pid, "no pidfd of the holder ({e})");
             None
         }
     });
@@ -407,6 +409,22 @@ fn resume<S: AppState>(
                 source,
             })
             .map_err(or_roll_back)?;
+    }
+    if let Err(source) = sys::cloexec_from(3) {
+        let e = Error::Setup {
+            what: "set close-on-exec on the inherited fds",
+            source,
+        };
+        if upgraded {
+            return Err(or_roll_back(e));
+        }
+        tracing::warn!("{e}; a child started now would inherit them");
+    }
+    if !upgraded {
+        // A deadline that fired while the failed image rolled back is
+        // pending here: it must not meet SIGALRM's default action when
+        // the signals are unblocked.
+        sys::discard_pending_sigalrm();
     }
     reap_exited_children();
 
@@ -536,8 +554,19 @@ fn open_own_binary() -> Result<OwnedFd, Error> {
 /// Kills the holder (through its pidfd: never another process) and reaps
 /// it on a short-lived thread, since its exit tears down the old image's
 /// memory, which takes time we do not wait for.
-fn reap_holder(pidfd: OwnedFd, pid: i32) {
-    if let Err(e) = sys::pidfd_kill(pidfd.as_fd()) {
+///
+/// Without a pidfd (`pidfd_open` failed in `boot`), by PID: the holder is
+/// our child, unreaped unless it already died, so the number is still its.
+fn reap_holder(pidfd: Option<OwnedFd>, pid: i32) {
+    let killed = match &pidfd {
+        Some(fd) => sys::pidfd_kill(fd.as_fd()),
+        None => nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .map_err(std::io::Error::from),
+    };
+    if let Err(e) = killed {
         tracing::debug!(holder = pid, "could not kill the holder: {e}");
     }
     // Reaped by PID, so that no descriptor lingers: the holder is our
@@ -682,7 +711,7 @@ impl Copyover {
         .publish();
     }
 
-    fn header(&self, now: u64) -> Header {
+    pub(crate) fn header(&self, now: u64) -> Header {
         Header {
             format_version: FORMAT_VERSION,
             app: self.config.app.clone(),
@@ -753,7 +782,6 @@ impl Copyover {
             Phase::Probing(..) => Ok(Progress::Probing),
             Phase::Idle => {
                 let exe = Arc::new(Executable::open(&self.binary)?);
-                warn_unkept_listeners(manifest);
                 // Only the encoding happens in the event loop; the probe's
                 // thread writes the snapshot, starts the new binary and, off
                 // the critical path, prepares the commit's memfd for a
@@ -828,8 +856,8 @@ impl Copyover {
         // (the timer first), then the holder, whose exit frees the old
         // image's memory in its own time.
         let planned = rollback::disarm();
-        if let (Some(pidfd), Some(pid)) = (planned.or(r.holder), r.holder_pid) {
-            reap_holder(pidfd, pid);
+        if let Some(pid) = r.holder_pid {
+            reap_holder(planned.or(r.holder), pid);
         }
         drop(r.snapshot);
         drop(r.exec_record);
@@ -994,23 +1022,5 @@ impl Drop for Copyover {
         if self.ready {
             crate::status::Status::remove(std::process::id());
         }
-    }
-}
-
-/// Warns about listening sockets that an upgrade would close (DESIGN.md's
-/// "unregistered listeners are lost silently"). Runs while the probe starts,
-/// off the critical path.
-fn warn_unkept_listeners(manifest: &[crate::snapshot::ManifestEntry]) {
-    let kept: std::collections::HashSet<i32> = manifest.iter().map(|e| e.fd).collect();
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    let lost: Vec<i32> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
-        .filter(|fd| *fd >= 3 && !kept.contains(fd) && sys::is_listening(*fd))
-        .collect();
-    if !lost.is_empty() {
-        tracing::warn!(fds = ?lost, "listening sockets not in the handoff will be closed by the upgrade");
     }
 }

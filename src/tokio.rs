@@ -14,7 +14,7 @@
 //! 2. [`Event::UpgradeApproved`]: [`Quiesce::pause`] asks every task that
 //!    holds a [`SafePoint`] to stop at its next safe point and hand back
 //!    its socket and per-connection state ([`SafePoint::park`]); it returns
-//!    them all. Build the state and the [`Handoff`](crate::Handoff) from
+//!    them all. Build the state and the [`Handoff`] from
 //!    them and call [`AsyncCopyover::upgrade`] again: it commits and, on
 //!    success, never returns.
 //! 3. If the commit fails, it returns the error and the old image serves
@@ -90,6 +90,18 @@
 //! }
 //! ```
 //!
+//! # Resuming a thousand connections quickly
+//!
+//! Take the connections with the std takes ([`Inherited::take_tcp_stream`]:
+//! the type checks, before [`Copyover::ready`]) and turn each into a tokio
+//! socket (`TcpStream::from_std`) inside its own task, after `ready`.
+//! tokio registers every socket for writability, and a connected socket is
+//! writable at once: registered from the main thread, each one wakes the
+//! runtime thread that waits in `epoll_wait`, a thread switch per client
+//! inside the blackout. From the tasks, the registrations run on busy
+//! workers, in parallel, after the blackout. [`TakeTokio`] suits listeners
+//! and the odd socket.
+//!
 //! # Signals in a multi-threaded process
 //!
 //! The commit blocks the reload signals ([`HELD_SIGNALS`]) in the thread
@@ -162,9 +174,7 @@ impl Drop for Masked {
 
 /// A multi-threaded runtime builder (`enable_all`) whose worker and
 /// blocking-pool threads block the held signals (see the module docs).
-/// Add your own settings, then `build` it with the held signals blocked in
-/// the calling thread, as [`runtime`] does, so that no thread of the
-/// runtime ever starts with them unblocked.
+/// Add your own settings, then build it with [`build_runtime`].
 pub fn runtime_builder() -> ::tokio::runtime::Builder {
     let mut b = ::tokio::runtime::Builder::new_multi_thread();
     b.enable_all().on_thread_start(mask_held_signals);
@@ -179,10 +189,22 @@ pub fn runtime_builder() -> ::tokio::runtime::Builder {
 /// The runtime's own error if its threads or its I/O driver cannot be set
 /// up.
 pub fn runtime() -> io::Result<::tokio::runtime::Runtime> {
-    // Threads inherit the creating thread's mask: workers never run a
-    // moment with the signals unblocked.
+    build_runtime(&mut runtime_builder())
+}
+
+/// Builds `builder`'s runtime (from [`runtime_builder`], with your
+/// settings) with the held signals blocked in the calling thread: threads
+/// inherit the creating thread's mask, so the runtime's threads never run a
+/// moment with the signals unblocked, not even before `on_thread_start`.
+///
+/// # Errors
+///
+/// The runtime's own error.
+pub fn build_runtime(
+    builder: &mut ::tokio::runtime::Builder,
+) -> io::Result<::tokio::runtime::Runtime> {
     let _masked = Masked::now();
-    runtime_builder().build()
+    builder.build()
 }
 
 /// A [`Copyover`] whose events are awaited: owned and `'static`, to keep
@@ -472,6 +494,18 @@ impl<T> Inner<T> {
         // A panic while holding this lock leaves consistent counts.
         self.tally.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// One task fewer; the last one of a pause wakes `pause` (once, not
+    /// once per task: the pausing task is on the main thread, and waking it
+    /// a thousand times costs a thousand thread switches).
+    fn leave(&self, mut tally: MutexGuard<'_, Tally<T>>) {
+        tally.live = tally.live.saturating_sub(1);
+        let last = tally.live == 0;
+        drop(tally);
+        if last {
+            self.changed.notify_one();
+        }
+    }
 }
 
 impl<T> Default for Quiesce<T> {
@@ -575,20 +609,15 @@ impl<T> SafePoint<T> {
     pub fn park(mut self, item: T) {
         let mut tally = self.inner.tally();
         tally.parked.push(item);
-        tally.live = tally.live.saturating_sub(1);
-        drop(tally);
         self.left = true;
-        self.inner.changed.notify_one();
+        self.inner.leave(tally);
     }
 }
 
 impl<T> Drop for SafePoint<T> {
     fn drop(&mut self) {
         if !self.left {
-            let mut tally = self.inner.tally();
-            tally.live = tally.live.saturating_sub(1);
-            drop(tally);
-            self.inner.changed.notify_one();
+            self.inner.leave(self.inner.tally());
         }
     }
 }

@@ -1,19 +1,27 @@
-//! The upgrade sequence of the old image: preflight, probe, commit, exec.
+//! The upgrade sequence of the old image: the opened binary, probe, commit,
+//! exec.
 //!
-//! 1. **Preflight** (on the request): the binary path is executable, the
-//!    handoff names each fd and each name once.
+//! 1. **The binary** (on the request): the path is opened once, checked to
+//!    be an executable regular file, and kept open: the probe runs it and
+//!    the commit executes it from that descriptor, so a deploy that lands
+//!    in between changes nothing (see `probe::Executable`).
 //! 2. **Probe**: the event loop encodes a first snapshot; a helper thread
 //!    writes it, shows it to the new binary in probe mode, and meanwhile
 //!    allocates and maps the memfd the commit will use, while the event loop
 //!    keeps serving (see [`crate::probe`]).
 //! 3. **Commit** (at the next safe point after a positive probe): the state
 //!    is encoded again, straight into that prepared memfd, which is then cut
-//!    to size and sealed; every fd becomes close-on-exec with one
-//!    `close_range`, then exactly the manifest's fds, the snapshot and the
-//!    old binary's fd are cleared; [`HELD_SIGNALS`] are blocked. Nothing is
+//!    to size and sealed; how this image runs (argv, environment) goes into
+//!    a second sealed memfd for a rollback; every fd becomes close-on-exec
+//!    with one `close_range`, then exactly the manifest's fds, the two
+//!    memfds and the old binary's fd are cleared; [`HELD_SIGNALS`] are
+//!    blocked; the **holder** is cloned (see `sys::holder`). Nothing is
 //!    logged from here to the exec.
-//! 4. **Exec** of the binary's path with an explicit environment. If
-//!    `execve` returns, steps 3's flags and mask are undone and the error is
+//! 4. **Exec** of the probed file (`execveat`) with an explicit
+//!    environment. If it returns, the holder is killed and reaped, every fd
+//!    from 3 up is made close-on-exec again (what an image keeps in normal
+//!    running: the crate and Rust's standard library open everything
+//!    close-on-exec) and the held signals are unblocked; the error is
 //!    returned: the old image keeps serving and nothing is lost.
 //!
 //! [`HELD_SIGNALS`]: crate::signal::HELD_SIGNALS
@@ -136,8 +144,12 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         nofile: sys::nofile_limit().ok().map(|(soft, _)| soft),
         ..Default::default()
     };
+    if c.exe.script {
+        var.script = Some(c.exe.fd.as_raw_fd());
+    }
     // What the holder runs if the new image dies before it is ready: this
-    // binary, in rollback mode, under the holder's PID.
+    // binary, in rollback mode, under the holder's PID (which closes the
+    // script's fd, inherited from the holder's table, at once).
     let rescue = HandoffVar {
         mode: Mode::Rollback,
         rescued: true,
@@ -155,9 +167,6 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         var_suffix: rescue.format_after_pid(),
         blocked: signal::HELD_SIGNALS.to_vec(),
     };
-    if c.exe.script {
-        var.script = Some(c.exe.fd.as_raw_fd());
-    }
     tracing::debug!(
         phase = "snapshot",
         bytes = payload_len,

@@ -28,7 +28,7 @@ fn a_thread_started_before_boot_is_refused_by_the_probe() {
 
 /// A shared library whose constructor starts a thread, built with gcc.
 fn thread_library() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-lib");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-lib");
     std::fs::create_dir_all(&dir).expect("create target/test-lib");
     let src = dir.join("thread.c");
     let lib = dir.join(format!("thread-{}.so", std::process::id()));
@@ -364,4 +364,51 @@ fn the_sigusr1_snapshot_is_private_and_follows_no_symlink() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn a_new_image_killed_before_ready_is_rescued_by_the_holder() {
+    // SIGKILL leaves no way for the new image to roll back by itself: the
+    // holder, which kept the old descriptors and memory, starts the old
+    // binary again under its own PID, with every client.
+    let v1 = labelled("v1");
+    let server = Server::start_with("hd-kill9", &v1, &["--ready-timeout", "60"]);
+    let mut ann = Client::login(server.addr, "ann");
+    let mut bob = Client::login(server.addr, "bob");
+    assert_eq!(ann.ask("/set color green"), "ok");
+    bob.send("par");
+    let mark = server.mark();
+    server.deploy(&faulty("hang-after-adopt"));
+    server.signal(Signal::SIGHUP);
+    server.wait_log(mark, "this is a fault build");
+    server.signal(Signal::SIGKILL);
+    let line = server.wait_log(mark, "upgrade rolled back");
+    assert!(line.contains("holder"), "{line}");
+    let version = ann.ask("/version");
+    let rescued: i32 = version
+        .split("pid=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("a pid in /version");
+    // Killed at the end, whatever happens: it is nobody's child here.
+    struct Reaper(i32);
+    impl Drop for Reaper {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), Signal::SIGKILL);
+        }
+    }
+    let _reaper = Reaper(rescued);
+    assert_ne!(rescued, server.pid, "a new PID: the old one was killed");
+    assert_eq!(version, version_line("v1", rescued, 0));
+    assert_eq!(ann.ask("/get color"), "color = green");
+    bob.send("tial line\r\n");
+    assert_eq!(ann.line(), "bob: partial line");
+    assert_eq!(bob.ask("/who"), "online: ann, bob");
+    // The rescued server upgrades like any other.
+    server.deploy(&labelled("v2"));
+    let mark = server.mark();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(rescued), Signal::SIGHUP).expect("SIGHUP");
+    server.wait_log(mark, "upgrade complete");
+    assert_eq!(ann.ask("/version"), version_line("v2", rescued, 1));
 }

@@ -47,6 +47,8 @@ impl Client {
         };
         assert_eq!(c.line(), "Please enter your username:");
         c.send(&format!("{name}\n"));
+        // In the peer map from now on: it sees who joins after it.
+        c.expect(&format!("Welcome, {name}!"));
         c
     }
 

@@ -206,13 +206,26 @@ impl Holder {
 
 /// The holder's body. Raw syscalls only (see the module docs).
 extern "C" fn holder_main(arg: *mut c_void) -> c_int {
+    // Every call below is `syscall(2)` itself, not a libc wrapper: the
+    // wrappers of blocking calls are cancellation points that update the
+    // calling thread's descriptor, which the holder shares with the old
+    // image's thread until the exec. `syscall` touches nothing but errno,
+    // and only on failure.
     // SAFETY: `arg` is the plan `spawn` leaked for the holder's life.
     let plan = unsafe { &mut *arg.cast::<Plan>() };
-    // SAFETY: a full sigset, initialised by sigfillset, then applied.
+    // The kernel's signal set is 8 bytes: the first word of a sigset_t.
+    const KSIGSET: libc::c_long = 8;
+    // SAFETY: a full sigset, initialised by sigfillset, read by the kernel.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
-        libc::sigprocmask(libc::SIG_SETMASK, &all, ptr::null_mut());
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &all as *const libc::sigset_t,
+            ptr::null_mut::<libc::sigset_t>(),
+            KSIGSET,
+        );
     }
     let mut pfd = libc::pollfd {
         fd: plan.parent_pidfd,
@@ -221,7 +234,16 @@ extern "C" fn holder_main(arg: *mut c_void) -> c_int {
     };
     loop {
         // SAFETY: one valid pollfd, no timeout, no signal mask change.
-        let rc = unsafe { libc::ppoll(&mut pfd, 1, ptr::null(), ptr::null()) };
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_ppoll,
+                &mut pfd as *mut libc::pollfd,
+                1 as libc::c_ulong,
+                ptr::null::<libc::timespec>(),
+                ptr::null::<libc::sigset_t>(),
+                KSIGSET,
+            )
+        };
         if rc > 0 {
             break;
         }
@@ -229,7 +251,7 @@ extern "C" fn holder_main(arg: *mut c_void) -> c_int {
     // The server's process is gone before any image said it was ready:
     // bring the old binary back here, with everything.
     // SAFETY: getpid cannot fail.
-    let mut pid = unsafe { libc::getpid() } as u64;
+    let mut pid = unsafe { libc::syscall(libc::SYS_getpid) } as u64;
     let mut digits = [0u8; 20];
     let mut n = 0;
     loop {
@@ -250,9 +272,16 @@ extern "C" fn holder_main(arg: *mut c_void) -> c_int {
     plan.var[at + plan.suffix.len()] = 0;
     // SAFETY: the mask is initialised; argv and envp are NULL-terminated
     // arrays of NUL-terminated strings in the plan; "" with AT_EMPTY_PATH
-    // executes the old binary's descriptor. _exit ends only the holder.
+    // executes the old binary's descriptor. exit_group ends only the
+    // holder, a process of its own.
     unsafe {
-        libc::sigprocmask(libc::SIG_SETMASK, &plan.blocked, ptr::null_mut());
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &plan.blocked as *const libc::sigset_t,
+            ptr::null_mut::<libc::sigset_t>(),
+            KSIGSET,
+        );
         libc::syscall(
             libc::SYS_execveat,
             plan.binary_fd,
@@ -262,7 +291,8 @@ extern "C" fn holder_main(arg: *mut c_void) -> c_int {
             libc::AT_EMPTY_PATH,
         );
         let msg = b"copyover: the holder could not start the old binary again\n";
-        libc::write(2, msg.as_ptr().cast(), msg.len());
-        libc::_exit(70)
+        libc::syscall(libc::SYS_write, 2, msg.as_ptr(), msg.len());
+        libc::syscall(libc::SYS_exit_group, 70);
     }
+    70
 }

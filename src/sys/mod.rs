@@ -117,24 +117,42 @@ pub(crate) fn is_cloexec(fd: RawFd) -> io::Result<bool> {
 /// foreign code (a C library) before `boot`. `boot` must come first in
 /// `main`.
 pub(crate) fn inherit(fd: RawFd) -> io::Result<OwnedFd> {
-    static CLAIMED: std::sync::Mutex<std::collections::BTreeSet<RawFd>> =
-        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
+    claim(&mut claimed, fd)
+}
+
+/// [`inherit`] for many numbers at once (one lock for all): the result for
+/// each, in order.
+pub(crate) fn inherit_all(fds: impl IntoIterator<Item = RawFd>) -> Vec<io::Result<OwnedFd>> {
+    let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
+    fds.into_iter().map(|fd| claim(&mut claimed, fd)).collect()
+}
+
+/// The numbers claimed in this process image, one bit each.
+static CLAIMED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
+fn claim(claimed: &mut Vec<u64>, fd: RawFd) -> io::Result<OwnedFd> {
     if is_cloexec(fd)? {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "it is close-on-exec, so the previous image did not leave it for us",
         ));
     }
-    let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
-    if !claimed.insert(fd) {
+    // `is_cloexec` refused negative numbers (EBADF).
+    let (word, bit) = (fd as usize / 64, 1u64 << (fd as usize % 64));
+    if claimed.len() <= word {
+        claimed.resize(word + 1, 0);
+    }
+    if claimed[word] & bit != 0 {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
             "it was already claimed",
         ));
     }
-    // SAFETY: the number is open and inheritable, so (see above) nothing in
-    // this image opened it, and the set makes this its only claim: this
-    // `OwnedFd` is its only owner.
+    claimed[word] |= bit;
+    // SAFETY: the number is open and inheritable, so (see `inherit`)
+    // nothing in this image opened it, and the set makes this its only
+    // claim: this `OwnedFd` is its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -252,6 +270,25 @@ pub(crate) fn on_signal(
     // async-signal-safe; it neither allocates nor locks, and it is never
     // dropped (never unregistered), so no Arc is dropped in a handler.
     unsafe { signal_hook::low_level::register(sig, action) }.map(drop)
+}
+
+/// Takes a pending SIGALRM, if any, off this thread and the process
+/// (`sigtimedwait` with a zero timeout), so that unblocking SIGALRM cannot
+/// deliver it.
+pub(crate) fn discard_pending_sigalrm() {
+    // SAFETY: a zeroed sigset_t, initialised by sigemptyset/sigaddset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `set` and `zero` are valid for the calls; sigtimedwait takes
+    // a pending signal of the set or returns EAGAIN at once.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGALRM);
+        while libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) == libc::SIGALRM {}
+    }
 }
 
 /// Sets SIGALRM to be ignored: the fallback when an inherited readiness
@@ -386,8 +423,9 @@ impl Mapping {
         // SAFETY: `ptr` maps `len` readable bytes for the life of `self`
         // (unmapped only in Drop). Nobody else writes them: a read-only
         // mapping is of a sealed memfd; a region's memfd is private to this
-        // process (close-on-exec, never given to a child, and kept across
-        // our own exec only after this mapping is gone).
+        // process (close-on-exec, never given to a child by the crate,
+        // inheritable only at the instant of our own exec, which ends this
+        // mapping); its size is sealed, so no page can vanish under it.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 

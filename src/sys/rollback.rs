@@ -42,6 +42,8 @@ pub(crate) const FATAL_SIGNALS: [c_int; 6] = [
 const REASON_CAP: usize = 160;
 
 struct Plan {
+    /// The process that armed the plan: a forked child never fires it.
+    pid: libc::pid_t,
     binary_fd: RawFd,
     argv: Vec<*const c_char>,
     envp: Vec<*const c_char>,
@@ -131,7 +133,14 @@ pub(crate) fn arm(spec: PlanSpec) -> io::Result<()> {
     };
     use std::os::fd::IntoRawFd;
     let holder_pidfd = holder_pidfd.map_or(-1, IntoRawFd::into_raw_fd);
+    // Also blocked while the rollback runs: the crash signals and SIGALRM,
+    // so that no handler of ours interrupts it on this thread. The image
+    // that comes back unblocks them (`signal::release_all`).
+    let mut blocked = blocked;
+    blocked.extend(FATAL_SIGNALS);
     let plan = Box::new(Plan {
+        // SAFETY: getpid cannot fail.
+        pid: unsafe { libc::getpid() },
         binary_fd,
         argv: argv_ptrs,
         envp,
@@ -202,7 +211,11 @@ fn sigset(signals: &[c_int]) -> libc::sigset_t {
 /// of the failing image could close it before a rollback needs it). The
 /// caller cancels the readiness deadline first, so that SIGALRM never meets
 /// its default action.
-pub(crate) fn disarm() -> Option<std::os::fd::OwnedFd> {
+///
+/// `timer_off`: whether the deadline was cancelled. If it was not, SIGALRM
+/// is left ignored (the caller set that) instead of getting its previous
+/// action back, so that the live timer can never kill the process.
+pub(crate) fn disarm(timer_off: bool) -> Option<std::os::fd::OwnedFd> {
     let plan = PLAN.swap(ptr::null_mut(), Ordering::SeqCst);
     if plan.is_null() {
         return None;
@@ -211,6 +224,9 @@ pub(crate) fn disarm() -> Option<std::os::fd::OwnedFd> {
     // (leaked on purpose, see the module docs), so it is valid to read.
     let plan = unsafe { &*plan };
     for (sig, old) in &plan.previous {
+        if *sig == libc::SIGALRM && !timer_off {
+            continue;
+        }
         // SAFETY: `old` is the action the kernel gave us for `sig`.
         unsafe { libc::sigaction(*sig, old, ptr::null_mut()) };
     }
@@ -247,14 +263,38 @@ pub(crate) fn fire(reason: &[u8]) -> io::Error {
         // A constant error: this path must not allocate.
         return io::Error::from(io::ErrorKind::NotFound);
     }
-    if FIRED.swap(true, Ordering::SeqCst) {
-        // A rollback is already under way on another path (for example its
-        // exec failed and raised SIGABRT); do not loop.
-        // SAFETY: _exit is async-signal-safe and never returns.
-        unsafe { libc::_exit(70) }
-    }
     // SAFETY: see `disarm`; the plan is never freed.
     let plan = unsafe { &*plan };
+    // SAFETY: getpid cannot fail.
+    if unsafe { libc::getpid() } != plan.pid {
+        // A child forked by the new image: its exit or crash is its own.
+        return io::Error::from(io::ErrorKind::NotFound);
+    }
+    // SAFETY: sigprocmask is async-signal-safe; `blocked` is initialised.
+    // From here no handler of ours runs on this thread.
+    unsafe { libc::sigprocmask(libc::SIG_BLOCK, &plan.blocked, ptr::null_mut()) };
+    if FIRED.swap(true, Ordering::SeqCst) {
+        // A rollback is already under way on another thread: wait for its
+        // exec, which ends this thread too. (On this thread there is none:
+        // every signal whose handler fires is blocked above.)
+        loop {
+            // SAFETY: pause is async-signal-safe.
+            unsafe { libc::pause() };
+        }
+    }
+    // The deadline must not fire in the old image before it cancels it.
+    let off = libc::itimerval {
+        it_interval: libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+        it_value: libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+    };
+    // SAFETY: setitimer is a plain syscall reading one itimerval.
+    unsafe { libc::setitimer(libc::ITIMER_REAL, &off, ptr::null_mut()) };
     let n = reason.len().min(REASON_CAP - 1);
     // SAFETY: the slot has REASON_CAP bytes; we write n < REASON_CAP bytes
     // and a NUL. The source and the slot do not overlap.
@@ -262,8 +302,6 @@ pub(crate) fn fire(reason: &[u8]) -> io::Error {
         ptr::copy_nonoverlapping(reason.as_ptr(), plan.reason, n);
         *plan.reason.add(n) = 0;
     }
-    // SAFETY: sigprocmask is async-signal-safe; `blocked` is initialised.
-    unsafe { libc::sigprocmask(libc::SIG_BLOCK, &plan.blocked, ptr::null_mut()) };
     if let Some(limit) = &plan.nofile {
         // SAFETY: setrlimit reads one initialised rlimit.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, limit) };
@@ -299,9 +337,17 @@ fn restore_fd(holder_pidfd: RawFd, fd: RawFd) {
                 // SAFETY: dup3 and close on numbers this process holds; the
                 // number `fd` belongs to the old image from here on, and
                 // `got` is a fresh copy nobody else knows of.
-                unsafe {
-                    libc::dup3(got, fd, 0);
+                let placed = unsafe {
+                    let placed = libc::dup3(got, fd, 0);
                     libc::close(got);
+                    placed
+                };
+                if placed == -1 {
+                    // (EBADF: `fd` is above a lowered hard RLIMIT_NOFILE.)
+                    // What is at `fd` is still the old image's, unless the
+                    // failed image closed it: make it inheritable.
+                    // SAFETY: F_SETFD only changes the flags of `fd`.
+                    unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
                 }
             } else {
                 // SAFETY: F_SETFD only changes the flags of `fd`.

@@ -32,8 +32,11 @@ pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// The workspace root: the tests are targets of bins/ (the programs'
+/// package), and build, scratch and compare against the root's files.
 fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let bins = Path::new(env!("CARGO_MANIFEST_DIR"));
+    bins.parent().unwrap_or(bins).to_path_buf()
 }
 
 /// The demo as `cargo test` built it (label = the crate version).

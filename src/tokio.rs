@@ -292,6 +292,12 @@ impl AsyncCopyover {
         state: &S,
         keep: &Handoff<'_>,
     ) -> Result<Progress, UpgradeError> {
+        if nix::unistd::gettid() != nix::unistd::getpid() {
+            tracing::warn!(
+                "upgrade called off the main thread: a signal that the main thread takes during \
+                 the commit is lost; call it from the task given to block_on"
+            );
+        }
         let _masked = Masked::now();
         self.co.upgrade(state, keep)
     }

@@ -1,13 +1,17 @@
-//! The two error types of the public boundary: [`Error`] for start-up,
-//! restore and adoption, [`UpgradeError`] for an upgrade attempt.
+//! The two error types of the public boundary: [`Error`] for starting,
+//! resuming and what the running image asks of the runtime, [`UpgradeError`]
+//! for an upgrade attempt (and for saving a snapshot file).
 
 use std::io;
 use std::path::PathBuf;
 
 use crate::snapshot::SnapshotError;
 
-/// Why [`boot`](crate::boot) or an adoption from
-/// [`Inherited`](crate::Inherited) failed.
+/// Why [`boot`](crate::boot), an adoption from
+/// [`Inherited`](crate::Inherited), [`Copyover::ready`](crate::Copyover::ready),
+/// [`Copyover::restore_from_file`](crate::Copyover::restore_from_file),
+/// [`Region::new`](crate::Region::new) or a call of the
+/// [`fdstore`](crate::fdstore) failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -66,8 +70,10 @@ pub enum Error {
     },
 }
 
-/// Why an upgrade did not happen. In every case the old image still serves
-/// and nothing was lost.
+/// Why an upgrade did not happen (in every case the old image still serves
+/// and no client was lost), or why
+/// [`Copyover::save_snapshot`](crate::Copyover::save_snapshot) could not
+/// save a snapshot file.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum UpgradeError {
@@ -108,7 +114,8 @@ pub enum UpgradeError {
         /// The error.
         source: io::Error,
     },
-    /// A system call around the exec failed.
+    /// A system call around the exec failed, or the snapshot file could not
+    /// be written.
     #[error("could not {what}: {source}")]
     Io {
         /// What was being done.

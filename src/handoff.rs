@@ -19,6 +19,28 @@
 //!   binary comes back after a failed upgrade; the reason is in
 //!   `COPYOVER_ROLLBACK_REASON`).
 //!
+//! Optional fields, in this order when present:
+//!
+//! * `holder=PID`: the holder child that keeps the old image's descriptors
+//!   and memory until an image is ready (see `sys::holder`); the image that
+//!   becomes ready kills it.
+//! * `exec=FD`: a sealed memfd holding the old image's argument vector and
+//!   environment (see `rollback::ExecRecord`): a rollback starts the old
+//!   binary exactly as it ran, whatever a wrapper script changed for the new
+//!   one (an `LD_PRELOAD`, arguments). The image that becomes ready closes
+//!   it.
+//! * `nofile=N`: the old image's soft `RLIMIT_NOFILE`, put back before a
+//!   rollback's exec (a new image started with a lower limit must not hand
+//!   the old code a limit it cannot run under).
+//! * `script=FD`: the new binary is a script, executed from this fd (its
+//!   interpreter reads it as `/dev/fd/FD`); the image closes it at once.
+//! * `rescued=1`: the holder started this (old) binary under its own PID
+//!   after the new image died before it was ready.
+//!
+//! A rollback hands the old binary the very text the old image wrote, with
+//! `mode=rollback` and without `script=`: the old code reads its own format,
+//! whatever fields a newer binary knows.
+//!
 //! The runtime removes both variables from the environment as soon as it has
 //! read them, so they never reach a child process.
 
@@ -37,31 +59,80 @@ pub const HANDOFF_VAR: &str = "COPYOVER_HANDOFF";
 pub const ROLLBACK_REASON_VAR: &str = "COPYOVER_ROLLBACK_REASON";
 
 /// Why the new image was started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) enum Mode {
+    #[default]
     Upgrade,
     Rollback,
 }
 
 /// The parsed handoff variable.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct HandoffVar {
     pub pid: i32,
     pub snapshot_fd: RawFd,
     pub binary_fd: RawFd,
     pub mode: Mode,
+    pub holder: Option<i32>,
+    pub exec: Option<RawFd>,
+    pub nofile: Option<u64>,
+    pub script: Option<RawFd>,
+    pub rescued: bool,
 }
 
 impl HandoffVar {
+    /// The variable's value.
     pub(crate) fn format(&self) -> String {
+        let mut text = format!("1:pid={}", self.pid);
+        text.push_str(&self.format_after_pid());
+        text
+    }
+
+    /// Everything after the PID, from `:snapshot=` on (the holder writes its
+    /// own PID in front of it).
+    pub(crate) fn format_after_pid(&self) -> String {
         let mode = match self.mode {
             Mode::Upgrade => "upgrade",
             Mode::Rollback => "rollback",
         };
-        format!(
-            "1:pid={}:snapshot={}:binary={}:mode={mode}",
-            self.pid, self.snapshot_fd, self.binary_fd
-        )
+        let mut text = format!(
+            ":snapshot={}:binary={}:mode={mode}",
+            self.snapshot_fd, self.binary_fd
+        );
+        if let Some(pid) = self.holder {
+            text.push_str(&format!(":holder={pid}"));
+        }
+        if let Some(fd) = self.exec {
+            text.push_str(&format!(":exec={fd}"));
+        }
+        if let Some(n) = self.nofile {
+            text.push_str(&format!(":nofile={n}"));
+        }
+        if let Some(fd) = self.script {
+            text.push_str(&format!(":script={fd}"));
+        }
+        if self.rescued {
+            text.push_str(":rescued=1");
+        }
+        text
+    }
+
+    /// The text of the variable a rollback hands the old binary: `value`
+    /// (as the old image wrote it) with `mode=rollback` and without the
+    /// `script=` field, every other field kept as written.
+    pub(crate) fn rollback_text(value: &str) -> String {
+        value
+            .split(':')
+            .filter(|f| !f.starts_with("script="))
+            .map(|f| {
+                if f == "mode=upgrade" {
+                    "mode=rollback"
+                } else {
+                    f
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(":")
     }
 
     pub(crate) fn parse(value: &str) -> Result<Self, Error> {
@@ -75,6 +146,7 @@ impl HandoffVar {
             return Err(bad("it does not start with format version 1"));
         }
         let (mut pid, mut snapshot, mut binary, mut mode) = (None, None, None, None);
+        let mut var = HandoffVar::default();
         for part in parts {
             let (k, v) = part
                 .split_once('=')
@@ -89,6 +161,16 @@ impl HandoffVar {
                 "pid" => pid = Some(num()?),
                 "snapshot" => snapshot = Some(num()?),
                 "binary" => binary = Some(num()?),
+                "holder" => var.holder = Some(num()?),
+                "exec" => var.exec = Some(num()?),
+                "script" => var.script = Some(num()?),
+                "nofile" => {
+                    var.nofile = Some(
+                        v.parse::<u64>()
+                            .map_err(|_| bad("nofile is not a non-negative number"))?,
+                    )
+                }
+                "rescued" => var.rescued = v == "1",
                 "mode" => {
                     mode = Some(match v {
                         "upgrade" => Mode::Upgrade,
@@ -102,12 +184,14 @@ impl HandoffVar {
         if snapshot.is_some() && snapshot == binary {
             return Err(bad("snapshot and binary name the same fd"));
         }
-        Ok(HandoffVar {
-            pid: pid.ok_or_else(|| bad("pid is missing"))?,
-            snapshot_fd: snapshot.ok_or_else(|| bad("snapshot is missing"))?,
-            binary_fd: binary.ok_or_else(|| bad("binary is missing"))?,
-            mode: mode.ok_or_else(|| bad("mode is missing"))?,
-        })
+        if var.script.is_some() && (var.script == snapshot || var.script == binary) {
+            return Err(bad("script names the fd of the snapshot or the binary"));
+        }
+        var.pid = pid.ok_or_else(|| bad("pid is missing"))?;
+        var.snapshot_fd = snapshot.ok_or_else(|| bad("snapshot is missing"))?;
+        var.binary_fd = binary.ok_or_else(|| bad("binary is missing"))?;
+        var.mode = mode.ok_or_else(|| bad("mode is missing"))?;
+        Ok(var)
     }
 }
 
@@ -155,6 +239,37 @@ impl<'a> Handoff<'a> {
         self.push(name.into(), fd.as_fd().as_raw_fd(), FdKind::Datagram)
     }
 
+    /// Keeps many connected stream sockets at once, each under the name
+    /// `PREFIX:ID`, where `ID` is the number the application knows the
+    /// connection by (its record in the state, its epoll token). The new
+    /// image takes them back in one call with
+    /// [`Inherited::take_tcp_streams`] or [`Inherited::take_unix_streams`].
+    ///
+    /// ```
+    /// # use std::net::{TcpListener, TcpStream};
+    /// let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    /// let conns = vec![(7u64, TcpStream::connect(l.local_addr().unwrap()).unwrap())];
+    /// let mut keep = copyover::Handoff::new();
+    /// keep.streams("conn", conns.iter().map(|(id, s)| (*id, s)));
+    /// assert_eq!(keep.len(), 1);
+    /// ```
+    pub fn streams<F: AsFd + 'a>(
+        &mut self,
+        prefix: &str,
+        conns: impl IntoIterator<Item = (u64, &'a F)>,
+    ) -> &mut Self {
+        let conns = conns.into_iter();
+        self.entries.reserve(conns.size_hint().0);
+        for (id, fd) in conns {
+            self.push(
+                format!("{prefix}:{id}"),
+                fd.as_fd().as_raw_fd(),
+                FdKind::Stream,
+            );
+        }
+        self
+    }
+
     /// Keeps any other descriptor (a pipe, a file, a datagram socket).
     pub fn other(&mut self, name: impl Into<String>, fd: &'a impl AsFd) -> &mut Self {
         self.push(name.into(), fd.as_fd().as_raw_fd(), FdKind::Other)
@@ -163,7 +278,7 @@ impl<'a> Handoff<'a> {
     /// Keeps a [`Region`](crate::Region) under `name`: its bytes cross the
     /// exec in place, without being serialized.
     pub fn region(&mut self, name: impl Into<String>, region: &'a crate::Region) -> &mut Self {
-        self.push(name.into(), region.as_fd().as_raw_fd(), FdKind::Region)
+        self.push(name.into(), region.raw_fd(), FdKind::Region)
     }
 
     fn push(&mut self, name: String, fd: RawFd, kind: FdKind) -> &mut Self {
@@ -207,54 +322,101 @@ impl<'a> Handoff<'a> {
 /// name was handed over (or it was already taken). Descriptors nobody claims
 /// are closed, with a warning, when this set is dropped.
 ///
-/// Every inherited descriptor is close-on-exec again. Its blocking mode is
+/// Every inherited descriptor is close-on-exec again from the start of
+/// [`boot`](crate::boot) (a child started before [`Copyover::ready`](crate::Copyover::ready) gets
+/// none of them; a rollback makes them inheritable again just before its
+/// exec). Its blocking mode is
 /// the one the old image set: `O_NONBLOCK` lives on the open file
 /// description and survives the exec. Event-loop registrations (epoll) do
 /// not survive: register every adopted descriptor again.
 #[derive(Debug, Default)]
 pub struct Inherited {
-    /// Raw numbers until claimed: each is checked (and owned) only when
-    /// taken, with the syscalls its type check needs anyway, so a resumed
-    /// image with 10,000 connections makes no syscall here per fd.
-    fds: HashMap<String, (RawFd, FdKind)>,
+    /// Owned from the start (checked by `boot`); typed only when taken.
+    fds: HashMap<String, (OwnedFd, FdKind)>,
 }
 
 impl Inherited {
-    /// Adopts every manifest entry. `reserved`: the fds the handoff itself
-    /// uses (snapshot, binary), which no entry may name. `tolerant` (after a
-    /// rollback): an entry whose fd the failed image closed is skipped with
-    /// a warning, so that the other clients are kept.
+    /// Checks every manifest entry, before this image opens any descriptor
+    /// of its own. `reserved`: the fds the handoff itself uses (snapshot,
+    /// binary), which no entry may name.
+    ///
+    /// Each fd must be open and **not** close-on-exec: that is how the
+    /// previous image left it (it cleared the flag on exactly these fds),
+    /// and no descriptor this image opened can look like that (the standard
+    /// library opens everything close-on-exec). A manifest naming a closed
+    /// fd can therefore never hand out one of this image's own.
+    ///
+    /// `tolerant` (after a rollback): an entry that fails the check (the
+    /// failed image closed it) is skipped with a warning, so that the other
+    /// clients are kept. Otherwise it is an error.
     ///
     /// Every name and every fd must appear once: two owners of one fd
     /// would close it twice.
-    pub(crate) fn adopt(
-        manifest: &[ManifestEntry],
+    pub(crate) fn check(
+        manifest: Vec<ManifestEntry>,
         reserved: &[RawFd],
         tolerant: bool,
     ) -> Result<Self, Error> {
-        let mut names = std::collections::HashSet::with_capacity(manifest.len());
-        let mut numbers: std::collections::HashSet<RawFd> = reserved.iter().copied().collect();
-        for e in manifest {
-            let reason = if !names.insert(e.name.as_str()) {
-                "the manifest names it twice"
-            } else if !numbers.insert(e.fd) {
-                "its fd number is used twice in the handoff"
-            } else {
-                continue;
-            };
-            return Err(refuse(&e.name, e.fd, "a unique descriptor", reason.into()));
-        }
+        // Every number is claimed once per image (see `sys::inherit`): a
+        // number used twice, or one of the reserved ones, fails its claim.
+        let claims = sys::inherit_all(manifest.iter().map(|e| e.fd));
         let mut fds = HashMap::with_capacity(manifest.len());
-        for e in manifest {
-            // After a rollback, the failed image may have closed some fds:
-            // skip those, keep the other clients.
-            if tolerant && !sys::is_open(e.fd) {
-                tracing::warn!(fd = e.fd, name = %e.name, "the failed image closed this descriptor");
-                continue;
+        for (e, claim) in manifest.into_iter().zip(claims) {
+            let reason = if reserved.contains(&e.fd) {
+                Some("its fd number is used twice in the handoff".to_owned())
+            } else {
+                match claim {
+                    Ok(fd) => match fds.entry(e.name) {
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert((fd, e.kind));
+                            continue;
+                        }
+                        std::collections::hash_map::Entry::Occupied(o) => {
+                            let name = o.key().clone();
+                            return Err(refuse(
+                                &name,
+                                e.fd,
+                                "a unique descriptor",
+                                "the manifest names it twice".into(),
+                            ));
+                        }
+                    },
+                    Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                        Some("its fd number is used twice in the handoff".to_owned())
+                    }
+                    Err(err) if tolerant => {
+                        tracing::warn!(fd = e.fd, name = %e.name, "skipping an inherited descriptor: {err}");
+                        continue;
+                    }
+                    Err(err) => Some(err.to_string()),
+                }
+            };
+            if let Some(reason) = reason {
+                let wanted = if reason.contains("twice") {
+                    "a unique descriptor"
+                } else {
+                    "an inherited descriptor"
+                };
+                return Err(refuse(&e.name, e.fd, wanted, reason));
             }
-            fds.insert(e.name.clone(), (e.fd, e.kind));
         }
         Ok(Self { fds })
+    }
+
+    /// A set of descriptors already owned and checked by the caller (the fd
+    /// store's, after a crash: see [`crate::fdstore`]).
+    pub(crate) fn from_owned(fds: impl IntoIterator<Item = (String, OwnedFd, FdKind)>) -> Self {
+        Self {
+            fds: fds
+                .into_iter()
+                .map(|(name, fd, kind)| (name, (fd, kind)))
+                .collect(),
+        }
+    }
+
+    /// The fd numbers not claimed yet.
+    pub(crate) fn numbers(&self) -> Vec<RawFd> {
+        self.fds.values().map(|(fd, _)| fd.as_raw_fd()).collect()
     }
 
     /// Number of descriptors not claimed yet.
@@ -276,29 +438,27 @@ impl Inherited {
     ///
     /// # Errors
     ///
-    /// [`Error::HandoffFd`] if the descriptor is not open.
+    /// None today: every descriptor in the set was checked by
+    /// [`boot`](crate::boot) to be open and left for this image. The
+    /// `Result` leaves room for checks to come.
     pub fn take_fd(&mut self, name: &str) -> Result<Option<OwnedFd>, Error> {
-        let Some((fd, _)) = self.fds.remove(name) else {
-            return Ok(None);
-        };
-        sys::adopt_inherited_fd(fd)
-            .map(Some)
-            .map_err(|source| Error::HandoffFd {
-                fd,
-                what: format!("'{name}'"),
-                source,
-            })
+        Ok(self.fds.remove(name).map(|(fd, _)| fd))
     }
 
     /// Takes a [`Region`](crate::Region) and maps it again.
+    ///
+    /// While an upgraded image is not ready, a descriptor that is not a
+    /// region rolls back at once (the call does not return); otherwise the
+    /// error is returned.
     ///
     /// # Errors
     ///
     /// [`Error::Adopt`] if the descriptor is not a region's memfd.
     pub fn take_region(&mut self, name: &str) -> Result<Option<crate::Region>, Error> {
-        let Some(&(raw, kind)) = self.fds.get(name) else {
+        let Some((fd, kind)) = self.fds.get(name) else {
             return Ok(None);
         };
+        let (raw, kind) = (fd.as_raw_fd(), *kind);
         let fail = |reason: String| refuse(name, raw, "a region", reason);
         if kind != FdKind::Region {
             return Err(fail(format!("the manifest says it is {kind:?}")));
@@ -341,6 +501,84 @@ impl Inherited {
         .map(|o| o.map(TcpStream::from))
     }
 
+    /// Takes every connected TCP socket kept with
+    /// [`Handoff::streams`]`(prefix, ..)`, with its id, in no particular
+    /// order.
+    ///
+    /// The check is the cheapest that tells a TCP socket from anything
+    /// else, one `getsockopt(SO_PROTOCOL)` per descriptor (a server with
+    /// 10,000 connections pays for 10,000 syscalls here, not 20,000): the
+    /// manifest must say it is a stream, and the socket's protocol must be
+    /// TCP. Unlike [`take_tcp_stream`](Self::take_tcp_stream), it does not
+    /// ask whether the socket listens (a listening socket kept as a
+    /// connection fails its first read instead).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Adopt`] for the first descriptor that is not a TCP stream
+    /// socket (while an upgraded image is not ready, that rolls back).
+    pub fn take_tcp_streams(&mut self, prefix: &str) -> Result<Vec<(u64, TcpStream)>, Error> {
+        self.take_group(prefix, |set, name| {
+            let Some((owned, kind)) = set.fds.get(name) else {
+                return Ok(None);
+            };
+            let (fd, kind) = (owned.as_raw_fd(), *kind);
+            let fail = |reason: String| refuse(name, fd, "a TCP stream socket", reason);
+            if kind != FdKind::Stream {
+                return Err(fail(format!("the manifest says it is {kind:?}")));
+            }
+            match sys::socket_protocol(fd) {
+                Ok(libc::IPPROTO_TCP) => {}
+                Ok(p) => return Err(fail(format!("its protocol is {p}"))),
+                Err(e) => return Err(fail(format!("it is not a socket ({e})"))),
+            }
+            Ok(set.fds.remove(name).map(|(fd, _)| TcpStream::from(fd)))
+        })
+    }
+
+    /// Takes every connected Unix stream socket kept with
+    /// [`Handoff::streams`]`(prefix, ..)`, with its id.
+    ///
+    /// # Errors
+    ///
+    /// As [`take_tcp_streams`](Self::take_tcp_streams), for Unix sockets.
+    pub fn take_unix_streams(&mut self, prefix: &str) -> Result<Vec<(u64, UnixStream)>, Error> {
+        self.take_group(prefix, |set, name| set.take_unix_stream(name))
+    }
+
+    fn take_group<T>(
+        &mut self,
+        prefix: &str,
+        mut take: impl FnMut(&mut Self, &str) -> Result<Option<T>, Error>,
+    ) -> Result<Vec<(u64, T)>, Error> {
+        let member = |name: &str| -> Option<u64> {
+            name.strip_prefix(prefix)?.strip_prefix(':')?.parse().ok()
+        };
+        // One pass takes the members out; each is checked, and put back
+        // (to be closed with the set) if it fails its check.
+        let members: Vec<(String, (OwnedFd, FdKind))> = self
+            .fds
+            .extract_if(|name, _| member(name).is_some())
+            .collect();
+        let mut out = Vec::with_capacity(members.len());
+        let mut members = members.into_iter();
+        while let Some((name, entry)) = members.next() {
+            let id = member(&name).unwrap_or_default();
+            let mut one = Inherited::default();
+            one.fds.insert(name.clone(), entry);
+            match take(&mut one, &name) {
+                Ok(Some(s)) => out.push((id, s)),
+                Ok(None) => {}
+                Err(e) => {
+                    self.fds.extend(one.fds.drain());
+                    self.fds.extend(members);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Takes a listening Unix stream socket.
     ///
     /// # Errors
@@ -371,9 +609,10 @@ impl Inherited {
     ) -> Result<Option<OwnedFd>, Error> {
         // Looked at, and taken out only once it passed its checks: a
         // descriptor of the wrong type stays in the set and is closed with it.
-        let Some(&(fd, kind)) = self.fds.get(name) else {
+        let Some((owned, kind)) = self.fds.get(name) else {
             return Ok(None);
         };
+        let (fd, kind) = (owned.as_raw_fd(), *kind);
         // While an upgraded image is not ready, a descriptor of the wrong
         // type rolls back at once, with every descriptor still open.
         let fail = |reason: String| refuse(name, fd, wanted, reason);
@@ -401,11 +640,19 @@ impl Inherited {
             None if sys::socket_domain(fd).map_err(|e| fail(e.to_string()))? != libc::AF_UNIX => {
                 return Err(fail("it is not a Unix socket".into()));
             }
+            None => {
+                // A TCP socket is always a stream; a Unix one may be a
+                // datagram or seqpacket socket.
+                let ty = sys::socket_type(fd).map_err(|e| fail(e.to_string()))?;
+                if ty != libc::SOCK_STREAM {
+                    return Err(fail(format!(
+                        "it is a Unix socket of type {ty}, not a stream (SOCK_STREAM)"
+                    )));
+                }
+            }
             _ => {}
         }
-        self.fds.remove(name);
-        // The getsockopt calls above proved the number open.
-        Ok(Some(sys::own_checked_fd(fd)))
+        Ok(self.fds.remove(name).map(|(fd, _)| fd))
     }
 }
 
@@ -452,9 +699,10 @@ impl Inherited {
         wanted: &'static str,
         family: DatagramFamily,
     ) -> Result<Option<OwnedFd>, Error> {
-        let Some(&(fd, kind)) = self.fds.get(name) else {
+        let Some((owned, kind)) = self.fds.get(name) else {
             return Ok(None);
         };
+        let (fd, kind) = (owned.as_raw_fd(), *kind);
         let fail = |reason: String| refuse(name, fd, wanted, reason);
         if !matches!(kind, FdKind::Datagram | FdKind::Other) {
             return Err(fail(format!("the manifest says it is {kind:?}")));
@@ -479,9 +727,7 @@ impl Inherited {
             }
             DatagramFamily::Unix => {}
         }
-        self.fds.remove(name);
-        // The getsockopt calls above proved the number open.
-        Ok(Some(sys::own_checked_fd(fd)))
+        Ok(self.fds.remove(name).map(|(fd, _)| fd))
     }
 }
 
@@ -506,9 +752,7 @@ impl Drop for Inherited {
             names.sort_unstable();
             tracing::warn!(count = names.len(), names = ?names, "closing inherited descriptors nobody claimed");
         }
-        for (_, (fd, _)) in self.fds.drain() {
-            drop(sys::adopt_inherited_fd(fd));
-        }
+        // The descriptors close as the map drops.
     }
 }
 
@@ -523,9 +767,29 @@ mod tests {
             snapshot_fd: 5,
             binary_fd: 6,
             mode: Mode::Rollback,
+            ..Default::default()
         };
         assert_eq!(v.format(), "1:pid=42:snapshot=5:binary=6:mode=rollback");
         assert_eq!(HandoffVar::parse(&v.format()).unwrap(), v);
+        let full = HandoffVar {
+            mode: Mode::Upgrade,
+            holder: Some(43),
+            exec: Some(8),
+            nofile: Some(1024),
+            script: Some(7),
+            rescued: true,
+            ..v
+        };
+        assert_eq!(HandoffVar::parse(&full.format()).unwrap(), full);
+    }
+
+    #[test]
+    fn a_rollback_keeps_the_old_images_text() {
+        let text = "1:pid=42:snapshot=5:binary=6:mode=upgrade:holder=43:nofile=99:script=7";
+        assert_eq!(
+            HandoffVar::rollback_text(text),
+            "1:pid=42:snapshot=5:binary=6:mode=rollback:holder=43:nofile=99"
+        );
     }
 
     #[test]
@@ -573,7 +837,6 @@ mod tests {
 
     #[test]
     fn unix_sockets_are_told_from_tcp_ones() {
-        use std::os::fd::IntoRawFd;
         let dir = std::env::temp_dir().join(format!("copyover-unix-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s");
@@ -583,15 +846,15 @@ mod tests {
         let mut inh = Inherited::default();
         inh.fds.insert(
             "u".into(),
-            (l.try_clone().unwrap().into_raw_fd(), FdKind::Listener),
+            (OwnedFd::from(l.try_clone().unwrap()), FdKind::Listener),
         );
         inh.fds.insert(
             "u2".into(),
-            (l.try_clone().unwrap().into_raw_fd(), FdKind::Listener),
+            (OwnedFd::from(l.try_clone().unwrap()), FdKind::Listener),
         );
         inh.fds.insert(
             "t".into(),
-            (tcp.try_clone().unwrap().into_raw_fd(), FdKind::Listener),
+            (OwnedFd::from(tcp.try_clone().unwrap()), FdKind::Listener),
         );
         assert!(inh.take_unix_listener("u").unwrap().is_some());
         let err = inh.take_tcp_listener("u2").unwrap_err().to_string();
@@ -603,7 +866,6 @@ mod tests {
 
     #[test]
     fn datagram_sockets_are_checked_by_type_domain_and_protocol() {
-        use std::os::fd::IntoRawFd;
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         let (ud, _peer) = UnixDatagram::pair().unwrap();
         let (us, _peer2) = UnixStream::pair().unwrap();
@@ -612,7 +874,7 @@ mod tests {
         h.datagram("u", &udp).datagram("d", &ud);
         assert_eq!(h.manifest().unwrap()[0].kind, FdKind::Datagram);
         let mut inh = Inherited::default();
-        let dup = |fd: &dyn AsFd| fd.as_fd().try_clone_to_owned().unwrap().into_raw_fd();
+        let dup = |fd: &dyn AsFd| fd.as_fd().try_clone_to_owned().unwrap();
         for (name, fd, kind) in [
             ("udp", dup(&udp), FdKind::Datagram),
             ("udp-other", dup(&udp), FdKind::Other),
@@ -654,16 +916,14 @@ mod tests {
         let file = std::fs::File::open("/proc/self/stat").unwrap();
         let mut inh = Inherited::default();
         // No rollback is armed in a unit test: `fail` only builds the error.
-        use std::os::fd::IntoRawFd;
         inh.fds.insert(
             "l".into(),
-            (l.try_clone().unwrap().into_raw_fd(), FdKind::Listener),
+            (OwnedFd::from(l.try_clone().unwrap()), FdKind::Listener),
         );
-        inh.fds
-            .insert("f".into(), (file.into_raw_fd(), FdKind::Listener));
+        inh.fds.insert("f".into(), (file.into(), FdKind::Listener));
         inh.fds.insert(
             "s".into(),
-            (l.try_clone().unwrap().into_raw_fd(), FdKind::Stream),
+            (OwnedFd::from(l.try_clone().unwrap()), FdKind::Stream),
         );
         let err = inh.take_tcp_listener("f").unwrap_err().to_string();
         assert!(err.contains("'f'") && err.contains("not a socket"), "{err}");
@@ -675,5 +935,86 @@ mod tests {
         let mut left: Vec<&str> = inh.names().collect();
         left.sort_unstable();
         assert_eq!(left, ["f", "s"]);
+    }
+
+    #[test]
+    fn a_group_of_streams_is_taken_in_one_call() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let b = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut keep = Handoff::new();
+        keep.streams("conn", [(7u64, &a), (9u64, &b)]);
+        let names: Vec<&str> = keep.entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["conn:7", "conn:9"]);
+
+        let mut inh = Inherited::default();
+        for (name, fd, kind) in [
+            (
+                "conn:7",
+                OwnedFd::from(a.try_clone().unwrap()),
+                FdKind::Stream,
+            ),
+            (
+                "conn:9",
+                OwnedFd::from(b.try_clone().unwrap()),
+                FdKind::Stream,
+            ),
+            (
+                "connx:1",
+                OwnedFd::from(b.try_clone().unwrap()),
+                FdKind::Stream,
+            ),
+            (
+                "listener",
+                OwnedFd::from(l.try_clone().unwrap()),
+                FdKind::Listener,
+            ),
+        ] {
+            inh.fds.insert(name.into(), (fd, kind));
+        }
+        let mut got: Vec<u64> = inh
+            .take_tcp_streams("conn")
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, [7, 9]);
+        let mut left: Vec<&str> = inh.names().collect();
+        left.sort_unstable();
+        assert_eq!(left, ["connx:1", "listener"]);
+
+        // A member that is not a TCP stream fails, and stays in the set.
+        inh.fds.insert(
+            "conn:3".into(),
+            (OwnedFd::from(udp.try_clone().unwrap()), FdKind::Stream),
+        );
+        let err = inh.take_tcp_streams("conn").unwrap_err().to_string();
+        assert!(
+            err.contains("'conn:3'") && err.contains("protocol"),
+            "{err}"
+        );
+        assert!(inh.names().any(|n| n == "conn:3"));
+    }
+
+    #[test]
+    fn a_unix_datagram_or_seqpacket_socket_is_not_a_stream() {
+        let (dgram, _) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let (seq, _) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let mut inh = Inherited::default();
+        inh.fds
+            .insert("d".into(), (OwnedFd::from(dgram), FdKind::Stream));
+        inh.fds.insert("s".into(), (seq, FdKind::Stream));
+        for name in ["d", "s"] {
+            let err = inh.take_unix_stream(name).unwrap_err().to_string();
+            assert!(err.contains("not a stream"), "{name}: {err}");
+        }
     }
 }

@@ -25,7 +25,12 @@
 //! 6. Until `ready`, any failure of the new image (an error, a panic, a
 //!    crash, a missed deadline, an exit) **rolls back**: the old binary is
 //!    executed again from a descriptor opened at its start-up, with the
-//!    untouched snapshot. Clients see a short stall, never a disconnect.
+//!    untouched snapshot (a [`Region`] is shared, not copied: it holds what
+//!    the failed image wrote). If the new image dies before `boot` could
+//!    arm that (in the dynamic loader, say), a holder the commit left
+//!    behind, a child with the old image's descriptors, starts the old
+//!    binary instead, under the holder's PID. Clients see a short stall,
+//!    never a disconnect.
 //!
 //! # A complete server `main`
 //!
@@ -50,12 +55,8 @@
 //!         Start::Fresh => (State::default(), TcpListener::bind("127.0.0.1:7000")?, Vec::new()),
 //!         Start::Resumed { state, mut fds } => {
 //!             let listener = fds.take_tcp_listener("listener")?.ok_or("no listener")?;
-//!             let mut conns = Vec::new();
-//!             for id in &state.connections {
-//!                 if let Some(s) = fds.take_tcp_stream(&format!("conn:{id}"))? {
-//!                     conns.push((*id, s));
-//!                 }
-//!             }
+//!             // Every connection, with the id it was kept under, in one call.
+//!             let conns = fds.take_tcp_streams("conn")?;
 //!             (state, listener, conns)
 //!         }
 //!     };
@@ -73,12 +74,9 @@
 //!             match event {
 //!                 Event::Upgrade | Event::UpgradeApproved => {
 //!                     state.connections = conns.iter().map(|(id, _)| *id).collect();
-//!                     let names: Vec<String> = conns.iter().map(|(id, _)| format!("conn:{id}")).collect();
 //!                     let mut keep = Handoff::new();
-//!                     keep.listener("listener", &listener);
-//!                     for ((_, s), name) in conns.iter().zip(&names) {
-//!                         keep.stream(name.clone(), s);
-//!                     }
+//!                     keep.listener("listener", &listener)
+//!                         .streams("conn", conns.iter().map(|(id, s)| (*id, s)));
 //!                     // Probing: returns and we keep serving. Committing: does
 //!                     // not return on success. An error: logged, keep serving.
 //!                     let _ = co.upgrade(&state, &keep);
@@ -121,10 +119,13 @@
 //! # Operations
 //!
 //! With `NOTIFY_SOCKET` set, the runtime speaks systemd's notify protocol
-//! (`Type=notify-reload`): `READY=1`, `RELOADING=1`, `STATUS=`. It offers
-//! socket-activated listeners on a first start
-//! ([`Copyover::take_activated_tcp_listener`]), and keeps a status file per
-//! process ([`status`]) that the `copyover` CLI reads.
+//! (`Type=notify`, or `Type=notify-reload` on systemd 253+): `READY=1`,
+//! `RELOADING=1`, `STATUS=`. It offers socket-activated listeners on a first
+//! start ([`Copyover::take_activated_tcp_listener`]), and keeps a status file
+//! per process ([`status`]) that the `copyover` CLI reads. With systemd's
+//! file descriptor store ([`fdstore`]) a crash drops no client either: the
+//! restarted service resumes from the last [`Copyover::checkpoint`] with
+//! every connection.
 //!
 //! # tokio servers
 //!
@@ -140,8 +141,10 @@
 //! and the probe protocol ([`probe`]) are versioned and written down, since
 //! two different builds must agree on them.
 #![deny(missing_docs)]
+#![deny(unsafe_code)]
 
 mod error;
+pub mod fdstore;
 pub mod handoff;
 mod notify;
 pub mod probe;
@@ -152,6 +155,7 @@ pub mod signal;
 pub mod snapshot;
 mod state;
 pub mod status;
+#[allow(unsafe_code)]
 mod sys;
 #[cfg(feature = "tokio")]
 pub mod tokio;

@@ -3,8 +3,9 @@
 //!
 //! # Notifications
 //!
-//! When `NOTIFY_SOCKET` is set, the runtime sends, as `Type=notify-reload`
-//! expects (its default reload signal is SIGHUP, the upgrade signal):
+//! When `NOTIFY_SOCKET` is set, the runtime sends what `Type=notify` and
+//! `Type=notify-reload` (systemd 253+; its default reload signal is SIGHUP,
+//! the upgrade signal) expect:
 //!
 //! * `READY=1` when an image is ready (first start, upgraded image, or the
 //!   old image after a refusal or a rollback), with a `STATUS=` line;
@@ -13,7 +14,10 @@
 //!   its readiness deadline.
 //!
 //! The PID never changes, so no `MAINPID=` juggling is needed, and
-//! `NOTIFY_SOCKET` is passed on across the exec.
+//! `NOTIFY_SOCKET` is passed on across the exec. Under `Type=notify` with
+//! `ExecReload=copyover upgrade $MAINPID` (the shipped unit, for systemd
+//! 252) systemd only records these while the CLI runs; the CLI's exit status
+//! decides whether the reload failed, which `Type=notify-reload` cannot say.
 //!
 //! # Socket activation
 //!
@@ -24,6 +28,7 @@
 //! `LISTEN_PID` would match again, so the runtime never passes them on; a
 //! resumed image gets its listeners from the handoff instead.
 
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 
 /// Sends one notification datagram to `NOTIFY_SOCKET`, if it is set.
@@ -46,6 +51,44 @@ pub(crate) fn notify(message: &str) {
     if let Err(e) = result {
         tracing::debug!(socket = ?path, "sd_notify failed: {e}");
     }
+}
+
+/// Sends one notification datagram with descriptors attached (`SCM_RIGHTS`,
+/// for `FDSTORE=1`). Returns `Ok(false)` if `NOTIFY_SOCKET` is not set.
+///
+/// # Errors
+///
+/// The socket's or `sendmsg`'s error: unlike [`notify`], the caller needs
+/// to know whether the descriptors arrived.
+pub(crate) fn notify_with_fds(message: &str, fds: &[BorrowedFd<'_>]) -> std::io::Result<bool> {
+    use nix::sys::socket::{
+        AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr, sendmsg, socket,
+    };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(false);
+    };
+    let bytes = path.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => UnixAddr::new_abstract(name)?,
+        None => UnixAddr::new(bytes)?,
+    };
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let iov = [std::io::IoSlice::new(message.as_bytes())];
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    sendmsg(
+        sock.as_raw_fd(),
+        &iov,
+        &cmsg,
+        MsgFlags::MSG_NOSIGNAL,
+        Some(&addr),
+    )?;
+    Ok(true)
 }
 
 /// `MONOTONIC_USEC=` of now, for `RELOADING=1`.
@@ -87,9 +130,13 @@ impl Activated {
             .map(|n| n.split(':').map(str::to_owned).collect())
             .unwrap_or_default();
         let mut fds = Vec::new();
-        for i in 0..count.clamp(0, 1024) {
+        // Up to 65,536: with the fd store, every kept connection comes back
+        // this way after a crash.
+        for i in 0..count.clamp(0, 65_536) {
             let fd = 3 + i;
-            match crate::sys::adopt_inherited_fd(fd) {
+            // systemd passes them inheritable; one that is close-on-exec was
+            // opened by this image (a library before `boot`), not passed.
+            match crate::sys::inherit(fd) {
                 Ok(owned) => {
                     let _ = crate::sys::set_cloexec(fd, true);
                     let name = names
@@ -98,7 +145,9 @@ impl Activated {
                         .unwrap_or_else(|| "unknown".into());
                     fds.push((name, owned));
                 }
-                Err(e) => tracing::warn!(fd, "LISTEN_FDS names fd {fd}, which is not open: {e}"),
+                Err(e) => {
+                    tracing::warn!(fd, "LISTEN_FDS names fd {fd}, which cannot be adopted: {e}")
+                }
             }
         }
         Activated { fds }

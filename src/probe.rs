@@ -33,7 +33,7 @@
 use std::ffi::{OsStr, OsString};
 use std::io::{BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -63,9 +63,54 @@ pub(crate) struct Probe {
     child_pid: Arc<AtomicI32>,
 }
 
+/// The new binary, opened once when the upgrade starts: the probe runs it,
+/// and the commit executes it, from this descriptor. A deploy that replaces
+/// the file in between changes nothing: the file that answered the probe is
+/// the file that runs (a second deploy needs a second SIGHUP).
+#[derive(Debug)]
+pub(crate) struct Executable {
+    /// Read-only, close-on-exec.
+    pub fd: OwnedFd,
+    /// The path it was opened from (for messages and the snapshot header).
+    pub path: PathBuf,
+    /// It starts with `#!`: its interpreter opens `/dev/fd/N`, so the fd
+    /// must stay open across the exec.
+    pub script: bool,
+}
+
+impl Executable {
+    /// Opens `path` after checking that it is an executable regular file.
+    pub(crate) fn open(path: &Path) -> Result<Executable, crate::UpgradeError> {
+        let fail = |source: std::io::Error| crate::UpgradeError::Binary {
+            path: path.to_owned(),
+            source,
+        };
+        nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).map_err(|e| fail(e.into()))?;
+        let file = std::fs::File::open(path).map_err(fail)?;
+        if !file.metadata().map_err(fail)?.is_file() {
+            return Err(fail(std::io::Error::other("not a regular file")));
+        }
+        let mut magic = [0u8; 2];
+        use std::os::unix::fs::FileExt;
+        let n = file.read_at(&mut magic, 0).map_err(fail)?;
+        Ok(Executable {
+            fd: OwnedFd::from(file),
+            path: path.to_owned(),
+            script: n == 2 && magic == *b"#!",
+        })
+    }
+
+    /// The path under which a child can execute this very file.
+    pub(crate) fn proc_path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
 /// What a probe needs to start.
 pub(crate) struct ProbeSpec {
-    pub binary: PathBuf,
+    /// The new binary.
+    pub exe: Arc<Executable>,
     /// The old image's argument vector, `argv[0]` included.
     pub argv: Vec<OsString>,
     pub env: Vec<(OsString, OsString)>,
@@ -161,7 +206,12 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
         }
     };
     drop(spec.payload);
-    let mut cmd = Command::new(&spec.binary);
+    warn_unkept_listeners(&spec.manifest);
+    let mut cmd = Command::new(spec.exe.proc_path());
+    if spec.exe.script {
+        use std::os::fd::AsRawFd;
+        crate::sys::keep_fd_in_child(&mut cmd, spec.exe.fd.as_raw_fd());
+    }
     {
         use std::os::unix::process::CommandExt;
         if let Some(argv0) = spec.argv.first() {
@@ -178,7 +228,7 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            let verdict = Verdict::Refused(format!("could not start {:?}: {e}", spec.binary));
+            let verdict = Verdict::Refused(format!("could not start {:?}: {e}", spec.exe.path));
             return Outcome {
                 verdict,
                 draft: None,
@@ -206,6 +256,25 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
         "probe finished"
     );
     Outcome { verdict, draft }
+}
+
+/// Warns about listening sockets that an upgrade would close (DESIGN.md's
+/// "unregistered listeners are lost silently"). Runs on the probe's thread,
+/// off the event loop: it reads `/proc/self/fd`, which is long for a server
+/// with many connections.
+fn warn_unkept_listeners(manifest: &[crate::snapshot::ManifestEntry]) {
+    let kept: std::collections::HashSet<i32> = manifest.iter().map(|e| e.fd).collect();
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let lost: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|fd| *fd >= 3 && !kept.contains(fd) && crate::sys::is_listening(*fd))
+        .collect();
+    if !lost.is_empty() {
+        tracing::warn!(fds = ?lost, "listening sockets not in the handoff will be closed by the upgrade");
+    }
 }
 
 /// Reads the one answer line, up to the deadline.

@@ -18,40 +18,174 @@
 
 use std::ffi::{CString, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Once;
 use std::time::Duration;
 
-use crate::handoff::{HandoffVar, ROLLBACK_REASON_VAR};
+use crate::handoff::ROLLBACK_REASON_VAR;
 use crate::signal::HELD_SIGNALS;
 use crate::sys;
 
-/// Builds and publishes the rollback plan, arms the readiness deadline.
-pub(crate) fn arm(
-    binary: &OwnedFd,
-    argv: &[OsString],
-    var: &HandoffVar,
-    deadline: Duration,
-) -> io::Result<()> {
-    let argv: Vec<CString> = argv
+/// How the old image was started: its argument vector and environment
+/// (without the handoff variable), written by the commit into a sealed memfd
+/// (`exec=FD` in the handoff variable).
+///
+/// # Format, version 1
+///
+/// `copyover-exec 1\n`, the argument count as a little-endian `u32`, then
+/// every argument and every `NAME=value` entry, each ended by a NUL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ExecRecord {
+    pub argv: Vec<OsString>,
+    pub env: Vec<CString>,
+}
+
+const RECORD_MAGIC: &[u8] = b"copyover-exec 1\n";
+
+impl ExecRecord {
+    pub(crate) fn encode(argv: &[CString], env: &[CString]) -> Vec<u8> {
+        let mut out = RECORD_MAGIC.to_vec();
+        out.extend_from_slice(&(argv.len() as u32).to_le_bytes());
+        for s in argv.iter().chain(env) {
+            out.extend_from_slice(s.as_bytes_with_nul());
+        }
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Option<ExecRecord> {
+        let rest = bytes.strip_prefix(RECORD_MAGIC)?;
+        let (count, rest) = rest.split_first_chunk::<4>()?;
+        let argc = u32::from_le_bytes(*count) as usize;
+        let body = rest.strip_suffix(b"\0").unwrap_or(rest);
+        let mut parts: Vec<&[u8]> = if rest.is_empty() {
+            Vec::new()
+        } else {
+            body.split(|b| *b == 0).collect()
+        };
+        if parts.len() < argc || rest.last().is_some_and(|b| *b != 0) {
+            return None;
+        }
+        let env = parts.split_off(argc);
+        Some(ExecRecord {
+            argv: parts
+                .into_iter()
+                .map(|a| std::ffi::OsStr::from_bytes(a).to_owned())
+                .collect(),
+            env: env
+                .into_iter()
+                .map(|e| CString::new(e).ok())
+                .collect::<Option<_>>()?,
+        })
+    }
+
+    /// Reads the record from its sealed memfd.
+    pub(crate) fn read(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<ExecRecord> {
+        crate::snapshot::check_sealed(fd).map_err(io::Error::other)?;
+        let len = nix::sys::stat::fstat(fd)?.st_size;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|l| *l <= 1 << 24)
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "an oversized exec record")
+            })?;
+        let mut bytes = vec![0u8; len];
+        let mut at = 0;
+        while at < len {
+            match nix::sys::uio::pread(fd, &mut bytes[at..], at as i64) {
+                Ok(0) => break,
+                Ok(n) => at += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        bytes.truncate(at);
+        ExecRecord::decode(&bytes)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "a malformed exec record"))
+    }
+}
+
+/// What a rollback needs: the old binary and how it was started, the
+/// descriptors to hand back to it, and the holder that keeps copies.
+pub(crate) struct Back {
+    /// The old binary, opened at its start-up.
+    pub binary_fd: RawFd,
+    /// The old image's argument vector.
+    pub argv: Vec<OsString>,
+    /// The old image's environment, without the handoff variable; `None`:
+    /// this image's (if the old image left no record).
+    pub env: Option<Vec<CString>>,
+    /// The handoff variable's text for the old binary (mode rollback).
+    pub var: String,
+    /// The descriptors the old binary reads: the manifest's, the
+    /// snapshot's and its own.
+    pub fds: Vec<RawFd>,
+    /// A pidfd of the holder, handed to the plan by the next [`arm`].
+    pub holder_pidfd: Option<std::os::fd::OwnedFd>,
+    /// The old image's soft `RLIMIT_NOFILE`.
+    pub nofile: Option<u64>,
+}
+
+/// Builds and publishes the rollback plan (replacing an earlier one), and
+/// with `Some(deadline)` arms the readiness deadline.
+///
+/// Once this returned, or even failed after its first step, [`trigger`]
+/// rolls back: a caller that gets an error here triggers the rollback.
+pub(crate) fn arm(back: &mut Back, deadline: Option<Duration>) -> io::Result<()> {
+    let argv: Vec<CString> = back
+        .argv
         .iter()
         .map(|a| cstring(a.as_bytes()))
         .collect::<io::Result<_>>()?;
-    let env = crate::upgrade::exec_env(&var.format())?;
-    let held: Vec<i32> = HELD_SIGNALS.iter().map(|s| *s as i32).collect();
-    sys::rollback::arm(binary.as_raw_fd(), argv, env, ROLLBACK_REASON_VAR, &held)?;
+    let env = match &back.env {
+        Some(env) => {
+            let mut env = env.clone();
+            env.push(cstring(
+                format!("{}={}", crate::handoff::HANDOFF_VAR, back.var).as_bytes(),
+            )?);
+            env
+        }
+        None => crate::upgrade::exec_env(&back.var)?,
+    };
+    let held = HELD_SIGNALS.to_vec();
+    let nofile = back.nofile.map(|soft| {
+        let hard = sys::nofile_limit().map_or(soft, |(_, hard)| hard);
+        (soft.min(hard), hard)
+    });
+    sys::rollback::arm(sys::rollback::PlanSpec {
+        binary_fd: back.binary_fd,
+        argv,
+        env,
+        reason_var: ROLLBACK_REASON_VAR,
+        blocked: held,
+        fds: back.fds.clone(),
+        holder_pidfd: back.holder_pidfd.take(),
+        nofile,
+    })?;
     install_panic_hook();
-    let ms = u64::try_from(deadline.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1);
-    sys::set_real_timer(ms)
+    if let Some(deadline) = deadline {
+        let ms = u64::try_from(deadline.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        sys::set_real_timer(ms)?;
+    }
+    Ok(())
 }
 
-/// Disarms the plan and the deadline: the new image is ready.
-pub(crate) fn disarm() -> io::Result<()> {
-    sys::rollback::disarm();
-    sys::set_real_timer(0)
+/// Disarms the deadline, then the plan: the image is ready. The timer goes
+/// first, so that SIGALRM never meets its default (fatal) action. A timer
+/// that cannot be cancelled is made harmless: SIGALRM is ignored. Returns
+/// the holder's pidfd, which the plan owned.
+pub(crate) fn disarm() -> Option<std::os::fd::OwnedFd> {
+    let timer_off = match sys::set_real_timer(0) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("could not cancel the readiness deadline ({e}); SIGALRM is now ignored");
+            sys::ignore_sigalrm();
+            false
+        }
+    };
+    sys::rollback::disarm(timer_off)
 }
 
 /// Rolls back now with `reason`. Returns only if no rollback is armed or
@@ -86,4 +220,33 @@ pub(crate) fn cstring(bytes: &[u8]) -> io::Result<CString> {
             "a NUL byte in an argument or variable",
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exec_record_round_trips_and_refuses_garbage() {
+        let argv = vec![
+            cstring(b"/srv/chat").unwrap(),
+            cstring(b"--listen").unwrap(),
+        ];
+        let env = vec![cstring(b"A=1").unwrap(), cstring(b"EMPTY=").unwrap()];
+        let bytes = ExecRecord::encode(&argv, &env);
+        let back = ExecRecord::decode(&bytes).unwrap();
+        assert_eq!(
+            back.argv,
+            [OsString::from("/srv/chat"), OsString::from("--listen")]
+        );
+        assert_eq!(back.env, env);
+        let none = ExecRecord::decode(&ExecRecord::encode(&[], &[])).unwrap();
+        assert!(none.argv.is_empty() && none.env.is_empty());
+        assert!(ExecRecord::decode(b"garbage").is_none());
+        assert!(ExecRecord::decode(&bytes[..bytes.len() - 1]).is_none());
+        let mut short = RECORD_MAGIC.to_vec();
+        short.extend_from_slice(&9u32.to_le_bytes());
+        short.extend_from_slice(b"a\0");
+        assert!(ExecRecord::decode(&short).is_none());
+    }
 }

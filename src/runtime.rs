@@ -4,18 +4,21 @@
 use std::ffi::{CString, OsString};
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, UpgradeError};
 use crate::handoff::{HANDOFF_VAR, Handoff, HandoffVar, Inherited, Mode, ROLLBACK_REASON_VAR};
 use crate::notify::Activated;
+use crate::probe::Executable;
 use crate::probe::{PROBE_VAR, Probe, ProbeSpec, Verdict};
 use crate::signal::{self, Requests};
 use crate::snapshot::{FORMAT_VERSION, Header, read_sealed};
 use crate::state::{AppState, restore};
-use crate::upgrade::{Commit, Progress, clean_env, commit, preflight};
+use crate::upgrade::{Commit, Progress, clean_env, commit};
 use crate::{rollback, sys};
 
 /// How an application runs under copyover.
@@ -71,8 +74,9 @@ impl Config {
 pub enum Start<S> {
     /// A first start: build the state and bind the listeners.
     Fresh,
-    /// A resumed image, after an upgrade or a rollback: the state and the
-    /// inherited descriptors. Claim the descriptors, register them with the
+    /// A resumed image, after an upgrade or a rollback (or, with systemd's
+    /// fd store, a restart after a crash: see [`crate::fdstore`]): the state
+    /// and the inherited descriptors. Claim the descriptors, register them with the
     /// event loop, then call [`Copyover::ready`].
     Resumed {
         /// The application's state, decoded (and migrated if needed).
@@ -113,6 +117,15 @@ struct Resume {
     header: Header,
     snapshot: OwnedFd,
     old_binary: OwnedFd,
+    /// How the old image ran, for a rollback (see `rollback::ExecRecord`).
+    exec_record: Option<OwnedFd>,
+    /// A pidfd of the holder after a rollback (after an upgrade, the
+    /// rollback plan owns it until `ready`), and its PID: killed and reaped
+    /// when this image is ready.
+    holder: Option<OwnedFd>,
+    holder_pid: Option<i32>,
+    /// The holder started this image under its own PID.
+    rescued: bool,
     boot_ns: u64,
     restored_ns: u64,
     /// For a rollback: why.
@@ -122,8 +135,13 @@ struct Resume {
 #[derive(Debug)]
 enum Phase {
     Idle,
-    Probing(Probe),
-    Approved { to_version: String },
+    /// The probe runs; `exe` is the new binary, opened once, so that the
+    /// commit executes exactly the file that was probed.
+    Probing(Probe, Arc<crate::probe::Executable>),
+    Approved {
+        to_version: String,
+        exe: Arc<crate::probe::Executable>,
+    },
 }
 
 /// The runtime's handle: the upgrade's state machine, the signal flags, and
@@ -172,19 +190,69 @@ fn ms(ns: u64) -> f64 {
 ///   returned from `main`, a panic, a crash, the readiness deadline) rolls
 ///   back to the previous binary.
 ///
+/// # Correct order of handling, after an upgrade
+///
+/// 1. The rollback is armed before anything else can fail: every later
+///    step that fails brings the old binary back instead of ending the
+///    process.
+/// 2. The process must have a single thread (a thread started before
+///    `boot` would make the environment unsafe to change): else, rollback.
+/// 3. The snapshot and every descriptor of the manifest are checked
+///    **before this image opens any descriptor of its own**: each must be
+///    open and not close-on-exec, as the old image left it.
+/// 4. Every inherited descriptor becomes close-on-exec at once (a child
+///    started now inherits none); the rollback makes them inheritable
+///    again only at the instant of its exec.
+/// 5. Signal handlers, then the state is decoded and migrated.
+///
 /// # Errors
 ///
 /// [`Error::Threads`] if threads already run, [`Error::HandoffVar`] for a
 /// malformed handoff variable, [`Error::HandoffFd`] if it names fds that are
 /// not open, [`Error::Snapshot`] for a snapshot this binary cannot use,
 /// [`Error::Setup`] if signal handling cannot be installed. After an
-/// upgrade, a restore error rolls back first; the error is returned only if
-/// that is impossible.
+/// upgrade, every error rolls back first; it is returned only if that is
+/// impossible.
 pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> {
     let boot_ns = monotonic_ns();
     if let Some(nonce) = std::env::var_os(PROBE_VAR) {
         answer_probe::<S>(&config, &nonce);
     }
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    match read_handoff_var()? {
+        None => boot_fresh(config, argv),
+        Some((var, text)) => resume::<S>(config, argv, var, &text, boot_ns),
+    }
+}
+
+/// Reads the handoff variable, if it is set and meant for this process.
+fn read_handoff_var() -> Result<Option<(HandoffVar, String)>, Error> {
+    let Some(value) = std::env::var_os(HANDOFF_VAR) else {
+        return Ok(None);
+    };
+    let text = value.to_string_lossy().into_owned();
+    let var = HandoffVar::parse(&text)?;
+    if var.pid == std::process::id() as i32 {
+        return Ok(Some((var, text)));
+    }
+    tracing::warn!(
+        handoff_pid = var.pid,
+        pid = std::process::id(),
+        "ignoring a {HANDOFF_VAR} variable inherited from process {}: starting fresh",
+        var.pid
+    );
+    Ok(None)
+}
+
+/// Removes the runtime's variables from the environment (so that no child
+/// inherits them). Only with a single thread, which the caller checked.
+fn forget_handoff_vars() {
+    for var in [HANDOFF_VAR, ROLLBACK_REASON_VAR] {
+        sys::remove_env_var(var.as_ref());
+    }
+}
+
+fn single_thread() -> Result<(), Error> {
     let threads = sys::thread_count().map_err(|source| Error::Setup {
         what: "count threads",
         source,
@@ -192,45 +260,10 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
     if threads > 1 {
         return Err(Error::Threads { threads });
     }
-    let handoff = std::env::var_os(HANDOFF_VAR);
-    let reason = std::env::var_os(ROLLBACK_REASON_VAR);
-    for var in [HANDOFF_VAR, ROLLBACK_REASON_VAR] {
-        sys::remove_env_var(var.as_ref());
-    }
-    let var = match handoff {
-        None => None,
-        Some(value) => {
-            let text = value.to_string_lossy().into_owned();
-            let var = HandoffVar::parse(&text)?;
-            if var.pid == std::process::id() as i32 {
-                Some(var)
-            } else {
-                tracing::warn!(
-                    handoff_pid = var.pid,
-                    pid = std::process::id(),
-                    "ignoring a {HANDOFF_VAR} variable inherited from process {}: starting fresh",
-                    var.pid
-                );
-                None
-            }
-        }
-    };
-    // Socket activation first, before this image opens any descriptor of
-    // its own: LISTEN_FDS names fds 3.. as they were at the exec.
-    let activated = if var.is_none() {
-        Activated::from_env()
-    } else {
-        Activated::from_env_ignored()
-    };
-    let argv: Vec<OsString> = std::env::args_os().collect();
-    let argv_c = argv
-        .iter()
-        .map(|a| rollback::cstring(a.as_bytes()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| Error::Setup {
-            what: "read the arguments",
-            source,
-        })?;
+    Ok(())
+}
+
+fn install_requests() -> Result<Requests, Error> {
     let requests = Requests::install().map_err(|source| Error::Setup {
         what: "install signal handlers",
         source,
@@ -239,111 +272,165 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> 
         what: "unblock signals",
         source,
     })?;
-
-    let mut co = Copyover {
-        binary: config
-            .binary
-            .clone()
-            .unwrap_or_else(|| default_binary(&argv)),
-        config,
-        argv,
-        argv_c,
-        generation: 0,
-        requests,
-        own_binary: None,
-        resume: None,
-        phase: Phase::Idle,
-        requested_at_ns: 0,
-        ready: false,
-        draft: None,
-        payload_hint: 0,
-        activated,
-    };
-
-    let Some(var) = var else {
-        co.own_binary = Some(open_own_binary()?);
-        return Ok((co, Start::Fresh));
-    };
-
-    let rollback_reason =
-        reason.map_or_else(|| "unknown".into(), |r| r.to_string_lossy().into_owned());
-    crate::notify::notify(&format!(
-        "EXTEND_TIMEOUT_USEC={}\nSTATUS=restoring after an upgrade",
-        co.config.ready_timeout.as_micros()
-    ));
-    // After an upgrade the inherited fds stay open across a rollback's exec
-    // until `ready`, which makes them all close-on-exec with one syscall.
-    // After a rollback there is no way further back: do it now.
-    if var.mode == Mode::Rollback {
-        cloexec_all()?;
-    }
-    reap_exited_children();
-    let old_binary = sys::adopt_inherited_fd(var.binary_fd).map_err(|source| Error::HandoffFd {
-        fd: var.binary_fd,
-        what: "the previous binary".into(),
-        source,
-    })?;
-    if var.mode == Mode::Upgrade {
-        let back = HandoffVar {
-            mode: Mode::Rollback,
-            ..var.clone()
-        };
-        rollback::arm(&old_binary, &co.argv, &back, co.config.ready_timeout).map_err(|source| {
-            Error::Setup {
-                what: "arm the rollback",
-                source,
-            }
-        })?;
-    } else {
-        tracing::warn!(version = %co.config.version, "upgrade rolled back: {rollback_reason}");
-        // The failed image's readiness deadline survived the exec.
-        sys::set_real_timer(0).map_err(|source| Error::Setup {
-            what: "disarm the readiness deadline",
-            source,
-        })?;
-    }
-    let (state, header, snapshot, fds) = restore_image::<S>(&co.config, &var)?;
-    co.generation = header.generation + u64::from(var.mode == Mode::Upgrade);
-    if co.config.binary.is_none() {
-        co.binary = header.binary.clone();
-    }
-    co.resume = Some(Resume {
-        mode: var.mode,
-        header,
-        snapshot,
-        old_binary,
-        boot_ns,
-        restored_ns: monotonic_ns(),
-        reason: rollback_reason,
-    });
-    Ok((co, Start::Resumed { state, fds }))
+    Ok(requests)
 }
 
-type Restored<S> = (S, Header, OwnedFd, Inherited);
+fn boot_fresh<S: AppState>(
+    config: Config,
+    argv: Vec<OsString>,
+) -> Result<(Copyover, Start<S>), Error> {
+    single_thread()?;
+    forget_handoff_vars();
+    // Socket activation first, before this image opens any descriptor of
+    // its own: LISTEN_FDS names fds 3.. as they were at the exec.
+    let activated = Activated::from_env();
+    let mut co = Copyover::new(config, argv, install_requests()?)?;
+    co.activated = activated;
+    co.own_binary = Some(open_own_binary()?);
+    // A restart after a crash: the last checkpoint and the stored fds.
+    if let Some(r) = crate::fdstore::recover::<S>(&co.config.app, &mut co.activated)? {
+        co.generation = r.generation;
+        let (state, fds) = (r.state, r.fds);
+        return Ok((co, Start::Resumed { state, fds }));
+    }
+    Ok((co, Start::Fresh))
+}
 
-fn restore_image<S: AppState>(config: &Config, var: &HandoffVar) -> Result<Restored<S>, Error> {
-    // Every error rolls back (after an upgrade) right where it happens, while
-    // the snapshot and the adopted descriptors are still open.
-    let rollback_on = |e: Error| {
-        if var.mode == Mode::Upgrade {
+/// A new image after an upgrade, or the old one after a rollback.
+fn resume<S: AppState>(
+    config: Config,
+    argv: Vec<OsString>,
+    var: HandoffVar,
+    text: &str,
+    boot_ns: u64,
+) -> Result<(Copyover, Start<S>), Error> {
+    let upgraded = var.mode == Mode::Upgrade;
+    let reason = std::env::var_os(ROLLBACK_REASON_VAR)
+        .map_or_else(|| "unknown".into(), |r| r.to_string_lossy().into_owned());
+    // Closed first: the script's descriptor only served the exec.
+    if let Some(fd) = var.script {
+        drop(sys::inherit(fd));
+    }
+    // How the old image ran (a wrapper may have changed our arguments or
+    // environment): what a rollback starts again. Kept open until ready.
+    let exec_record = var.exec.and_then(|fd| sys::inherit(fd).ok());
+    let record = exec_record
+        .as_ref()
+        .filter(|_| upgraded)
+        .and_then(|fd| match rollback::ExecRecord::read(fd.as_fd()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("the old image's exec record is unreadable ({e}): a rollback uses this image's arguments and environment");
+                None
+            }
+        });
+    let mut reserved = vec![var.snapshot_fd, var.binary_fd];
+    reserved.extend(&exec_record.as_ref().map(|fd| fd.as_raw_fd()));
+    let (old_argv, old_env) = match record {
+        Some(r) => (r.argv, Some(r.env)),
+        None => (argv.clone(), None),
+    };
+    let mut back = rollback::Back {
+        binary_fd: var.binary_fd,
+        argv: old_argv,
+        env: old_env,
+        var: HandoffVar::rollback_text(text),
+        fds: reserved.to_vec(),
+        holder_pidfd: None,
+        nofile: var.nofile,
+    };
+    // After an upgrade: every error from here on rolls back where it
+    // happens, with every descriptor still open. After a rollback there is
+    // no way further back: errors are returned.
+    let or_roll_back = |e: Error| {
+        if upgraded {
             let _ = rollback::trigger(&e.to_string());
         }
         e
     };
-    let snapshot = sys::adopt_inherited_fd(var.snapshot_fd)
-        .map_err(|source| Error::HandoffFd {
-            fd: var.snapshot_fd,
-            what: "the snapshot".into(),
-            source,
-        })
-        .map_err(rollback_on)?;
-    let snap = read_sealed(snapshot.as_fd())
+    if upgraded {
+        rollback::arm(&mut back, Some(config.ready_timeout))
+            .map_err(|source| Error::Setup {
+                what: "arm the rollback",
+                source,
+            })
+            .map_err(or_roll_back)?;
+    } else {
+        tracing::info!("the new image failed: {reason}; restoring this one");
+    }
+    if !upgraded && let Err(e) = sys::set_real_timer(0) {
+        // The failed image's readiness deadline survived the exec; it must
+        // never fire here.
+        tracing::warn!(
+            "could not cancel the failed image's readiness deadline ({e}); SIGALRM is now ignored"
+        );
+        sys::ignore_sigalrm();
+    }
+    match single_thread() {
+        Ok(()) => {
+            forget_handoff_vars();
+            Activated::from_env_ignored();
+        }
+        Err(e) if upgraded => return Err(or_roll_back(e)),
+        // The old code, back: serve anyway (the variables stay, but name
+        // this PID, so a child ignores them).
+        Err(e) => tracing::warn!("{e}"),
+    }
+
+    // Before this image opens any descriptor of its own: the snapshot, the
+    // old binary, then every fd of the manifest.
+    let snapshot = adopt_handoff_fd(var.snapshot_fd, "the snapshot").map_err(or_roll_back)?;
+    let old_binary =
+        adopt_handoff_fd(var.binary_fd, "the previous binary").map_err(or_roll_back)?;
+    let mut snap = read_sealed(snapshot.as_fd())
         .and_then(|snap| snap.check_app(&config.app).map(|()| snap))
-        .map_err(|e| rollback_on(e.into()))?;
+        .map_err(|e| or_roll_back(e.into()))?;
+    // An adoption error has already rolled back (after an upgrade).
+    let fds = Inherited::check(std::mem::take(&mut snap.manifest), &reserved, !upgraded)?;
+
+    // Now nothing of the old image can be mistaken for ours: the holder's
+    // pidfd, the full rollback plan (the kept fds), then close-on-exec on
+    // everything (the plan makes the kept fds inheritable again at its
+    // exec, so it must know them first).
+    let mut holder = var.holder.and_then(|pid| match sys::pidfd_open(pid) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::warn!(holder = pid, "no pidfd of the holder ({e})");
+            None
+        }
+    });
+    if upgraded {
+        back.fds.extend(fds.numbers());
+        // The plan owns the holder's pidfd from now until `ready`.
+        back.holder_pidfd = holder.take();
+        rollback::arm(&mut back, None)
+            .map_err(|source| Error::Setup {
+                what: "arm the rollback",
+                source,
+            })
+            .map_err(or_roll_back)?;
+    }
+    if let Err(source) = sys::cloexec_from(3) {
+        let e = Error::Setup {
+            what: "set close-on-exec on the inherited fds",
+            source,
+        };
+        if upgraded {
+            return Err(or_roll_back(e));
+        }
+        tracing::warn!("{e}; a child started now would inherit them");
+    }
+    if !upgraded {
+        // A deadline that fired while the failed image rolled back is
+        // pending here: it must not meet SIGALRM's default action when
+        // the signals are unblocked.
+        sys::discard_pending_sigalrm();
+    }
+    reap_exited_children();
+
+    let requests = install_requests().map_err(or_roll_back)?;
     let state = restore::<S>(&config.app, snap.header.state_version, snap.payload())
-        .map_err(|e| rollback_on(e.into()))?;
-    let reserved = [var.snapshot_fd, var.binary_fd];
-    let fds = Inherited::adopt(&snap.manifest, &reserved, var.mode == Mode::Rollback)?;
+        .map_err(|e| or_roll_back(e.into()))?;
     if snap.header.state_version != S::VERSION {
         tracing::info!(
             from = snap.header.state_version,
@@ -351,10 +438,53 @@ fn restore_image<S: AppState>(config: &Config, var: &HandoffVar) -> Result<Resto
             "migrated the state"
         );
     }
-    Ok((state, snap.header, snapshot, fds))
+    let header = snap.header.clone();
+    drop(snap);
+    let mut co = Copyover::new(config, argv, requests)?;
+    co.generation = header.generation + u64::from(upgraded);
+    if co.config.binary.is_none() {
+        co.binary = header.binary.clone();
+    }
+    if !upgraded {
+        tracing::warn!(version = %co.config.version, "upgrade rolled back: {reason}");
+    }
+    crate::notify::notify(&format!(
+        "EXTEND_TIMEOUT_USEC={}\nSTATUS=restoring after an upgrade",
+        co.config.ready_timeout.as_micros()
+    ));
+    co.resume = Some(Resume {
+        mode: var.mode,
+        header,
+        snapshot,
+        old_binary,
+        exec_record,
+        holder,
+        holder_pid: var.holder,
+        rescued: var.rescued,
+        boot_ns,
+        restored_ns: monotonic_ns(),
+        reason,
+    });
+    Ok((co, Start::Resumed { state, fds }))
+}
+
+/// Adopts the snapshot's or the old binary's fd, after checking that the
+/// previous image left it open and inheritable for us.
+fn adopt_handoff_fd(fd: RawFd, what: &str) -> Result<OwnedFd, Error> {
+    sys::inherit(fd).map_err(|source| Error::HandoffFd {
+        fd,
+        what: what.into(),
+        source,
+    })
 }
 
 fn answer_probe<S: AppState>(config: &Config, nonce: &std::ffi::OsStr) -> ! {
+    // After the exec, `boot` needs a single thread: a binary that starts
+    // one before `boot` (a static initializer, an LD_PRELOAD library, an
+    // async runtime's main) would only roll back. Refuse it now.
+    if let Err(e) = single_thread() {
+        crate::probe::answer(nonce, Err(format!("{e}")));
+    }
     let stdin = std::io::stdin();
     let result = read_sealed(stdin.as_fd())
         .and_then(|snap| {
@@ -364,6 +494,38 @@ fn answer_probe<S: AppState>(config: &Config, nonce: &std::ffi::OsStr) -> ! {
         .map(|_| config.version.clone())
         .map_err(|e| e.to_string());
     crate::probe::answer(nonce, result)
+}
+
+impl Copyover {
+    fn new(config: Config, argv: Vec<OsString>, requests: Requests) -> Result<Copyover, Error> {
+        let argv_c = argv
+            .iter()
+            .map(|a| rollback::cstring(a.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| Error::Setup {
+                what: "read the arguments",
+                source,
+            })?;
+        Ok(Copyover {
+            binary: config
+                .binary
+                .clone()
+                .unwrap_or_else(|| default_binary(&argv)),
+            config,
+            argv,
+            argv_c,
+            generation: 0,
+            requests,
+            own_binary: None,
+            resume: None,
+            phase: Phase::Idle,
+            requested_at_ns: 0,
+            ready: false,
+            draft: None,
+            payload_hint: 0,
+            activated: Activated::default(),
+        })
+    }
 }
 
 fn default_binary(argv: &[OsString]) -> PathBuf {
@@ -380,14 +542,6 @@ fn default_binary(argv: &[OsString]) -> PathBuf {
     }
 }
 
-/// Every fd from 3 up close-on-exec, with one `close_range` call.
-fn cloexec_all() -> Result<(), Error> {
-    sys::cloexec_from(3).map_err(|source| Error::Setup {
-        what: "set close-on-exec on the inherited fds",
-        source,
-    })
-}
-
 fn open_own_binary() -> Result<OwnedFd, Error> {
     File::open("/proc/self/exe")
         .map(OwnedFd::from)
@@ -395,6 +549,42 @@ fn open_own_binary() -> Result<OwnedFd, Error> {
             what: "open /proc/self/exe for rollback",
             source,
         })
+}
+
+/// Kills the holder (through its pidfd: never another process) and reaps
+/// it on a short-lived thread, since its exit tears down the old image's
+/// memory, which takes time we do not wait for.
+///
+/// Without a pidfd (`pidfd_open` failed in `boot`), by PID: the holder is
+/// our child, unreaped unless it already died, so the number is still its.
+fn reap_holder(pidfd: Option<OwnedFd>, pid: i32) {
+    let killed = match &pidfd {
+        Some(fd) => sys::pidfd_kill(fd.as_fd()),
+        None => nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .map_err(std::io::Error::from),
+    };
+    if let Err(e) = killed {
+        tracing::debug!(holder = pid, "could not kill the holder: {e}");
+    }
+    // Reaped by PID, so that no descriptor lingers: the holder is our
+    // child, so its PID cannot be reused before it is reaped.
+    drop(pidfd);
+    let reaper = std::thread::Builder::new()
+        .name("copyover-reaper".into())
+        .spawn(move || {
+            use nix::sys::wait::waitpid;
+            let pid = nix::unistd::Pid::from_raw(pid);
+            while waitpid(pid, None) == Err(nix::errno::Errno::EINTR) {}
+        });
+    if let Err(e) = reaper {
+        tracing::debug!(
+            holder = pid,
+            "could not start a thread to reap the holder: {e}"
+        );
+    }
 }
 
 /// Reaps children of the previous image that already exited. Live ones are
@@ -447,14 +637,14 @@ impl Copyover {
         if signal::take(&self.requests.shutdown) {
             return Some(Event::Shutdown);
         }
-        if let Phase::Probing(probe) = std::mem::replace(&mut self.phase, Phase::Idle) {
+        if let Phase::Probing(probe, exe) = std::mem::replace(&mut self.phase, Phase::Idle) {
             let verdict = match probe.try_verdict() {
                 Ok(outcome) => {
                     self.draft = outcome.draft;
                     outcome.verdict
                 }
                 Err(still_running) => {
-                    self.phase = Phase::Probing(still_running);
+                    self.phase = Phase::Probing(still_running, exe);
                     return self.poll_signals();
                 }
             };
@@ -462,7 +652,7 @@ impl Copyover {
             match verdict {
                 Verdict::Accepted(to_version) => {
                     tracing::debug!(phase = "probe", probe_ms, %to_version, "the new binary accepted the snapshot");
-                    self.phase = Phase::Approved { to_version };
+                    self.phase = Phase::Approved { to_version, exe };
                     return Some(Event::UpgradeApproved);
                 }
                 Verdict::Refused(reason) => {
@@ -521,7 +711,7 @@ impl Copyover {
         .publish();
     }
 
-    fn header(&self, now: u64) -> Header {
+    pub(crate) fn header(&self, now: u64) -> Header {
         Header {
             format_version: FORMAT_VERSION,
             app: self.config.app.clone(),
@@ -589,10 +779,9 @@ impl Copyover {
         let mut header = self.header(monotonic_ns());
         header.state_version = S::VERSION;
         match &self.phase {
-            Phase::Probing(_) => Ok(Progress::Probing),
+            Phase::Probing(..) => Ok(Progress::Probing),
             Phase::Idle => {
-                preflight(&self.binary)?;
-                warn_unkept_listeners(manifest);
+                let exe = Arc::new(Executable::open(&self.binary)?);
                 // Only the encoding happens in the event loop; the probe's
                 // thread writes the snapshot, starts the new binary and, off
                 // the critical path, prepares the commit's memfd for a
@@ -601,7 +790,7 @@ impl Copyover {
                 self.payload_hint = payload.len() + payload.len() / 8 + 4096;
                 let reserve = crate::snapshot::HEADER_LEN + 64 * manifest.len() + self.payload_hint;
                 let spec = ProbeSpec {
-                    binary: self.binary.clone(),
+                    exe: exe.clone(),
                     argv: self.argv.clone(),
                     env: clean_env(),
                     header,
@@ -617,10 +806,10 @@ impl Copyover {
                     }
                 })?;
                 tracing::debug!(phase = "probe", binary = ?self.binary, "probing the new binary");
-                self.phase = Phase::Probing(probe);
+                self.phase = Phase::Probing(probe, exe);
                 Ok(Progress::Probing)
             }
-            Phase::Approved { to_version } => {
+            Phase::Approved { to_version, exe } => {
                 tracing::debug!(%to_version, fds = manifest.len(), "committing the upgrade");
                 Err(commit(
                     state,
@@ -628,6 +817,7 @@ impl Copyover {
                         header,
                         manifest,
                         own_binary,
+                        exe,
                         argv: &self.argv_c,
                         requests: &self.requests,
                         draft: self.draft.take(),
@@ -652,65 +842,70 @@ impl Copyover {
             return Ok(());
         }
         let now = monotonic_ns();
-        match self.resume.take() {
-            None => {
-                self.publish("started", "", "", 0.0);
-                crate::notify::notify(&format!(
-                    "READY=1\nSTATUS=serving {} (generation {})",
-                    self.config.version, self.generation
-                ));
-                tracing::info!(generation = self.generation, version = %self.config.version, binary = ?self.binary, "serving");
-            }
-            Some(r) if r.mode == Mode::Rollback => {
-                self.publish("rolled back", &r.reason, "", 0.0);
-                crate::notify::notify(&format!(
-                    "READY=1\nSTATUS=upgrade rolled back: {}",
-                    r.reason
-                ));
-                tracing::info!(
-                    generation = self.generation,
-                    version = %self.config.version,
-                    blackout_ms = ms(now.saturating_sub(r.header.committed_at_ns)),
-                    "serving again after the rollback"
-                );
-                drop(r.snapshot);
-                self.own_binary = Some(r.old_binary);
-            }
-            Some(r) => {
-                cloexec_all()?;
-                rollback::disarm().map_err(|source| Error::Setup {
-                    what: "disarm the readiness deadline",
-                    source,
-                })?;
-                // The previous binary and the snapshot were kept for a rollback.
-                drop(r.old_binary);
-                drop(r.snapshot);
-                self.ready = true;
-                // Opened before the outcome is logged, so that whoever reads
-                // the log sees the image's final descriptors.
-                let own = open_own_binary();
-                let h = &r.header;
-                let blackout_ms = ms(now.saturating_sub(h.committed_at_ns));
-                self.publish("complete", "", &h.writer_version, blackout_ms);
-                crate::notify::notify(&format!(
-                    "READY=1\nSTATUS=upgrade complete: {} to {}, generation {}, blackout {blackout_ms:.2} ms",
-                    h.writer_version, self.config.version, self.generation
-                ));
-                tracing::info!(
-                    generation = self.generation,
-                    from_version = %h.writer_version,
-                    to_version = %self.config.version,
-                    blackout_ms,
-                    total_ms = ms(now.saturating_sub(h.requested_at_ns)),
-                    exec_ms = ms(r.boot_ns.saturating_sub(h.committed_at_ns)),
-                    restore_ms = ms(r.restored_ns.saturating_sub(r.boot_ns)),
-                    adopt_ms = ms(now.saturating_sub(r.restored_ns)),
-                    "upgrade complete"
-                );
-                self.own_binary = Some(own?);
-            }
-        }
         self.ready = true;
+        let Some(r) = self.resume.take() else {
+            self.publish("started", "", "", 0.0);
+            crate::notify::notify(&format!(
+                "READY=1\nSTATUS=serving {} (generation {})",
+                self.config.version, self.generation
+            ));
+            tracing::info!(generation = self.generation, version = %self.config.version, binary = ?self.binary, "serving");
+            return Ok(());
+        };
+        // No way back is needed any more: the deadline and the plan go
+        // (the timer first), then the holder, whose exit frees the old
+        // image's memory in its own time.
+        let planned = rollback::disarm();
+        if let Some(pid) = r.holder_pid {
+            reap_holder(planned.or(r.holder), pid);
+        }
+        drop(r.snapshot);
+        drop(r.exec_record);
+        if r.mode == Mode::Rollback {
+            self.own_binary = Some(r.old_binary);
+            self.publish("rolled back", &r.reason, "", 0.0);
+            let mainpid = if r.rescued {
+                format!("MAINPID={}\n", std::process::id())
+            } else {
+                String::new()
+            };
+            crate::notify::notify(&format!(
+                "{mainpid}READY=1\nSTATUS=upgrade rolled back: {}",
+                r.reason
+            ));
+            tracing::info!(
+                generation = self.generation,
+                version = %self.config.version,
+                rescued = r.rescued,
+                blackout_ms = ms(now.saturating_sub(r.header.committed_at_ns)),
+                "serving again after the rollback"
+            );
+            return Ok(());
+        }
+        // The previous binary was kept for a rollback.
+        drop(r.old_binary);
+        // Opened before the outcome is logged, so that whoever reads the
+        // log sees the image's final descriptors.
+        let own = open_own_binary();
+        let h = &r.header;
+        let blackout_ms = ms(now.saturating_sub(h.committed_at_ns));
+        self.publish("complete", "", &h.writer_version, blackout_ms);
+        crate::notify::notify(&format!(
+            "READY=1\nSTATUS=upgrade complete: {} to {}, generation {}, blackout {blackout_ms:.2} ms",
+            h.writer_version, self.config.version, self.generation
+        ));
+        tracing::info!(
+            generation = self.generation,
+            from_version = %h.writer_version,
+            to_version = %self.config.version,
+            blackout_ms,
+            total_ms = ms(now.saturating_sub(h.requested_at_ns)),
+            exec_ms = ms(r.boot_ns.saturating_sub(h.committed_at_ns)),
+            restore_ms = ms(r.restored_ns.saturating_sub(r.boot_ns)),
+            adopt_ms = ms(now.saturating_sub(r.restored_ns)),
+            "upgrade complete"
+        );
+        self.own_binary = Some(own?);
         Ok(())
     }
 
@@ -771,6 +966,10 @@ impl Copyover {
     /// Writes a snapshot of `state` (without descriptors) to `path`, for a
     /// staging server (`--restore-from`). Serving goes on.
     ///
+    /// The file is created mode 0600 under a fresh temporary name in the
+    /// same directory (`O_EXCL|O_NOFOLLOW`), synced, then renamed over
+    /// `path`: a reader sees the old file or the whole new one.
+    ///
     /// # Errors
     ///
     /// [`UpgradeError::Snapshot`] if it cannot be encoded or written.
@@ -779,13 +978,18 @@ impl Copyover {
         header.state_version = S::VERSION;
         let payload = crate::snapshot::encode_state(state)?;
         let bytes = crate::snapshot::encode(&header, &[], &payload)?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, bytes)
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|source| UpgradeError::Io {
+        // Every user's data is in it: 0600, a fresh temporary name that no
+        // planted symlink can redirect, synced before it replaces the file.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        crate::status::write_replacing(dir, path, &bytes, true).map_err(|source| {
+            UpgradeError::Io {
                 what: "write the snapshot file",
                 source,
-            })?;
+            }
+        })?;
         tracing::info!(path = ?path, generation = self.generation, "snapshot saved");
         Ok(())
     }
@@ -811,30 +1015,12 @@ impl Copyover {
 
 impl Drop for Copyover {
     fn drop(&mut self) {
-        if let Phase::Probing(p) = &self.phase {
+        if let Phase::Probing(p, _) = &self.phase {
             p.kill();
         }
         // Dropped at shutdown (an exec runs no destructor).
         if self.ready {
             crate::status::Status::remove(std::process::id());
         }
-    }
-}
-
-/// Warns about listening sockets that an upgrade would close (DESIGN.md's
-/// "unregistered listeners are lost silently"). Runs while the probe starts,
-/// off the critical path.
-fn warn_unkept_listeners(manifest: &[crate::snapshot::ManifestEntry]) {
-    let kept: std::collections::HashSet<i32> = manifest.iter().map(|e| e.fd).collect();
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    let lost: Vec<i32> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
-        .filter(|fd| *fd >= 3 && !kept.contains(fd) && sys::is_listening(*fd))
-        .collect();
-    if !lost.is_empty() {
-        tracing::warn!(fds = ?lost, "listening sockets not in the handoff will be closed by the upgrade");
     }
 }

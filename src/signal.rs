@@ -24,18 +24,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 
-/// Signals blocked from the exec until the new image has its handlers.
-pub const HELD_SIGNALS: [Signal; 5] = [
-    Signal::SIGHUP,
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGUSR1,
-    Signal::SIGUSR2,
-];
+/// Signals blocked from the exec until the new image has its handlers:
+/// exactly those the runtime handles (SIGHUP, SIGTERM, SIGINT, SIGUSR1).
+/// A signal held across the exec with no handler waiting for it would meet
+/// its default action (for these, death) when the new image unblocks it.
+pub const HELD_SIGNALS: [i32; 4] = [libc::SIGHUP, libc::SIGTERM, libc::SIGINT, libc::SIGUSR1];
 
 pub(crate) fn held_set() -> SigSet {
     let mut set = SigSet::empty();
-    for s in HELD_SIGNALS {
+    for s in HELD_SIGNALS
+        .iter()
+        .filter_map(|s| Signal::try_from(*s).ok())
+    {
         set.add(s);
     }
     set
@@ -77,9 +77,18 @@ pub(crate) struct Requests {
 impl Requests {
     /// Installs the handlers: SIGHUP asks for an upgrade, SIGTERM and SIGINT
     /// for a shutdown, SIGUSR1 for a snapshot saved to a file.
+    ///
+    /// One `socketpair` (non-blocking and close-on-exec from the start) and
+    /// one `sigaction` per signal: the fewest syscalls that can fail.
     pub(crate) fn install() -> io::Result<Self> {
-        let (rx, tx) = UnixStream::pair()?;
-        rx.set_nonblocking(true)?;
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+        let (rx, tx) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        )?;
+        let tx = Arc::new(tx);
         let upgrade = Arc::new(AtomicBool::new(false));
         let shutdown = Arc::new(AtomicBool::new(false));
         let save = Arc::new(AtomicBool::new(false));
@@ -89,15 +98,14 @@ impl Requests {
             (libc::SIGINT, &shutdown),
             (libc::SIGUSR1, &save),
         ] {
-            signal_hook::flag::register(sig, Arc::clone(flag))?;
-            signal_hook::low_level::pipe::register(sig, tx.try_clone()?)?;
+            crate::sys::on_signal(sig, Arc::clone(flag), Arc::clone(&tx))?;
         }
         Ok(Self {
             upgrade,
             shutdown,
             save,
-            rx,
-            tx: Arc::new(OwnedFd::from(tx)),
+            rx: UnixStream::from(rx),
+            tx,
         })
     }
 
@@ -120,6 +128,7 @@ impl Requests {
             (&self.upgrade, Signal::SIGHUP),
             (&self.save, Signal::SIGUSR1),
         ] {
+            // Raised with the signals held: pending, for the new image.
             if take(flag) {
                 let _ = nix::sys::signal::raise(sig);
             }

@@ -16,6 +16,7 @@
 //! version=v2
 //! generation=3
 //! started_at=1764000000        (Unix seconds, when the PID started)
+//! start_ticks=123456           (the process's start time in /proc/PID/stat)
 //! seq=7                        (increases with every outcome)
 //! outcome=complete             (started | complete | refused | rolled back)
 //! from_version=v1
@@ -24,8 +25,25 @@
 //! updated_at=1764000123
 //! ```
 
-use std::io;
+//!
+//! # Safety of the channel
+//!
+//! The directory is created `0700`; one that is not owned by this user,
+//! or that others can write to, is refused (logged; serving goes on). The
+//! file is written to a fresh temporary name (`O_CREAT|O_EXCL|O_NOFOLLOW`,
+//! mode 0600) and renamed over the status file, so a symlink or a FIFO
+//! planted at either name is never followed, opened or blocked on. Reads
+//! open with `O_NOFOLLOW|O_NONBLOCK`, accept only a regular file, and read
+//! at most 64 KiB. `start_ticks` ties a file to one process: `copyover
+//! upgrade` refuses a PID whose start time differs (the server was killed
+//! and the number reused), rather than signalling a stranger.
+
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+/// The most a status file may hold; anything longer is not ours.
+const MAX_LEN: u64 = 64 * 1024;
 
 /// The environment variable that overrides the status directory.
 pub const STATUS_DIR_VAR: &str = "COPYOVER_STATUS_DIR";
@@ -63,6 +81,9 @@ pub struct Status {
     pub generation: u64,
     /// Unix seconds when the PID first started.
     pub started_at: u64,
+    /// The process's start time, in clock ticks after boot (field 22 of
+    /// `/proc/PID/stat`): with the PID, it names one process for good.
+    pub start_ticks: u64,
     /// Increases with every outcome.
     pub seq: u64,
     /// `started`, `complete`, `refused` or `rolled back`.
@@ -92,7 +113,7 @@ impl Status {
     /// The I/O error (`NotFound` for a process that is not a copyover
     /// process, or runs under another status directory), or `InvalidData`.
     pub fn read(path: &Path) -> io::Result<Status> {
-        let text = std::fs::read_to_string(path)?;
+        let text = read_bounded(path)?;
         let mut s = Status::default();
         let mut format = None;
         for line in text.lines() {
@@ -107,6 +128,7 @@ impl Status {
                 "version" => s.version = v.into(),
                 "generation" => s.generation = num(),
                 "started_at" => s.started_at = num(),
+                "start_ticks" => s.start_ticks = num(),
                 "seq" => s.seq = num(),
                 "outcome" => s.outcome = v.into(),
                 "from_version" => s.from_version = v.into(),
@@ -128,12 +150,13 @@ impl Status {
     fn render(&self) -> String {
         let clean = |v: &str| v.replace(['\n', '\r'], " ");
         format!(
-            "format=1\npid={}\napp={}\nversion={}\ngeneration={}\nstarted_at={}\nseq={}\noutcome={}\nfrom_version={}\nblackout_ms={:.3}\nreason={}\nupdated_at={}\n",
+            "format=1\npid={}\napp={}\nversion={}\ngeneration={}\nstarted_at={}\nstart_ticks={}\nseq={}\noutcome={}\nfrom_version={}\nblackout_ms={:.3}\nreason={}\nupdated_at={}\n",
             self.pid,
             clean(&self.app),
             clean(&self.version),
             self.generation,
             self.started_at,
+            self.start_ticks,
             self.seq,
             clean(&self.outcome),
             clean(&self.from_version),
@@ -145,27 +168,134 @@ impl Status {
 
     /// Publishes this status for this process: continues the sequence and
     /// start time of the file the PID's previous image left, and replaces
-    /// the file atomically. Failures are logged, never fatal.
+    /// the file atomically. Failures are logged, never fatal, and nothing
+    /// here blocks (see "Safety of the channel").
     pub(crate) fn publish(mut self) {
         let dir = status_dir();
         let path = status_path(&dir, self.pid);
+        if let Err(e) = check_dir(&dir) {
+            tracing::warn!(dir = ?dir, "not writing the status file: {e}");
+            return;
+        }
         let previous = Status::read(&path).ok().filter(|p| p.pid == self.pid);
+        self.start_ticks = start_ticks(self.pid).unwrap_or(0);
+        let same_process = previous
+            .as_ref()
+            .is_some_and(|p| p.start_ticks == self.start_ticks);
+        let previous = previous.filter(|_| same_process);
         self.seq = previous.as_ref().map_or(1, |p| p.seq + 1);
         self.started_at = previous.as_ref().map_or_else(unix_now, |p| p.started_at);
         self.updated_at = unix_now();
-        let tmp = dir.join(format!(".{}.status.tmp", self.pid));
-        let result = std::fs::create_dir_all(&dir)
-            .and_then(|()| std::fs::write(&tmp, self.render()))
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = result {
-            tracing::debug!(path = ?path, "could not write the status file: {e}");
+        if let Err(e) = write_replacing(&dir, &path, self.render().as_bytes(), false) {
+            tracing::warn!(path = ?path, "could not write the status file: {e}");
         }
     }
 
     /// Removes this process's status file (on shutdown).
     pub(crate) fn remove(pid: u32) {
-        let _ = std::fs::remove_file(status_path(&status_dir(), pid));
+        let dir = status_dir();
+        if check_dir(&dir).is_ok() {
+            let _ = std::fs::remove_file(status_path(&dir, pid));
+        }
     }
+}
+
+/// The start time of process `pid` in clock ticks after boot (field 22 of
+/// `/proc/PID/stat`), or an error if there is no such process.
+pub fn start_ticks(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may hold spaces:
+    // count fields after its closing parenthesis.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc/PID/stat"))?;
+    rest.split_whitespace()
+        .nth(19)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc/PID/stat"))
+}
+
+/// Creates `dir` (mode 0700) if needed, and checks that it is a directory
+/// (not a symlink) owned by this user that nobody else can write to.
+fn check_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    let uid = nix::unistd::geteuid().as_raw();
+    let refuse = |why: String| Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
+    if !meta.file_type().is_dir() {
+        return refuse(format!("{} is not a directory", dir.display()));
+    }
+    if meta.uid() != uid {
+        return refuse(format!(
+            "{} belongs to uid {}, not to this process's uid {uid}: remove it or set {STATUS_DIR_VAR}",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return refuse(format!(
+            "{} can be written by others (mode {:o}): chmod 700 it or set {STATUS_DIR_VAR}",
+            dir.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to a fresh file in `dir` (`O_EXCL|O_NOFOLLOW`, mode
+/// 0600), optionally fsyncs it, and renames it over `path`: readers see the
+/// old file or the new one, and nothing planted at either name is followed.
+pub(crate) fn write_replacing(dir: &Path, path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.{}.{:x}.tmp",
+        std::process::id(),
+        crate::runtime::monotonic_ns()
+    ));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| if sync { file.sync_all() } else { Ok(()) })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Reads a small regular file without following a symlink or blocking on a
+/// FIFO, and at most [`MAX_LEN`] bytes.
+fn read_bounded(path: &Path) -> io::Result<String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_LEN).read_to_string(&mut text)?;
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -180,6 +310,7 @@ mod tests {
             version: "v2".into(),
             generation: 3,
             started_at: 10,
+            start_ticks: 99,
             seq: 4,
             outcome: "refused".into(),
             from_version: String::new(),

@@ -1,19 +1,27 @@
-//! The upgrade sequence of the old image: preflight, probe, commit, exec.
+//! The upgrade sequence of the old image: the opened binary, probe, commit,
+//! exec.
 //!
-//! 1. **Preflight** (on the request): the binary path is executable, the
-//!    handoff names each fd and each name once.
+//! 1. **The binary** (on the request): the path is opened once, checked to
+//!    be an executable regular file, and kept open: the probe runs it and
+//!    the commit executes it from that descriptor, so a deploy that lands
+//!    in between changes nothing (see `probe::Executable`).
 //! 2. **Probe**: the event loop encodes a first snapshot; a helper thread
 //!    writes it, shows it to the new binary in probe mode, and meanwhile
 //!    allocates and maps the memfd the commit will use, while the event loop
 //!    keeps serving (see [`crate::probe`]).
 //! 3. **Commit** (at the next safe point after a positive probe): the state
 //!    is encoded again, straight into that prepared memfd, which is then cut
-//!    to size and sealed; every fd becomes close-on-exec with one
-//!    `close_range`, then exactly the manifest's fds, the snapshot and the
-//!    old binary's fd are cleared; [`HELD_SIGNALS`] are blocked. Nothing is
+//!    to size and sealed; how this image runs (argv, environment) goes into
+//!    a second sealed memfd for a rollback; every fd becomes close-on-exec
+//!    with one `close_range`, then exactly the manifest's fds, the two
+//!    memfds and the old binary's fd are cleared; [`HELD_SIGNALS`] are
+//!    blocked; the **holder** is cloned (see `sys::holder`). Nothing is
 //!    logged from here to the exec.
-//! 4. **Exec** of the binary's path with an explicit environment. If
-//!    `execve` returns, steps 3's flags and mask are undone and the error is
+//! 4. **Exec** of the probed file (`execveat`) with an explicit
+//!    environment. If it returns, the holder is killed and reaped, every fd
+//!    from 3 up is made close-on-exec again (what an image keeps in normal
+//!    running: the crate and Rust's standard library open everything
+//!    close-on-exec) and the held signals are unblocked; the error is
 //!    returned: the old image keeps serving and nothing is lost.
 //!
 //! [`HELD_SIGNALS`]: crate::signal::HELD_SIGNALS
@@ -22,13 +30,15 @@ use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::Path;
 
 use crate::error::UpgradeError;
 use crate::handoff::{HANDOFF_VAR, HandoffVar, Mode, ROLLBACK_REASON_VAR};
+use crate::probe::Executable;
 use crate::probe::PROBE_VAR;
+use crate::rollback::ExecRecord;
 use crate::rollback::cstring;
 use crate::snapshot::{Draft, Header, ManifestEntry};
+use crate::sys::holder::HolderSpec;
 use crate::{signal, sys};
 
 /// Where an upgrade stands after [`Copyover::upgrade`] returned.
@@ -65,36 +75,9 @@ pub(crate) fn clean_env() -> Vec<(OsString, OsString)> {
 
 /// The exec environment: [`clean_env`] plus `COPYOVER_HANDOFF=handoff`.
 pub(crate) fn exec_env(handoff: &str) -> io::Result<Vec<CString>> {
-    let mut env = Vec::new();
-    for (k, v) in clean_env() {
-        let mut e = k.into_vec();
-        e.push(b'=');
-        e.extend_from_slice(v.as_bytes());
-        env.push(cstring(&e)?);
-    }
+    let mut env = plain_env()?;
     env.push(cstring(format!("{HANDOFF_VAR}={handoff}").as_bytes())?);
     Ok(env)
-}
-
-/// Checks that `path` is an executable file.
-pub(crate) fn preflight(path: &Path) -> Result<(), UpgradeError> {
-    nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).map_err(|e| {
-        UpgradeError::Binary {
-            path: path.to_owned(),
-            source: e.into(),
-        }
-    })?;
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(UpgradeError::Binary {
-            path: path.to_owned(),
-            source: io::Error::other("not a regular file"),
-        }),
-        Err(source) => Err(UpgradeError::Binary {
-            path: path.to_owned(),
-            source,
-        }),
-    }
 }
 
 /// What the commit needs from the runtime.
@@ -102,6 +85,8 @@ pub(crate) struct Commit<'a> {
     pub header: Header,
     pub manifest: &'a [ManifestEntry],
     pub own_binary: &'a OwnedFd,
+    /// The new binary, as probed.
+    pub exe: &'a Executable,
     pub argv: &'a [CString],
     pub requests: &'a signal::Requests,
     /// A memfd prepared during the probe (pages allocated), if any.
@@ -110,8 +95,23 @@ pub(crate) struct Commit<'a> {
     pub payload_hint: usize,
 }
 
-/// Writes the snapshot, prepares the fds and the mask, and executes.
-/// Returns only on failure, with everything undone.
+/// Undoes the commit's flags and mask if the exec does not happen: every fd
+/// close-on-exec again, the held signals released.
+struct Undo {
+    signals_held: bool,
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        let _ = sys::cloexec_from(3);
+        if self.signals_held {
+            let _ = signal::release();
+        }
+    }
+}
+
+/// Writes the snapshot, prepares the fds, the mask and the holder, and
+/// executes. Returns only on failure, with everything undone.
 pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeError {
     let t0 = std::time::Instant::now();
     let draft = match c.draft {
@@ -125,29 +125,47 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
             Err(e) => return e.into(),
         };
     let written = t0.elapsed();
-    let path = match cstring(c.header.binary.as_os_str().as_bytes()) {
-        Ok(p) => p,
-        Err(source) => {
-            return UpgradeError::Io {
-                what: "name the binary",
-                source,
-            };
-        }
+    let io = |what: &'static str| move |source| UpgradeError::Io { what, source };
+    // How this image runs, for a rollback to start it the same way.
+    let record = match plain_env() {
+        Ok(env) => ExecRecord::encode(c.argv, &env),
+        Err(e) => return io("build the environment")(e),
     };
-    let var = HandoffVar {
+    let record = match crate::snapshot::seal_bytes(c"copyover-exec", &record) {
+        Ok(fd) => fd,
+        Err(e) => return e.into(),
+    };
+    let mut var = HandoffVar {
         pid: std::process::id() as i32,
         snapshot_fd: memfd.as_raw_fd(),
         binary_fd: c.own_binary.as_raw_fd(),
         mode: Mode::Upgrade,
+        exec: Some(record.as_raw_fd()),
+        nofile: sys::nofile_limit().ok().map(|(soft, _)| soft),
+        ..Default::default()
     };
-    let env = match exec_env(&var.format()) {
+    if c.exe.script {
+        var.script = Some(c.exe.fd.as_raw_fd());
+    }
+    // What the holder runs if the new image dies before it is ready: this
+    // binary, in rollback mode, under the holder's PID (which closes the
+    // script's fd, inherited from the holder's table, at once).
+    let rescue = HandoffVar {
+        mode: Mode::Rollback,
+        rescued: true,
+        ..var.clone()
+    };
+    let env = match rescue_env() {
         Ok(e) => e,
-        Err(source) => {
-            return UpgradeError::Io {
-                what: "build the environment",
-                source,
-            };
-        }
+        Err(e) => return io("build the environment")(e),
+    };
+    let holder_spec = HolderSpec {
+        binary_fd: c.own_binary.as_raw_fd(),
+        argv: c.argv.to_vec(),
+        env,
+        var_prefix: format!("{HANDOFF_VAR}=1:pid="),
+        var_suffix: rescue.format_after_pid(),
+        blocked: signal::HELD_SIGNALS.to_vec(),
     };
     tracing::debug!(
         phase = "snapshot",
@@ -155,23 +173,30 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         fds = c.manifest.len(),
         encode_ms = written.as_secs_f64() * 1e3,
         "snapshot sealed, executing {:?}",
-        c.header.binary
+        c.exe.path
     );
 
-    // From here on: no logging, no allocation that matters, until the exec.
-    if let Err(source) = keep_only(c.manifest, &[memfd.as_raw_fd(), c.own_binary.as_raw_fd()]) {
-        let _ = sys::cloexec_from(3);
+    // From here on: no logging until the exec.
+    let mut undo = Undo {
+        signals_held: false,
+    };
+    let mut extra = vec![
+        memfd.as_raw_fd(),
+        c.own_binary.as_raw_fd(),
+        record.as_raw_fd(),
+    ];
+    if c.exe.script {
+        extra.push(c.exe.fd.as_raw_fd());
+    }
+    if let Err(source) = keep_only(c.manifest, &extra) {
         return UpgradeError::Handoff {
             reason: format!("a kept fd is not open: {source}"),
         };
     }
     if let Err(source) = signal::hold() {
-        let _ = sys::cloexec_from(3);
-        return UpgradeError::Io {
-            what: "block signals",
-            source,
-        };
+        return io("block signals")(source);
     }
+    undo.signals_held = true;
     // Signals are held now and will wait, pending, for the new image. One
     // that came since the loop last polled only set a flag, which the exec
     // would forget: a shutdown abandons the upgrade, other requests are
@@ -180,21 +205,57 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         .shutdown
         .load(std::sync::atomic::Ordering::SeqCst)
     {
-        let _ = sys::cloexec_from(3);
-        let _ = signal::release();
         return UpgradeError::Shutdown;
     }
+    let holder = match sys::holder::spawn(holder_spec) {
+        Ok(h) => h,
+        Err(e) => return io("start the holder")(e),
+    };
+    var.holder = Some(holder.pid());
+    let env = match exec_env(&var.format()) {
+        Ok(e) => e,
+        Err(e) => {
+            holder.abort();
+            return io("build the environment")(e);
+        }
+    };
     c.requests.re_raise_pending();
-    let err = nix::unistd::execve(&path, c.argv, &env)
-        .err()
-        .map(io::Error::from);
-    // execve returned: undo, and keep serving.
-    let _ = sys::cloexec_from(3);
-    let _ = signal::release();
+    let err = sys::execveat(c.exe.fd.as_raw_fd(), c.argv, &env);
+    // execveat returned: undo, and keep serving.
+    holder.abort();
+    drop(undo);
+    // A re-raised request is pending, and is delivered now, to this image.
     UpgradeError::Exec {
-        path: c.header.binary.clone(),
-        source: err.unwrap_or_else(|| io::Error::other("execve returned")),
+        path: c.exe.path.clone(),
+        source: err,
     }
+}
+
+/// [`clean_env`] as `NAME=value` C strings.
+fn plain_env() -> io::Result<Vec<CString>> {
+    clean_env()
+        .into_iter()
+        .map(|(k, v)| {
+            let mut e = k.into_vec();
+            e.push(b'=');
+            e.extend_from_slice(v.as_bytes());
+            cstring(&e)
+        })
+        .collect()
+}
+
+/// The rescue's environment: [`clean_env`] and the reason, without the
+/// handoff variable (the holder writes it with its own PID).
+fn rescue_env() -> io::Result<Vec<CString>> {
+    let mut env = plain_env()?;
+    env.push(cstring(
+        format!(
+            "{ROLLBACK_REASON_VAR}=the new image died before it was ready; \
+             the holder started the old binary again under its own PID"
+        )
+        .as_bytes(),
+    )?);
+    Ok(env)
 }
 
 /// Deny by default: every fd close-on-exec, then clear the flag on exactly
@@ -217,15 +278,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn preflight_explains_a_missing_binary() {
-        let err = preflight(Path::new("/nonexistent/server"))
+    fn opening_explains_a_missing_binary() {
+        use std::path::Path;
+        let err = Executable::open(Path::new("/nonexistent/server"))
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("/nonexistent/server") && err.contains("Config::binary"),
             "{err}"
         );
-        assert!(preflight(Path::new("/bin/sh")).is_ok());
+        assert!(!Executable::open(Path::new("/bin/sh")).unwrap().script);
+        assert!(Executable::open(Path::new("/dev/null")).is_err());
     }
 
     #[test]

@@ -6,67 +6,7 @@
 
 mod util;
 
-use std::path::Path;
-
-use util::{Client, Server, faulty, labelled, version_line, wait_for};
-
-enum Deploy<'a> {
-    Build(&'a Path),
-    Bytes(&'a [u8]),
-}
-
-/// Deploys `bad` under a v1 server and checks the outcome line contains
-/// `outcome` and `reason`.
-fn survive(name: &str, bad: Deploy<'_>, outcome: &str, reason: &str) {
-    let v1 = labelled("v1");
-    let v2 = labelled("v2");
-    let server = Server::start_with(name, &v1, &["--ready-timeout", "2"]);
-    let mut ann = Client::login(server.addr, "ann");
-    let mut bob = Client::login(server.addr, "bob");
-    assert_eq!(ann.ask("/set color green"), "ok");
-    // A first, good upgrade: descriptors the test harness leaked into the
-    // server are closed by it (deny by default), so the count is a baseline.
-    server.deploy(&v1);
-    assert!(server.upgrade().contains("upgrade complete"));
-    bob.send("par");
-    let fds = server.fd_count();
-
-    match bad {
-        Deploy::Build(p) => server.deploy(p),
-        Deploy::Bytes(b) => server.deploy_bytes(b),
-    }
-    let line = server.upgrade();
-    assert!(line.contains(outcome), "expected {outcome:?}, got: {line}");
-    assert!(
-        line.contains(reason),
-        "expected the reason to mention {reason:?}, got: {line}"
-    );
-
-    // The old image serves, at the same PID, with everything.
-    assert_eq!(ann.ask("/version"), version_line("v1", server.pid, 1));
-    assert_eq!(ann.ask("/get color"), "color = green");
-    bob.send("tial line\r\n");
-    assert_eq!(ann.line(), "bob: partial line");
-    assert_eq!(bob.ask("/who"), "online: ann, bob");
-    wait_for("the probe to be reaped", || {
-        (server.children() == 0).then_some(())
-    });
-    assert_eq!(server.fd_count(), fds, "the fd count changed");
-    if reason != "panicked" {
-        assert!(
-            !server.log_text().contains("panicked at"),
-            "a panic in the server"
-        );
-    }
-
-    // A good release still goes through afterwards.
-    server.deploy(&v2);
-    let line = server.upgrade();
-    assert!(line.contains("upgrade complete"), "{line}");
-    assert_eq!(bob.ask("/version"), version_line("v2", server.pid, 2));
-    assert_eq!(ann.ask("/get color"), "color = green");
-    ann.assert_quiet();
-}
+use util::{Client, Deploy, Server, faulty, labelled, survive, version_line};
 
 #[test]
 fn a_build_that_cannot_read_the_state_is_refused() {
@@ -216,14 +156,22 @@ fn state_v1_is_migrated_to_v2_by_a_real_upgrade() {
 
 #[test]
 fn an_exec_that_fails_after_the_probe_leaves_the_old_image_serving() {
-    // It answers the probe, then removes itself: the execve at the commit
-    // fails (ENOENT), after the fds and the signal mask were prepared for it.
-    let script =
-        b"#!/bin/sh\necho \"copyover-probe 1 ok $COPYOVER_PROBE vanishing\"\nrm -f \"$0\"\n";
+    // It answers the probe, then removes its own interpreter: the execve at
+    // the commit fails (ENOENT), after the fds, the signal mask and the
+    // holder were prepared for it. (Removing the script itself no longer
+    // makes the exec fail: the commit executes the very file it probed.)
+    let interp = std::env::temp_dir().join(format!("copyover-vanishing-sh-{}", std::process::id()));
+    std::fs::copy("/bin/sh", &interp).expect("copy /bin/sh");
+    let script = format!(
+        "#!{}\necho \"copyover-probe 1 ok $COPYOVER_PROBE vanishing\"\nrm -f \"{}\"\n",
+        interp.display(),
+        interp.display()
+    );
     survive(
         "rb-vanish",
-        Deploy::Bytes(script),
+        Deploy::Bytes(script.as_bytes()),
         "upgrade refused",
         "execve of",
     );
+    let _ = std::fs::remove_file(&interp);
 }

@@ -9,52 +9,107 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use copyover::status::{Status, status_dir, status_path};
+use clap::{Args, Parser, Subcommand};
+use copyover::status::{Status, start_ticks, status_dir, status_path};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-const USAGE: &str = "\
-copyover: upgrade, watch and inspect servers that upgrade in place
-
-USAGE:
-    copyover upgrade PID [--timeout SECS] [--status-dir DIR]
-    copyover status PID [--status-dir DIR]
-    copyover inspect FILE
-    copyover --help
-
-upgrade    sends SIGHUP to PID and waits for the outcome (default 60 s).
-           Exit status: 0 upgrade complete, 1 refused or rolled back,
-           2 no outcome before the timeout, 3 PID is not an upgradable
-           copyover process (or not yours), 64 bad usage.
-status     prints the running generation, version, start time and the
-           last outcome of PID.
-inspect    prints a snapshot file's header, manifest and sizes (files that
-           `kill -USR1` writes, for staging).
-
+/// Where the status files are, for every command's `--help`.
+const STATUS_DIR_NOTE: &str = "\
 Status files live in $COPYOVER_STATUS_DIR, else /run/copyover for root,
 else $XDG_RUNTIME_DIR/copyover, else /tmp/copyover-UID; --status-dir
-overrides. The server and this tool must agree on it.
-";
+overrides. The server and this tool must agree on it.";
+
+/// Exit status of `copyover upgrade`, for its `--help`.
+const UPGRADE_EXIT: &str = "\
+Exit status: 0 upgrade complete, 1 refused or rolled back, 2 no outcome
+before the timeout, 3 PID is not an upgradable copyover process (or not
+yours), 64 bad usage.";
+
+/// Bad usage: `EX_USAGE` from sysexits.h.
+const EXIT_USAGE: u8 = 64;
+
+/// copyover: upgrade, watch and inspect servers that upgrade in place
+#[derive(Parser)]
+#[command(name = "copyover", after_help = STATUS_DIR_NOTE)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sends SIGHUP to PID and waits for the outcome (default 60 s).
+    #[command(after_help = format!("{UPGRADE_EXIT}\n\n{STATUS_DIR_NOTE}"))]
+    Upgrade {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// How long to wait for the outcome, in seconds.
+        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_timeout)]
+        timeout: Duration,
+    },
+    /// Prints the running generation, version, start time and the last
+    /// outcome of PID.
+    #[command(after_help = STATUS_DIR_NOTE)]
+    Status {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Prints a snapshot file's header, manifest and sizes (files that
+    /// `kill -USR1` writes, for staging).
+    Inspect {
+        /// The snapshot file.
+        file: PathBuf,
+    },
+}
+
+/// The process a command is about.
+#[derive(Args)]
+struct TargetArgs {
+    /// The server's process ID.
+    #[arg(value_parser = parse_pid)]
+    pid: u32,
+    /// The status directory the server writes to.
+    #[arg(long, value_name = "DIR")]
+    status_dir: Option<PathBuf>,
+}
+
+fn parse_pid(s: &str) -> Result<u32, String> {
+    s.parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{s:?} is not a PID"))
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    s.parse()
+        .ok()
+        .filter(|s: &f64| s.is_finite() && *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{s:?} is not a positive number of seconds"))
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("upgrade") => upgrade(&args[1..]),
-        Some("status") => status(&args[1..]),
-        Some("inspect") => inspect(&args[1..]),
-        Some("-h" | "--help") => {
-            print!("{USAGE}");
-            Ok(ExitCode::SUCCESS)
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help goes to stdout with status 0; bad usage to stderr with 64.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
-        _ => Err(Failure::Usage("expected upgrade, status or inspect".into())),
+    };
+    let result = match cli.command {
+        Command::Upgrade { target, timeout } => upgrade(&Target::new(target, timeout)),
+        Command::Status { target } => status(&Target::new(target, Duration::ZERO)),
+        Command::Inspect { file } => inspect(&file),
     };
     match result {
         Ok(code) => code,
-        Err(Failure::Usage(m)) => {
-            eprintln!("copyover: {m}\n\n{USAGE}");
-            ExitCode::from(64)
-        }
         Err(Failure::Target(m)) => {
             eprintln!("copyover: {m}");
             ExitCode::from(3)
@@ -62,8 +117,8 @@ fn main() -> ExitCode {
     }
 }
 
+/// Why a command could not act on its target (exit status 3).
 enum Failure {
-    Usage(String),
     Target(String),
 }
 
@@ -73,43 +128,14 @@ struct Target {
     timeout: Duration,
 }
 
-fn parse_target(args: &[String]) -> Result<Target, Failure> {
-    let mut it = args.iter();
-    let pid = it
-        .next()
-        .ok_or_else(|| Failure::Usage("a PID is needed".into()))?;
-    let pid: u32 = pid
-        .parse()
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| Failure::Usage(format!("{pid:?} is not a PID")))?;
-    let mut t = Target {
-        pid,
-        dir: status_dir(),
-        timeout: Duration::from_secs(60),
-    };
-    while let Some(a) = it.next() {
-        let v = it
-            .next()
-            .ok_or_else(|| Failure::Usage(format!("{a} needs a value")))?;
-        match a.as_str() {
-            "--timeout" => {
-                let secs: f64 = v
-                    .parse()
-                    .ok()
-                    .filter(|s: &f64| s.is_finite() && *s > 0.0)
-                    .ok_or_else(|| {
-                        Failure::Usage(format!(
-                            "--timeout: {v:?} is not a positive number of seconds"
-                        ))
-                    })?;
-                t.timeout = Duration::from_secs_f64(secs);
-            }
-            "--status-dir" => t.dir = PathBuf::from(v),
-            _ => return Err(Failure::Usage(format!("unknown argument {a}"))),
+impl Target {
+    fn new(args: TargetArgs, timeout: Duration) -> Target {
+        Target {
+            pid: args.pid,
+            dir: args.status_dir.unwrap_or_else(status_dir),
+            timeout,
         }
     }
-    Ok(t)
 }
 
 /// Reads PID's status, explaining why there is none.
@@ -126,7 +152,21 @@ fn read_status(t: &Target) -> Result<Status, Failure> {
     }
     let path = status_path(&t.dir, t.pid);
     match Status::read(&path) {
-        Ok(s) if s.pid == t.pid => Ok(s),
+        Ok(s) if s.pid == t.pid => {
+            // The file outlives a server killed with SIGKILL: make sure the
+            // PID is still the process that wrote it, not a stranger that
+            // SIGHUP (whose default action kills) would hurt.
+            let actual = start_ticks(t.pid).unwrap_or(0);
+            if s.start_ticks == 0 || s.start_ticks != actual {
+                return Err(Failure::Target(format!(
+                    "process {} is not the process that wrote {} (it started at tick {actual}, the file says {}): the server died and its PID was reused; remove the stale file",
+                    t.pid,
+                    path.display(),
+                    s.start_ticks
+                )));
+            }
+            Ok(s)
+        }
         Ok(_) | Err(_) if !path.exists() => Err(Failure::Target(format!(
             "process {} is not a copyover process: it has no status file at {} (if it runs under another status directory, pass --status-dir)",
             t.pid,
@@ -166,9 +206,8 @@ fn describe(s: &Status) -> String {
     }
 }
 
-fn upgrade(args: &[String]) -> Result<ExitCode, Failure> {
-    let t = parse_target(args)?;
-    let before = read_status(&t)?;
+fn upgrade(t: &Target) -> Result<ExitCode, Failure> {
+    let before = read_status(t)?;
     kill(Pid::from_raw(t.pid as i32), Signal::SIGHUP)
         .map_err(|e| Failure::Target(format!("cannot signal process {}: {e}", t.pid)))?;
     let deadline = Instant::now() + t.timeout;
@@ -202,9 +241,8 @@ fn upgrade(args: &[String]) -> Result<ExitCode, Failure> {
     }
 }
 
-fn status(args: &[String]) -> Result<ExitCode, Failure> {
-    let t = parse_target(args)?;
-    let s = read_status(&t)?;
+fn status(t: &Target) -> Result<ExitCode, Failure> {
+    let s = read_status(t)?;
     println!("pid:          {}", s.pid);
     println!("app:          {}", s.app);
     println!("version:      {}", s.version);
@@ -223,14 +261,11 @@ fn status(args: &[String]) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn inspect(args: &[String]) -> Result<ExitCode, Failure> {
-    let [file] = args else {
-        return Err(Failure::Usage("inspect takes one FILE".into()));
-    };
-    let snap = copyover::snapshot::read_file(Path::new(file))
-        .map_err(|e| Failure::Target(format!("{file}: {e}")))?;
+fn inspect(file: &Path) -> Result<ExitCode, Failure> {
+    let snap = copyover::snapshot::read_file(file)
+        .map_err(|e| Failure::Target(format!("{}: {e}", file.display())))?;
     let h = &snap.header;
-    println!("snapshot:       {file}");
+    println!("snapshot:       {}", file.display());
     println!("format:         {}", h.format_version);
     println!("app:            {}", h.app);
     println!("state version:  {}", h.state_version);

@@ -5,11 +5,29 @@
 //! rest of the crate is safe Rust on `OwnedFd` / `BorrowedFd` and calls these
 //! functions (or `nix`'s safe wrappers) only.
 
+pub(crate) mod holder;
 pub(crate) mod rollback;
 
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+/// Runs a libc call that returns `-1` and sets `errno` on failure, and turns
+/// that into an `io::Result` of the returned value (mio's `syscall!`).
+///
+/// Must be used inside an `unsafe` block whose `// SAFETY:` comment covers
+/// the call itself.
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        let rc = libc::$fn($($arg),*);
+        if rc == -1 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    }};
+}
+pub(crate) use syscall;
 
 /// `MFD_NOEXEC_SEAL` (Linux 6.3): the memfd can never be made executable.
 /// Not yet exported by every `libc` release, so it is spelled out here.
@@ -50,19 +68,15 @@ pub(crate) fn cloexec_from(first: RawFd) -> io::Result<()> {
         libc::c_uint::try_from(first).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes fd flags; it
     // closes nothing and touches no memory of ours.
-    let rc = unsafe {
-        libc::syscall(
+    unsafe {
+        syscall!(syscall(
             libc::SYS_close_range,
             first,
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+        ))
     }
+    .map(drop)
 }
 
 /// Sets or clears `FD_CLOEXEC` on a raw fd (with `F_SETFD`, never `F_SETFL`).
@@ -73,52 +87,215 @@ pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
     let flag = if on { libc::FD_CLOEXEC } else { 0 };
     // SAFETY: F_SETFD takes an int and changes only the fd's flags; an fd
     // that is not open yields EBADF, which we report.
-    let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, flag) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    unsafe { syscall!(fcntl(fd, libc::F_SETFD, flag)) }.map(drop)
 }
 
-/// Takes ownership of an fd number inherited across `execve`.
-///
-/// Checks that the number is open (`F_GETFD`) first, so an fd the handoff
-/// names but that is closed gives `EBADF`, not an `OwnedFd` over nothing.
-///
-/// The caller (only [`crate::handoff`]) must call this at most once per
-/// number: the handoff variable is read once per process image and removed,
-/// and every number it names is adopted exactly once.
-pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+/// Whether the open fd `fd` is close-on-exec (`F_GETFD`); `EBADF` if it is
+/// not open.
+pub(crate) fn is_cloexec(fd: RawFd) -> io::Result<bool> {
     if fd < 0 {
         return Err(io::Error::from_raw_os_error(libc::EBADF));
     }
     // SAFETY: F_GETFD only reads the fd's flags.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(io::Error::last_os_error());
+    let flags = unsafe { syscall!(fcntl(fd, libc::F_GETFD)) }?;
+    Ok(flags & libc::FD_CLOEXEC != 0)
+}
+
+/// Takes ownership of an fd number inherited across `execve`: the one way
+/// the crate turns a number it was told about (by the handoff variable, the
+/// manifest or `LISTEN_FDS`) into an `OwnedFd`.
+///
+/// The number must be open and **not** close-on-exec: that is how the
+/// previous image (or systemd) left it for us, and how no descriptor opened
+/// by this image looks (Rust's standard library, and this crate, open
+/// everything close-on-exec). `boot` calls this before the image opens any
+/// descriptor of its own, then makes every fd close-on-exec, after which no
+/// number passes the check. Each number is handed out at most once per
+/// process image (a second claim is `EEXIST`), so no two owners can close it.
+///
+/// What this cannot see: a descriptor opened without close-on-exec by
+/// foreign code (a C library) before `boot`. `boot` must come first in
+/// `main`.
+pub(crate) fn inherit(fd: RawFd) -> io::Result<OwnedFd> {
+    let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
+    claim(&mut claimed, fd)
+}
+
+/// [`inherit`] for many numbers at once (one lock for all): the result for
+/// each, in order.
+pub(crate) fn inherit_all(fds: impl IntoIterator<Item = RawFd>) -> Vec<io::Result<OwnedFd>> {
+    let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
+    fds.into_iter().map(|fd| claim(&mut claimed, fd)).collect()
+}
+
+/// The numbers claimed in this process image, one bit each.
+static CLAIMED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
+fn claim(claimed: &mut Vec<u64>, fd: RawFd) -> io::Result<OwnedFd> {
+    if is_cloexec(fd)? {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "it is close-on-exec, so the previous image did not leave it for us",
+        ));
     }
-    // SAFETY: the fd is open, and it was inherited across execve: nothing in
-    // this image opened it, and the handoff code adopts every number once,
-    // so this `OwnedFd` is its only owner.
+    // `is_cloexec` refused negative numbers (EBADF).
+    let (word, bit) = (fd as usize / 64, 1u64 << (fd as usize % 64));
+    if claimed.len() <= word {
+        claimed.resize(word + 1, 0);
+    }
+    if claimed[word] & bit != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "it was already claimed",
+        ));
+    }
+    claimed[word] |= bit;
+    // SAFETY: the number is open and inheritable, so (see `inherit`)
+    // nothing in this image opened it, and the set makes this its only
+    // claim: this `OwnedFd` is its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Takes ownership of an inherited fd number that a syscall just proved open
-/// (a successful `getsockopt` in [`socket_info`]), without another syscall.
-///
-/// As with [`adopt_inherited_fd`], the caller (only [`crate::handoff`])
-/// adopts each inherited number at most once.
-pub(crate) fn own_checked_fd(fd: RawFd) -> OwnedFd {
-    // SAFETY: the number is open (checked by the caller's syscall), it was
-    // inherited across execve so nothing in this image owns it, and the
-    // handoff code hands each number out once.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+/// `pidfd_open(pid, 0)` (Linux 5.3): a close-on-exec descriptor that names
+/// process `pid` for as long as it is open, even after the number is
+/// reused.
+pub(crate) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers and returns a new fd or -1.
+    let fd = unsafe { syscall!(syscall(libc::SYS_pidfd_open, pid, 0)) }?;
+    // SAFETY: the kernel just returned this new fd; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// Whether a number is an open fd (`F_GETFD`).
-pub(crate) fn is_open(fd: RawFd) -> bool {
-    // SAFETY: F_GETFD only reads the fd's flags.
-    fd >= 0 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0
+/// Sends SIGKILL to the process a pidfd names (`pidfd_send_signal`).
+pub(crate) fn pidfd_kill(pidfd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain integers and a NULL siginfo, as the man page allows.
+    unsafe {
+        syscall!(syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        ))
+    }
+    .map(drop)
+}
+
+/// The soft and hard `RLIMIT_NOFILE`.
+pub(crate) fn nofile_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`.
+    unsafe { syscall!(getrlimit(libc::RLIMIT_NOFILE, &mut lim)) }?;
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// Executes the file open at `fd` (`execveat(fd, "", argv, envp,
+/// AT_EMPTY_PATH)`): exactly the file that was checked, whatever a deploy
+/// did to its path since. Returns only on failure.
+///
+/// A script can only be executed this way if `fd` is not close-on-exec (its
+/// interpreter opens `/dev/fd/N`); the caller clears the flag for scripts.
+pub(crate) fn execveat(
+    fd: RawFd,
+    argv: &[std::ffi::CString],
+    env: &[std::ffi::CString],
+) -> io::Error {
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    // SAFETY: both arrays are NULL-terminated and point to NUL-terminated
+    // strings that outlive the call; "" with AT_EMPTY_PATH names `fd`.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            fd,
+            c"".as_ptr(),
+            argv_ptrs.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    io::Error::last_os_error()
+}
+
+/// Makes `cmd` clear close-on-exec on `fd` in the child, between its fork
+/// and its exec, so that the child can execute `/proc/self/fd/FD` (a
+/// script's interpreter opens that path) while the parent's copy stays
+/// close-on-exec and never leaks into another child.
+pub(crate) fn keep_fd_in_child(cmd: &mut std::process::Command, fd: RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls fcntl, which is async-signal-safe; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+}
+
+/// Installs a handler for `sig` that sets `flag` and writes one byte to
+/// `wake` (`send` with `MSG_DONTWAIT`: a full buffer already means awake).
+///
+/// The handler owns its `Arc`s for the life of the process (it is never
+/// unregistered), so `wake` can never be closed, or its number reused,
+/// under it.
+pub(crate) fn on_signal(
+    sig: libc::c_int,
+    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    wake: std::sync::Arc<OwnedFd>,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let action = move || {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: send(2) is async-signal-safe; the buffer is a static byte
+        // string; signal-hook saves and restores errno around the handler.
+        unsafe {
+            libc::send(
+                wake.as_raw_fd(),
+                b"w".as_ptr().cast(),
+                1,
+                libc::MSG_DONTWAIT,
+            )
+        };
+    };
+    // SAFETY: the action only makes an atomic store and a send(2), both
+    // async-signal-safe; it neither allocates nor locks, and it is never
+    // dropped (never unregistered), so no Arc is dropped in a handler.
+    unsafe { signal_hook::low_level::register(sig, action) }.map(drop)
+}
+
+/// Takes a pending SIGALRM, if any, off this thread and the process
+/// (`sigtimedwait` with a zero timeout), so that unblocking SIGALRM cannot
+/// deliver it.
+pub(crate) fn discard_pending_sigalrm() {
+    // SAFETY: a zeroed sigset_t, initialised by sigemptyset/sigaddset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `set` and `zero` are valid for the calls; sigtimedwait takes
+    // a pending signal of the set or returns EAGAIN at once.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGALRM);
+        while libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) == libc::SIGALRM {}
+    }
+}
+
+/// Sets SIGALRM to be ignored: the fallback when an inherited readiness
+/// deadline cannot be cancelled, so that it can never kill the process.
+pub(crate) fn ignore_sigalrm() {
+    // SAFETY: SIG_IGN is a valid disposition for SIGALRM.
+    unsafe { libc::signal(libc::SIGALRM, libc::SIG_IGN) };
 }
 
 /// Reads an `int` socket option of `SOL_SOCKET` from a raw fd number.
@@ -131,20 +308,16 @@ fn getsockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `val` and `len` are valid for writes of an int and a
     // socklen_t; the kernel writes at most `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
+    unsafe {
+        syscall!(getsockopt(
             fd,
             libc::SOL_SOCKET,
             opt,
             (&mut val as *mut libc::c_int).cast(),
             &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(val)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+        ))
+    }?;
+    Ok(val)
 }
 
 /// What a socket is, read with two `getsockopt` calls.
@@ -250,8 +423,9 @@ impl Mapping {
         // SAFETY: `ptr` maps `len` readable bytes for the life of `self`
         // (unmapped only in Drop). Nobody else writes them: a read-only
         // mapping is of a sealed memfd; a region's memfd is private to this
-        // process (close-on-exec, never given to a child, and kept across
-        // our own exec only after this mapping is gone).
+        // process (close-on-exec, never given to a child by the crate,
+        // inheritable only at the instant of our own exec, which ends this
+        // mapping); its size is sealed, so no page can vanish under it.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
@@ -338,8 +512,9 @@ pub(crate) fn thread_count() -> io::Result<usize> {
 
 /// Arms (or with `ms == 0` disarms) `ITIMER_REAL`, which raises SIGALRM.
 ///
-/// `ITIMER_REAL` survives `execve`, which is why the old image's
-/// timer is replaced by this call early in every boot.
+/// `ITIMER_REAL` survives `execve`: a new image arms it as its readiness
+/// deadline; an image that comes back after a rollback cancels it first
+/// thing in `boot`.
 pub(crate) fn set_real_timer(ms: u64) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: (ms / 1000) as libc::time_t,
@@ -353,12 +528,7 @@ pub(crate) fn set_real_timer(ms: u64) -> io::Result<()> {
         it_value: tv,
     };
     // SAFETY: `it` is a valid itimerval; the old value is not requested.
-    let rc = unsafe { libc::setitimer(libc::ITIMER_REAL, &it, std::ptr::null_mut()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    unsafe { syscall!(setitimer(libc::ITIMER_REAL, &it, std::ptr::null_mut())) }.map(drop)
 }
 
 #[cfg(test)]
@@ -379,9 +549,21 @@ mod tests {
     }
 
     #[test]
-    fn adopting_a_closed_fd_is_ebadf() {
-        let err = adopt_inherited_fd(19_999).unwrap_err();
+    fn inheriting_checks_and_claims_once() {
+        let err = inherit(19_999).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+        // Our own fds are close-on-exec: never inherited.
+        let own = std::fs::File::open("/proc/self/stat").unwrap();
+        use std::os::fd::AsRawFd;
+        assert!(inherit(own.as_raw_fd()).is_err());
+        // An inheritable one is claimed once.
+        let fd = nix::fcntl::fcntl(&own, nix::fcntl::FcntlArg::F_DUPFD(100)).unwrap();
+        let owned = inherit(fd).unwrap();
+        assert_eq!(
+            inherit(fd).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        drop(owned);
     }
 
     #[test]

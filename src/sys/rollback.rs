@@ -15,12 +15,16 @@
 //! `_exit`. They never allocate, lock or log.
 //!
 //! [`disarm`] restores the previous signal actions and unpublishes the plan.
+//! A plan can be published again ([`arm`] a second time) once more is known
+//! (the descriptors, the holder): handlers are installed only once.
 //! The plan itself is leaked on purpose: a handler running on another thread
 //! may still hold its pointer, and a few hundred bytes per upgrade are cheap.
 
 use std::ffi::{CString, c_char, c_int};
 use std::io;
 use std::os::fd::RawFd;
+
+use super::syscall;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
@@ -38,11 +42,20 @@ pub(crate) const FATAL_SIGNALS: [c_int; 6] = [
 const REASON_CAP: usize = 160;
 
 struct Plan {
+    /// The process that armed the plan: a forked child never fires it.
+    pid: libc::pid_t,
     binary_fd: RawFd,
     argv: Vec<*const c_char>,
     envp: Vec<*const c_char>,
     reason: *mut u8,
     blocked: libc::sigset_t,
+    /// Descriptors the old binary needs, made inheritable at the exec.
+    fds: Vec<RawFd>,
+    /// The holder (see `sys::holder`), whose descriptor table still has
+    /// every one of `fds` as the old image left it; -1 if there is none.
+    holder_pidfd: RawFd,
+    /// The old image's `RLIMIT_NOFILE`, put back before the exec.
+    nofile: Option<libc::rlimit>,
     previous: Vec<(c_int, libc::sigaction)>,
     // Owns the strings the pointer arrays point into.
     _strings: Vec<CString>,
@@ -53,21 +66,46 @@ static PLAN: AtomicPtr<Plan> = AtomicPtr::new(ptr::null_mut());
 static FIRED: AtomicBool = AtomicBool::new(false);
 static ATEXIT_REGISTERED: AtomicBool = AtomicBool::new(false);
 
-/// Publishes a rollback plan and installs the handlers for
-/// [`FATAL_SIGNALS`] and an `atexit` hook.
+/// What a rollback executes, and what it puts back first.
+pub(crate) struct PlanSpec {
+    /// The old binary, opened at its start-up.
+    pub binary_fd: RawFd,
+    /// The old image's argument vector.
+    pub argv: Vec<CString>,
+    /// Its environment (`NAME=value`), the handoff variable (mode rollback)
+    /// included.
+    pub env: Vec<CString>,
+    /// The name of the variable that carries the reason.
+    pub reason_var: &'static str,
+    /// The signals to block before the exec.
+    pub blocked: Vec<c_int>,
+    /// The descriptors to make inheritable (and restore from the holder)
+    /// just before the exec.
+    pub fds: Vec<RawFd>,
+    /// A pidfd of the holder, if any. The plan owns it from the moment it
+    /// is published (it is never closed while a rollback may need it);
+    /// [`disarm`] hands it back.
+    pub holder_pidfd: Option<std::os::fd::OwnedFd>,
+    /// `RLIMIT_NOFILE` (soft, hard) to put back, if known.
+    pub nofile: Option<(u64, u64)>,
+}
+
+/// Publishes a rollback plan, replacing any earlier one, and (the first
+/// time) installs the handlers for [`FATAL_SIGNALS`] and an `atexit` hook.
 ///
-/// * `binary_fd`: the old binary, opened at its start-up, not close-on-exec.
-/// * `argv`, `env`: the old image's argument vector and its environment
-///   (`NAME=value` entries), including the handoff variable.
-/// * `reason_var`: the name of the variable that carries the reason.
-/// * `blocked`: the signals to block before the exec.
-pub(crate) fn arm(
-    binary_fd: RawFd,
-    argv: Vec<CString>,
-    env: Vec<CString>,
-    reason_var: &str,
-    blocked: &[c_int],
-) -> io::Result<()> {
+/// The plan is published before the handlers are installed: if installing
+/// them fails, [`fire`] already works, and the caller rolls back with it.
+pub(crate) fn arm(spec: PlanSpec) -> io::Result<()> {
+    let PlanSpec {
+        binary_fd,
+        argv,
+        env,
+        reason_var,
+        blocked,
+        fds,
+        holder_pidfd,
+        nofile,
+    } = spec;
     let mut entry = Vec::with_capacity(reason_var.len() + 1 + REASON_CAP);
     entry.extend_from_slice(reason_var.as_bytes());
     entry.push(b'=');
@@ -84,26 +122,47 @@ pub(crate) fn arm(
     envp.push(entry.as_ptr().cast());
     envp.push(ptr::null());
 
-    // SAFETY: sigemptyset/sigaddset initialise and fill a local sigset_t.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    unsafe { libc::sigemptyset(&mut set) };
-    for &sig in blocked {
-        // SAFETY: as above; `sig` is a valid signal number.
-        unsafe { libc::sigaddset(&mut set, sig) };
-    }
-
     let mut strings = argv;
     strings.extend(env);
-    let mut plan = Box::new(Plan {
+    let previous_plan = PLAN.load(Ordering::SeqCst);
+    let previous = if previous_plan.is_null() {
+        Vec::new()
+    } else {
+        // SAFETY: a published plan is never freed (see the module docs).
+        unsafe { &*previous_plan }.previous.clone()
+    };
+    use std::os::fd::IntoRawFd;
+    let holder_pidfd = holder_pidfd.map_or(-1, IntoRawFd::into_raw_fd);
+    // Also blocked while the rollback runs: the crash signals and SIGALRM,
+    // so that no handler of ours interrupts it on this thread. The image
+    // that comes back unblocks them (`signal::release_all`).
+    let mut blocked = blocked;
+    blocked.extend(FATAL_SIGNALS);
+    let plan = Box::new(Plan {
+        // SAFETY: getpid cannot fail.
+        pid: unsafe { libc::getpid() },
         binary_fd,
         argv: argv_ptrs,
         envp,
         reason,
-        blocked: set,
-        previous: Vec::new(),
+        blocked: sigset(&blocked),
+        fds,
+        holder_pidfd,
+        nofile: nofile.map(|(cur, max)| libc::rlimit {
+            rlim_cur: cur,
+            rlim_max: max,
+        }),
+        previous,
         _strings: strings,
         _reason_entry: entry,
     });
+    let installed = !plan.previous.is_empty();
+    FIRED.store(false, Ordering::SeqCst);
+    let plan = Box::into_raw(plan);
+    PLAN.store(plan, Ordering::SeqCst);
+    if installed {
+        return Ok(());
+    }
 
     for sig in FATAL_SIGNALS {
         // SAFETY: a zeroed sigaction is a valid "no handler, empty mask"
@@ -113,17 +172,17 @@ pub(crate) fn arm(
         let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
         action.sa_sigaction = on_fatal_signal as *const () as libc::sighandler_t;
         action.sa_flags = libc::SA_ONSTACK;
+        // SAFETY: initialises the mask of a local sigaction.
         unsafe { libc::sigemptyset(&mut action.sa_mask) };
+        // SAFETY: a zeroed sigaction is a valid value to be overwritten.
         let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
         // SAFETY: both pointers are to valid sigaction values.
-        if unsafe { libc::sigaction(sig, &action, &mut old) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        plan.previous.push((sig, old));
+        unsafe { syscall!(sigaction(sig, &action, &mut old)) }?;
+        // SAFETY: `plan` was published above and is never freed; only this
+        // thread writes `previous`, before any handler reads it (handlers
+        // never read it).
+        unsafe { (*plan).previous.push((sig, old)) };
     }
-
-    FIRED.store(false, Ordering::SeqCst);
-    PLAN.store(Box::into_raw(plan), Ordering::SeqCst);
 
     if !ATEXIT_REGISTERED.swap(true, Ordering::SeqCst) {
         // SAFETY: `on_exit` is an extern "C" fn taking nothing; atexit keeps
@@ -135,21 +194,48 @@ pub(crate) fn arm(
     Ok(())
 }
 
+fn sigset(signals: &[c_int]) -> libc::sigset_t {
+    // SAFETY: a zeroed sigset_t is then initialised by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigemptyset/sigaddset initialise and fill a local sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &sig in signals {
+        // SAFETY: as above; `sig` is a signal number.
+        unsafe { libc::sigaddset(&mut set, sig) };
+    }
+    set
+}
+
 /// Unpublishes the plan and puts back the signal actions [`arm`] replaced.
-/// Returns whether a plan was armed.
-pub(crate) fn disarm() -> bool {
+/// Returns the holder's pidfd, which the plan owned (so that no destructor
+/// of the failing image could close it before a rollback needs it). The
+/// caller cancels the readiness deadline first, so that SIGALRM never meets
+/// its default action.
+///
+/// `timer_off`: whether the deadline was cancelled. If it was not, SIGALRM
+/// is left ignored (the caller set that) instead of getting its previous
+/// action back, so that the live timer can never kill the process.
+pub(crate) fn disarm(timer_off: bool) -> Option<std::os::fd::OwnedFd> {
     let plan = PLAN.swap(ptr::null_mut(), Ordering::SeqCst);
     if plan.is_null() {
-        return false;
+        return None;
     }
     // SAFETY: `plan` came from Box::into_raw in `arm` and is never freed
     // (leaked on purpose, see the module docs), so it is valid to read.
     let plan = unsafe { &*plan };
     for (sig, old) in &plan.previous {
+        if *sig == libc::SIGALRM && !timer_off {
+            continue;
+        }
         // SAFETY: `old` is the action the kernel gave us for `sig`.
         unsafe { libc::sigaction(*sig, old, ptr::null_mut()) };
     }
-    true
+    (plan.holder_pidfd >= 0).then(|| {
+        use std::os::fd::FromRawFd;
+        // SAFETY: `arm` took ownership of this pidfd (see `PlanSpec`), and
+        // the plan is unpublished now, so this is its one owner.
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(plan.holder_pidfd) }
+    })
 }
 
 /// Whether a rollback plan is armed (the new image is not ready yet).
@@ -159,23 +245,56 @@ pub(crate) fn armed() -> bool {
 
 /// Executes the old binary with `reason`, if a plan is armed.
 ///
-/// Async-signal-safe. Returns only if no plan is armed (then it does
-/// nothing) or if the `execveat` failed (then it returns that error; the
-/// caller should end the process, there is nothing safe left to do).
-/// A second call while the first is running never returns: it `_exit`s.
+/// Async-signal-safe, and never allocates. In order: the reason is copied
+/// into its slot, the held signals are blocked, the old `RLIMIT_NOFILE` is
+/// put back, every descriptor of the plan is made inheritable (taken again
+/// from the holder's table with `pidfd_getfd` and `dup3`, so that one the
+/// failed image closed, or whose number it reused, is the old image's
+/// again), then `execveat` runs. Only the exec is essential: a step before
+/// it that fails is skipped.
+///
+/// Returns only if no plan is armed (then it does nothing) or if the
+/// `execveat` failed (then it returns that error; the caller should end
+/// the process, there is nothing safe left to do). A second call while the
+/// first is running never returns: it `_exit`s.
 pub(crate) fn fire(reason: &[u8]) -> io::Error {
     let plan = PLAN.load(Ordering::SeqCst);
     if plan.is_null() {
-        return io::Error::other("no rollback armed");
-    }
-    if FIRED.swap(true, Ordering::SeqCst) {
-        // A rollback is already under way on another path (for example its
-        // exec failed and raised SIGABRT); do not loop.
-        // SAFETY: _exit is async-signal-safe and never returns.
-        unsafe { libc::_exit(70) }
+        // A constant error: this path must not allocate.
+        return io::Error::from(io::ErrorKind::NotFound);
     }
     // SAFETY: see `disarm`; the plan is never freed.
     let plan = unsafe { &*plan };
+    // SAFETY: getpid cannot fail.
+    if unsafe { libc::getpid() } != plan.pid {
+        // A child forked by the new image: its exit or crash is its own.
+        return io::Error::from(io::ErrorKind::NotFound);
+    }
+    // SAFETY: sigprocmask is async-signal-safe; `blocked` is initialised.
+    // From here no handler of ours runs on this thread.
+    unsafe { libc::sigprocmask(libc::SIG_BLOCK, &plan.blocked, ptr::null_mut()) };
+    if FIRED.swap(true, Ordering::SeqCst) {
+        // A rollback is already under way on another thread: wait for its
+        // exec, which ends this thread too. (On this thread there is none:
+        // every signal whose handler fires is blocked above.)
+        loop {
+            // SAFETY: pause is async-signal-safe.
+            unsafe { libc::pause() };
+        }
+    }
+    // The deadline must not fire in the old image before it cancels it.
+    let off = libc::itimerval {
+        it_interval: libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+        it_value: libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+    };
+    // SAFETY: setitimer is a plain syscall reading one itimerval.
+    unsafe { libc::setitimer(libc::ITIMER_REAL, &off, ptr::null_mut()) };
     let n = reason.len().min(REASON_CAP - 1);
     // SAFETY: the slot has REASON_CAP bytes; we write n < REASON_CAP bytes
     // and a NUL. The source and the slot do not overlap.
@@ -183,8 +302,13 @@ pub(crate) fn fire(reason: &[u8]) -> io::Error {
         ptr::copy_nonoverlapping(reason.as_ptr(), plan.reason, n);
         *plan.reason.add(n) = 0;
     }
-    // SAFETY: sigprocmask is async-signal-safe; `blocked` is initialised.
-    unsafe { libc::sigprocmask(libc::SIG_BLOCK, &plan.blocked, ptr::null_mut()) };
+    if let Some(limit) = &plan.nofile {
+        // SAFETY: setrlimit reads one initialised rlimit.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, limit) };
+    }
+    for &fd in &plan.fds {
+        restore_fd(plan.holder_pidfd, fd);
+    }
     // SAFETY: argv and envp are NULL-terminated arrays of pointers to
     // NUL-terminated strings owned by the leaked plan; "" with
     // AT_EMPTY_PATH executes the file `binary_fd` refers to.
@@ -199,6 +323,41 @@ pub(crate) fn fire(reason: &[u8]) -> io::Error {
         )
     };
     io::Error::last_os_error()
+}
+
+/// Makes `fd` the old image's descriptor again, inheritable: a copy taken
+/// from the holder's table if there is a holder, else the flag cleared on
+/// what is there. Async-signal-safe: raw syscalls only.
+fn restore_fd(holder_pidfd: RawFd, fd: RawFd) {
+    if holder_pidfd >= 0 {
+        // SAFETY: pidfd_getfd takes integers and returns a new fd or -1.
+        let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, holder_pidfd, fd, 0) } as RawFd;
+        if got >= 0 {
+            if got != fd {
+                // SAFETY: dup3 and close on numbers this process holds; the
+                // number `fd` belongs to the old image from here on, and
+                // `got` is a fresh copy nobody else knows of.
+                let placed = unsafe {
+                    let placed = libc::dup3(got, fd, 0);
+                    libc::close(got);
+                    placed
+                };
+                if placed == -1 {
+                    // (EBADF: `fd` is above a lowered hard RLIMIT_NOFILE.)
+                    // What is at `fd` is still the old image's, unless the
+                    // failed image closed it: make it inheritable.
+                    // SAFETY: F_SETFD only changes the flags of `fd`.
+                    unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+                }
+            } else {
+                // SAFETY: F_SETFD only changes the flags of `fd`.
+                unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+            }
+            return;
+        }
+    }
+    // SAFETY: F_SETFD only changes the flags of `fd` (EBADF if closed).
+    unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
 }
 
 /// Writes `msg` to stderr with one `write(2)`: async-signal-safe.

@@ -32,8 +32,11 @@ pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// The workspace root: the tests are targets of bins/ (the programs'
+/// package), and build, scratch and compare against the root's files.
 fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let bins = Path::new(env!("CARGO_MANIFEST_DIR"));
+    bins.parent().unwrap_or(bins).to_path_buf()
 }
 
 /// The demo as `cargo test` built it (label = the crate version).
@@ -465,6 +468,65 @@ pub fn strip_telnet(raw: &[u8]) -> Vec<u8> {
 /// The `/version` line expected from a server.
 pub fn version_line(label: &str, pid: i32, generation: u64) -> String {
     format!("copyover-telnetd {label} pid={pid} generation={generation}")
+}
+
+/// What a test deploys under a running server.
+pub enum Deploy<'a> {
+    Build(&'a Path),
+    Bytes(&'a [u8]),
+}
+
+/// Deploys `bad` under a v1 server and checks the outcome line contains
+/// `outcome` and `reason`.
+pub fn survive(name: &str, bad: Deploy<'_>, outcome: &str, reason: &str) {
+    let v1 = labelled("v1");
+    let v2 = labelled("v2");
+    let server = Server::start_with(name, &v1, &["--ready-timeout", "2"]);
+    let mut ann = Client::login(server.addr, "ann");
+    let mut bob = Client::login(server.addr, "bob");
+    assert_eq!(ann.ask("/set color green"), "ok");
+    // A first, good upgrade: descriptors the test harness leaked into the
+    // server are closed by it (deny by default), so the count is a baseline.
+    server.deploy(&v1);
+    assert!(server.upgrade().contains("upgrade complete"));
+    bob.send("par");
+    let fds = server.fd_count();
+
+    match bad {
+        Deploy::Build(p) => server.deploy(p),
+        Deploy::Bytes(b) => server.deploy_bytes(b),
+    }
+    let line = server.upgrade();
+    assert!(line.contains(outcome), "expected {outcome:?}, got: {line}");
+    assert!(
+        line.contains(reason),
+        "expected the reason to mention {reason:?}, got: {line}"
+    );
+
+    // The old image serves, at the same PID, with everything.
+    assert_eq!(ann.ask("/version"), version_line("v1", server.pid, 1));
+    assert_eq!(ann.ask("/get color"), "color = green");
+    bob.send("tial line\r\n");
+    assert_eq!(ann.line(), "bob: partial line");
+    assert_eq!(bob.ask("/who"), "online: ann, bob");
+    wait_for("the probe to be reaped", || {
+        (server.children() == 0).then_some(())
+    });
+    assert_eq!(server.fd_count(), fds, "the fd count changed");
+    if reason != "panicked" {
+        assert!(
+            !server.log_text().contains("panicked at"),
+            "a panic in the server"
+        );
+    }
+
+    // A good release still goes through afterwards.
+    server.deploy(&v2);
+    let line = server.upgrade();
+    assert!(line.contains("upgrade complete"), "{line}");
+    assert_eq!(bob.ask("/version"), version_line("v2", server.pid, 2));
+    assert_eq!(ann.ask("/get color"), "color = green");
+    ann.assert_quiet();
 }
 
 /// A build of one of the crate's examples, with `--features tokio` and

@@ -65,11 +65,20 @@ impl AppState for BenchState {
     const VERSION: u32 = 1;
 }
 
+/// `copyover-bench serve`'s options.
+#[derive(clap::Args)]
 pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
+    /// Bytes of bulk state (serialized at every upgrade).
+    #[arg(long, value_name = "BYTES", default_value_t = 1024)]
     pub bulk: usize,
+    /// Small records in the state (about 32 bytes each once encoded).
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub records: usize,
     /// Bytes of bulk state kept in a `copyover::Region` (not serialized).
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
     pub region: usize,
 }
 

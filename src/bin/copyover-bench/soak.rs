@@ -16,42 +16,31 @@ use nix::unistd::Pid;
 
 use crate::{BoxError, Server};
 
+/// `copyover-bench soak`'s options.
+#[derive(clap::Args)]
 pub struct SoakArgs {
+    /// Chat clients.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
     pub clients: usize,
+    /// Upgrades, alternating between the two builds.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
     pub upgrades: usize,
+    /// Messages per second, all clients together.
+    #[arg(long, value_name = "MSGS_PER_SEC", default_value_t = 50.0)]
     pub rate: f64,
+    /// Stop upgrading after this long.
+    #[arg(long, value_name = "S", default_value_t = 300)]
     pub max_seconds: u64,
-    pub builds: [PathBuf; 2],
+    /// The build of copyover-telnetd started first.
+    pub build_a: PathBuf,
+    /// The build it is upgraded to, and back from.
+    pub build_b: PathBuf,
 }
 
-pub fn parse(args: &[String]) -> Result<SoakArgs, BoxError> {
-    let mut s = SoakArgs {
-        clients: 1000,
-        upgrades: 1000,
-        rate: 50.0,
-        max_seconds: 300,
-        builds: Default::default(),
-    };
-    let mut builds = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut v = || it.next().ok_or_else(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--clients" => s.clients = v()?.parse()?,
-            "--upgrades" => s.upgrades = v()?.parse()?,
-            "--rate" => s.rate = v()?.parse()?,
-            "--max-seconds" => s.max_seconds = v()?.parse()?,
-            path => builds.push(PathBuf::from(path)),
-        }
+impl SoakArgs {
+    fn builds(&self) -> [&Path; 2] {
+        [&self.build_a, &self.build_b]
     }
-    let [a, b]: [PathBuf; 2] = builds
-        .try_into()
-        .map_err(|_| "soak needs two builds of copyover-telnetd: BUILD_A BUILD_B")?;
-    if s.clients < 2 || s.rate <= 0.0 {
-        return Err("soak needs at least 2 clients and a positive --rate".into());
-    }
-    s.builds = [a, b];
-    Ok(s)
 }
 
 struct Health {
@@ -89,11 +78,14 @@ struct Client {
 }
 
 pub fn soak(args: SoakArgs) -> Result<(), BoxError> {
+    if args.clients < 2 || args.rate <= 0.0 {
+        return Err("soak needs at least 2 clients and a positive --rate".into());
+    }
     crate::server::raise_nofile_limit();
     let dir = std::env::temp_dir().join(format!("copyover-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let binary = dir.join("copyover-telnetd");
-    deploy(&args.builds[0], &binary)?;
+    deploy(args.builds()[0], &binary)?;
     let mut cmd = Command::new(&binary);
     cmd.args(["--listen", "127.0.0.1:0"]);
     let server = Server::spawn(cmd, "info")?;
@@ -205,7 +197,7 @@ pub fn soak(args: SoakArgs) -> Result<(), BoxError> {
             break;
         }
         let mark = server.mark();
-        deploy(&args.builds[(n + 1) % 2], &binary)?;
+        deploy(args.builds()[(n + 1) % 2], &binary)?;
         kill(Pid::from_raw(pid as i32), Signal::SIGHUP)?;
         // Keep chatting while waiting for the outcome.
         let line = loop {

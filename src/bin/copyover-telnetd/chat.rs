@@ -38,13 +38,15 @@ pub const FAULT: Option<&str> = match option_env!("COPYOVER_DEMO_FAULT") {
 };
 
 /// The faults `COPYOVER_DEMO_FAULT` may name.
-const FAULTS: [&str; 6] = [
+const FAULTS: [&str; 8] = [
     "reject-state",
     "wrong-app",
     "panic-after-adopt",
     "abort-after-adopt",
     "hang-after-adopt",
     "exit-before-ready",
+    "error-after-adopt",
+    "thread-before-boot",
 ];
 
 const fn known_fault(fault: Option<&str>) -> bool {
@@ -62,7 +64,7 @@ const fn known_fault(fault: Option<&str>) -> bool {
 // A misspelt fault fails the build instead of making a silent good build.
 const _: () = assert!(
     known_fault(FAULT),
-    "COPYOVER_DEMO_FAULT must be one of: reject-state, wrong-app, panic-after-adopt, abort-after-adopt, hang-after-adopt, exit-before-ready"
+    "COPYOVER_DEMO_FAULT must be one of: reject-state, wrong-app, panic-after-adopt, abort-after-adopt, hang-after-adopt, exit-before-ready, error-after-adopt, thread-before-boot"
 );
 
 /// The state version this build writes: 2, or 1 for a build made with
@@ -182,12 +184,20 @@ impl Chat {
     /// A new connection: offers telnet options and asks for a name.
     pub fn connect(&mut self, label: &str) -> u64 {
         let id = self.next_id;
-        self.next_id += 1;
-        let mut out = OFFER.to_vec();
-        out.extend_from_slice(
-            format!("Welcome to copyover-telnetd {label}, a chat that upgrades without hanging up.\r\nWhat is your name?\r\n")
-                .as_bytes(),
+        let greeting = format!(
+            "Welcome to copyover-telnetd {label}, a chat that upgrades without hanging up.\r\n"
         );
+        self.connect_as(id, &greeting);
+        id
+    }
+
+    /// A connection with a given id (one that systemd kept across a crash
+    /// but that the last checkpoint did not know): greets it and asks for a
+    /// name. Later connections get higher ids.
+    pub fn connect_as(&mut self, id: u64, greeting: &str) {
+        self.next_id = self.next_id.max(id + 1);
+        let mut out = OFFER.to_vec();
+        out.extend_from_slice(format!("{greeting}What is your name?\r\n").as_bytes());
         self.conns.insert(
             id,
             Conn {
@@ -195,7 +205,6 @@ impl Chat {
                 ..Conn::default()
             },
         );
-        id
     }
 
     /// Bytes received on connection `id`. Every connection that got output

@@ -33,6 +33,9 @@ const APP_NAME: &str = if chat::env_is(FAULT, "wrong-app") {
     APP
 };
 const LISTENER: &str = "listener:telnet";
+/// The connections' prefix in the handoff: `conn:ID`.
+const CONN: &str = "conn";
+const EPOLL: &str = "epoll";
 const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_EVENTS: u64 = u64::MAX - 1;
 
@@ -51,6 +54,10 @@ OPTIONS:
                             ./copyover-telnetd.snapshot]
     --restore-from PATH     start from a saved snapshot (names and variables,
                             no connections): a staging server
+    --fdstore               under systemd, keep the listener, every connection
+                            and a checkpoint of the state in the service's fd
+                            store, so that a crash drops no one (the unit
+                            needs FileDescriptorStoreMax=)
     -h, --help              print this help
 
 SIGNALS:
@@ -66,6 +73,7 @@ struct Args {
     ready_timeout: Duration,
     snapshot_file: PathBuf,
     restore_from: Option<PathBuf>,
+    fdstore: bool,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
@@ -74,6 +82,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         ready_timeout: Duration::from_secs(10),
         snapshot_file: PathBuf::from("copyover-telnetd.snapshot"),
         restore_from: None,
+        fdstore: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -99,6 +108,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             }
             "--snapshot-file" => args.snapshot_file = PathBuf::from(value("--snapshot-file")?),
             "--restore-from" => args.restore_from = Some(PathBuf::from(value("--restore-from")?)),
+            "--fdstore" => args.fdstore = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -117,6 +127,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if FAULT == Some("thread-before-boot") {
+        // What a static initializer, an LD_PRELOAD library or an async
+        // runtime's main does: a thread before `boot`.
+        std::thread::spawn(|| {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        });
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
@@ -148,7 +167,15 @@ struct Server {
 fn run(args: Args) -> Result<(), BoxError> {
     let config = Config::new(APP_NAME, LABEL).ready_timeout(args.ready_timeout);
     let (mut co, start) = copyover::boot::<Chat>(config)?;
-    let (chat, listener, streams) = match start {
+    if args.fdstore && !co.enable_fdstore() {
+        tracing::warn!(
+            "--fdstore: not a systemd service (no NOTIFY_SOCKET); a crash drops everyone"
+        );
+    }
+    // The epoll instance crosses the exec with the sockets: its
+    // registrations (and their tokens, the connection ids) survive, so a
+    // resumed image re-registers nothing but the runtime's new event fd.
+    let (chat, listener, streams, epoll) = match start {
         Start::Fresh => {
             let mut chat = Chat::default();
             if let Some(path) = &args.restore_from {
@@ -156,28 +183,45 @@ fn run(args: Args) -> Result<(), BoxError> {
                 chat.conns.clear();
                 tracing::info!(path = ?path, users = chat.users.len(), "staging: restored names and variables");
             }
-            // A listener passed by systemd socket activation, or our own.
+            // A listener passed by systemd socket activation (which its
+            // socket unit keeps), or our own (kept in the fd store, if used).
             let listener = match co.take_activated_tcp_listener(None)? {
                 Some(l) => l,
-                None => TcpListener::bind(args.listen)
-                    .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?,
+                None => {
+                    let l = TcpListener::bind(args.listen)
+                        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+                    co.store_fd(LISTENER, l.as_fd())?;
+                    l
+                }
             };
-            (chat, listener, HashMap::new())
+            (chat, listener, HashMap::new(), None)
         }
         Start::Resumed { mut state, mut fds } => {
-            let listener = fds
-                .take_tcp_listener(LISTENER)?
-                .ok_or("the previous image handed over no listener")?;
+            // After a crash, a socket unit's listener comes back as such.
+            let listener = match fds.take_tcp_listener(LISTENER)? {
+                Some(l) => l,
+                None => co
+                    .take_activated_tcp_listener(None)?
+                    .ok_or("the previous image handed over no listener")?,
+            };
             let mut streams = HashMap::with_capacity(state.conns.len());
-            let mut lost = Vec::new();
-            for id in state.conns.keys() {
-                match fds.take_tcp_stream(&format!("conn:{id}"))? {
-                    Some(s) => {
-                        streams.insert(*id, (s, false));
+            let mut newer = Vec::new();
+            for (id, s) in fds.take_tcp_streams(CONN)? {
+                match state.conns.get(&id) {
+                    // Registered for EPOLLOUT in the kept epoll instance
+                    // exactly when output was pending (see `serve`).
+                    Some(c) => {
+                        streams.insert(id, (s, !c.out.is_empty()));
                     }
-                    None => lost.push(*id),
+                    None => newer.push((id, s)),
                 }
             }
+            let lost: Vec<u64> = state
+                .conns
+                .keys()
+                .filter(|id| !streams.contains_key(id))
+                .copied()
+                .collect();
             for id in lost {
                 tracing::warn!(
                     conn = id,
@@ -185,13 +229,27 @@ fn run(args: Args) -> Result<(), BoxError> {
                 );
                 state.conns.remove(&id);
             }
-            if let Some(fault) = FAULT {
-                inject_fault(fault);
+            // After a crash: connections newer than the last checkpoint.
+            for (id, s) in newer {
+                tracing::info!(
+                    conn = id,
+                    "a connection newer than the checkpoint: greeting it again"
+                );
+                state.connect_as(id, "The server restarted.\r\n");
+                streams.insert(id, (s, false));
             }
-            (state, listener, streams)
+            let epoll = fds.take_fd(EPOLL)?.map(Epoll);
+            if let Some(fault) = FAULT {
+                inject_fault(fault)?;
+            }
+            (state, listener, streams, epoll)
         }
     };
-    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    let kept = epoll.is_some();
+    let epoll = match epoll {
+        Some(e) => e,
+        None => Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
+    };
     let mut server = Server {
         co,
         epoll,
@@ -200,7 +258,7 @@ fn run(args: Args) -> Result<(), BoxError> {
         chat,
         args,
     };
-    if let Err(e) = server.register() {
+    if let Err(e) = server.register(kept) {
         // Roll back while every adopted socket is still open (a no-op on a
         // fresh start, where the error is simply returned).
         return Err(server
@@ -209,34 +267,53 @@ fn run(args: Args) -> Result<(), BoxError> {
             .into());
     }
     server.co.ready()?;
+    // A first checkpoint at once: a crash before any event finds one.
+    if let Err(e) = server.co.checkpoint(&server.chat) {
+        tracing::warn!("checkpoint failed: {e}");
+    }
     tracing::info!(addr = %server.listener.local_addr()?, clients = server.streams.len(), "listening");
     // Output that was pending at the upgrade goes out now.
-    server.flush(server.streams.keys().copied().collect());
+    let pending = server
+        .chat
+        .conns
+        .iter()
+        .filter(|(_, c)| !c.out.is_empty())
+        .map(|(id, _)| *id)
+        .collect();
+    server.flush(pending);
     server.serve()
 }
 
 /// The bad releases of `COPYOVER_DEMO_FAULT`, for tests and demonstrations.
-fn inject_fault(fault: &str) {
+/// `thread-before-boot` acts in `main`, before `boot`.
+fn inject_fault(fault: &str) -> Result<(), BoxError> {
     tracing::warn!(fault, "this is a fault build");
     match fault {
+        // Every descriptor is claimed (and owned by locals that the error
+        // drops, closing them) when `main` returns the error.
+        "error-after-adopt" => Err("fault build: an error after adopting every descriptor".into()),
         "panic-after-adopt" => panic!("fault build: panic after adopting the sockets"),
         "abort-after-adopt" => std::process::abort(),
         "hang-after-adopt" => loop {
             std::thread::sleep(Duration::from_secs(3600));
         },
         "exit-before-ready" => std::process::exit(3),
-        _ => {}
+        _ => Ok(()),
     }
 }
 
 impl Server {
-    /// Registers the listener, the runtime's event fd and every connection
-    /// with epoll: registrations do not survive an exec.
-    fn register(&self) -> Result<(), BoxError> {
-        self.listener.set_nonblocking(true)?;
+    /// Registers the runtime's event fd (new in every image) with epoll,
+    /// and, unless the epoll instance was kept across the exec with its
+    /// registrations, the listener and every connection.
+    fn register(&self, kept: bool) -> Result<(), BoxError> {
         let ev = |token| EpollEvent::new(EpollFlags::EPOLLIN, token);
-        self.epoll.add(&self.listener, ev(TOKEN_LISTENER))?;
         self.epoll.add(self.co.event_fd(), ev(TOKEN_EVENTS))?;
+        if kept {
+            return Ok(());
+        }
+        self.listener.set_nonblocking(true)?;
+        self.epoll.add(&self.listener, ev(TOKEN_LISTENER))?;
         for (id, (s, _)) in &self.streams {
             self.epoll.add(s, ev(*id))?;
         }
@@ -261,18 +338,20 @@ impl Server {
                 Err(e) => return Err(e.into()),
             };
             let mut dirty = BTreeSet::new();
+            let mut runtime_events = false;
+            let mut changed = false;
             for ev in &events[..n] {
                 match ev.data() {
-                    TOKEN_LISTENER => self.accept(&mut dirty),
-                    TOKEN_EVENTS => {
-                        if self.copyover_events()? {
-                            return Ok(());
-                        }
+                    TOKEN_LISTENER => {
+                        changed = true;
+                        self.accept(&mut dirty);
                     }
+                    TOKEN_EVENTS => runtime_events = true,
                     id => {
                         if ev.events().intersects(
                             EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR,
                         ) {
+                            changed = true;
                             self.read(id, &mut buf, &mut dirty);
                         }
                         if ev.events().contains(EpollFlags::EPOLLOUT) {
@@ -282,6 +361,16 @@ impl Server {
                 }
             }
             self.flush(dirty);
+            // After the flush, so that output already written is not in it.
+            if changed && let Err(e) = self.co.checkpoint(&self.chat) {
+                tracing::warn!("checkpoint failed (the previous one stays): {e}");
+            }
+            // After the flush: at an upgrade, every connection's EPOLLOUT
+            // registration matches its pending output, which the kept epoll
+            // instance and the state carry across the exec.
+            if runtime_events && self.copyover_events()? {
+                return Ok(());
+            }
         }
     }
 
@@ -291,10 +380,9 @@ impl Server {
             match event {
                 Event::Upgrade | Event::UpgradeApproved => {
                     let mut keep = Handoff::new();
-                    keep.listener(LISTENER, &self.listener);
-                    for (id, (s, _)) in &self.streams {
-                        keep.stream(format!("conn:{id}"), s);
-                    }
+                    keep.listener(LISTENER, &self.listener)
+                        .other(EPOLL, &self.epoll.0)
+                        .streams(CONN, self.streams.iter().map(|(id, (s, _))| (*id, s)));
                     // Returns while probing, never on success; a refusal is
                     // logged by the runtime and we keep serving.
                     let _ = self.co.upgrade(&self.chat, &keep);
@@ -326,6 +414,9 @@ impl Server {
                         continue;
                     }
                     let id = self.chat.connect(LABEL);
+                    if let Err(e) = self.co.store_fd(&format!("conn:{id}"), stream.as_fd()) {
+                        tracing::warn!(conn = id, "this connection would not survive a crash: {e}");
+                    }
                     if let Err(e) = self
                         .epoll
                         .add(&stream, EpollEvent::new(EpollFlags::EPOLLIN, id))
@@ -377,6 +468,10 @@ impl Server {
     fn close(&mut self, id: u64) {
         if let Some((s, _)) = self.streams.remove(&id) {
             let _ = self.epoll.delete(&s);
+            // systemd's copy in the fd store would keep it open: shut it
+            // down, and take it out of the store.
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            self.co.unstore_fd(&format!("conn:{id}"));
         }
         self.chat.conns.remove(&id);
     }

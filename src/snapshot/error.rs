@@ -1,0 +1,104 @@
+//! Why a snapshot could not be written or read: one error for the format,
+//! the memfd and files, each variant with what an operator needs to act.
+
+use std::io;
+
+/// Why a snapshot could not be written or read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// A system call on the snapshot's memfd failed.
+    #[error("could not {what} the snapshot memfd: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The system error.
+        source: io::Error,
+    },
+    /// The descriptor is not a memfd with all four seals.
+    #[error(
+        "the snapshot descriptor is not a sealed memfd ({detail}); it was not written by copyover, or was tampered with"
+    )]
+    NotSealed {
+        /// What was found instead.
+        detail: String,
+    },
+    /// Fewer bytes than the header says (or than a header needs).
+    #[error("the snapshot is truncated: {expected} bytes expected, {found} present")]
+    Truncated {
+        /// Bytes the header announces (or the header's own length).
+        expected: u64,
+        /// Bytes actually present.
+        found: u64,
+    },
+    /// The first eight bytes are not `COPYOVER`.
+    #[error("this is not a copyover snapshot (bad magic bytes {found:02x?})")]
+    BadMagic {
+        /// The bytes found.
+        found: [u8; 8],
+    },
+    /// A snapshot format this build does not know.
+    #[error(
+        "snapshot format version {found} is not supported; this build reads format {supported}"
+    )]
+    UnknownFormat {
+        /// The version found.
+        found: u32,
+        /// The version this build reads.
+        supported: u32,
+    },
+    /// The checksum does not match the contents.
+    #[error(
+        "the snapshot is corrupted: checksum {found:#010x} does not match the stored {stored:#010x}"
+    )]
+    Checksum {
+        /// The checksum stored in the header.
+        stored: u32,
+        /// The checksum of the bytes present.
+        found: u32,
+    },
+    /// A length or string in the header or manifest makes no sense.
+    #[error("the snapshot is corrupted: {what}")]
+    Corrupt {
+        /// What is wrong.
+        what: String,
+    },
+    /// The snapshot belongs to another application.
+    #[error("the snapshot was written by app '{found}', but this binary is app '{expected}'")]
+    WrongApp {
+        /// The app in the snapshot.
+        found: String,
+        /// This binary's app.
+        expected: String,
+    },
+    /// The state version cannot be read by this binary.
+    #[error(
+        "snapshot was written by app '{app}' state v{found}; this binary reads v{supported} and has no migration from v{found}"
+    )]
+    StateVersion {
+        /// The app.
+        app: String,
+        /// The state version in the snapshot.
+        found: u32,
+        /// The state version this binary writes.
+        supported: u32,
+    },
+    /// The state payload does not decode as the application's type.
+    #[error("the state payload (state v{version}) could not be decoded: {source}")]
+    Payload {
+        /// The state version it was decoded as.
+        version: u32,
+        /// postcard's error.
+        source: postcard::Error,
+    },
+    /// The state could not be encoded.
+    #[error("the state could not be encoded: {source}")]
+    Encode {
+        /// postcard's error.
+        source: postcard::Error,
+    },
+}
+
+pub(super) fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> SnapshotError {
+    move |source| SnapshotError::Io { what, source }
+}

@@ -1,0 +1,325 @@
+//! The snapshot in transit: written into a memfd, cut to size and sealed
+//! (or encoded straight into a memfd prepared ahead, [`Draft`]), then
+//! checked and mapped read-only by the image that reads it.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+
+use ::memfd::{FileSeal, Memfd};
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use serde::Serialize;
+
+use super::error::{SnapshotError, io_err};
+use super::format::{
+    HEADER_LEN, Header, ManifestEntry, Payload, Prefix, Snapshot, encode_prefix,
+    encode_state_with_capacity, finish_head, parse,
+};
+
+/// The seals a snapshot memfd carries, added by [`cut_and_seal`].
+const SEALS: [FileSeal; 4] = [
+    FileSeal::SealShrink,
+    FileSeal::SealGrow,
+    FileSeal::SealWrite,
+    FileSeal::SealSeal,
+];
+
+/// [`SEALS`] as `fcntl` flags, for [`check_sealed`].
+fn required_seals() -> SealFlag {
+    SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SEAL
+}
+
+/// Writes a snapshot into a new memfd and seals it.
+///
+/// The memfd is close-on-exec; the upgrade clears that flag just before the
+/// exec. `payload` is the already-encoded state.
+///
+/// # Errors
+///
+/// [`SnapshotError::Io`] if the memfd cannot be created, written or sealed
+/// (for example `ENOMEM`), [`SnapshotError::Encode`] if the manifest cannot
+/// be encoded.
+pub fn write_sealed(
+    header: &Header,
+    manifest: &[ManifestEntry],
+    payload: &[u8],
+) -> Result<OwnedFd, SnapshotError> {
+    Draft::new(0)?.seal(header, manifest, payload)
+}
+
+/// A memfd made ready for a snapshot ahead of time: the upgrade creates one
+/// while the probe runs, with its pages allocated and mapped, so that at the
+/// commit the state is encoded straight into memory that is already there.
+#[derive(Debug)]
+pub struct Draft {
+    file: File,
+    /// The reserve, mapped writable and populated.
+    map: Option<crate::sys::Mapping>,
+}
+
+impl Draft {
+    /// Creates the memfd and allocates and maps `reserve` bytes of it.
+    ///
+    /// # Errors
+    ///
+    /// [`SnapshotError::Io`] if the memfd cannot be created. A failed
+    /// allocation or mapping only leaves the memfd empty (it then grows as
+    /// written).
+    pub fn new(reserve: u64) -> Result<Draft, SnapshotError> {
+        // Created by `sys`, not `memfd::MemfdOptions`: the crate cannot ask
+        // for MFD_NOEXEC_SEAL.
+        let fd = crate::sys::memfd_create(c"copyover-snapshot").map_err(io_err("create"))?;
+        let mut map = None;
+        if let (Ok(len), Ok(size)) = (libc::off_t::try_from(reserve), usize::try_from(reserve))
+            && len > 0
+            && nix::fcntl::fallocate(&fd, nix::fcntl::FallocateFlags::empty(), 0, len).is_ok()
+        {
+            map = crate::sys::map_region(fd.as_fd(), size, true).ok();
+        }
+        Ok(Draft {
+            file: File::from(fd),
+            map,
+        })
+    }
+
+    /// Writes the snapshot, cuts the memfd to its exact length and seals it.
+    ///
+    /// # Errors
+    ///
+    /// As [`write_sealed`].
+    pub fn seal(
+        self,
+        header: &Header,
+        manifest: &[ManifestEntry],
+        payload: &[u8],
+    ) -> Result<OwnedFd, SnapshotError> {
+        let prefix = encode_prefix(header, manifest)?;
+        drop(self.map);
+        write_and_seal(self.file, header, &prefix, payload)
+    }
+
+    /// Encodes `state` straight into the memfd, through a writable mapping
+    /// of it: no intermediate buffer, no second copy. `hint` is the expected
+    /// payload size (the last snapshot's); if the state turns out larger,
+    /// it is encoded into a buffer and written instead. Then cuts the memfd
+    /// to size and seals it. Returns the memfd and the payload's size.
+    ///
+    /// # Errors
+    ///
+    /// As [`write_sealed`].
+    pub fn seal_state<T: Serialize + ?Sized>(
+        mut self,
+        header: &Header,
+        manifest: &[ManifestEntry],
+        state: &T,
+        hint: usize,
+    ) -> Result<(OwnedFd, usize), SnapshotError> {
+        let prefix = encode_prefix(header, manifest)?;
+        let at = HEADER_LEN + prefix.bytes.len();
+        let mapped = self.map.take().filter(|m| m.as_slice().len() > at);
+        let encoded = match mapped {
+            Some(mut map) => {
+                let used =
+                    postcard::to_slice(state, &mut map.as_mut_slice()[at..]).map(|u| u.len());
+                match used {
+                    Ok(len) => Some((map, len)),
+                    Err(postcard::Error::SerializeBufferFull) => None,
+                    Err(source) => return Err(SnapshotError::Encode { source }),
+                }
+            }
+            None => None,
+        };
+        let Some((mut map, len)) = encoded else {
+            // No room prepared (or the state outgrew it): a buffer, then write.
+            let payload = encode_state_with_capacity(state, hint.saturating_mul(2))?;
+            let fd = write_and_seal(self.file, header, &prefix, &payload)?;
+            return Ok((fd, payload.len()));
+        };
+        let head = finish_head(header, &prefix, &map.as_slice()[at..at + len])?;
+        let bytes = map.as_mut_slice();
+        bytes[..HEADER_LEN].copy_from_slice(&head);
+        bytes[HEADER_LEN..at].copy_from_slice(&prefix.bytes);
+        // Unmapped before sealing: F_SEAL_WRITE is refused while a writable
+        // shared mapping exists.
+        drop(map);
+        Ok((cut_and_seal(self.file, (at + len) as u64)?, len))
+    }
+}
+
+/// Writes header, prefix and payload into `file`, then cuts and seals it.
+fn write_and_seal(
+    file: File,
+    header: &Header,
+    prefix: &Prefix,
+    payload: &[u8],
+) -> Result<OwnedFd, SnapshotError> {
+    let head = finish_head(header, prefix, payload)?;
+    let at = (head.len() + prefix.bytes.len()) as u64;
+    file.write_all_at(&head, 0).map_err(io_err("write"))?;
+    file.write_all_at(&prefix.bytes, head.len() as u64)
+        .map_err(io_err("write"))?;
+    file.write_all_at(payload, at).map_err(io_err("write"))?;
+    cut_and_seal(file, at + payload.len() as u64)
+}
+
+/// Writes `bytes` into a new memfd named `name` and seals it, like a
+/// snapshot (for the other sealed records that cross the exec).
+pub(crate) fn seal_bytes(name: &std::ffi::CStr, bytes: &[u8]) -> Result<OwnedFd, SnapshotError> {
+    let file = File::from(crate::sys::memfd_create(name).map_err(io_err("create a memfd"))?);
+    file.write_all_at(bytes, 0).map_err(io_err("write"))?;
+    cut_and_seal(file, bytes.len() as u64)
+}
+
+/// Cuts the memfd to `total` bytes (dropping any unused reserve) and adds
+/// the four seals.
+fn cut_and_seal(file: File, total: u64) -> Result<OwnedFd, SnapshotError> {
+    file.set_len(total).map_err(io_err("size"))?;
+    add_seals(file, &SEALS).map_err(io_err("seal"))
+}
+
+/// Adds `seals` to a memfd this process created with sealing allowed.
+pub(crate) fn add_seals(file: File, seals: &[FileSeal]) -> io::Result<OwnedFd> {
+    let memfd = Memfd::try_from_file(file).map_err(|_| io::Error::other("not a memfd"))?;
+    memfd.add_seals(seals).map_err(memfd_io)?;
+    Ok(OwnedFd::from(memfd.into_file()))
+}
+
+/// The system error inside a `memfd` crate error.
+pub(crate) fn memfd_io(e: ::memfd::Error) -> io::Error {
+    match e {
+        ::memfd::Error::Create(e) | ::memfd::Error::AddSeals(e) | ::memfd::Error::GetSeals(e) => e,
+    }
+}
+
+/// Reads and checks a snapshot from a memfd: seals first, then [`decode`]'s
+/// checks, on a read-only mapping of the memfd (no copy; the file offset,
+/// shared with whoever else holds the descriptor, is neither used nor
+/// moved).
+///
+/// # Errors
+///
+/// [`SnapshotError::NotSealed`] for a descriptor that is not a sealed memfd,
+/// and every error [`decode`] returns.
+///
+/// [`decode`]: super::format::decode
+pub fn read_sealed(fd: BorrowedFd<'_>) -> Result<Snapshot, SnapshotError> {
+    check_sealed(fd)?;
+    let size = nix::sys::stat::fstat(fd)
+        .map_err(|e| SnapshotError::Io {
+            what: "stat",
+            source: e.into(),
+        })?
+        .st_size;
+    let size = usize::try_from(size).map_err(|_| SnapshotError::Corrupt {
+        what: "a negative size".into(),
+    })?;
+    if size < HEADER_LEN {
+        return Err(SnapshotError::Truncated {
+            expected: HEADER_LEN as u64,
+            found: size as u64,
+        });
+    }
+    let map = crate::sys::map_sealed(fd, size).map_err(io_err("map"))?;
+    let (header, manifest, payload) = parse(&map)?;
+    Ok(Snapshot {
+        header,
+        manifest,
+        payload: Payload::Mapped(map, payload),
+    })
+}
+
+/// Checks that `fd` is a memfd carrying all four seals.
+///
+/// # Errors
+///
+/// [`SnapshotError::NotSealed`] saying what is missing.
+pub fn check_sealed(fd: BorrowedFd<'_>) -> Result<(), SnapshotError> {
+    // Not with `memfd::Memfd`, which must own the descriptor: checking a
+    // borrowed one would take a duplicate, and at the RLIMIT_NOFILE ceiling
+    // (a new image with a lower limit) the dup fails where this check, in
+    // the restore and the rollback, must not.
+    let seals = match fcntl(fd, FcntlArg::F_GET_SEALS) {
+        Ok(s) => SealFlag::from_bits_truncate(s),
+        Err(nix::errno::Errno::EINVAL) => {
+            return Err(SnapshotError::NotSealed {
+                detail: "it does not support seals: not a memfd".into(),
+            });
+        }
+        Err(e) => {
+            return Err(SnapshotError::NotSealed {
+                detail: format!("F_GET_SEALS failed: {e}"),
+            });
+        }
+    };
+    if !seals.contains(required_seals()) {
+        return Err(SnapshotError::NotSealed {
+            detail: format!("seals {:?}, missing {:?}", seals, required_seals() - seals),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::format::tests::sample;
+    use super::super::format::{decode_state, encode, encode_state_with_capacity};
+    use super::*;
+
+    #[test]
+    fn round_trip_through_a_sealed_memfd() {
+        let (h, m, p) = sample();
+        let fd = write_sealed(&h, &m, &p).unwrap();
+        let snap = read_sealed(fd.as_fd()).unwrap();
+        assert_eq!(snap.header, h);
+        assert_eq!(snap.manifest, m);
+        let state: (String, u32) = decode_state(snap.payload(), 3).unwrap();
+        assert_eq!(state, ("hello".to_string(), 42));
+        assert_eq!(snap.encoded_len(), encode(&h, &m, &p).unwrap().len());
+    }
+
+    #[test]
+    fn a_draft_with_a_larger_reserve_is_cut_to_size() {
+        let (h, m, p) = sample();
+        let fd = Draft::new(1 << 20).unwrap().seal(&h, &m, &p).unwrap();
+        let snap = read_sealed(fd.as_fd()).unwrap();
+        assert_eq!(snap.payload(), &p[..]);
+        let again = encode_state_with_capacity(&("hello", 42u32), 1).unwrap();
+        assert_eq!(again, p);
+    }
+
+    #[test]
+    fn a_state_encoded_straight_into_the_memfd_reads_back() {
+        let (h, m, _) = sample();
+        let state = ("hello", 42u32, vec![7u8; 100_000]);
+        for reserve in [0, 1000, 1 << 20] {
+            let (fd, len) = Draft::new(reserve)
+                .unwrap()
+                .seal_state(&h, &m, &state, 10)
+                .unwrap();
+            let snap = read_sealed(fd.as_fd()).unwrap();
+            assert_eq!(snap.payload().len(), len, "reserve {reserve}");
+            let back: (String, u32, Vec<u8>) = decode_state(snap.payload(), 3).unwrap();
+            assert_eq!(back.2.len(), 100_000);
+            assert_eq!(snap.manifest, m);
+        }
+    }
+
+    #[test]
+    fn a_sealed_memfd_cannot_be_written() {
+        let (h, m, p) = sample();
+        let file = File::from(write_sealed(&h, &m, &p).unwrap());
+        assert!(file.write_all_at(b"X", 0).is_err());
+        assert!(file.set_len(1).is_err());
+    }
+
+    #[test]
+    fn unsealed_memfd_and_plain_file_are_refused() {
+        let fd = crate::sys::memfd_create(c"t").unwrap();
+        let err = read_sealed(fd.as_fd()).unwrap_err();
+        assert!(matches!(err, SnapshotError::NotSealed { .. }), "{err}");
+        let f = File::open("/proc/self/stat").unwrap();
+        let err = read_sealed(f.as_fd()).unwrap_err();
+        assert!(err.to_string().contains("not a memfd"), "{err}");
+    }
+}

@@ -163,11 +163,16 @@ async fn run(co: Copyover, start: Start<Saved>) -> Result<(), Box<dyn Error>> {
     // Ready before any task touches a socket (a rollback would repeat it).
     co.ready()?;
     let mut peers = shared.lock().await;
-    for (saved, stream) in clients {
+    let mut inboxes = Vec::with_capacity(clients.len());
+    for (saved, _) in &clients {
         let (tx, rx) = mpsc::unbounded_channel();
         if saved.name.is_some() {
             peers.peers.insert(saved.addr, tx.clone());
         }
+        inboxes.push((tx, rx));
+    }
+    drop(peers);
+    for ((saved, stream), (tx, rx)) in clients.into_iter().zip(inboxes) {
         let (shared, safe) = (Arc::clone(&shared), quiesce.join());
         // Registered with tokio in its own task: cheaper (see copyover::tokio).
         tokio::spawn(async move {
@@ -177,7 +182,6 @@ async fn run(co: Copyover, start: Start<Saved>) -> Result<(), Box<dyn Error>> {
             }
         });
     }
-    drop(peers);
     tracing::info!(addr = %listener.local_addr()?, "listening");
     loop {
         tokio::select! {

@@ -127,6 +127,14 @@
 //! restarted service resumes from the last [`Copyover::checkpoint`] with
 //! every connection.
 //!
+//! # tokio servers
+//!
+//! With the `tokio` feature, the module `copyover::tokio` awaits the events,
+//! takes inherited sockets as tokio sockets, pauses every connection task
+//! at a safe point for the commit (and restarts them if it fails), and
+//! builds a multi-threaded runtime whose threads leave the reload signals
+//! to the main thread. `boot` still comes first, before the runtime.
+//!
 //! # Specifications
 //!
 //! The snapshot layout ([`snapshot`]), the handoff variable ([`handoff`])

@@ -237,27 +237,38 @@ impl AsyncCopyover {
 
     /// The next event. Cancel-safe: an event is taken only when this
     /// returns it, so it fits a `tokio::select!` loop.
+    ///
+    /// Every poll of the returned future asks the runtime first, so in a
+    /// `biased` select an event whose signal was handled before anything
+    /// else woke the task comes before that other thing.
     pub async fn next_event(&mut self) -> Event {
+        std::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    fn poll_event(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Event> {
+        use std::task::Poll;
         loop {
             if let Some(event) = self.co.poll() {
-                return event;
+                return Poll::Ready(event);
             }
-            if self.wake.readable().await.is_err() {
-                // The reactor is gone (the runtime shuts down): nothing will
-                // wake us again.
-                std::future::pending::<()>().await;
+            match self.wake.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                // The reactor is gone (the runtime shuts down): nothing
+                // will wake us again.
+                Poll::Ready(Err(_)) => return Poll::Pending,
+                Poll::Ready(Ok(())) => {}
             }
             // Drained through tokio's registration, so that tokio clears its
-            // readiness on `WouldBlock`; then polled again: a wake-up byte
-            // that came meanwhile is seen by that poll, a later one makes
-            // the socket ready again.
+            // readiness on `WouldBlock`; then the runtime is asked again: a
+            // wake-up byte that came meanwhile is seen by that poll, a later
+            // one makes the socket ready again.
             let mut buf = [0u8; 256];
             loop {
                 match self.wake.try_read(&mut buf) {
                     Ok(n) if n > 0 => {}
                     // EOF cannot happen while the runtime lives (it holds
                     // the other end); were it to, nothing would wake us.
-                    Ok(_) => std::future::pending::<()>().await,
+                    Ok(_) => return Poll::Pending,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => break,
                 }
@@ -281,6 +292,12 @@ impl AsyncCopyover {
         state: &S,
         keep: &Handoff<'_>,
     ) -> Result<Progress, UpgradeError> {
+        if nix::unistd::gettid() != nix::unistd::getpid() {
+            tracing::warn!(
+                "upgrade called off the main thread: a signal that the main thread takes during \
+                 the commit is lost; call it from the task given to block_on"
+            );
+        }
         let _masked = Masked::now();
         self.co.upgrade(state, keep)
     }

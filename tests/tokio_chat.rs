@@ -247,3 +247,47 @@ fn tokio_chat_delivers_every_message_once_across_upgrades() {
     ann.assert_quiet();
     bob.assert_quiet();
 }
+
+#[test]
+fn a_failed_commit_restarts_every_task_from_what_it_handed_back() {
+    let v1 = chat("v1");
+    let v2 = chat("v2");
+    let server = start("tokio-chat-failed-commit", &v1);
+    let (mut ann, mut bob, mut cy) = three(server.addr);
+    // A "build" that answers the probe, then removes its own interpreter:
+    // the commit's execve fails after every task parked.
+    let interp = std::env::temp_dir().join(format!(
+        "copyover-tokio-vanishing-sh-{}",
+        std::process::id()
+    ));
+    std::fs::copy("/bin/sh", &interp).expect("copy /bin/sh");
+    let script = format!(
+        "#!{}\necho \"copyover-probe 1 ok $COPYOVER_PROBE vanishing\"\nrm -f \"{}\"\n",
+        interp.display(),
+        interp.display()
+    );
+    server.deploy_bytes(script.as_bytes());
+    bob.send("half ");
+    let mark = server.mark();
+    let outcome = server.upgrade();
+    let _ = std::fs::remove_file(&interp);
+    assert!(
+        outcome.contains("upgrade refused") && outcome.contains("execve"),
+        "{outcome}"
+    );
+    server.wait_log(mark, "every task parked");
+    // The tasks run again from what they handed back: the half line, the
+    // names, the inboxes.
+    bob.send("and half\n");
+    ann.expect("bob: half and half");
+    cy.expect("bob: half and half");
+    all_still_there(&mut ann, &mut bob, &mut cy, "the failed commit");
+    // And the next upgrade goes through.
+    server.deploy(&v2);
+    let outcome = server.upgrade();
+    assert!(outcome.contains("to_version=v2"), "{outcome}");
+    all_still_there(&mut ann, &mut bob, &mut cy, "the upgrade");
+    for c in [&mut ann, &mut bob, &mut cy] {
+        c.assert_quiet();
+    }
+}

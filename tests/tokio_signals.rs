@@ -170,7 +170,12 @@ struct Tally {
 /// One long-running subject: `rounds` upgrades, each with a SIGUSR1 or a
 /// SIGHUP sent during the commit.
 fn reload_rounds(build: &Path, rounds: u64, patience: Duration, no_mask: bool, t: &mut Tally) {
-    let s = Subject::start("tokio-signals-reload", build, no_mask);
+    let name = if no_mask {
+        "tokio-signals-reload-unmasked"
+    } else {
+        "tokio-signals-reload"
+    };
+    let s = Subject::start(name, build, no_mask);
     let mut usr1 = 0u64;
     for round in 0..rounds {
         let (sig, name) = if round % 2 == 0 {
@@ -250,7 +255,12 @@ fn shutdown_rounds(
     t: &mut Tally,
 ) {
     for round in 0..rounds {
-        let mut s = Subject::start("tokio-signals-shutdown", build, no_mask);
+        let name = if no_mask {
+            "tokio-signals-shutdown-unmasked"
+        } else {
+            "tokio-signals-shutdown"
+        };
+        let mut s = Subject::start(name, build, no_mask);
         s.signal(Signal::SIGHUP);
         s.expect("commit");
         t.commits += 1;

@@ -544,11 +544,18 @@ pub fn example(name: &str, settings: &[(&str, &str)]) -> PathBuf {
     let lock = std::fs::File::create(target.join(".lock")).expect("lock file");
     let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).expect("flock");
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    // The library's sources too: the example's features (`tokio`) compile
+    // code that the test binary's build does not, so its age says nothing.
     let source = manifest_dir().join("examples").join(format!("{name}.rs"));
-    let reference = std::env::current_exe()
-        .ok()
-        .and_then(|p| mtime(&p))
-        .max(mtime(&source));
+    let reference = [
+        std::env::current_exe().ok().and_then(|p| mtime(&p)),
+        mtime(&source),
+        mtime(&manifest_dir().join("Cargo.toml")),
+        newest(&manifest_dir().join("src")),
+    ]
+    .into_iter()
+    .max()
+    .flatten();
     let fresh = mtime(&out);
     if fresh.is_some() && fresh >= reference {
         return out;
@@ -584,4 +591,19 @@ pub fn example(name: &str, settings: &[(&str, &str)]) -> PathBuf {
     );
     std::fs::copy(target.join("debug").join("examples").join(name), &out).expect("copy the build");
     out
+}
+
+/// The newest modification time of the files under `dir`.
+fn newest(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let t = if path.is_dir() {
+            self::newest(&path)
+        } else {
+            entry.metadata().and_then(|m| m.modified()).ok()
+        };
+        newest = newest.max(t);
+    }
+    newest
 }

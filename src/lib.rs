@@ -160,6 +160,7 @@ mod sys;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 pub mod upgrade;
+mod worker;
 
 pub use error::{Error, UpgradeError};
 pub use handoff::{Handoff, Inherited};

@@ -23,8 +23,9 @@
 //! within the probe timeout) is a refusal: `/bin/true`, a shell script, or a
 //! server of another kind are all refused, and the old image keeps serving.
 //!
-//! The probe runs on a helper thread, so the event loop keeps serving while
-//! the snapshot is written and the new binary starts; the thread wakes the
+//! The probe runs on the runtime's helper thread (started in `boot`, see
+//! `worker`), so the event loop keeps serving while the snapshot is written
+//! and the new binary starts; the thread wakes the
 //! loop when it has the verdict. A new binary that ignores the probe
 //! variable runs with the old image's arguments until the time limit kills
 //! it: if it is a server of another kind, its start-up fails on the ports
@@ -37,7 +38,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -55,10 +55,9 @@ pub(crate) enum Verdict {
     Refused(String),
 }
 
-/// A probe running on its helper thread.
+/// A probe running on the runtime's helper thread (see `worker`).
 #[derive(Debug)]
 pub(crate) struct Probe {
-    thread: JoinHandle<()>,
     verdict: Arc<Mutex<Option<Outcome>>>,
     child_pid: Arc<AtomicI32>,
 }
@@ -134,23 +133,25 @@ pub(crate) struct Outcome {
 
 impl Probe {
     /// Starts the probe thread; `wake` is written to once the verdict is in.
-    pub(crate) fn start(spec: ProbeSpec, wake: Arc<OwnedFd>) -> std::io::Result<Probe> {
+    pub(crate) fn start(
+        spec: ProbeSpec,
+        worker: &crate::worker::Worker,
+        wake: Arc<OwnedFd>,
+    ) -> std::io::Result<Probe> {
         let child_pid = Arc::new(AtomicI32::new(0));
         let verdict = Arc::new(Mutex::new(None));
         let (pid, slot) = (child_pid.clone(), verdict.clone());
-        let thread = std::thread::Builder::new()
-            .name("copyover-probe".into())
-            .spawn(move || {
-                let v = run(spec, &pid);
-                // The verdict is in its slot before the loop is woken.
-                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
-                crate::signal::wake(&wake);
-            })?;
-        Ok(Probe {
-            thread,
-            verdict,
-            child_pid,
-        })
+        worker.run(move || {
+            let v = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(spec, &pid)))
+                .unwrap_or_else(|_| Outcome {
+                    verdict: Verdict::Refused("the probe panicked".into()),
+                    draft: None,
+                });
+            // The verdict is in its slot before the loop is woken.
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+            crate::signal::wake(&wake);
+        })?;
+        Ok(Probe { verdict, child_pid })
     }
 
     /// The verdict, once it is in; `Err(self)` while the probe runs.
@@ -161,15 +162,7 @@ impl Probe {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         match taken {
-            Some(v) => {
-                // The thread only has to return now.
-                let _ = self.thread.join();
-                Ok(v)
-            }
-            None if self.thread.is_finished() => Ok(Outcome {
-                verdict: Verdict::Refused("the probe thread died".into()),
-                draft: None,
-            }),
+            Some(v) => Ok(v),
             None => Err(self),
         }
     }

@@ -19,6 +19,7 @@ use crate::signal::{self, Requests};
 use crate::snapshot::{FORMAT_VERSION, Header, read_sealed};
 use crate::state::{AppState, restore};
 use crate::upgrade::{Commit, Progress, clean_env, commit};
+use crate::worker::Worker;
 use crate::{rollback, sys};
 
 /// How an application runs under copyover.
@@ -165,6 +166,8 @@ pub struct Copyover {
     payload_hint: usize,
     /// Listeners from systemd socket activation, on a first start.
     activated: Activated,
+    /// The helper thread: the probe, reaping the holder.
+    worker: Worker,
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds; it keeps counting across `execve`.
@@ -263,6 +266,13 @@ fn single_thread() -> Result<(), Error> {
     Ok(())
 }
 
+fn start_worker() -> Result<Worker, Error> {
+    Worker::start().map_err(|source| Error::Setup {
+        what: "start the runtime's helper thread",
+        source,
+    })
+}
+
 fn install_requests() -> Result<Requests, Error> {
     let requests = Requests::install().map_err(|source| Error::Setup {
         what: "install signal handlers",
@@ -284,7 +294,8 @@ fn boot_fresh<S: AppState>(
     // Socket activation first, before this image opens any descriptor of
     // its own: LISTEN_FDS names fds 3.. as they were at the exec.
     let activated = Activated::from_env();
-    let mut co = Copyover::new(config, argv, install_requests()?)?;
+    let requests = install_requests()?;
+    let mut co = Copyover::new(config, argv, requests, start_worker()?)?;
     co.activated = activated;
     co.own_binary = Some(open_own_binary()?);
     // A restart after a crash: the last checkpoint and the stored fds.
@@ -440,7 +451,8 @@ fn resume<S: AppState>(
     }
     let header = snap.header.clone();
     drop(snap);
-    let mut co = Copyover::new(config, argv, requests)?;
+    let worker = start_worker().map_err(or_roll_back)?;
+    let mut co = Copyover::new(config, argv, requests, worker)?;
     co.generation = header.generation + u64::from(upgraded);
     if co.config.binary.is_none() {
         co.binary = header.binary.clone();
@@ -497,7 +509,12 @@ fn answer_probe<S: AppState>(config: &Config, nonce: &std::ffi::OsStr) -> ! {
 }
 
 impl Copyover {
-    fn new(config: Config, argv: Vec<OsString>, requests: Requests) -> Result<Copyover, Error> {
+    fn new(
+        config: Config,
+        argv: Vec<OsString>,
+        requests: Requests,
+        worker: Worker,
+    ) -> Result<Copyover, Error> {
         let argv_c = argv
             .iter()
             .map(|a| rollback::cstring(a.as_bytes()))
@@ -524,6 +541,7 @@ impl Copyover {
             draft: None,
             payload_hint: 0,
             activated: Activated::default(),
+            worker,
         })
     }
 }
@@ -552,12 +570,12 @@ fn open_own_binary() -> Result<OwnedFd, Error> {
 }
 
 /// Kills the holder (through its pidfd: never another process) and reaps
-/// it on a short-lived thread, since its exit tears down the old image's
+/// it on the helper thread, since its exit tears down the old image's
 /// memory, which takes time we do not wait for.
 ///
 /// Without a pidfd (`pidfd_open` failed in `boot`), by PID: the holder is
 /// our child, unreaped unless it already died, so the number is still its.
-fn reap_holder(pidfd: Option<OwnedFd>, pid: i32) {
+fn reap_holder(worker: &Worker, pidfd: Option<OwnedFd>, pid: i32) {
     let killed = match &pidfd {
         Some(fd) => sys::pidfd_kill(fd.as_fd()),
         None => nix::sys::signal::kill(
@@ -572,18 +590,15 @@ fn reap_holder(pidfd: Option<OwnedFd>, pid: i32) {
     // Reaped by PID, so that no descriptor lingers: the holder is our
     // child, so its PID cannot be reused before it is reaped.
     drop(pidfd);
-    let reaper = std::thread::Builder::new()
-        .name("copyover-reaper".into())
-        .spawn(move || {
-            use nix::sys::wait::waitpid;
-            let pid = nix::unistd::Pid::from_raw(pid);
-            while waitpid(pid, None) == Err(nix::errno::Errno::EINTR) {}
-        });
-    if let Err(e) = reaper {
-        tracing::debug!(
-            holder = pid,
-            "could not start a thread to reap the holder: {e}"
-        );
+    // On the helper thread: the holder's exit tears down the old image's
+    // memory, which takes time the event loop does not wait for.
+    let reaped = worker.run(move || {
+        use nix::sys::wait::waitpid;
+        let pid = nix::unistd::Pid::from_raw(pid);
+        while waitpid(pid, None) == Err(nix::errno::Errno::EINTR) {}
+    });
+    if let Err(e) = reaped {
+        tracing::debug!(holder = pid, "could not reap the holder: {e}");
     }
 }
 
@@ -770,11 +785,15 @@ impl Copyover {
         let manifest = keep
             .manifest()
             .map_err(|reason| UpgradeError::Handoff { reason })?;
+        if self.own_binary.is_none() {
+            // `ready` could not open it: try again now.
+            self.own_binary = open_own_binary().ok();
+        }
         let own_binary = self
             .own_binary
             .as_ref()
             .ok_or_else(|| UpgradeError::Handoff {
-                reason: "the runtime has no descriptor of its own binary to roll back to".into(),
+                reason: "the runtime has no descriptor of its own binary to roll back to (opening /proc/self/exe failed)".into(),
             })?;
         let mut header = self.header(monotonic_ns());
         header.state_version = S::VERSION;
@@ -799,12 +818,12 @@ impl Copyover {
                     timeout: self.config.probe_timeout,
                     reserve: reserve as u64,
                 };
-                let probe = Probe::start(spec, self.requests.tx.clone()).map_err(|source| {
-                    UpgradeError::Io {
+                let probe = Probe::start(spec, &self.worker, self.requests.tx.clone()).map_err(
+                    |source| UpgradeError::Io {
                         what: "start the probe",
                         source,
-                    }
-                })?;
+                    },
+                )?;
                 tracing::debug!(phase = "probe", binary = ?self.binary, "probing the new binary");
                 self.phase = Phase::Probing(probe, exe);
                 Ok(Progress::Probing)
@@ -835,8 +854,10 @@ impl Copyover {
     ///
     /// # Errors
     ///
-    /// [`Error::Setup`] if this binary cannot be opened for a future
-    /// rollback; upgrades then stay refused, serving goes on.
+    /// None today: what can fail here (opening this binary for a future
+    /// rollback, cancelling the deadline) is logged, and the next upgrade
+    /// tries again. The `Result` leaves room for checks to come; a caller
+    /// that propagates it with `?` loses nothing.
     pub fn ready(&mut self) -> Result<(), Error> {
         if self.ready {
             return Ok(());
@@ -857,7 +878,7 @@ impl Copyover {
         // image's memory in its own time.
         let planned = rollback::disarm();
         if let Some(pid) = r.holder_pid {
-            reap_holder(planned.or(r.holder), pid);
+            reap_holder(&self.worker, planned.or(r.holder), pid);
         }
         drop(r.snapshot);
         drop(r.exec_record);
@@ -905,7 +926,11 @@ impl Copyover {
             adopt_ms = ms(now.saturating_sub(r.restored_ns)),
             "upgrade complete"
         );
-        self.own_binary = Some(own?);
+        match own {
+            Ok(fd) => self.own_binary = Some(fd),
+            // Serving goes on; the next upgrade tries again.
+            Err(e) => tracing::warn!("{e}; the next upgrade will try again"),
+        }
         Ok(())
     }
 

@@ -177,8 +177,17 @@ impl Status {
             tracing::warn!(dir = ?dir, "not writing the status file: {e}");
             return;
         }
-        let previous = Status::read(&path).ok().filter(|p| p.pid == self.pid);
-        self.start_ticks = start_ticks(self.pid).unwrap_or(0);
+        // Each read is tried twice: a status file whose sequence restarted
+        // would hide this outcome from `copyover upgrade`.
+        let previous = match Status::read(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Status::read(&path),
+            other => other,
+        }
+        .ok()
+        .filter(|p| p.pid == self.pid);
+        self.start_ticks = start_ticks(self.pid)
+            .or_else(|_| start_ticks(self.pid))
+            .unwrap_or(0);
         let same_process = previous
             .as_ref()
             .is_some_and(|p| p.start_ticks == self.start_ticks);

@@ -132,7 +132,14 @@ pub(crate) fn inherit_all(fds: impl IntoIterator<Item = RawFd>) -> Vec<io::Resul
 static CLAIMED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
 
 fn claim(claimed: &mut Vec<u64>, fd: RawFd) -> io::Result<OwnedFd> {
-    if is_cloexec(fd)? {
+    // `F_GETFD` fails only with EBADF on Linux; anything else (a fault
+    // injected for a test, say) is asked once more rather than taken as
+    // "not ours", which would leave an open client unowned.
+    let cloexec = match is_cloexec(fd) {
+        Err(e) if e.raw_os_error() != Some(libc::EBADF) => is_cloexec(fd),
+        other => other,
+    }?;
+    if cloexec {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "it is close-on-exec, so the previous image did not leave it for us",

@@ -576,16 +576,21 @@ fn open_own_binary() -> Result<OwnedFd, Error> {
 /// Without a pidfd (`pidfd_open` failed in `boot`), by PID: the holder is
 /// our child, unreaped unless it already died, so the number is still its.
 fn reap_holder(worker: &Worker, pidfd: Option<OwnedFd>, pid: i32) {
-    let killed = match &pidfd {
-        Some(fd) => sys::pidfd_kill(fd.as_fd()),
-        None => nix::sys::signal::kill(
+    let by_pid = || {
+        nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         )
-        .map_err(std::io::Error::from),
+        .map_err(std::io::Error::from)
+    };
+    let killed = match &pidfd {
+        Some(fd) => sys::pidfd_kill(fd.as_fd()).or_else(|_| by_pid()),
+        None => by_pid(),
     };
     if let Err(e) = killed {
-        tracing::debug!(holder = pid, "could not kill the holder: {e}");
+        // Not waited for: a live holder would block the helper thread.
+        tracing::warn!(holder = pid, "could not kill the holder: {e}");
+        return;
     }
     // Reaped by PID, so that no descriptor lingers: the holder is our
     // child, so its PID cannot be reused before it is reaped.
@@ -657,6 +662,19 @@ impl Copyover {
                 Ok(outcome) => {
                     self.draft = outcome.draft;
                     outcome.verdict
+                }
+                // The probe kills its child at its own time limit; one that
+                // never reports (its job never ran) is refused here, so that
+                // an upgrade can never stay under way for good.
+                Err(stuck)
+                    if monotonic_ns().saturating_sub(self.requested_at_ns)
+                        > 2 * self.config.probe_timeout.as_nanos() as u64 + 5_000_000_000 =>
+                {
+                    stuck.kill();
+                    Verdict::Refused(
+                        "the probe never reported: the runtime's helper thread did not run it"
+                            .into(),
+                    )
                 }
                 Err(still_running) => {
                     self.phase = Phase::Probing(still_running, exe);

@@ -262,16 +262,26 @@ pub(crate) fn on_signal(
     use std::os::fd::AsRawFd;
     let action = move || {
         flag.store(true, std::sync::atomic::Ordering::SeqCst);
-        // SAFETY: send(2) is async-signal-safe; the buffer is a static byte
-        // string; signal-hook saves and restores errno around the handler.
-        unsafe {
-            libc::send(
-                wake.as_raw_fd(),
-                b"w".as_ptr().cast(),
-                1,
-                libc::MSG_DONTWAIT,
-            )
-        };
+        // A few tries: a wake-up lost to EINTR or ENOBUFS would leave the
+        // request waiting for unrelated traffic. EAGAIN (a full buffer)
+        // already means "awake".
+        for _ in 0..3 {
+            // SAFETY: send(2) is async-signal-safe; the buffer is a static
+            // byte string; signal-hook saves and restores errno around the
+            // handler, so reading it here is harmless.
+            let sent = unsafe {
+                libc::send(
+                    wake.as_raw_fd(),
+                    b"w".as_ptr().cast(),
+                    1,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            let errno = io::Error::last_os_error().raw_os_error();
+            if sent == 1 || errno == Some(libc::EAGAIN) {
+                break;
+            }
+        }
     };
     // SAFETY: the action only makes an atomic store and a send(2), both
     // async-signal-safe; it neither allocates nor locks, and it is never

@@ -294,8 +294,11 @@ fn boot_fresh<S: AppState>(
     // Socket activation first, before this image opens any descriptor of
     // its own: LISTEN_FDS names fds 3.. as they were at the exec.
     let activated = Activated::from_env();
+    // The helper thread first: its start masks signals around the clone,
+    // and `install_requests` then unblocks the runtime's own for sure.
+    let worker = start_worker()?;
     let requests = install_requests()?;
-    let mut co = Copyover::new(config, argv, requests, start_worker()?)?;
+    let mut co = Copyover::new(config, argv, requests, worker)?;
     co.activated = activated;
     co.own_binary = Some(open_own_binary()?);
     // A restart after a crash: the last checkpoint and the stored fds.
@@ -439,6 +442,8 @@ fn resume<S: AppState>(
     }
     reap_exited_children();
 
+    // The helper thread first (see `boot_fresh`).
+    let worker = start_worker().map_err(or_roll_back)?;
     let requests = install_requests().map_err(or_roll_back)?;
     let state = restore::<S>(&config.app, snap.header.state_version, snap.payload())
         .map_err(|e| or_roll_back(e.into()))?;
@@ -451,7 +456,6 @@ fn resume<S: AppState>(
     }
     let header = snap.header.clone();
     drop(snap);
-    let worker = start_worker().map_err(or_roll_back)?;
     let mut co = Copyover::new(config, argv, requests, worker)?;
     co.generation = header.generation + u64::from(upgraded);
     if co.config.binary.is_none() {

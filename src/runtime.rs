@@ -319,6 +319,14 @@ fn resume<S: AppState>(
     boot_ns: u64,
 ) -> Result<(Copyover, Start<S>), Error> {
     let upgraded = var.mode == Mode::Upgrade;
+    if !upgraded && let Err(e) = sys::set_real_timer(0) {
+        // The failed image's readiness deadline survived the exec; it must
+        // never fire here: cancelled before anything else.
+        sys::ignore_sigalrm();
+        tracing::warn!(
+            "could not cancel the failed image's readiness deadline ({e}); SIGALRM is now ignored"
+        );
+    }
     let reason = std::env::var_os(ROLLBACK_REASON_VAR)
         .map_or_else(|| "unknown".into(), |r| r.to_string_lossy().into_owned());
     // Closed first: the script's descriptor only served the exec.
@@ -371,14 +379,6 @@ fn resume<S: AppState>(
             .map_err(or_roll_back)?;
     } else {
         tracing::info!("the new image failed: {reason}; restoring this one");
-    }
-    if !upgraded && let Err(e) = sys::set_real_timer(0) {
-        // The failed image's readiness deadline survived the exec; it must
-        // never fire here.
-        tracing::warn!(
-            "could not cancel the failed image's readiness deadline ({e}); SIGALRM is now ignored"
-        );
-        sys::ignore_sigalrm();
     }
     match single_thread() {
         Ok(()) => {

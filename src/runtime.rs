@@ -1,22 +1,24 @@
-//! The runtime a server's `main` hands control to: [`boot`], then a
-//! [`Copyover`] handle polled from the event loop.
+//! The handle a server holds once [`boot`](crate::boot) returned: the
+//! [`Copyover`] polled from the event loop, its upgrade state machine
+//! (idle, probing, approved), `ready` (the outcome of an upgrade or a
+//! rollback, the holder's end), snapshots for staging. How an image starts
+//! is in `resume`; the old image's commit in `upgrade`.
 
 use std::ffi::{CString, OsString};
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, UpgradeError};
-use crate::handoff::{HANDOFF_VAR, Handoff, HandoffVar, Inherited, Mode, ROLLBACK_REASON_VAR};
+use crate::handoff::{Handoff, Inherited, Mode};
 use crate::notify::Activated;
 use crate::probe::Executable;
-use crate::probe::{PROBE_VAR, Probe, ProbeSpec, Verdict};
+use crate::probe::{Probe, ProbeSpec, Verdict};
 use crate::signal::{self, Requests};
-use crate::snapshot::{FORMAT_VERSION, Header, read_sealed};
+use crate::snapshot::{FORMAT_VERSION, Header};
 use crate::state::{AppState, restore};
 use crate::upgrade::{Commit, Progress, clean_env, commit};
 use crate::worker::Worker;
@@ -25,11 +27,11 @@ use crate::{rollback, sys};
 /// How an application runs under copyover.
 #[derive(Debug, Clone)]
 pub struct Config {
-    app: String,
-    version: String,
-    binary: Option<PathBuf>,
-    ready_timeout: Duration,
-    probe_timeout: Duration,
+    pub(crate) app: String,
+    pub(crate) version: String,
+    pub(crate) binary: Option<PathBuf>,
+    pub(crate) ready_timeout: Duration,
+    pub(crate) probe_timeout: Duration,
 }
 
 impl Config {
@@ -113,24 +115,24 @@ pub enum Event {
 
 /// What the new image keeps of the handoff until it is ready.
 #[derive(Debug)]
-struct Resume {
-    mode: Mode,
-    header: Header,
-    snapshot: OwnedFd,
-    old_binary: OwnedFd,
+pub(crate) struct Resume {
+    pub(crate) mode: Mode,
+    pub(crate) header: Header,
+    pub(crate) snapshot: OwnedFd,
+    pub(crate) old_binary: OwnedFd,
     /// How the old image ran, for a rollback (see `rollback::ExecRecord`).
-    exec_record: Option<OwnedFd>,
+    pub(crate) exec_record: Option<OwnedFd>,
     /// A pidfd of the holder after a rollback (after an upgrade, the
     /// rollback plan owns it until `ready`), and its PID: killed and reaped
     /// when this image is ready.
-    holder: Option<OwnedFd>,
-    holder_pid: Option<i32>,
+    pub(crate) holder: Option<OwnedFd>,
+    pub(crate) holder_pid: Option<i32>,
     /// The holder started this image under its own PID.
-    rescued: bool,
-    boot_ns: u64,
-    restored_ns: u64,
+    pub(crate) rescued: bool,
+    pub(crate) boot_ns: u64,
+    pub(crate) restored_ns: u64,
     /// For a rollback: why.
-    reason: String,
+    pub(crate) reason: String,
 }
 
 #[derive(Debug)]
@@ -149,14 +151,14 @@ enum Phase {
 /// what the next exec needs.
 #[derive(Debug)]
 pub struct Copyover {
-    config: Config,
-    binary: PathBuf,
+    pub(crate) config: Config,
+    pub(crate) binary: PathBuf,
     argv: Vec<OsString>,
     argv_c: Vec<CString>,
-    generation: u64,
+    pub(crate) generation: u64,
     requests: Requests,
-    own_binary: Option<OwnedFd>,
-    resume: Option<Resume>,
+    pub(crate) own_binary: Option<OwnedFd>,
+    pub(crate) resume: Option<Resume>,
     phase: Phase,
     requested_at_ns: u64,
     ready: bool,
@@ -165,7 +167,7 @@ pub struct Copyover {
     /// The last payload's size: the commit encodes into a buffer this big.
     payload_hint: usize,
     /// Listeners from systemd socket activation, on a first start.
-    activated: Activated,
+    pub(crate) activated: Activated,
     /// The helper thread: the probe, reaping the holder.
     worker: Worker,
 }
@@ -181,339 +183,8 @@ fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
 
-/// Hands a server's start to copyover. Call it first in `main`, before any
-/// thread starts.
-///
-/// * In **probe mode** (the old image is asking whether this binary can
-///   take over) it answers and exits the process: it never returns.
-/// * On a **first start** it returns [`Start::Fresh`].
-/// * After an **upgrade** (or a **rollback**) it returns
-///   [`Start::Resumed`] with the state and the inherited descriptors. Until
-///   [`Copyover::ready`] is called, any failure of this image (an error
-///   returned from `main`, a panic, a crash, the readiness deadline) rolls
-///   back to the previous binary.
-///
-/// # Correct order of handling, after an upgrade
-///
-/// 1. The rollback is armed before anything else can fail: every later
-///    step that fails brings the old binary back instead of ending the
-///    process.
-/// 2. The process must have a single thread (a thread started before
-///    `boot` would make the environment unsafe to change): else, rollback.
-/// 3. The snapshot and every descriptor of the manifest are checked
-///    **before this image opens any descriptor of its own**: each must be
-///    open and not close-on-exec, as the old image left it.
-/// 4. Every inherited descriptor becomes close-on-exec at once (a child
-///    started now inherits none); the rollback makes them inheritable
-///    again only at the instant of its exec.
-/// 5. Signal handlers, then the state is decoded and migrated.
-///
-/// # Errors
-///
-/// [`Error::Threads`] if threads already run, [`Error::HandoffVar`] for a
-/// malformed handoff variable, [`Error::HandoffFd`] if it names fds that are
-/// not open, [`Error::Snapshot`] for a snapshot this binary cannot use,
-/// [`Error::Setup`] if signal handling cannot be installed. After an
-/// upgrade, every error rolls back first; it is returned only if that is
-/// impossible.
-pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> {
-    let boot_ns = monotonic_ns();
-    if let Some(nonce) = std::env::var_os(PROBE_VAR) {
-        answer_probe::<S>(&config, &nonce);
-    }
-    let argv: Vec<OsString> = std::env::args_os().collect();
-    match read_handoff_var()? {
-        None => boot_fresh(config, argv),
-        Some((var, text)) => resume::<S>(config, argv, var, &text, boot_ns),
-    }
-}
-
-/// Reads the handoff variable, if it is set and meant for this process.
-fn read_handoff_var() -> Result<Option<(HandoffVar, String)>, Error> {
-    let Some(value) = std::env::var_os(HANDOFF_VAR) else {
-        return Ok(None);
-    };
-    let text = value.to_string_lossy().into_owned();
-    let var = HandoffVar::parse(&text)?;
-    if var.pid == std::process::id() as i32 {
-        return Ok(Some((var, text)));
-    }
-    tracing::warn!(
-        handoff_pid = var.pid,
-        pid = std::process::id(),
-        "ignoring a {HANDOFF_VAR} variable inherited from process {}: starting fresh",
-        var.pid
-    );
-    Ok(None)
-}
-
-/// Removes the runtime's variables from the environment (so that no child
-/// inherits them). Only with a single thread, which the caller checked.
-fn forget_handoff_vars() {
-    for var in [HANDOFF_VAR, ROLLBACK_REASON_VAR] {
-        sys::remove_env_var(var.as_ref());
-    }
-}
-
-fn single_thread() -> Result<(), Error> {
-    let threads = sys::thread_count().map_err(|source| Error::Setup {
-        what: "count threads",
-        source,
-    })?;
-    if threads > 1 {
-        return Err(Error::Threads { threads });
-    }
-    Ok(())
-}
-
-fn start_worker() -> Result<Worker, Error> {
-    Worker::start().map_err(|source| Error::Setup {
-        what: "start the runtime's helper thread",
-        source,
-    })
-}
-
-fn install_requests() -> Result<Requests, Error> {
-    let requests = Requests::install().map_err(|source| Error::Setup {
-        what: "install signal handlers",
-        source,
-    })?;
-    signal::release_all().map_err(|source| Error::Setup {
-        what: "unblock signals",
-        source,
-    })?;
-    Ok(requests)
-}
-
-fn boot_fresh<S: AppState>(
-    config: Config,
-    argv: Vec<OsString>,
-) -> Result<(Copyover, Start<S>), Error> {
-    single_thread()?;
-    forget_handoff_vars();
-    // Socket activation first, before this image opens any descriptor of
-    // its own: LISTEN_FDS names fds 3.. as they were at the exec.
-    let activated = Activated::from_env();
-    // The helper thread first: its start masks signals around the clone,
-    // and `install_requests` then unblocks the runtime's own for sure.
-    let worker = start_worker()?;
-    let requests = install_requests()?;
-    let mut co = Copyover::new(config, argv, requests, worker)?;
-    co.activated = activated;
-    co.own_binary = Some(open_own_binary()?);
-    // A restart after a crash: the last checkpoint and the stored fds.
-    if let Some(r) = crate::fdstore::recover::<S>(&co.config.app, &mut co.activated)? {
-        co.generation = r.generation;
-        let (state, fds) = (r.state, r.fds);
-        return Ok((co, Start::Resumed { state, fds }));
-    }
-    Ok((co, Start::Fresh))
-}
-
-/// A new image after an upgrade, or the old one after a rollback.
-fn resume<S: AppState>(
-    config: Config,
-    argv: Vec<OsString>,
-    var: HandoffVar,
-    text: &str,
-    boot_ns: u64,
-) -> Result<(Copyover, Start<S>), Error> {
-    let upgraded = var.mode == Mode::Upgrade;
-    if !upgraded && let Err(e) = sys::set_real_timer(0) {
-        // The failed image's readiness deadline survived the exec; it must
-        // never fire here: cancelled before anything else.
-        sys::ignore_sigalrm();
-        tracing::warn!(
-            "could not cancel the failed image's readiness deadline ({e}); SIGALRM is now ignored"
-        );
-    }
-    let reason = std::env::var_os(ROLLBACK_REASON_VAR)
-        .map_or_else(|| "unknown".into(), |r| r.to_string_lossy().into_owned());
-    // Closed first: the script's descriptor only served the exec.
-    if let Some(fd) = var.script {
-        drop(sys::inherit(fd));
-    }
-    // How the old image ran (a wrapper may have changed our arguments or
-    // environment): what a rollback starts again. Kept open until ready.
-    let exec_record = var.exec.and_then(|fd| sys::inherit(fd).ok());
-    let record = exec_record
-        .as_ref()
-        .filter(|_| upgraded)
-        .and_then(|fd| match rollback::ExecRecord::read(fd.as_fd()) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::warn!("the old image's exec record is unreadable ({e}): a rollback uses this image's arguments and environment");
-                None
-            }
-        });
-    let mut reserved = vec![var.snapshot_fd, var.binary_fd];
-    reserved.extend(&exec_record.as_ref().map(|fd| fd.as_raw_fd()));
-    let (old_argv, old_env) = match record {
-        Some(r) => (r.argv, Some(r.env)),
-        None => (argv.clone(), None),
-    };
-    let mut back = rollback::Back {
-        binary_fd: var.binary_fd,
-        argv: old_argv,
-        env: old_env,
-        var: HandoffVar::rollback_text(text),
-        fds: reserved.to_vec(),
-        holder_pidfd: None,
-        nofile: var.nofile,
-    };
-    // After an upgrade: every error from here on rolls back where it
-    // happens, with every descriptor still open. After a rollback there is
-    // no way further back: errors are returned.
-    let or_roll_back = |e: Error| {
-        if upgraded {
-            let _ = rollback::trigger(&e.to_string());
-        }
-        e
-    };
-    if upgraded {
-        rollback::arm(&mut back, Some(config.ready_timeout))
-            .map_err(|source| Error::Setup {
-                what: "arm the rollback",
-                source,
-            })
-            .map_err(or_roll_back)?;
-    } else {
-        tracing::info!("the new image failed: {reason}; restoring this one");
-    }
-    match single_thread() {
-        Ok(()) => {
-            forget_handoff_vars();
-            Activated::from_env_ignored();
-        }
-        Err(e) if upgraded => return Err(or_roll_back(e)),
-        // The old code, back: serve anyway (the variables stay, but name
-        // this PID, so a child ignores them).
-        Err(e) => tracing::warn!("{e}"),
-    }
-
-    // Before this image opens any descriptor of its own: the snapshot, the
-    // old binary, then every fd of the manifest.
-    let snapshot = adopt_handoff_fd(var.snapshot_fd, "the snapshot").map_err(or_roll_back)?;
-    let old_binary =
-        adopt_handoff_fd(var.binary_fd, "the previous binary").map_err(or_roll_back)?;
-    let mut snap = read_sealed(snapshot.as_fd())
-        .and_then(|snap| snap.check_app(&config.app).map(|()| snap))
-        .map_err(|e| or_roll_back(e.into()))?;
-    // An adoption error has already rolled back (after an upgrade).
-    let fds = Inherited::check(std::mem::take(&mut snap.manifest), &reserved, !upgraded)?;
-
-    // Now nothing of the old image can be mistaken for ours: the holder's
-    // pidfd, the full rollback plan (the kept fds), then close-on-exec on
-    // everything (the plan makes the kept fds inheritable again at its
-    // exec, so it must know them first).
-    let mut holder = var.holder.and_then(|pid| match sys::pidfd_open(pid) {
-        Ok(fd) => Some(fd),
-        Err(e) => {
-            tracing::warn!(holder = pid, "no pidfd of the holder ({e})");
-            None
-        }
-    });
-    if upgraded {
-        back.fds.extend(fds.numbers());
-        // The plan owns the holder's pidfd from now until `ready`.
-        back.holder_pidfd = holder.take();
-        rollback::arm(&mut back, None)
-            .map_err(|source| Error::Setup {
-                what: "arm the rollback",
-                source,
-            })
-            .map_err(or_roll_back)?;
-    }
-    if let Err(source) = sys::cloexec_from(3) {
-        let e = Error::Setup {
-            what: "set close-on-exec on the inherited fds",
-            source,
-        };
-        if upgraded {
-            return Err(or_roll_back(e));
-        }
-        tracing::warn!("{e}; a child started now would inherit them");
-    }
-    if !upgraded {
-        // A deadline that fired while the failed image rolled back is
-        // pending here: it must not meet SIGALRM's default action when
-        // the signals are unblocked.
-        sys::discard_pending_sigalrm();
-    }
-    reap_exited_children();
-
-    // The helper thread first (see `boot_fresh`).
-    let worker = start_worker().map_err(or_roll_back)?;
-    let requests = install_requests().map_err(or_roll_back)?;
-    let state = restore::<S>(&config.app, snap.header.state_version, snap.payload())
-        .map_err(|e| or_roll_back(e.into()))?;
-    if snap.header.state_version != S::VERSION {
-        tracing::info!(
-            from = snap.header.state_version,
-            to = S::VERSION,
-            "migrated the state"
-        );
-    }
-    let header = snap.header.clone();
-    drop(snap);
-    let mut co = Copyover::new(config, argv, requests, worker)?;
-    co.generation = header.generation + u64::from(upgraded);
-    if co.config.binary.is_none() {
-        co.binary = header.binary.clone();
-    }
-    if !upgraded {
-        tracing::warn!(version = %co.config.version, "upgrade rolled back: {reason}");
-    }
-    crate::notify::notify(&format!(
-        "EXTEND_TIMEOUT_USEC={}\nSTATUS=restoring after an upgrade",
-        co.config.ready_timeout.as_micros()
-    ));
-    co.resume = Some(Resume {
-        mode: var.mode,
-        header,
-        snapshot,
-        old_binary,
-        exec_record,
-        holder,
-        holder_pid: var.holder,
-        rescued: var.rescued,
-        boot_ns,
-        restored_ns: monotonic_ns(),
-        reason,
-    });
-    Ok((co, Start::Resumed { state, fds }))
-}
-
-/// Adopts the snapshot's or the old binary's fd, after checking that the
-/// previous image left it open and inheritable for us.
-fn adopt_handoff_fd(fd: RawFd, what: &str) -> Result<OwnedFd, Error> {
-    sys::inherit(fd).map_err(|source| Error::HandoffFd {
-        fd,
-        what: what.into(),
-        source,
-    })
-}
-
-fn answer_probe<S: AppState>(config: &Config, nonce: &std::ffi::OsStr) -> ! {
-    // After the exec, `boot` needs a single thread: a binary that starts
-    // one before `boot` (a static initializer, an LD_PRELOAD library, an
-    // async runtime's main) would only roll back. Refuse it now.
-    if let Err(e) = single_thread() {
-        crate::probe::answer(nonce, Err(format!("{e}")));
-    }
-    let stdin = std::io::stdin();
-    let result = read_sealed(stdin.as_fd())
-        .and_then(|snap| {
-            snap.check_app(&config.app)?;
-            restore::<S>(&config.app, snap.header.state_version, snap.payload())
-        })
-        .map(|_| config.version.clone())
-        .map_err(|e| e.to_string());
-    crate::probe::answer(nonce, result)
-}
-
 impl Copyover {
-    fn new(
+    pub(crate) fn new(
         config: Config,
         argv: Vec<OsString>,
         requests: Requests,
@@ -564,7 +235,7 @@ fn default_binary(argv: &[OsString]) -> PathBuf {
     }
 }
 
-fn open_own_binary() -> Result<OwnedFd, Error> {
+pub(crate) fn open_own_binary() -> Result<OwnedFd, Error> {
     File::open("/proc/self/exe")
         .map(OwnedFd::from)
         .map_err(|source| Error::Setup {
@@ -608,17 +279,6 @@ fn reap_holder(worker: &Worker, pidfd: Option<OwnedFd>, pid: i32) {
     });
     if let Err(e) = reaped {
         tracing::debug!(holder = pid, "could not reap the holder: {e}");
-    }
-}
-
-/// Reaps children of the previous image that already exited. Live ones are
-/// the application's business (they are its children now).
-fn reap_exited_children() {
-    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-        if status == WaitStatus::StillAlive {
-            break;
-        }
     }
 }
 

@@ -86,9 +86,17 @@ pub struct User {
     pub logins: u64,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct UserV2 {
     vars: BTreeMap<String, String>,
+    logins: u64,
+}
+
+/// `UserV2` as written: borrowed, so that encoding copies nothing (serde
+/// encodes a reference as the value).
+#[derive(Serialize)]
+struct UserV2Ref<'a> {
+    vars: &'a BTreeMap<String, String>,
     logins: u64,
 }
 
@@ -98,8 +106,8 @@ impl Serialize for User {
         if STATE_VERSION == 1 {
             self.vars.serialize(s)
         } else {
-            UserV2 {
-                vars: self.vars.clone(),
+            UserV2Ref {
+                vars: &self.vars,
                 logins: self.logins,
             }
             .serialize(s)

@@ -10,9 +10,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use copyover::status::{Status, start_ticks, status_dir, status_path};
+use copyover::status::{Status, request_upgrade, start_ticks, status_dir, status_path};
 use nix::errno::Errno;
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::kill;
 use nix::unistd::Pid;
 
 /// Where the status files are, for every command's `--help`.
@@ -208,8 +208,14 @@ fn describe(s: &Status) -> String {
 
 fn upgrade(t: &Target) -> Result<ExitCode, Failure> {
     let before = read_status(t)?;
-    kill(Pid::from_raw(t.pid as i32), Signal::SIGHUP)
-        .map_err(|e| Failure::Target(format!("cannot signal process {}: {e}", t.pid)))?;
+    // Pinned with a pidfd and checked again: the PID cannot be reused
+    // between the check and the signal.
+    request_upgrade(&before).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidData => Failure::Target(format!(
+            "{e}; the server died and its PID was reused: remove the stale status file"
+        )),
+        _ => Failure::Target(format!("cannot signal process {}: {e}", t.pid)),
+    })?;
     let deadline = Instant::now() + t.timeout;
     let path = status_path(&t.dir, t.pid);
     loop {

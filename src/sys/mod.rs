@@ -175,13 +175,19 @@ pub(crate) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 
 /// Sends SIGKILL to the process a pidfd names (`pidfd_send_signal`).
 pub(crate) fn pidfd_kill(pidfd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    pidfd_signal(pidfd, libc::SIGKILL)
+}
+
+/// Sends `sig` to the process a pidfd names (`pidfd_send_signal`): never to
+/// another process that reused its number.
+pub(crate) fn pidfd_signal(pidfd: std::os::fd::BorrowedFd<'_>, sig: libc::c_int) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: plain integers and a NULL siginfo, as the man page allows.
     unsafe {
         syscall!(syscall(
             libc::SYS_pidfd_send_signal,
             pidfd.as_raw_fd(),
-            libc::SIGKILL,
+            sig,
             std::ptr::null::<libc::siginfo_t>(),
             0,
         ))

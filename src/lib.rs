@@ -102,6 +102,9 @@
 //!   see [`Region`] for bulk bytes that cross in place), signal handlers
 //!   (the runtime installs its own in `boot`), descriptors not in the
 //!   handoff (closed; a listening socket missing from it is warned about).
+//! * Threads of the runtime: [`boot`] starts one helper thread (the probe
+//!   runs on it, and the holder is reaped there); it blocks the reload
+//!   signals, so they always reach the application's own threads.
 //! * Epoll registrations vanish with a closed epoll fd: register the
 //!   adopted descriptors again, or keep the epoll fd itself in the handoff
 //!   ([`Handoff::other`]), and every registration (with its token) survives;

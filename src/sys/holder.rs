@@ -282,14 +282,7 @@ extern "C" fn holder_main(arg: *mut c_void) -> c_int {
             ptr::null_mut::<libc::sigset_t>(),
             KSIGSET,
         );
-        libc::syscall(
-            libc::SYS_execveat,
-            plan.binary_fd,
-            c"".as_ptr(),
-            plan.argv.as_ptr(),
-            plan.envp.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        );
+        super::execveat_prepared(plan.binary_fd, plan.argv.as_ptr(), plan.envp.as_ptr());
         let msg = b"copyover: the holder could not start the old binary again\n";
         libc::syscall(libc::SYS_write, 2, msg.as_ptr(), msg.len());
         libc::syscall(libc::SYS_exit_group, 70);

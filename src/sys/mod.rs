@@ -206,6 +206,33 @@ pub(crate) fn nofile_limit() -> io::Result<(u64, u64)> {
     Ok((lim.rlim_cur, lim.rlim_max))
 }
 
+/// `execveat(fd, "", argv, envp, AT_EMPTY_PATH)` on pointer arrays built
+/// in advance: async-signal-safe (one `syscall(2)`, no allocation), for the
+/// rollback's `fire` and the holder. Returns only if the exec failed.
+///
+/// # Safety
+///
+/// `argv` and `envp` must be NULL-terminated arrays of pointers to
+/// NUL-terminated strings, all valid for the duration of the call.
+pub(crate) unsafe fn execveat_prepared(
+    fd: RawFd,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) {
+    // SAFETY: the caller guarantees the arrays; "" with AT_EMPTY_PATH names
+    // `fd`. `syscall` touches nothing but errno, and only on failure.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            fd,
+            c"".as_ptr(),
+            argv,
+            envp,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+}
+
 /// Executes the file open at `fd` (`execveat(fd, "", argv, envp,
 /// AT_EMPTY_PATH)`): exactly the file that was checked, whatever a deploy
 /// did to its path since. Returns only on failure.

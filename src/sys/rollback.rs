@@ -310,18 +310,8 @@ pub(crate) fn fire(reason: &[u8]) -> io::Error {
         restore_fd(plan.holder_pidfd, fd);
     }
     // SAFETY: argv and envp are NULL-terminated arrays of pointers to
-    // NUL-terminated strings owned by the leaked plan; "" with
-    // AT_EMPTY_PATH executes the file `binary_fd` refers to.
-    unsafe {
-        libc::syscall(
-            libc::SYS_execveat,
-            plan.binary_fd,
-            c"".as_ptr(),
-            plan.argv.as_ptr(),
-            plan.envp.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        )
-    };
+    // NUL-terminated strings owned by the leaked plan.
+    unsafe { super::execveat_prepared(plan.binary_fd, plan.argv.as_ptr(), plan.envp.as_ptr()) };
     io::Error::last_os_error()
 }
 

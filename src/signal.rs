@@ -43,13 +43,21 @@ pub(crate) fn held_set() -> SigSet {
 
 /// Blocks [`HELD_SIGNALS`] (before an exec).
 pub(crate) fn hold() -> io::Result<()> {
-    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&held_set()), None).map_err(io::Error::from)
+    hold_saving().map(drop)
 }
 
-/// Unblocks [`HELD_SIGNALS`] (after the handlers are installed, or after a
-/// failed exec). Pending ones are delivered now.
-pub(crate) fn release() -> io::Result<()> {
-    sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&held_set()), None).map_err(io::Error::from)
+/// Blocks [`HELD_SIGNALS`] and returns the mask as it was, for
+/// [`restore_mask`].
+pub(crate) fn hold_saving() -> io::Result<SigSet> {
+    let mut old = SigSet::empty();
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&held_set()), Some(&mut old))
+        .map_err(io::Error::from)?;
+    Ok(old)
+}
+
+/// Puts back a mask saved by [`hold_saving`].
+pub(crate) fn restore_mask(mask: &SigSet) -> io::Result<()> {
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None).map_err(io::Error::from)
 }
 
 /// Unblocks [`HELD_SIGNALS`] and the crash signals: a rollback executed

@@ -96,16 +96,17 @@ pub(crate) struct Commit<'a> {
 }
 
 /// Undoes the commit's flags and mask if the exec does not happen: every fd
-/// close-on-exec again, the held signals released.
+/// close-on-exec again, the signal mask as it was before the commit.
 struct Undo {
-    signals_held: bool,
+    /// The signal mask before the commit held the reload signals.
+    mask: Option<nix::sys::signal::SigSet>,
 }
 
 impl Drop for Undo {
     fn drop(&mut self) {
         let _ = sys::cloexec_from(3);
-        if self.signals_held {
-            let _ = signal::release();
+        if let Some(mask) = &self.mask {
+            let _ = signal::restore_mask(mask);
         }
     }
 }
@@ -177,9 +178,7 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
     );
 
     // From here on: no logging until the exec.
-    let mut undo = Undo {
-        signals_held: false,
-    };
+    let mut undo = Undo { mask: None };
     let mut extra = vec![
         memfd.as_raw_fd(),
         c.own_binary.as_raw_fd(),
@@ -193,10 +192,10 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
             reason: format!("a kept fd is not open: {source}"),
         };
     }
-    if let Err(source) = signal::hold() {
-        return io("block signals")(source);
+    match signal::hold_saving() {
+        Ok(mask) => undo.mask = Some(mask),
+        Err(source) => return io("block signals")(source),
     }
-    undo.signals_held = true;
     // Signals are held now and will wait, pending, for the new image. One
     // that came since the loop last polled only set a flag, which the exec
     // would forget: a shutdown abandons the upgrade, other requests are

@@ -21,7 +21,7 @@
 //!    environment. If it returns, the holder is killed and reaped, every fd
 //!    from 3 up is made close-on-exec again (what an image keeps in normal
 //!    running: the crate and Rust's standard library open everything
-//!    close-on-exec) and the held signals are unblocked; the error is
+//!    close-on-exec) and the signal mask is put back as it was; the error is
 //!    returned: the old image keeps serving and nothing is lost.
 //!
 //! [`HELD_SIGNALS`]: crate::signal::HELD_SIGNALS

@@ -20,6 +20,7 @@ use crate::probe::{Probe, ProbeSpec, Verdict};
 use crate::signal::{self, Requests};
 use crate::snapshot::{FORMAT_VERSION, Header};
 use crate::state::{AppState, restore};
+use crate::status::Outcome;
 use crate::upgrade::{Commit, Progress, clean_env, commit};
 use crate::worker::Worker;
 use crate::{rollback, sys};
@@ -382,7 +383,7 @@ impl Copyover {
     }
 
     fn log_refused(&self, reason: &str) {
-        self.publish("refused", reason, "", 0.0);
+        self.publish(Outcome::Refused, reason, "", 0.0);
         crate::notify::notify(&format!("READY=1\nSTATUS=upgrade refused: {reason}"));
         tracing::warn!(
             generation = self.generation,
@@ -393,13 +394,13 @@ impl Copyover {
     }
 
     /// Writes the status file (see [`crate::status`]).
-    fn publish(&self, outcome: &str, reason: &str, from_version: &str, blackout_ms: f64) {
+    fn publish(&self, outcome: Outcome, reason: &str, from_version: &str, blackout_ms: f64) {
         crate::status::Status {
             pid: std::process::id(),
             app: self.config.app.clone(),
             version: self.config.version.clone(),
             generation: self.generation,
-            outcome: outcome.into(),
+            outcome,
             reason: reason.into(),
             from_version: from_version.into(),
             blackout_ms,
@@ -547,7 +548,7 @@ impl Copyover {
         let now = monotonic_ns();
         self.ready = true;
         let Some(r) = self.resume.take() else {
-            self.publish("started", "", "", 0.0);
+            self.publish(Outcome::Started, "", "", 0.0);
             crate::notify::notify(&format!(
                 "READY=1\nSTATUS=serving {} (generation {})",
                 self.config.version, self.generation
@@ -566,7 +567,7 @@ impl Copyover {
         drop(r.exec_record);
         if r.mode == Mode::Rollback {
             self.own_binary = Some(r.old_binary);
-            self.publish("rolled back", &r.reason, "", 0.0);
+            self.publish(Outcome::RolledBack, &r.reason, "", 0.0);
             let mainpid = if r.rescued {
                 format!("MAINPID={}\n", std::process::id())
             } else {
@@ -592,7 +593,7 @@ impl Copyover {
         let own = open_own_binary();
         let h = &r.header;
         let blackout_ms = ms(now.saturating_sub(h.committed_at_ns));
-        self.publish("complete", "", &h.writer_version, blackout_ms);
+        self.publish(Outcome::Complete, "", &h.writer_version, blackout_ms);
         crate::notify::notify(&format!(
             "READY=1\nSTATUS=upgrade complete: {} to {}, generation {}, blackout {blackout_ms:.2} ms",
             h.writer_version, self.config.version, self.generation

@@ -68,6 +68,66 @@ pub fn status_path(dir: &Path, pid: u32) -> PathBuf {
     dir.join(format!("{pid}.status"))
 }
 
+/// What an upgrade came to (or `Started`, for a process that has not been
+/// upgraded yet), as the status file records it: the one answer the log's
+/// outcome line, the status file, `sd_notify`'s `STATUS=` and the `copyover`
+/// CLI all give.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Serving, no upgrade yet (`started`).
+    #[default]
+    Started,
+    /// The new image is ready (`complete`).
+    Complete,
+    /// The probe or the commit refused the new binary; the old image never
+    /// stopped serving (`refused`).
+    Refused,
+    /// The new image failed; the old binary runs again (`rolled back`).
+    RolledBack,
+}
+
+impl Outcome {
+    /// The word the status file uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Started => "started",
+            Outcome::Complete => "complete",
+            Outcome::Refused => "refused",
+            Outcome::RolledBack => "rolled back",
+        }
+    }
+
+    /// The outcome a status file's word names.
+    pub fn parse(word: &str) -> Option<Outcome> {
+        [
+            Outcome::Started,
+            Outcome::Complete,
+            Outcome::Refused,
+            Outcome::RolledBack,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == word)
+    }
+
+    /// Whether it ends an upgrade (complete, refused or rolled back).
+    pub fn ends_an_upgrade(self) -> bool {
+        !matches!(self, Outcome::Started)
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for Outcome {
+    fn eq(&self, word: &&str) -> bool {
+        self.as_str() == *word
+    }
+}
+
 /// A process's status, as written to its status file.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Status {
@@ -86,8 +146,8 @@ pub struct Status {
     pub start_ticks: u64,
     /// Increases with every outcome.
     pub seq: u64,
-    /// `started`, `complete`, `refused` or `rolled back`.
-    pub outcome: String,
+    /// What the last upgrade (or the start) came to.
+    pub outcome: Outcome,
     /// For `complete`: the version upgraded from.
     pub from_version: String,
     /// For `complete`: the blackout in milliseconds.
@@ -130,7 +190,11 @@ impl Status {
                 "started_at" => s.started_at = num(),
                 "start_ticks" => s.start_ticks = num(),
                 "seq" => s.seq = num(),
-                "outcome" => s.outcome = v.into(),
+                "outcome" => {
+                    s.outcome = Outcome::parse(v).ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidData, format!("unknown outcome {v:?}"))
+                    })?
+                }
                 "from_version" => s.from_version = v.into(),
                 "blackout_ms" => s.blackout_ms = v.parse().unwrap_or(0.0),
                 "reason" => s.reason = v.into(),
@@ -158,7 +222,7 @@ impl Status {
             self.started_at,
             self.start_ticks,
             self.seq,
-            clean(&self.outcome),
+            self.outcome.as_str(),
             clean(&self.from_version),
             self.blackout_ms,
             clean(&self.reason),
@@ -350,7 +414,7 @@ mod tests {
             started_at: 10,
             start_ticks: 99,
             seq: 4,
-            outcome: "refused".into(),
+            outcome: Outcome::Refused,
             from_version: String::new(),
             blackout_ms: 1.5,
             reason: "two\nlines".into(),
@@ -361,6 +425,7 @@ mod tests {
         let path = dir.join("7.status");
         std::fs::write(&path, s.render()).unwrap();
         let back = Status::read(&path).unwrap();
+        assert_eq!(back.outcome, Outcome::Refused);
         assert_eq!(back.reason, "two lines");
         assert_eq!(back.generation, 3);
         std::fs::write(&path, "hello=1\n").unwrap();

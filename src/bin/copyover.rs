@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use copyover::status::{Status, request_upgrade, start_ticks, status_dir, status_path};
+use copyover::status::{Outcome, Status, request_upgrade, start_ticks, status_dir, status_path};
 use nix::errno::Errno;
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
@@ -186,22 +186,22 @@ fn read_status(t: &Target) -> Result<Status, Failure> {
 }
 
 fn describe(s: &Status) -> String {
-    match s.outcome.as_str() {
-        "complete" => format!(
+    match s.outcome {
+        Outcome::Complete => format!(
             "upgrade complete: {} -> {}, generation {}, blackout {:.2} ms",
             s.from_version, s.version, s.generation, s.blackout_ms
         ),
-        "refused" => format!(
+        Outcome::Refused => format!(
             "upgrade refused: {} (still {}, generation {})",
             s.reason, s.version, s.generation
         ),
-        "rolled back" => {
+        Outcome::RolledBack => {
             format!(
                 "upgrade rolled back: {} (back on {}, generation {})",
                 s.reason, s.version, s.generation
             )
         }
-        "started" => format!("started {} (generation {})", s.version, s.generation),
+        Outcome::Started => format!("started {} (generation {})", s.version, s.generation),
         other => format!("{other}: {}", s.reason),
     }
 }
@@ -221,10 +221,10 @@ fn upgrade(t: &Target) -> Result<ExitCode, Failure> {
     loop {
         if let Ok(now) = Status::read(&path)
             && now.seq > before.seq
-            && matches!(now.outcome.as_str(), "complete" | "refused" | "rolled back")
+            && now.outcome.ends_an_upgrade()
         {
             println!("{}", describe(&now));
-            return Ok(ExitCode::from(if now.outcome == "complete" {
+            return Ok(ExitCode::from(if now.outcome == Outcome::Complete {
                 0
             } else {
                 1

@@ -129,6 +129,9 @@ pub(crate) struct ProbeSpec {
 pub(crate) struct Outcome {
     pub verdict: Verdict,
     pub draft: Option<crate::snapshot::Draft>,
+    /// How this image runs, sealed for a rollback (`rollback::ExecRecord`):
+    /// made here, off the commit's critical path.
+    pub record: Option<OwnedFd>,
 }
 
 impl Probe {
@@ -146,6 +149,7 @@ impl Probe {
                 .unwrap_or_else(|_| Outcome {
                     verdict: Verdict::Refused("the probe panicked".into()),
                     draft: None,
+                    record: None,
                 });
             // The verdict is in its slot before the loop is woken.
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
@@ -195,6 +199,7 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
             return Outcome {
                 verdict: Verdict::Refused(format!("could not write the snapshot: {e}")),
                 draft: None,
+                record: None,
             };
         }
     };
@@ -225,6 +230,7 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
             return Outcome {
                 verdict,
                 draft: None,
+                record: None,
             };
         }
     };
@@ -233,6 +239,7 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
     pid_slot.store(child.id() as i32, Ordering::SeqCst);
     // While the new binary starts: the commit's memfd, allocated and mapped.
     let draft = crate::snapshot::Draft::new(spec.reserve).ok();
+    let record = crate::rollback::ExecRecord::seal(&spec.argv, &spec.env).ok();
     let verdict = read_answer(&mut child, &nonce, spec.timeout, started + spec.timeout);
     let verdict = match (verdict, finish(&mut child, started + spec.timeout)) {
         (Verdict::Accepted(v), Ok(status)) if status.success() => Verdict::Accepted(v),
@@ -248,7 +255,11 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
         ?verdict,
         "probe finished"
     );
-    Outcome { verdict, draft }
+    Outcome {
+        verdict,
+        draft,
+        record,
+    }
 }
 
 /// Warns about listening sockets that an upgrade would close (DESIGN.md's

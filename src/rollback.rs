@@ -18,7 +18,7 @@
 
 use std::ffi::{CString, OsString};
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Once;
 use std::time::Duration;
@@ -77,6 +77,18 @@ impl ExecRecord {
                 .map(|e| CString::new(e).ok())
                 .collect::<Option<_>>()?,
         })
+    }
+
+    /// Encodes the record of `argv` and `env` (`NAME`, `value` pairs) into a
+    /// new sealed memfd.
+    pub(crate) fn seal(argv: &[OsString], env: &[(OsString, OsString)]) -> io::Result<OwnedFd> {
+        let argv: Vec<CString> = argv
+            .iter()
+            .map(|a| cstring(a.as_bytes()))
+            .collect::<io::Result<_>>()?;
+        let env = crate::upgrade::env_entries(env)?;
+        crate::snapshot::seal_bytes(c"copyover-exec", &ExecRecord::encode(&argv, &env))
+            .map_err(io::Error::other)
     }
 
     /// Reads the record from its sealed memfd.

@@ -165,6 +165,8 @@ pub struct Copyover {
     ready: bool,
     /// The commit's memfd, made while the probe runs.
     draft: Option<crate::snapshot::Draft>,
+    /// The exec record sealed while the probe ran.
+    record: Option<OwnedFd>,
     /// The last payload's size: the commit encodes into a buffer this big.
     payload_hint: usize,
     /// Listeners from systemd socket activation, on a first start.
@@ -215,6 +217,7 @@ impl Copyover {
             requested_at_ns: 0,
             ready: false,
             draft: None,
+            record: None,
             payload_hint: 0,
             activated: Activated::default(),
             worker,
@@ -326,6 +329,7 @@ impl Copyover {
             let verdict = match probe.try_verdict() {
                 Ok(outcome) => {
                     self.draft = outcome.draft;
+                    self.record = outcome.record;
                     outcome.verdict
                 }
                 // The probe kills its child at its own time limit; one that
@@ -355,6 +359,7 @@ impl Copyover {
                 }
                 Verdict::Refused(reason) => {
                     self.draft = None;
+                    self.record = None;
                     let reason = UpgradeError::Probe { reason }.to_string();
                     self.log_refused(&reason);
                     return Some(Event::UpgradeRefused { reason });
@@ -447,6 +452,7 @@ impl Copyover {
         if let Err(e) = &result {
             self.phase = Phase::Idle;
             self.draft = None;
+            self.record = None;
             self.log_refused(&e.to_string());
         }
         result
@@ -523,6 +529,7 @@ impl Copyover {
                         argv: &self.argv_c,
                         requests: &self.requests,
                         draft: self.draft.take(),
+                        record: self.record.take(),
                         payload_hint: self.payload_hint,
                     },
                 ))

@@ -29,7 +29,7 @@
 use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 
 use crate::error::UpgradeError;
 use crate::handoff::{HANDOFF_VAR, HandoffVar, Mode, ROLLBACK_REASON_VAR};
@@ -73,9 +73,25 @@ pub(crate) fn clean_env() -> Vec<(OsString, OsString)> {
         .collect()
 }
 
+/// `NAME=value` C strings of (name, value) pairs.
+pub(crate) fn env_entries(vars: &[(OsString, OsString)]) -> io::Result<Vec<CString>> {
+    vars.iter()
+        .map(|(k, v)| {
+            let mut e = k.as_bytes().to_vec();
+            e.push(b'=');
+            e.extend_from_slice(v.as_bytes());
+            cstring(&e)
+        })
+        .collect()
+}
+
 /// The exec environment: [`clean_env`] plus `COPYOVER_HANDOFF=handoff`.
 pub(crate) fn exec_env(handoff: &str) -> io::Result<Vec<CString>> {
-    let mut env = plain_env()?;
+    with_handoff(env_entries(&clean_env())?, handoff)
+}
+
+/// `env` plus `COPYOVER_HANDOFF=handoff`.
+fn with_handoff(mut env: Vec<CString>, handoff: &str) -> io::Result<Vec<CString>> {
     env.push(cstring(format!("{HANDOFF_VAR}={handoff}").as_bytes())?);
     Ok(env)
 }
@@ -91,6 +107,8 @@ pub(crate) struct Commit<'a> {
     pub requests: &'a signal::Requests,
     /// A memfd prepared during the probe (pages allocated), if any.
     pub draft: Option<Draft>,
+    /// The exec record sealed during the probe, if any.
+    pub record: Option<OwnedFd>,
     /// How large a buffer to encode into.
     pub payload_hint: usize,
 }
@@ -127,14 +145,21 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         };
     let written = t0.elapsed();
     let io = |what: &'static str| move |source| UpgradeError::Io { what, source };
-    // How this image runs, for a rollback to start it the same way.
-    let record = match plain_env() {
-        Ok(env) => ExecRecord::encode(c.argv, &env),
+    // The environment, read once for the record (if the probe could not
+    // make it), the rescue and the exec.
+    let env = match env_entries(&clean_env()) {
+        Ok(e) => e,
         Err(e) => return io("build the environment")(e),
     };
-    let record = match crate::snapshot::seal_bytes(c"copyover-exec", &record) {
-        Ok(fd) => fd,
-        Err(e) => return e.into(),
+    // How this image runs, for a rollback to start it the same way.
+    let record = match c.record {
+        Some(fd) => fd,
+        None => {
+            match crate::snapshot::seal_bytes(c"copyover-exec", &ExecRecord::encode(c.argv, &env)) {
+                Ok(fd) => fd,
+                Err(e) => return e.into(),
+            }
+        }
     };
     let mut var = HandoffVar {
         pid: std::process::id() as i32,
@@ -156,14 +181,19 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         rescued: true,
         ..var.clone()
     };
-    let env = match rescue_env() {
-        Ok(e) => e,
+    let reason = format!(
+        "{ROLLBACK_REASON_VAR}=the new image died before it was ready; \
+         the holder started the old binary again under its own PID"
+    );
+    let mut rescue_env = env.clone();
+    match cstring(reason.as_bytes()) {
+        Ok(r) => rescue_env.push(r),
         Err(e) => return io("build the environment")(e),
-    };
+    }
     let holder_spec = HolderSpec {
         binary_fd: c.own_binary.as_raw_fd(),
         argv: c.argv.to_vec(),
-        env,
+        env: rescue_env,
         var_prefix: format!("{HANDOFF_VAR}=1:pid="),
         var_suffix: rescue.format_after_pid(),
         blocked: signal::HELD_SIGNALS.to_vec(),
@@ -211,7 +241,7 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         Err(e) => return io("start the holder")(e),
     };
     var.holder = Some(holder.pid());
-    let env = match exec_env(&var.format()) {
+    let env = match with_handoff(env, &var.format()) {
         Ok(e) => e,
         Err(e) => {
             holder.abort();
@@ -228,33 +258,6 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         path: c.exe.path.clone(),
         source: err,
     }
-}
-
-/// [`clean_env`] as `NAME=value` C strings.
-fn plain_env() -> io::Result<Vec<CString>> {
-    clean_env()
-        .into_iter()
-        .map(|(k, v)| {
-            let mut e = k.into_vec();
-            e.push(b'=');
-            e.extend_from_slice(v.as_bytes());
-            cstring(&e)
-        })
-        .collect()
-}
-
-/// The rescue's environment: [`clean_env`] and the reason, without the
-/// handoff variable (the holder writes it with its own PID).
-fn rescue_env() -> io::Result<Vec<CString>> {
-    let mut env = plain_env()?;
-    env.push(cstring(
-        format!(
-            "{ROLLBACK_REASON_VAR}=the new image died before it was ready; \
-             the holder started the old binary again under its own PID"
-        )
-        .as_bytes(),
-    )?);
-    Ok(env)
 }
 
 /// Deny by default: every fd close-on-exec, then clear the flag on exactly

@@ -337,8 +337,8 @@ pub struct Inherited {
 
 impl Inherited {
     /// Checks every manifest entry, before this image opens any descriptor
-    /// of its own. `reserved`: the fds the handoff itself uses (snapshot,
-    /// binary), which no entry may name.
+    /// of its own. The fds the handoff itself uses (snapshot, binary, exec
+    /// record) are claimed before, so no entry may name them.
     ///
     /// Each fd must be open and **not** close-on-exec: that is how the
     /// previous image left it (it cleared the flag on exactly these fds),
@@ -352,53 +352,40 @@ impl Inherited {
     ///
     /// Every name and every fd must appear once: two owners of one fd
     /// would close it twice.
-    pub(crate) fn check(
-        manifest: Vec<ManifestEntry>,
-        reserved: &[RawFd],
-        tolerant: bool,
-    ) -> Result<Self, Error> {
+    pub(crate) fn check(manifest: Vec<ManifestEntry>, tolerant: bool) -> Result<Self, Error> {
+        use std::collections::hash_map::Entry;
         // Every number is claimed once per image (see `sys::inherit`): a
-        // number used twice, or one of the reserved ones, fails its claim.
+        // number used twice, or one the handoff itself uses (snapshot,
+        // binary, exec record: claimed before), fails its claim.
         let claims = sys::inherit_all(manifest.iter().map(|e| e.fd));
         let mut fds = HashMap::with_capacity(manifest.len());
         for (e, claim) in manifest.into_iter().zip(claims) {
-            let reason = if reserved.contains(&e.fd) {
-                Some("its fd number is used twice in the handoff".to_owned())
-            } else {
-                match claim {
-                    Ok(fd) => match fds.entry(e.name) {
-                        std::collections::hash_map::Entry::Vacant(v) => {
-                            v.insert((fd, e.kind));
-                            continue;
-                        }
-                        std::collections::hash_map::Entry::Occupied(o) => {
-                            let name = o.key().clone();
-                            return Err(refuse(
-                                &name,
-                                e.fd,
-                                "a unique descriptor",
-                                "the manifest names it twice".into(),
-                            ));
-                        }
-                    },
-                    Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
-                        Some("its fd number is used twice in the handoff".to_owned())
-                    }
-                    Err(err) if tolerant => {
-                        tracing::warn!(fd = e.fd, name = %e.name, "skipping an inherited descriptor: {err}");
+            let err = match claim {
+                Ok(fd) => match fds.entry(e.name) {
+                    Entry::Vacant(v) => {
+                        v.insert((fd, e.kind));
                         continue;
                     }
-                    Err(err) => Some(err.to_string()),
-                }
+                    Entry::Occupied(o) => {
+                        let reason = "the manifest names it twice".into();
+                        return Err(refuse(o.key(), e.fd, "a unique descriptor", reason));
+                    }
+                },
+                Err(err) => err,
             };
-            if let Some(reason) = reason {
-                let wanted = if reason.contains("twice") {
-                    "a unique descriptor"
-                } else {
-                    "an inherited descriptor"
-                };
-                return Err(refuse(&e.name, e.fd, wanted, reason));
+            if err.kind() == std::io::ErrorKind::AlreadyExists {
+                let reason = "its fd number is used twice in the handoff".into();
+                return Err(refuse(&e.name, e.fd, "a unique descriptor", reason));
             }
+            if !tolerant {
+                return Err(refuse(
+                    &e.name,
+                    e.fd,
+                    "an inherited descriptor",
+                    err.to_string(),
+                ));
+            }
+            tracing::warn!(fd = e.fd, name = %e.name, "skipping an inherited descriptor: {err}");
         }
         Ok(Self { fds })
     }

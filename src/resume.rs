@@ -185,8 +185,9 @@ fn resume<S: AppState>(
                 None
             }
         });
-    let mut reserved = vec![var.snapshot_fd, var.binary_fd];
-    reserved.extend(&exec_record.as_ref().map(|fd| fd.as_raw_fd()));
+    // The handoff's own fds: a rollback hands them back too.
+    let mut handoff_fds = vec![var.snapshot_fd, var.binary_fd];
+    handoff_fds.extend(exec_record.as_ref().map(|fd| fd.as_raw_fd()));
     let (old_argv, old_env) = match record {
         Some(r) => (r.argv, Some(r.env)),
         None => (argv.clone(), None),
@@ -196,7 +197,7 @@ fn resume<S: AppState>(
         argv: old_argv,
         env: old_env,
         var: HandoffVar::rollback_text(text),
-        fds: reserved.to_vec(),
+        fds: handoff_fds,
         holder_pidfd: None,
         nofile: var.nofile,
     };
@@ -239,7 +240,7 @@ fn resume<S: AppState>(
         .and_then(|snap| snap.check_app(&config.app).map(|()| snap))
         .map_err(|e| or_roll_back(e.into()))?;
     // An adoption error has already rolled back (after an upgrade).
-    let fds = Inherited::check(std::mem::take(&mut snap.manifest), &reserved, !upgraded)?;
+    let fds = Inherited::check(std::mem::take(&mut snap.manifest), !upgraded)?;
 
     // Now nothing of the old image can be mistaken for ours: the holder's
     // pidfd, the full rollback plan (the kept fds), then close-on-exec on

@@ -149,22 +149,10 @@ impl Requests {
     }
 }
 
-/// Writes one byte without blocking; a full buffer already means "awake".
-///
-/// A few tries: a wake-up lost to EINTR or ENOBUFS would leave the loop
-/// asleep until unrelated traffic comes.
+/// Wakes the loop (see `sys::wake_socket`).
 pub(crate) fn wake(tx: &OwnedFd) {
     use std::os::fd::AsFd;
-    for _ in 0..3 {
-        match nix::sys::socket::send(
-            std::os::fd::AsRawFd::as_raw_fd(&tx.as_fd()),
-            b"w",
-            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-        ) {
-            Ok(_) | Err(nix::errno::Errno::EAGAIN) => return,
-            Err(_) => {}
-        }
-    }
+    crate::sys::wake_socket(tx.as_fd());
 }
 
 /// Takes a flag: true once per request.

@@ -281,6 +281,24 @@ pub(crate) fn keep_fd_in_child(cmd: &mut std::process::Command, fd: RawFd) {
     };
 }
 
+/// Writes one byte to the event loop's wake-up socket without blocking; a
+/// full buffer (EAGAIN) already means "awake". A few tries: a wake-up lost
+/// to EINTR or ENOBUFS would leave the loop asleep until unrelated traffic
+/// comes. Async-signal-safe: `send(2)` only (signal-hook saves and restores
+/// errno around a handler that calls this).
+pub(crate) fn wake_socket(fd: std::os::fd::BorrowedFd<'_>) {
+    use std::os::fd::AsRawFd;
+    for _ in 0..3 {
+        // SAFETY: send(2) on a borrowed, open fd; the buffer is a static
+        // byte string.
+        let sent =
+            unsafe { libc::send(fd.as_raw_fd(), b"w".as_ptr().cast(), 1, libc::MSG_DONTWAIT) };
+        if sent == 1 || io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
+            return;
+        }
+    }
+}
+
 /// Installs a handler for `sig` that sets `flag` and writes one byte to
 /// `wake` (`send` with `MSG_DONTWAIT`: a full buffer already means awake).
 ///
@@ -292,29 +310,10 @@ pub(crate) fn on_signal(
     flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
     wake: std::sync::Arc<OwnedFd>,
 ) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
     let action = move || {
         flag.store(true, std::sync::atomic::Ordering::SeqCst);
-        // A few tries: a wake-up lost to EINTR or ENOBUFS would leave the
-        // request waiting for unrelated traffic. EAGAIN (a full buffer)
-        // already means "awake".
-        for _ in 0..3 {
-            // SAFETY: send(2) is async-signal-safe; the buffer is a static
-            // byte string; signal-hook saves and restores errno around the
-            // handler, so reading it here is harmless.
-            let sent = unsafe {
-                libc::send(
-                    wake.as_raw_fd(),
-                    b"w".as_ptr().cast(),
-                    1,
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            let errno = io::Error::last_os_error().raw_os_error();
-            if sent == 1 || errno == Some(libc::EAGAIN) {
-                break;
-            }
-        }
+        wake_socket(wake.as_fd());
     };
     // SAFETY: the action only makes an atomic store and a send(2), both
     // async-signal-safe; it neither allocates nor locks, and it is never

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nix::sys::signal::Signal;
-use util::{Client, Deploy, Scratch, Server, faulty, labelled, survive, version_line, wait_for};
+use util::{
+    Client, Deploy, Scene, Scratch, Server, faulty, labelled, survive, version_line, wait_for,
+};
 
 const THREADS: &str = "before any thread starts";
 
@@ -87,25 +89,17 @@ fn an_error_returned_from_main_after_adopting_rolls_back_with_everyone() {
 
 #[test]
 fn a_new_image_with_fewer_descriptors_allowed_completes_or_rolls_back() {
-    let v1 = labelled("v1");
     let v2 = labelled("v2");
     for delta in -3i64..=3 {
-        let server =
-            Server::start_with(&format!("hd-nofile{delta}"), &v1, &["--ready-timeout", "5"]);
-        let mut ann = Client::login(server.addr, "ann");
-        let mut bob = Client::login(server.addr, "bob");
-        assert_eq!(ann.ask("/set color green"), "ok");
-        server.deploy(&v1);
-        assert!(server.upgrade().contains("upgrade complete"));
-        bob.send("par");
-        let fds = server.fd_count();
+        let mut scene = Scene::start(&format!("hd-nofile{delta}"), "5");
+        let fds = scene.fds;
         let limit = fds as i64 + delta;
         let script = format!(
             "#!/bin/sh\n[ -n \"$COPYOVER_PROBE\" ] || ulimit -Sn {limit}\nexec '{}' \"$@\"\n",
             v2.display()
         );
-        server.deploy_bytes(script.as_bytes());
-        let line = server.upgrade();
+        scene.server.deploy_bytes(script.as_bytes());
+        let line = scene.server.upgrade();
         let label = if line.contains("upgrade complete") {
             "v2"
         } else {
@@ -116,20 +110,7 @@ fn a_new_image_with_fewer_descriptors_allowed_completes_or_rolls_back() {
             "v1"
         };
         let generation = if label == "v2" { 2 } else { 1 };
-        assert_eq!(
-            ann.ask("/version"),
-            version_line(label, server.pid, generation),
-            "soft limit {limit}"
-        );
-        assert_eq!(ann.ask("/get color"), "color = green");
-        bob.send("tial line\r\n");
-        assert_eq!(ann.line(), "bob: partial line");
-        assert_eq!(bob.ask("/who"), "online: ann, bob");
-        assert_eq!(
-            server.fd_count(),
-            fds,
-            "soft limit {limit}: the fd count changed"
-        );
+        scene.everyone_kept(label, generation, &format!("soft limit {limit}"));
         eprintln!("soft limit {limit} with {fds} fds open: {label}");
     }
 }

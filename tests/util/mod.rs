@@ -70,23 +70,32 @@ pub fn build(settings: &[(&str, &str)]) -> PathBuf {
     if fresh.is_some() && fresh >= reference {
         return out;
     }
+    cargo_build(
+        &target,
+        &["--bin", "copyover-telnetd"],
+        &[
+            "COPYOVER_DEMO_LABEL",
+            "COPYOVER_DEMO_FAULT",
+            "COPYOVER_DEMO_STATE",
+        ],
+        settings,
+    );
+    std::fs::copy(target.join("debug").join("copyover-telnetd"), &out).expect("copy the build");
+    out
+}
+
+/// `cargo build --quiet ARGS` of this workspace into `target`, with the
+/// variables in `unset` (and RUSTFLAGS) removed and `settings` set.
+fn cargo_build(target: &Path, args: &[&str], unset: &[&str], settings: &[(&str, &str)]) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "--bin",
-        "copyover-telnetd",
-        "--manifest-path",
-    ])
-    .arg(manifest_dir().join("Cargo.toml"))
-    .env("CARGO_TARGET_DIR", &target);
-    for var in [
-        "COPYOVER_DEMO_LABEL",
-        "COPYOVER_DEMO_FAULT",
-        "COPYOVER_DEMO_STATE",
-        "RUSTFLAGS",
-    ] {
+    cmd.args(["build", "--quiet"])
+        .args(args)
+        .arg("--manifest-path")
+        .arg(manifest_dir().join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", target)
+        .env_remove("RUSTFLAGS");
+    for var in unset {
         cmd.env_remove(var);
     }
     for (k, v) in settings {
@@ -95,10 +104,8 @@ pub fn build(settings: &[(&str, &str)]) -> PathBuf {
     let status = cmd.status().expect("run cargo build");
     assert!(
         status.success(),
-        "building the demo with {settings:?} failed"
+        "cargo build {args:?} with {settings:?} failed"
     );
-    std::fs::copy(target.join("debug").join("copyover-telnetd"), &out).expect("copy the build");
-    out
 }
 
 /// A labelled build: `COPYOVER_DEMO_LABEL=label`.
@@ -479,24 +486,13 @@ pub enum Deploy<'a> {
 /// Deploys `bad` under a v1 server and checks the outcome line contains
 /// `outcome` and `reason`.
 pub fn survive(name: &str, bad: Deploy<'_>, outcome: &str, reason: &str) {
-    let v1 = labelled("v1");
     let v2 = labelled("v2");
-    let server = Server::start_with(name, &v1, &["--ready-timeout", "2"]);
-    let mut ann = Client::login(server.addr, "ann");
-    let mut bob = Client::login(server.addr, "bob");
-    assert_eq!(ann.ask("/set color green"), "ok");
-    // A first, good upgrade: descriptors the test harness leaked into the
-    // server are closed by it (deny by default), so the count is a baseline.
-    server.deploy(&v1);
-    assert!(server.upgrade().contains("upgrade complete"));
-    bob.send("par");
-    let fds = server.fd_count();
-
+    let mut scene = Scene::start(name, "2");
     match bad {
-        Deploy::Build(p) => server.deploy(p),
-        Deploy::Bytes(b) => server.deploy_bytes(b),
+        Deploy::Build(p) => scene.server.deploy(p),
+        Deploy::Bytes(b) => scene.server.deploy_bytes(b),
     }
-    let line = server.upgrade();
+    let line = scene.server.upgrade();
     assert!(line.contains(outcome), "expected {outcome:?}, got: {line}");
     assert!(
         line.contains(reason),
@@ -504,15 +500,8 @@ pub fn survive(name: &str, bad: Deploy<'_>, outcome: &str, reason: &str) {
     );
 
     // The old image serves, at the same PID, with everything.
-    assert_eq!(ann.ask("/version"), version_line("v1", server.pid, 1));
-    assert_eq!(ann.ask("/get color"), "color = green");
-    bob.send("tial line\r\n");
-    assert_eq!(ann.line(), "bob: partial line");
-    assert_eq!(bob.ask("/who"), "online: ann, bob");
-    wait_for("the probe to be reaped", || {
-        (server.children() == 0).then_some(())
-    });
-    assert_eq!(server.fd_count(), fds, "the fd count changed");
+    scene.everyone_kept("v1", 1, "");
+    let (server, ann, bob) = (&scene.server, &mut scene.ann, &mut scene.bob);
     if reason != "panicked" {
         assert!(
             !server.log_text().contains("panicked at"),
@@ -527,6 +516,62 @@ pub fn survive(name: &str, bad: Deploy<'_>, outcome: &str, reason: &str) {
     assert_eq!(bob.ask("/version"), version_line("v2", server.pid, 2));
     assert_eq!(ann.ask("/get color"), "color = green");
     ann.assert_quiet();
+}
+
+/// A v1 demo with ann (`color = green`) and bob logged in, after a first
+/// good upgrade (descriptors the test harness leaked into the server are
+/// closed by it, deny by default, so `fds` is a baseline), bob half-way
+/// through typing "partial line".
+pub struct Scene {
+    pub server: Server,
+    pub ann: Client,
+    pub bob: Client,
+    pub fds: usize,
+}
+
+impl Scene {
+    /// Starts it with `--ready-timeout ready_timeout`.
+    pub fn start(name: &str, ready_timeout: &str) -> Scene {
+        let v1 = labelled("v1");
+        let server = Server::start_with(name, &v1, &["--ready-timeout", ready_timeout]);
+        let mut ann = Client::login(server.addr, "ann");
+        let mut bob = Client::login(server.addr, "bob");
+        assert_eq!(ann.ask("/set color green"), "ok");
+        server.deploy(&v1);
+        assert!(server.upgrade().contains("upgrade complete"));
+        bob.send("par");
+        let fds = server.fd_count();
+        Scene {
+            server,
+            ann,
+            bob,
+            fds,
+        }
+    }
+
+    /// Checks what a user checks: `label` at `generation` at the same PID,
+    /// ann's variable, bob's line delivered whole once, both online, no
+    /// child left, the fd count unchanged. `context` goes into messages.
+    pub fn everyone_kept(&mut self, label: &str, generation: u64, context: &str) {
+        let (server, ann, bob) = (&self.server, &mut self.ann, &mut self.bob);
+        assert_eq!(
+            ann.ask("/version"),
+            version_line(label, server.pid, generation),
+            "{context}"
+        );
+        assert_eq!(ann.ask("/get color"), "color = green");
+        bob.send("tial line\r\n");
+        assert_eq!(ann.line(), "bob: partial line");
+        assert_eq!(bob.ask("/who"), "online: ann, bob");
+        wait_for("the probe to be reaped", || {
+            (server.children() == 0).then_some(())
+        });
+        assert_eq!(
+            server.fd_count(),
+            self.fds,
+            "{context}: the fd count changed"
+        );
+    }
 }
 
 /// A build of one of the crate's examples, with `--features tokio` and
@@ -560,34 +605,15 @@ pub fn example(name: &str, settings: &[(&str, &str)]) -> PathBuf {
     if fresh.is_some() && fresh >= reference {
         return out;
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "--features",
-        "tokio",
-        "--example",
-        name,
-        "--manifest-path",
-    ])
-    .arg(manifest_dir().join("Cargo.toml"))
-    .env("CARGO_TARGET_DIR", &target);
-    for var in [
-        "COPYOVER_CHAT_LABEL",
-        "COPYOVER_CHAT_FAULT",
-        "COPYOVER_DEMO_LABEL",
-        "RUSTFLAGS",
-    ] {
-        cmd.env_remove(var);
-    }
-    for (k, v) in settings {
-        cmd.env(k, v);
-    }
-    let status = cmd.status().expect("run cargo build");
-    assert!(
-        status.success(),
-        "building example {name} with {settings:?} failed"
+    cargo_build(
+        &target,
+        &["--features", "tokio", "--example", name],
+        &[
+            "COPYOVER_CHAT_LABEL",
+            "COPYOVER_CHAT_FAULT",
+            "COPYOVER_DEMO_LABEL",
+        ],
+        settings,
     );
     std::fs::copy(target.join("debug").join("examples").join(name), &out).expect("copy the build");
     out

@@ -251,23 +251,9 @@ extern "C" fn holder_main(arg: *mut c_void) -> c_int {
     // The server's process is gone before any image said it was ready:
     // bring the old binary back here, with everything.
     // SAFETY: getpid cannot fail.
-    let mut pid = unsafe { libc::syscall(libc::SYS_getpid) } as u64;
-    let mut digits = [0u8; 20];
-    let mut n = 0;
-    loop {
-        digits[n] = b'0' + (pid % 10) as u8;
-        n += 1;
-        pid /= 10;
-        if pid == 0 {
-            break;
-        }
-    }
-    let mut at = plan.prefix_len;
-    while n > 0 {
-        n -= 1;
-        plan.var[at] = digits[n];
-        at += 1;
-    }
+    let pid = unsafe { libc::syscall(libc::SYS_getpid) } as u64;
+    // The slot after the prefix has room for 20 digits (see `spawn`).
+    let at = plan.prefix_len + super::write_decimal(&mut plan.var[plan.prefix_len..], pid);
     plan.var[at..at + plan.suffix.len()].copy_from_slice(&plan.suffix);
     plan.var[at + plan.suffix.len()] = 0;
     // SAFETY: the mask is initialised; argv and envp are NULL-terminated

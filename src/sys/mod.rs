@@ -206,6 +206,30 @@ pub(crate) fn nofile_limit() -> io::Result<(u64, u64)> {
     Ok((lim.rlim_cur, lim.rlim_max))
 }
 
+/// Writes `v` in decimal at the start of `out` and returns how many bytes
+/// that took (at most 20). Async-signal-safe: no allocation, no formatting
+/// machinery; for the holder and the crash handler.
+///
+/// # Panics
+///
+/// If `out` is too short for the digits: callers size it for a `u64`.
+pub(crate) fn write_decimal(out: &mut [u8], mut v: u64) -> usize {
+    let mut digits = [0u8; 20];
+    let mut n = 0;
+    loop {
+        digits[n] = b'0' + (v % 10) as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for (i, d) in digits[..n].iter().rev().enumerate() {
+        out[i] = *d;
+    }
+    n
+}
+
 /// `execveat(fd, "", argv, envp, AT_EMPTY_PATH)` on pointer arrays built
 /// in advance: async-signal-safe (one `syscall(2)`, no allocation), for the
 /// rollback's `fire` and the holder. Returns only if the exec failed.
@@ -595,6 +619,19 @@ mod tests {
             nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_GROW),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn decimals_are_written_in_place() {
+        let mut buf = [0u8; 20];
+        for (v, want) in [
+            (0, &b"0"[..]),
+            (4242, b"4242"),
+            (u64::MAX, b"18446744073709551615"),
+        ] {
+            let n = write_decimal(&mut buf, v);
+            assert_eq!(&buf[..n], want);
+        }
     }
 
     #[test]

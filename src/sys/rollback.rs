@@ -363,23 +363,8 @@ extern "C" fn on_fatal_signal(sig: c_int) {
     } else {
         let prefix = b"the new image was killed by signal ";
         buf[..prefix.len()].copy_from_slice(prefix);
-        let mut len = prefix.len();
-        let mut digits = [0u8; 10];
-        let mut d = 0;
-        let mut v = sig.unsigned_abs();
-        loop {
-            digits[d] = b'0' + (v % 10) as u8;
-            d += 1;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        while d > 0 {
-            d -= 1;
-            buf[len] = digits[d];
-            len += 1;
-        }
+        let len = prefix.len()
+            + super::write_decimal(&mut buf[prefix.len()..], sig.unsigned_abs().into());
         &buf[..len]
     };
     let _ = fire(reason);

@@ -1,7 +1,10 @@
 //! Writes one valid snapshot to the file named on the command line: the
 //! seed of the snapshot decoder's fuzz corpus (`scripts/fuzz`).
 
-use copyover::snapshot::{FORMAT_VERSION, FdKind, Header, ManifestEntry, encode, encode_state};
+use copyover::snapshot::{
+    FORMAT_VERSION, FdKind, GroupMember, Header, Manifest, ManifestEntry, ManifestGroup, encode,
+    encode_state,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args().nth(1).ok_or("usage: seed-snapshot FILE")?;
@@ -15,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         committed_at_ns: 2,
         binary: "/usr/bin/server".into(),
     };
-    let manifest = [
+    let entries = vec![
         ManifestEntry {
             name: "listener".into(),
             fd: 3,
@@ -27,6 +30,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             kind: FdKind::Stream,
         },
     ];
+    let manifest = Manifest {
+        entries,
+        groups: vec![ManifestGroup {
+            name: "conn".into(),
+            members: vec![GroupMember { id: 2, fd: 5 }, GroupMember { id: 3, fd: 6 }],
+        }],
+    };
     let payload = encode_state(&("state", 42u64, vec![1u8, 2, 3]))?;
     std::fs::write(path, encode(&header, &manifest, &payload)?)?;
     Ok(())

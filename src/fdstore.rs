@@ -67,7 +67,7 @@ use crate::error::Error;
 use crate::handoff::Inherited;
 use crate::notify::{Activated, notify, notify_with_fds};
 use crate::runtime::{Copyover, monotonic_ns};
-use crate::snapshot::{FdKind, Snapshot, read_sealed, write_sealed};
+use crate::snapshot::{FdKind, Manifest, Snapshot, read_sealed, write_sealed};
 use crate::state::{AppState, restore};
 use crate::sys;
 
@@ -333,7 +333,7 @@ impl Copyover {
         let mut header = self.header(monotonic_ns());
         header.state_version = S::VERSION;
         let payload = crate::snapshot::encode_state(state)?;
-        let memfd: OwnedFd = write_sealed(&header, &[], &payload)?;
+        let memfd: OwnedFd = write_sealed(&header, &Manifest::default(), &payload)?;
         let slot = usize::from(NEXT_SLOT.load(Ordering::Relaxed) & 1);
         store(CHECKPOINT[slot], memfd.as_fd())?;
         remove(CHECKPOINT[1 - slot]);

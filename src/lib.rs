@@ -157,7 +157,7 @@ mod rollback;
 mod runtime;
 pub mod signal;
 pub mod snapshot;
-mod state;
+pub mod state;
 pub mod status;
 #[allow(unsafe_code)]
 mod sys;

@@ -116,7 +116,7 @@ pub(crate) struct ProbeSpec {
     /// The snapshot to show the probe, written (and sealed) on the probe's
     /// thread, so that the event loop only pays for encoding it.
     pub header: crate::snapshot::Header,
-    pub manifest: Vec<crate::snapshot::ManifestEntry>,
+    pub manifest: crate::snapshot::Manifest,
     pub payload: Vec<u8>,
     pub timeout: Duration,
     /// Bytes to prepare in the commit's memfd while the probe runs.
@@ -266,8 +266,8 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
 /// "unregistered listeners are lost silently"). Runs on the probe's thread,
 /// off the event loop: it reads `/proc/self/fd`, which is long for a server
 /// with many connections.
-fn warn_unkept_listeners(manifest: &[crate::snapshot::ManifestEntry]) {
-    let kept: std::collections::HashSet<i32> = manifest.iter().map(|e| e.fd).collect();
+fn warn_unkept_listeners(manifest: &crate::snapshot::Manifest) {
+    let kept: std::collections::HashSet<i32> = manifest.fds().collect();
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return;
     };

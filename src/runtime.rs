@@ -502,7 +502,7 @@ impl Copyover {
                     argv: self.argv.clone(),
                     env: clean_env(),
                     header,
-                    manifest: manifest.to_vec(),
+                    manifest: manifest.clone(),
                     payload,
                     timeout: self.config.probe_timeout,
                     reserve: reserve as u64,
@@ -692,7 +692,7 @@ impl Copyover {
         let mut header = self.header(monotonic_ns());
         header.state_version = S::VERSION;
         let payload = crate::snapshot::encode_state(state)?;
-        let bytes = crate::snapshot::encode(&header, &[], &payload)?;
+        let bytes = crate::snapshot::encode(&header, &Default::default(), &payload)?;
         // Every user's data is in it: 0600, a fresh temporary name that no
         // planted symlink can redirect, synced before it replaces the file.
         let dir = match path.parent() {

@@ -1,8 +1,11 @@
 //! The application's state: what it is called, which version it is, and how
 //! older versions are read.
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{DeserializeOwned, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::snapshot::{SnapshotError, decode_state};
 
@@ -67,6 +70,72 @@ pub(crate) fn restore<S: AppState>(
     })
 }
 
+/// Decodes a map field in bulk: every entry is read into a vector first,
+/// then the map is built from it in one go. For a `BTreeMap`, whose
+/// entries a snapshot holds in key order, that is one pass that builds the
+/// tree bottom up, instead of one search from the root per entry, which is
+/// what serde's own `Deserialize` does (and which makes decoding a map of
+/// 9,000 users string compares, mostly). The encoding is unchanged: a map
+/// written by any build reads back the same, and duplicate keys keep the
+/// last value, as serde's would.
+///
+/// Use it on the large maps of your state, the new image's restore waits
+/// for them:
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Chat {
+///     #[serde(deserialize_with = "copyover::state::bulk_map")]
+///     users: BTreeMap<String, u64>,
+/// }
+///
+/// let mut users = BTreeMap::new();
+/// users.insert("ann".to_string(), 1);
+/// let bytes = copyover::snapshot::encode_state(&Chat { users }).unwrap();
+/// let chat: Chat = copyover::snapshot::decode_state(&bytes, 1).unwrap();
+/// assert_eq!(chat.users["ann"], 1);
+/// ```
+///
+/// # Errors
+///
+/// Those of the deserializer, as for the map's own `Deserialize`.
+pub fn bulk_map<'de, D, M, K, V>(deserializer: D) -> Result<M, D::Error>
+where
+    D: Deserializer<'de>,
+    M: FromIterator<(K, V)>,
+    K: Deserialize<'de>,
+    V: Deserialize<'de>,
+{
+    struct Entries<M, K, V>(PhantomData<(M, K, V)>);
+
+    impl<'de, M, K, V> Visitor<'de> for Entries<M, K, V>
+    where
+        M: FromIterator<(K, V)>,
+        K: Deserialize<'de>,
+        V: Deserialize<'de>,
+    {
+        type Value = M;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<M, A::Error> {
+            // The length comes from the input: trusted only so far.
+            let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(1 << 16));
+            while let Some(entry) = map.next_entry()? {
+                entries.push(entry);
+            }
+            Ok(entries.into_iter().collect())
+        }
+    }
+
+    deserializer.deserialize_map(Entries(PhantomData))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +161,40 @@ mod tests {
                 })
             })
         }
+    }
+
+    #[test]
+    fn a_map_decoded_in_bulk_is_the_map_serde_decodes() {
+        use std::collections::{BTreeMap, HashMap};
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct Plain {
+            m: BTreeMap<String, u32>,
+            h: HashMap<u64, String>,
+        }
+        #[derive(Deserialize, Debug, PartialEq)]
+        struct Bulk {
+            #[serde(deserialize_with = "bulk_map")]
+            m: BTreeMap<String, u32>,
+            #[serde(deserialize_with = "bulk_map")]
+            h: HashMap<u64, String>,
+        }
+        let plain = Plain {
+            m: (0..500).map(|i| (format!("user{i}"), i)).collect(),
+            h: (0..50).map(|i| (i, i.to_string())).collect(),
+        };
+        let bytes = encode_state(&plain).unwrap();
+        let bulk: Bulk = decode_state(&bytes, 1).unwrap();
+        assert_eq!((bulk.m, bulk.h), (plain.m, plain.h));
+
+        // Keys out of order and repeated (a sequence of pairs is encoded
+        // as a map is): the last value wins, as with serde.
+        let bytes = encode_state(&vec![(2u8, 1u8), (1, 1), (2, 9)]).unwrap();
+        #[derive(Deserialize)]
+        struct One(#[serde(deserialize_with = "bulk_map")] BTreeMap<u8, u8>);
+        let plain: BTreeMap<u8, u8> = decode_state(&bytes, 1).unwrap();
+        let bulk: One = decode_state(&bytes, 1).unwrap();
+        assert_eq!(bulk.0, plain);
+        assert_eq!(plain[&2], 9);
     }
 
     #[test]

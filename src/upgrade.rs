@@ -37,7 +37,7 @@ use crate::probe::Executable;
 use crate::probe::PROBE_VAR;
 use crate::rollback::ExecRecord;
 use crate::rollback::cstring;
-use crate::snapshot::{Draft, Header, ManifestEntry};
+use crate::snapshot::{Draft, Header, Manifest};
 use crate::sys::holder::HolderSpec;
 use crate::{signal, sys};
 
@@ -99,7 +99,7 @@ fn with_handoff(mut env: Vec<CString>, handoff: &str) -> io::Result<Vec<CString>
 /// What the commit needs from the runtime.
 pub(crate) struct Commit<'a> {
     pub header: Header,
-    pub manifest: &'a [ManifestEntry],
+    pub manifest: &'a Manifest,
     pub own_binary: &'a OwnedFd,
     /// The new binary, as probed.
     pub exe: &'a Executable,
@@ -262,12 +262,20 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
 
 /// Deny by default: every fd close-on-exec, then clear the flag on exactly
 /// the manifest's fds and `extra`.
-fn keep_only(manifest: &[ManifestEntry], extra: &[i32]) -> io::Result<()> {
+fn keep_only(manifest: &Manifest, extra: &[i32]) -> io::Result<()> {
     sys::cloexec_from(3)?;
-    for e in manifest {
+    for e in &manifest.entries {
         sys::set_cloexec(e.fd, false).map_err(|err| {
             io::Error::new(err.kind(), format!("fd {} ('{}'): {err}", e.fd, e.name))
         })?;
+    }
+    for g in &manifest.groups {
+        for m in &g.members {
+            sys::set_cloexec(m.fd, false).map_err(|err| {
+                let name = format!("{}:{}", g.name, m.id);
+                io::Error::new(err.kind(), format!("fd {} ('{name}'): {err}", m.fd))
+            })?;
+        }
     }
     for &fd in extra {
         sys::set_cloexec(fd, false)?;

@@ -39,7 +39,7 @@ fn header(app: &str) -> Header {
 }
 
 fn snapshot(app: &str, manifest: &[ManifestEntry]) -> Vec<u8> {
-    encode(&header(app), manifest, &EMPTY_CHAT).unwrap()
+    encode(&header(app), &manifest.to_vec().into(), &EMPTY_CHAT).unwrap()
 }
 
 /// A memfd holding `bytes`, sealed or not.

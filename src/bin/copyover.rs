@@ -286,11 +286,32 @@ fn inspect(file: &Path) -> Result<ExitCode, Failure> {
         snap.payload().len()
     );
     println!("manifest:       {} descriptors", snap.manifest.len());
-    for e in snap.manifest.iter().take(20) {
+    let m = &snap.manifest;
+    for e in m.entries.iter().take(20) {
         println!("  fd {:>5}  {:?}  {}", e.fd, e.kind, e.name);
     }
-    if snap.manifest.len() > 20 {
-        println!("  ... and {} more", snap.manifest.len() - 20);
+    if m.entries.len() > 20 {
+        println!("  ... and {} more", m.entries.len() - 20);
+    }
+    for g in &m.groups {
+        let fds: Vec<String> = g
+            .members
+            .iter()
+            .take(8)
+            .map(|x| format!("{}={}", x.id, x.fd))
+            .collect();
+        let more = g.members.len().saturating_sub(fds.len());
+        let more = if more > 0 {
+            format!(", ... and {more} more")
+        } else {
+            String::new()
+        };
+        println!(
+            "  group {}: {} connections (id=fd: {}{more})",
+            g.name,
+            g.members.len(),
+            fds.join(", ")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -48,6 +48,185 @@ pub struct ManifestEntry {
     pub kind: FdKind,
 }
 
+/// Connected stream sockets kept as one group ([`Handoff::streams`]): one
+/// name for all, and each member's id (the application's number for the
+/// connection) and fd.
+///
+/// [`Handoff::streams`]: crate::Handoff::streams
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ManifestGroup {
+    /// The group's name, such as `conn`.
+    pub name: String,
+    /// Each member's id and fd number, in the order they were kept.
+    pub members: Vec<GroupMember>,
+}
+
+/// One connection of a [`ManifestGroup`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMember {
+    /// The application's id for it.
+    pub id: u64,
+    /// The fd number, the same in the old and the new image.
+    pub fd: i32,
+}
+
+/// Every descriptor a snapshot hands over: single entries, and groups of
+/// connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Manifest {
+    /// Descriptors kept one by one, each under its own name.
+    pub entries: Vec<ManifestEntry>,
+    /// Groups of connections, each under one name.
+    pub groups: Vec<ManifestGroup>,
+}
+
+impl Manifest {
+    /// Every fd number the manifest names, entries first.
+    pub fn fds(&self) -> impl Iterator<Item = i32> + '_ {
+        let members = self.groups.iter().flat_map(|g| g.members.iter());
+        self.entries
+            .iter()
+            .map(|e| e.fd)
+            .chain(members.map(|m| m.fd))
+    }
+
+    /// How many descriptors it names.
+    pub fn len(&self) -> usize {
+        self.entries.len() + self.groups.iter().map(|g| g.members.len()).sum::<usize>()
+    }
+
+    /// Whether it names none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Vec<ManifestEntry>> for Manifest {
+    fn from(entries: Vec<ManifestEntry>) -> Self {
+        Manifest {
+            entries,
+            groups: Vec::new(),
+        }
+    }
+}
+
+/// An entry as the manifest's bytes hold it. A group is an entry of kind
+/// `StreamGroup` and fd -1, its members follow the entry list: a kind a
+/// reader from before groups does not know, so that such a reader refuses
+/// the manifest (in its probe) instead of losing the members.
+#[derive(Serialize, Deserialize)]
+struct WireEntry<'a> {
+    #[serde(borrow)]
+    name: std::borrow::Cow<'a, str>,
+    fd: i32,
+    kind: WireKind,
+}
+
+/// [`FdKind`] on the wire, in the same order, and the group marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum WireKind {
+    Listener,
+    Stream,
+    Other,
+    Region,
+    Datagram,
+    StreamGroup,
+}
+
+impl From<FdKind> for WireKind {
+    fn from(k: FdKind) -> Self {
+        match k {
+            FdKind::Listener => WireKind::Listener,
+            FdKind::Stream => WireKind::Stream,
+            FdKind::Other => WireKind::Other,
+            FdKind::Region => WireKind::Region,
+            FdKind::Datagram => WireKind::Datagram,
+        }
+    }
+}
+
+/// The manifest's bytes: the entries and a marker per group (one postcard
+/// sequence), then each group's members (a postcard sequence each).
+pub(super) fn encode_manifest(m: &Manifest) -> Result<Vec<u8>, SnapshotError> {
+    struct Entries<'a>(&'a Manifest);
+    impl Serialize for Entries<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let entries = self.0.entries.iter().map(|e| WireEntry {
+                name: e.name.as_str().into(),
+                fd: e.fd,
+                kind: e.kind.into(),
+            });
+            let markers = self.0.groups.iter().map(|g| WireEntry {
+                name: g.name.as_str().into(),
+                fd: -1,
+                kind: WireKind::StreamGroup,
+            });
+            s.collect_seq(entries.chain(markers))
+        }
+    }
+    let members: usize = m.groups.iter().map(|g| g.members.len()).sum();
+    let guess = 16 * m.entries.len() + 8 * members + 16;
+    let mut bytes = extend(Vec::with_capacity(guess), &Entries(m))?;
+    for g in &m.groups {
+        bytes = extend(bytes, &g.members)?;
+    }
+    Ok(bytes)
+}
+
+fn extend<T: Serialize + ?Sized>(into: Vec<u8>, value: &T) -> Result<Vec<u8>, SnapshotError> {
+    postcard::to_extend(value, into).map_err(|source| SnapshotError::Encode { source })
+}
+
+/// Reads what [`encode_manifest`] wrote; every byte must be used.
+fn decode_manifest(bytes: &[u8]) -> Result<Manifest, SnapshotError> {
+    let corrupt = |what: String| SnapshotError::Corrupt { what };
+    let (wire, mut rest): (Vec<WireEntry<'_>>, _) = postcard::take_from_bytes(bytes)
+        .map_err(|e| corrupt(format!("the fd manifest does not decode: {e}")))?;
+    let mut m = Manifest::default();
+    for w in wire {
+        let kind = match w.kind {
+            WireKind::Listener => FdKind::Listener,
+            WireKind::Stream => FdKind::Stream,
+            WireKind::Other => FdKind::Other,
+            WireKind::Region => FdKind::Region,
+            WireKind::Datagram => FdKind::Datagram,
+            WireKind::StreamGroup => {
+                if w.fd != -1 {
+                    return Err(corrupt(format!(
+                        "group '{}' has fd {}, not -1",
+                        w.name, w.fd
+                    )));
+                }
+                let (members, after): (Vec<GroupMember>, _) = postcard::take_from_bytes(rest)
+                    .map_err(|e| {
+                        corrupt(format!(
+                            "the members of group '{}' do not decode: {e}",
+                            w.name
+                        ))
+                    })?;
+                rest = after;
+                m.groups.push(ManifestGroup {
+                    name: w.name.into_owned(),
+                    members,
+                });
+                continue;
+            }
+        };
+        m.entries.push(ManifestEntry {
+            name: w.name.into_owned(),
+            fd: w.fd,
+            kind,
+        });
+    }
+    if !rest.is_empty() {
+        return Err(corrupt(format!(
+            "{} stray bytes after the fd manifest",
+            rest.len()
+        )));
+    }
+    Ok(m)
+}
+
 /// The fixed header of a snapshot, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
@@ -80,7 +259,7 @@ pub struct Snapshot {
     /// The fixed header.
     pub header: Header,
     /// The descriptors that crossed the exec.
-    pub manifest: Vec<ManifestEntry>,
+    pub manifest: Manifest,
     pub(super) payload: Payload,
 }
 
@@ -123,7 +302,7 @@ impl Snapshot {
             + self.header.app.len()
             + self.header.writer_version.len()
             + self.header.binary.as_os_str().len()
-            + postcard::to_allocvec(&self.manifest)
+            + encode_manifest(&self.manifest)
                 .map(|v| v.len())
                 .unwrap_or(0)
             + self.payload().len()
@@ -170,7 +349,7 @@ pub fn encode_state_with_capacity<T: Serialize + ?Sized>(
 /// [`SnapshotError::Encode`] if the manifest cannot be encoded.
 pub fn encode(
     header: &Header,
-    manifest: &[ManifestEntry],
+    manifest: &Manifest,
     payload: &[u8],
 ) -> Result<Vec<u8>, SnapshotError> {
     let prefix = encode_prefix(header, manifest)?;
@@ -187,12 +366,8 @@ pub(super) struct Prefix {
     lens: [usize; 4],
 }
 
-pub(super) fn encode_prefix(
-    header: &Header,
-    manifest: &[ManifestEntry],
-) -> Result<Prefix, SnapshotError> {
-    let manifest_bytes =
-        postcard::to_allocvec(manifest).map_err(|source| SnapshotError::Encode { source })?;
+pub(super) fn encode_prefix(header: &Header, manifest: &Manifest) -> Result<Prefix, SnapshotError> {
+    let manifest_bytes = encode_manifest(manifest)?;
     let binary = header.binary.as_os_str().as_bytes();
     let lens = [
         header.app.len(),
@@ -264,7 +439,7 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
 /// payload is.
 pub(super) fn parse(
     bytes: &[u8],
-) -> Result<(Header, Vec<ManifestEntry>, std::ops::Range<usize>), SnapshotError> {
+) -> Result<(Header, Manifest, std::ops::Range<usize>), SnapshotError> {
     let found = bytes.len() as u64;
     if bytes.len() < 16 {
         return Err(SnapshotError::Truncated {
@@ -347,15 +522,7 @@ pub(super) fn parse(
     let app = utf8(take(lens[0]), "application name")?;
     let writer_version = utf8(take(lens[1]), "writer version")?;
     let binary = PathBuf::from(OsString::from_vec(take(lens[2]).to_vec()));
-    let (manifest, rest): (Vec<ManifestEntry>, _) = postcard::take_from_bytes(take(lens[3]))
-        .map_err(|e| SnapshotError::Corrupt {
-            what: format!("the fd manifest does not decode: {e}"),
-        })?;
-    if !rest.is_empty() {
-        return Err(SnapshotError::Corrupt {
-            what: format!("{} stray bytes after the fd manifest", rest.len()),
-        });
-    }
+    let manifest = decode_manifest(take(lens[3]))?;
     let payload = bytes.len() - lens[4] as usize..bytes.len();
     let header = Header {
         format_version,
@@ -393,7 +560,7 @@ pub(super) mod tests {
     use super::*;
 
     /// A header, a manifest and a payload, for the tests of every part.
-    pub(in crate::snapshot) fn sample() -> (Header, Vec<ManifestEntry>, Vec<u8>) {
+    pub(in crate::snapshot) fn sample() -> (Header, Manifest, Vec<u8>) {
         let header = Header {
             format_version: FORMAT_VERSION,
             app: "chat".into(),
@@ -416,6 +583,13 @@ pub(super) mod tests {
                 kind: FdKind::Stream,
             },
         ];
+        let manifest = Manifest {
+            entries: manifest,
+            groups: vec![ManifestGroup {
+                name: "conn".into(),
+                members: vec![GroupMember { id: 7, fd: 5 }, GroupMember { id: 9, fd: 6 }],
+            }],
+        };
         let payload = encode_state(&("hello", 42u32)).unwrap();
         (header, manifest, payload)
     }

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::error::{SnapshotError, io_err};
 use super::format::{
-    HEADER_LEN, Header, ManifestEntry, Payload, Prefix, Snapshot, encode_prefix,
+    HEADER_LEN, Header, Manifest, Payload, Prefix, Snapshot, encode_prefix,
     encode_state_with_capacity, finish_head, parse,
 };
 
@@ -42,7 +42,7 @@ fn required_seals() -> SealFlag {
 /// be encoded.
 pub fn write_sealed(
     header: &Header,
-    manifest: &[ManifestEntry],
+    manifest: &Manifest,
     payload: &[u8],
 ) -> Result<OwnedFd, SnapshotError> {
     Draft::new(0)?.seal(header, manifest, payload)
@@ -91,7 +91,7 @@ impl Draft {
     pub fn seal(
         self,
         header: &Header,
-        manifest: &[ManifestEntry],
+        manifest: &Manifest,
         payload: &[u8],
     ) -> Result<OwnedFd, SnapshotError> {
         let prefix = encode_prefix(header, manifest)?;
@@ -111,7 +111,7 @@ impl Draft {
     pub fn seal_state<T: Serialize + ?Sized>(
         mut self,
         header: &Header,
-        manifest: &[ManifestEntry],
+        manifest: &Manifest,
         state: &T,
         hint: usize,
     ) -> Result<(OwnedFd, usize), SnapshotError> {

@@ -45,8 +45,15 @@
 //! | 72 | 8 | length P of the payload |
 //! | 80 | 16 | reserved, zero |
 //! | 96 | A, W, B | application name, writer version, binary path (UTF-8, path: bytes) |
-//! | ... | M | manifest: postcard `Vec<ManifestEntry>` |
+//! | ... | M | manifest: postcard `Vec<ManifestEntry>`, then the members of each group |
 //! | ... | P | payload: the application's state, postcard |
+//!
+//! A group of connections ([`ManifestGroup`]) is an entry of its own kind
+//! (`StreamGroup`, after `Datagram`) with fd -1, and its members, postcard
+//! `Vec<GroupMember>` (id, fd), follow the entry list, one sequence per
+//! group in the order of their entries. A reader from before groups does
+//! not know the kind and refuses the manifest, in its probe, rather than
+//! lose the connections.
 //!
 //! A reader refuses a snapshot whose magic, format version, lengths, checksum
 //! or application name do not match, with an error that says which.
@@ -59,8 +66,9 @@ mod memfd;
 pub use error::SnapshotError;
 pub use file::read_file;
 pub use format::{
-    FORMAT_VERSION, FdKind, HEADER_LEN, Header, MAGIC, ManifestEntry, Snapshot, decode,
-    decode_state, encode, encode_state, encode_state_with_capacity,
+    FORMAT_VERSION, FdKind, GroupMember, HEADER_LEN, Header, MAGIC, Manifest, ManifestEntry,
+    ManifestGroup, Snapshot, decode, decode_state, encode, encode_state,
+    encode_state_with_capacity,
 };
 pub use memfd::{Draft, check_sealed, read_sealed, write_sealed};
 pub(crate) use memfd::{add_seals, memfd_io, seal_bytes};

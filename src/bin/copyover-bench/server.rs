@@ -141,12 +141,8 @@ pub fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         Start::Resumed { state, mut fds } => {
             region = fds.take_region("bulk")?;
             let listener = fds.take_tcp_listener("listener")?.ok_or("no listener")?;
-            let mut conns = HashMap::with_capacity(state.conns.len());
-            for id in &state.conns {
-                if let Some(s) = fds.take_tcp_stream(&format!("conn:{id}"))? {
-                    conns.insert(*id, s);
-                }
-            }
+            let conns: HashMap<u64, TcpStream> =
+                fds.take_tcp_streams("conn")?.into_iter().collect();
             match fds.take_fd("epoll")? {
                 Some(fd) => (state, listener, conns, Epoll(fd), true),
                 None => (
@@ -200,9 +196,7 @@ pub fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
                                 if let Some(r) = &region {
                                     keep.region("bulk", r);
                                 }
-                                for (id, s) in &conns {
-                                    keep.stream(format!("conn:{id}"), s);
-                                }
+                                keep.streams("conn", conns.iter().map(|(id, s)| (*id, s)));
                                 let _ = co.upgrade(&state, &keep);
                             }
                             Event::Shutdown => return Ok(()),

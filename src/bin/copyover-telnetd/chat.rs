@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use copyover::snapshot::decode_state;
+use copyover::state::bulk_map;
 use copyover::{AppState, SnapshotError};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -146,11 +147,16 @@ pub struct Conn {
 }
 
 /// The whole chat.
+///
+/// Its two large maps are decoded in bulk (`copyover::state::bulk_map`):
+/// the new image builds each tree in one pass while every client waits.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Chat {
     pub next_id: u64,
     pub next_login: u64,
+    #[serde(deserialize_with = "bulk_map")]
     pub users: BTreeMap<String, User>,
+    #[serde(deserialize_with = "bulk_map")]
     pub conns: BTreeMap<u64, Conn>,
 }
 
@@ -159,7 +165,9 @@ pub struct Chat {
 struct ChatV1 {
     next_id: u64,
     next_login: u64,
+    #[serde(deserialize_with = "bulk_map")]
     users: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(deserialize_with = "bulk_map")]
     conns: BTreeMap<u64, Conn>,
 }
 

@@ -301,9 +301,6 @@ fn resume<S: AppState>(
     if co.config.binary.is_none() {
         co.binary = header.binary.clone();
     }
-    if !upgraded {
-        tracing::warn!(version = %co.config.version, "upgrade rolled back: {reason}");
-    }
     crate::notify::notify(&format!(
         "EXTEND_TIMEOUT_USEC={}\nSTATUS=restoring after an upgrade",
         co.config.ready_timeout.as_micros()

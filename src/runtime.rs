@@ -20,7 +20,7 @@ use crate::probe::{Probe, ProbeSpec, Verdict};
 use crate::signal::{self, Requests};
 use crate::snapshot::{FORMAT_VERSION, Header};
 use crate::state::{AppState, restore};
-use crate::status::Outcome;
+use crate::status::{Outcome, Phases, Reporter};
 use crate::upgrade::{Commit, Progress, clean_env, commit};
 use crate::worker::Worker;
 use crate::{rollback, sys};
@@ -388,30 +388,30 @@ impl Copyover {
     }
 
     fn log_refused(&self, reason: &str) {
-        self.publish(Outcome::Refused, reason, "", 0.0);
-        crate::notify::notify(&format!("READY=1\nSTATUS=upgrade refused: {reason}"));
-        tracing::warn!(
-            generation = self.generation,
-            version = %self.config.version,
-            elapsed_ms = ms(monotonic_ns().saturating_sub(self.requested_at_ns)),
-            "upgrade refused: {reason}"
+        self.report(
+            Outcome::Refused {
+                reason: reason.into(),
+            },
+            ms(monotonic_ns().saturating_sub(self.requested_at_ns)),
+            false,
         );
     }
 
-    /// Writes the status file (see [`crate::status`]).
-    fn publish(&self, outcome: Outcome, reason: &str, from_version: &str, blackout_ms: f64) {
-        crate::status::Status {
-            pid: std::process::id(),
-            app: self.config.app.clone(),
-            version: self.config.version.clone(),
-            generation: self.generation,
+    /// Reports an outcome to the log, the status file and `sd_notify`
+    /// (see [`crate::status::report`]); `elapsed_ms` and `rescued` are for
+    /// the log line of a refusal or a rollback.
+    fn report(&self, outcome: Outcome, elapsed_ms: f64, rescued: bool) {
+        crate::status::report(
             outcome,
-            reason: reason.into(),
-            from_version: from_version.into(),
-            blackout_ms,
-            ..Default::default()
-        }
-        .publish();
+            &Reporter {
+                app: &self.config.app,
+                version: &self.config.version,
+                generation: self.generation,
+                binary: &self.binary,
+                elapsed_ms,
+                rescued,
+            },
+        );
     }
 
     pub(crate) fn header(&self, now: u64) -> Header {
@@ -555,12 +555,7 @@ impl Copyover {
         let now = monotonic_ns();
         self.ready = true;
         let Some(r) = self.resume.take() else {
-            self.publish(Outcome::Started, "", "", 0.0);
-            crate::notify::notify(&format!(
-                "READY=1\nSTATUS=serving {} (generation {})",
-                self.config.version, self.generation
-            ));
-            tracing::info!(generation = self.generation, version = %self.config.version, binary = ?self.binary, "serving");
+            self.report(Outcome::Started, 0.0, false);
             return Ok(());
         };
         // No way back is needed any more: the deadline and the plan go
@@ -572,25 +567,12 @@ impl Copyover {
         }
         drop(r.snapshot);
         drop(r.exec_record);
+        let h = &r.header;
+        let blackout_ms = ms(now.saturating_sub(h.committed_at_ns));
         if r.mode == Mode::Rollback {
             self.own_binary = Some(r.old_binary);
-            self.publish(Outcome::RolledBack, &r.reason, "", 0.0);
-            let mainpid = if r.rescued {
-                format!("MAINPID={}\n", std::process::id())
-            } else {
-                String::new()
-            };
-            crate::notify::notify(&format!(
-                "{mainpid}READY=1\nSTATUS=upgrade rolled back: {}",
-                r.reason
-            ));
-            tracing::info!(
-                generation = self.generation,
-                version = %self.config.version,
-                rescued = r.rescued,
-                blackout_ms = ms(now.saturating_sub(r.header.committed_at_ns)),
-                "serving again after the rollback"
-            );
+            let outcome = Outcome::RolledBack { reason: r.reason };
+            self.report(outcome, blackout_ms, r.rescued);
             return Ok(());
         }
         // The previous binary was kept for a rollback.
@@ -598,24 +580,19 @@ impl Copyover {
         // Opened before the outcome is logged, so that whoever reads the
         // log sees the image's final descriptors.
         let own = open_own_binary();
-        let h = &r.header;
-        let blackout_ms = ms(now.saturating_sub(h.committed_at_ns));
-        self.publish(Outcome::Complete, "", &h.writer_version, blackout_ms);
-        crate::notify::notify(&format!(
-            "READY=1\nSTATUS=upgrade complete: {} to {}, generation {}, blackout {blackout_ms:.2} ms",
-            h.writer_version, self.config.version, self.generation
-        ));
-        tracing::info!(
-            generation = self.generation,
-            from_version = %h.writer_version,
-            to_version = %self.config.version,
+        let outcome = Outcome::Complete {
+            from: h.writer_version.clone(),
+            to: self.config.version.clone(),
+            generation: self.generation,
             blackout_ms,
-            total_ms = ms(now.saturating_sub(h.requested_at_ns)),
-            exec_ms = ms(r.boot_ns.saturating_sub(h.committed_at_ns)),
-            restore_ms = ms(r.restored_ns.saturating_sub(r.boot_ns)),
-            adopt_ms = ms(now.saturating_sub(r.restored_ns)),
-            "upgrade complete"
-        );
+            phases: Phases {
+                total_ms: Some(ms(now.saturating_sub(h.requested_at_ns))),
+                exec_ms: Some(ms(r.boot_ns.saturating_sub(h.committed_at_ns))),
+                restore_ms: Some(ms(r.restored_ns.saturating_sub(r.boot_ns))),
+                adopt_ms: Some(ms(now.saturating_sub(r.restored_ns))),
+            },
+        };
+        self.report(outcome, 0.0, false);
         match own {
             Ok(fd) => self.own_binary = Some(fd),
             // Serving goes on; the next upgrade tries again.

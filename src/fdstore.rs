@@ -255,7 +255,7 @@ pub(crate) fn recover<S: AppState>(
     }))
 }
 
-impl Copyover {
+impl<S> Copyover<S> {
     /// Keeps descriptors in systemd's file descriptor store from now on, so
     /// that a crash loses no connection (see the [module docs](crate::fdstore)).
     /// Returns whether the store is in use: it needs `NOTIFY_SOCKET` (a
@@ -326,7 +326,10 @@ impl Copyover {
     /// [`Error::Snapshot`] if the state cannot be encoded or the memfd
     /// cannot be written, [`Error::Setup`] if systemd cannot be told. The
     /// previous checkpoint stays in the store.
-    pub fn checkpoint<S: AppState>(&self, state: &S) -> Result<(), Error> {
+    pub fn checkpoint(&self, state: &S) -> Result<(), Error>
+    where
+        S: AppState,
+    {
         if !self.fdstore_enabled() {
             return Ok(());
         }

@@ -8,7 +8,9 @@
 //!    wakes the event loop through [`Copyover::event_fd`].
 //! 2. At a **safe point**, the loop sees [`Event::Upgrade`] and calls
 //!    [`Copyover::upgrade`] with its state (any serde type implementing
-//!    [`AppState`]) and a [`Handoff`] naming the descriptors to keep:
+//!    [`AppState`]; the handle is a `Copyover<State>`, bound to that type by
+//!    `boot::<State>`, so the state handed over is the one the next image
+//!    restores) and a [`Handoff`] naming the descriptors to keep:
 //!    listeners and established connections.
 //! 3. The runtime **probes** the new binary: it starts it in probe mode
 //!    against a sealed snapshot, on a helper thread, while the loop keeps

@@ -55,7 +55,7 @@ use crate::{rollback, sys};
 /// [`Error::Setup`] if signal handling cannot be installed. After an
 /// upgrade, every error rolls back first; it is returned only if that is
 /// impossible.
-pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> {
+pub fn boot<S: AppState>(config: Config) -> Result<(Copyover<S>, Start<S>), Error> {
     let boot_ns = monotonic_ns();
     if let Some(nonce) = std::env::var_os(PROBE_VAR) {
         answer_probe::<S>(&config, &nonce);
@@ -127,7 +127,7 @@ fn install_requests() -> Result<Requests, Error> {
 fn boot_fresh<S: AppState>(
     config: Config,
     argv: Vec<OsString>,
-) -> Result<(Copyover, Start<S>), Error> {
+) -> Result<(Copyover<S>, Start<S>), Error> {
     single_thread()?;
     forget_handoff_vars();
     // Socket activation first, before this image opens any descriptor of
@@ -156,7 +156,7 @@ fn resume<S: AppState>(
     var: HandoffVar,
     text: &str,
     boot_ns: u64,
-) -> Result<(Copyover, Start<S>), Error> {
+) -> Result<(Copyover<S>, Start<S>), Error> {
     let upgraded = var.mode == Mode::Upgrade;
     if !upgraded && let Err(e) = sys::set_real_timer(0) {
         // The failed image's readiness deadline survived the exec; it must

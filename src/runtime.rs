@@ -6,6 +6,7 @@
 
 use std::ffi::{CString, OsString};
 use std::fs::File;
+use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -150,8 +151,35 @@ enum Phase {
 
 /// The runtime's handle: the upgrade's state machine, the signal flags, and
 /// what the next exec needs.
-#[derive(Debug)]
-pub struct Copyover {
+///
+/// `S` is the application's state type, bound once by
+/// [`boot::<S>`](crate::boot): [`upgrade`](Self::upgrade),
+/// [`save_snapshot`](Self::save_snapshot),
+/// [`restore_from_file`](Self::restore_from_file) and
+/// [`checkpoint`](Self::checkpoint) take that type and no other, so the
+/// snapshot a probe checks, the one a commit hands over and the one a
+/// staging file holds are all read back as what `boot` restores:
+///
+/// ```compile_fail
+/// use copyover::{AppState, Config, Handoff};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Chat { users: Vec<String> }
+/// impl AppState for Chat { const VERSION: u32 = 1; }
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Other { users: Vec<String> }
+/// impl AppState for Other { const VERSION: u32 = 1; }
+///
+/// fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let (mut co, _start) = copyover::boot::<Chat>(Config::new("chat", "v1"))?;
+///     // A `Copyover<Chat>` hands over a `Chat` and nothing else.
+///     co.upgrade(&Other { users: vec![] }, &Handoff::new())?;
+///     Ok(())
+/// }
+/// ```
+pub struct Copyover<S> {
     pub(crate) config: Config,
     pub(crate) binary: PathBuf,
     argv: Vec<OsString>,
@@ -173,6 +201,21 @@ pub struct Copyover {
     pub(crate) activated: Activated,
     /// The helper thread: the probe, reaping the holder.
     worker: Worker,
+    /// The state type; `fn() -> S` so that the handle is `Send` and `Sync`
+    /// whatever `S` is (it holds no `S`).
+    state: PhantomData<fn() -> S>,
+}
+
+impl<S> std::fmt::Debug for Copyover<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Copyover")
+            .field("config", &self.config)
+            .field("binary", &self.binary)
+            .field("generation", &self.generation)
+            .field("phase", &self.phase)
+            .field("ready", &self.ready)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds; it keeps counting across `execve`.
@@ -186,13 +229,13 @@ fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
 
-impl Copyover {
+impl<S> Copyover<S> {
     pub(crate) fn new(
         config: Config,
         argv: Vec<OsString>,
         requests: Requests,
         worker: Worker,
-    ) -> Result<Copyover, Error> {
+    ) -> Result<Copyover<S>, Error> {
         let argv_c = argv
             .iter()
             .map(|a| rollback::cstring(a.as_bytes()))
@@ -221,6 +264,7 @@ impl Copyover {
             payload_hint: 0,
             activated: Activated::default(),
             worker,
+            state: PhantomData,
         })
     }
 }
@@ -286,7 +330,7 @@ fn reap_holder(worker: &Worker, pidfd: Option<OwnedFd>, pid: i32) {
     }
 }
 
-impl Copyover {
+impl<S> Copyover<S> {
     /// Upgrades since the first start (0 for a fresh start; a rollback keeps
     /// the old image's number).
     pub fn generation(&self) -> u64 {
@@ -443,11 +487,10 @@ impl Copyover {
     /// missing, the handoff is inconsistent, the exec failed...). The
     /// runtime has logged `upgrade refused: REASON`; the application keeps
     /// serving, and owns all its descriptors as before.
-    pub fn upgrade<S: AppState>(
-        &mut self,
-        state: &S,
-        keep: &Handoff<'_>,
-    ) -> Result<Progress, UpgradeError> {
+    pub fn upgrade(&mut self, state: &S, keep: &Handoff<'_>) -> Result<Progress, UpgradeError>
+    where
+        S: AppState,
+    {
         let result = self.advance(state, keep);
         if let Err(e) = &result {
             self.phase = Phase::Idle;
@@ -458,11 +501,10 @@ impl Copyover {
         result
     }
 
-    fn advance<S: AppState>(
-        &mut self,
-        state: &S,
-        keep: &Handoff<'_>,
-    ) -> Result<Progress, UpgradeError> {
+    fn advance(&mut self, state: &S, keep: &Handoff<'_>) -> Result<Progress, UpgradeError>
+    where
+        S: AppState,
+    {
         if !self.ready {
             return Err(UpgradeError::Handoff {
                 reason: "this image has not called Copyover::ready yet".into(),
@@ -665,7 +707,10 @@ impl Copyover {
     /// # Errors
     ///
     /// [`UpgradeError::Snapshot`] if it cannot be encoded or written.
-    pub fn save_snapshot<S: AppState>(&self, state: &S, path: &Path) -> Result<(), UpgradeError> {
+    pub fn save_snapshot(&self, state: &S, path: &Path) -> Result<(), UpgradeError>
+    where
+        S: AppState,
+    {
         let mut header = self.header(monotonic_ns());
         header.state_version = S::VERSION;
         let payload = crate::snapshot::encode_state(state)?;
@@ -694,7 +739,10 @@ impl Copyover {
     ///
     /// [`Error::Snapshot`] if the file is unreadable, corrupt, of another
     /// app, or of a state version this binary cannot read.
-    pub fn restore_from_file<S: AppState>(&self, path: &Path) -> Result<S, Error> {
+    pub fn restore_from_file(&self, path: &Path) -> Result<S, Error>
+    where
+        S: AppState,
+    {
         let snap = crate::snapshot::read_file(path)?;
         snap.check_app(&self.config.app)?;
         Ok(restore::<S>(
@@ -705,7 +753,7 @@ impl Copyover {
     }
 }
 
-impl Drop for Copyover {
+impl<S> Drop for Copyover<S> {
     fn drop(&mut self) {
         if let Phase::Probing(p, _) = &self.phase {
             p.kill();

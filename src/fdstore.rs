@@ -63,13 +63,15 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
+use crate::env::{FDSTORE, NOTIFY_SOCKET};
 use crate::error::Error;
 use crate::handoff::Inherited;
 use crate::notify::{Activated, notify, notify_with_fds};
-use crate::runtime::{Copyover, monotonic_ns};
+use crate::runtime::Copyover;
 use crate::snapshot::{FdKind, Snapshot, read_sealed, write_sealed};
 use crate::state::{AppState, restore};
 use crate::sys;
+use crate::sys::monotonic_ns;
 
 /// The marker of a stored descriptor's name.
 const STORED: &str = "%=";
@@ -262,7 +264,7 @@ impl<S> Copyover<S> {
     /// systemd service) and `FileDescriptorStoreMax=` in the unit. Already on
     /// after a recovered start, or when systemd says `FDSTORE=` (254+).
     pub fn enable_fdstore(&mut self) -> bool {
-        let on = std::env::var_os("NOTIFY_SOCKET").is_some();
+        let on = std::env::var_os(NOTIFY_SOCKET).is_some();
         ENABLED.store(on, Ordering::Relaxed);
         on
     }
@@ -274,8 +276,8 @@ impl<S> Copyover<S> {
         static FROM_ENV: OnceLock<bool> = OnceLock::new();
         ENABLED.load(Ordering::Relaxed)
             || *FROM_ENV.get_or_init(|| {
-                std::env::var("FDSTORE").is_ok_and(|n| n.parse::<u32>().is_ok_and(|n| n > 0))
-                    && std::env::var_os("NOTIFY_SOCKET").is_some()
+                std::env::var(FDSTORE).is_ok_and(|n| n.parse::<u32>().is_ok_and(|n| n > 0))
+                    && std::env::var_os(NOTIFY_SOCKET).is_some()
             })
     }
 

@@ -53,10 +53,7 @@ use crate::error::Error;
 use crate::snapshot::{FdKind, ManifestEntry};
 use crate::sys;
 
-/// The environment variable that carries the handoff into the new image.
-pub const HANDOFF_VAR: &str = "COPYOVER_HANDOFF";
-/// The environment variable that carries a rollback's reason.
-pub const ROLLBACK_REASON_VAR: &str = "COPYOVER_ROLLBACK_REASON";
+pub use crate::env::{HANDOFF_VAR, ROLLBACK_REASON_VAR};
 
 /// Why the new image was started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

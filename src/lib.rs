@@ -148,6 +148,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod env;
 mod error;
 pub mod fdstore;
 pub mod handoff;

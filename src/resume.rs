@@ -9,14 +9,15 @@
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
+use crate::env::{HANDOFF_VAR, PROBE_VAR, ROLLBACK_REASON_VAR, forget_handoff_vars};
 use crate::error::Error;
-use crate::handoff::{HANDOFF_VAR, HandoffVar, Inherited, Mode, ROLLBACK_REASON_VAR};
+use crate::handoff::{HandoffVar, Inherited, Mode};
 use crate::notify::Activated;
-use crate::probe::PROBE_VAR;
-use crate::runtime::{Config, Copyover, Resume, Start, monotonic_ns, open_own_binary};
+use crate::runtime::{Config, Copyover, Resume, Start, open_own_binary};
 use crate::signal::{self, Requests};
 use crate::snapshot::read_sealed;
 use crate::state::{AppState, restore};
+use crate::sys::monotonic_ns;
 use crate::worker::Worker;
 use crate::{rollback, sys};
 
@@ -84,14 +85,6 @@ fn read_handoff_var() -> Result<Option<(HandoffVar, String)>, Error> {
         var.pid
     );
     Ok(None)
-}
-
-/// Removes the runtime's variables from the environment (so that no child
-/// inherits them). Only with a single thread, which the caller checked.
-fn forget_handoff_vars() {
-    for var in [HANDOFF_VAR, ROLLBACK_REASON_VAR] {
-        sys::remove_env_var(var.as_ref());
-    }
 }
 
 fn single_thread() -> Result<(), Error> {

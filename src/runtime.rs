@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::env::{clean_env, cstring};
 use crate::error::{Error, UpgradeError};
 use crate::handoff::{Handoff, Inherited, Mode};
 use crate::notify::Activated;
@@ -22,7 +23,8 @@ use crate::signal::{self, Requests};
 use crate::snapshot::{FORMAT_VERSION, Header};
 use crate::state::{AppState, restore};
 use crate::status::{Outcome, Phases, Reporter};
-use crate::upgrade::{Commit, Progress, clean_env, commit};
+use crate::sys::monotonic_ns;
+use crate::upgrade::{Commit, Progress, commit};
 use crate::worker::Worker;
 use crate::{rollback, sys};
 
@@ -218,13 +220,6 @@ impl<S> std::fmt::Debug for Copyover<S> {
     }
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds; it keeps counting across `execve`.
-pub(crate) fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
-
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
@@ -238,7 +233,7 @@ impl<S> Copyover<S> {
     ) -> Result<Copyover<S>, Error> {
         let argv_c = argv
             .iter()
-            .map(|a| rollback::cstring(a.as_bytes()))
+            .map(|a| cstring(a.as_bytes()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| Error::Setup {
                 what: "read the arguments",

@@ -63,8 +63,7 @@ const MAX_LEN: u64 = 64 * 1024;
 /// The format this runtime writes and reads (see the module docs).
 const FORMAT: &str = "1";
 
-/// The environment variable that overrides the status directory.
-pub const STATUS_DIR_VAR: &str = "COPYOVER_STATUS_DIR";
+pub use crate::env::STATUS_DIR_VAR;
 
 /// The status directory for this user (see the module docs).
 pub fn status_dir() -> PathBuf {
@@ -577,7 +576,7 @@ pub(crate) fn write_replacing(dir: &Path, path: &Path, bytes: &[u8], sync: bool)
     let tmp = dir.join(format!(
         ".{name}.{}.{:x}.tmp",
         std::process::id(),
-        crate::runtime::monotonic_ns()
+        crate::sys::monotonic_ns()
     ));
     let mut file = std::fs::OpenOptions::new()
         .write(true)

@@ -29,6 +29,16 @@ macro_rules! syscall {
 }
 pub(crate) use syscall;
 
+/// `CLOCK_MONOTONIC` in nanoseconds (0 if the clock cannot be read, which
+/// Linux never does). It keeps counting across `execve`, so the old image's
+/// timestamps (the snapshot's request and commit times) and the new image's
+/// can be subtracted.
+pub(crate) fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
 /// `MFD_NOEXEC_SEAL` (Linux 6.3): the memfd can never be made executable.
 /// Not yet exported by every `libc` release, so it is spelled out here.
 const MFD_NOEXEC_SEAL: libc::c_uint = 0x0008;

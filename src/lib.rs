@@ -99,6 +99,10 @@
 //!   state you serialize, the environment, the working directory, rlimits,
 //!   seccomp filters and `no_new_privs`, the signal mask (the runtime
 //!   manages it), children (they are the new image's children now).
+//!   `ITIMER_REAL` survives too, but the runtime takes it from the exec to
+//!   `ready` (the readiness deadline replaces whatever the old image had
+//!   armed, and `ready` cancels it): an application's own `alarm` does not
+//!   survive an upgrade.
 //! * Not kept: threads (all but the calling one are destroyed: put
 //!   everything worth keeping in the state), memory not in the state (but
 //!   see [`Region`] for bulk bytes that cross in place), signal handlers

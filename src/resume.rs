@@ -37,15 +37,20 @@ use crate::{rollback, sys};
 ///
 /// 1. The rollback is armed before anything else can fail: every later
 ///    step that fails brings the old binary back instead of ending the
-///    process.
+///    process. Arming it arms the readiness deadline, `ITIMER_REAL`, which
+///    replaces any interval the old image had set (the timer survives
+///    `execve`); `ready` cancels it. (After a rollback, the old image's
+///    `boot` instead cancels the failed image's deadline before anything
+///    else; a fresh start leaves `ITIMER_REAL` alone.)
 /// 2. The process must have a single thread (a thread started before
 ///    `boot` would make the environment unsafe to change): else, rollback.
 /// 3. The snapshot and every descriptor of the manifest are checked
 ///    **before this image opens any descriptor of its own**: each must be
 ///    open and not close-on-exec, as the old image left it.
-/// 4. Every inherited descriptor becomes close-on-exec at once (a child
-///    started now inherits none); the rollback makes them inheritable
-///    again only at the instant of its exec.
+/// 4. Every fd from 3 up (the inherited ones, and anything else the exec
+///    let through) becomes close-on-exec in one call, so a child started
+///    from now on inherits none; the rollback makes the kept ones
+///    inheritable again only at the instant of its exec.
 /// 5. Signal handlers, then the state is decoded and migrated.
 ///
 /// # Errors

@@ -481,7 +481,11 @@ impl<S> Copyover<S> {
     /// An [`UpgradeError`] saying why no upgrade happened (the binary is
     /// missing, the handoff is inconsistent, the exec failed...). The
     /// runtime has logged `upgrade refused: REASON`; the application keeps
-    /// serving, and owns all its descriptors as before.
+    /// serving, and owns all its descriptors as before. One flag is not
+    /// put back as it was: a commit that got as far as preparing the
+    /// descriptors leaves every fd from 3 up close-on-exec, so one the
+    /// application had left inheritable on purpose (for a child it starts
+    /// later) must be made inheritable again by the application.
     pub fn upgrade(&mut self, state: &S, keep: &Handoff<'_>) -> Result<Progress, UpgradeError>
     where
         S: AppState,

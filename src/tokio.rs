@@ -338,7 +338,8 @@ impl<S> DerefMut for AsyncCopyover<S> {
 ///
 /// [`Error::Adopt`] if the descriptor is not of the asked type, or cannot
 /// be registered with tokio. Before [`Copyover::ready`] after an upgrade,
-/// either rolls back at once.
+/// either rolls back at once and the call does not return (see
+/// [`Inherited`'s "When a check fails"](Inherited#when-a-check-fails)).
 pub trait TakeTokio {
     /// A listening TCP socket.
     fn take_tokio_tcp_listener(

@@ -70,7 +70,9 @@ pub(crate) struct Commit<'a> {
 }
 
 /// Undoes the commit's flags and mask if the exec does not happen: every fd
-/// close-on-exec again, the signal mask as it was before the commit.
+/// from 3 up close-on-exec (not each fd's flag as it was: an fd the
+/// application had left inheritable stays close-on-exec), the signal mask
+/// as it was before the commit.
 struct Undo {
     /// The signal mask before the commit held the reload signals.
     mask: Option<nix::sys::signal::SigSet>,
@@ -86,7 +88,8 @@ impl Drop for Undo {
 }
 
 /// Writes the snapshot, prepares the fds, the mask and the holder, and
-/// executes. Returns only on failure, with everything undone.
+/// executes. Returns only on failure, with the steps taken undone (see
+/// [`Undo`]: the fd flags are not restored one by one).
 pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeError {
     let t0 = std::time::Instant::now();
     let draft = match c.draft {

@@ -506,9 +506,13 @@ impl Mapping {
         // SAFETY: `ptr` maps `len` readable bytes for the life of `self`
         // (unmapped only in Drop). Nobody else writes them: a read-only
         // mapping is of a sealed memfd; a region's memfd is private to this
-        // process (close-on-exec, never given to a child by the crate,
-        // inheritable only at the instant of our own exec, which ends this
-        // mapping); its size is sealed, so no page can vanish under it.
+        // process: close-on-exec from `boot` on (no child the application
+        // starts gets it), inheritable only from our own exec (which ends
+        // this mapping) to the next image's `boot` (before that image maps
+        // it), and shared with one child only, the holder, which shares our
+        // old memory and descriptor table (`CLONE_VM | CLONE_FILES`) but
+        // never reads or writes the region; its size is sealed, so no page
+        // can vanish under it.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 

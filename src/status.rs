@@ -382,6 +382,11 @@ impl Status {
     }
 }
 
+/// The log target of the outcome lines.
+const TARGET: &str = "copyover::runtime";
+/// The log target of `upgrade rolled back: REASON`.
+const ROLLBACK_TARGET: &str = "copyover::resume";
+
 /// The process an outcome is about, and what only the log line and
 /// `sd_notify` add to it (not kept in the status file).
 #[derive(Debug)]
@@ -413,6 +418,10 @@ pub(crate) struct Reporter<'a> {
 ///
 /// The status file is written first: whoever sees the log line finds the
 /// file up to date.
+///
+/// The lines keep the targets they had when the runtime wrote them itself
+/// ([`TARGET`], [`ROLLBACK_TARGET`]), so that a `RUST_LOG` filter written for
+/// them still matches.
 pub(crate) fn report(outcome: Outcome, who: &Reporter<'_>) {
     let status_text = match &outcome {
         Outcome::Started => format!("serving {} (generation {})", who.version, who.generation),
@@ -447,7 +456,7 @@ pub(crate) fn report(outcome: Outcome, who: &Reporter<'_>) {
     let ms = |v: Option<f64>| v.unwrap_or(0.0);
     match outcome {
         Outcome::Started => {
-            tracing::info!(generation, version = %version, binary = ?who.binary, "serving")
+            tracing::info!(target: TARGET, generation, version = %version, binary = ?who.binary, "serving")
         }
         Outcome::Complete {
             from,
@@ -456,6 +465,7 @@ pub(crate) fn report(outcome: Outcome, who: &Reporter<'_>) {
             blackout_ms,
             phases,
         } => tracing::info!(
+            target: TARGET,
             generation,
             from_version = %from,
             to_version = %to,
@@ -467,14 +477,16 @@ pub(crate) fn report(outcome: Outcome, who: &Reporter<'_>) {
             "upgrade complete"
         ),
         Outcome::Refused { reason } => tracing::warn!(
+            target: TARGET,
             generation,
             version = %version,
             elapsed_ms = who.elapsed_ms,
             "upgrade refused: {reason}"
         ),
         Outcome::RolledBack { reason } => {
-            tracing::warn!(version = %version, "upgrade rolled back: {reason}");
+            tracing::warn!(target: ROLLBACK_TARGET, version = %version, "upgrade rolled back: {reason}");
             tracing::info!(
+                target: TARGET,
                 generation,
                 version = %version,
                 rescued = who.rescued,

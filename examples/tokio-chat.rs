@@ -140,7 +140,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     copyover::tokio::runtime()?.block_on(run(co, start))
 }
 
-async fn run(co: Copyover, start: Start<Saved>) -> Result<(), Box<dyn Error>> {
+async fn run(co: Copyover<Saved>, start: Start<Saved>) -> Result<(), Box<dyn Error>> {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:6142".into());

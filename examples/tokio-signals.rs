@@ -82,7 +82,7 @@ async fn busy(mut safe: SafePoint<()>) {
 }
 
 async fn run(
-    co: copyover::Copyover,
+    co: copyover::Copyover<State>,
     start: Start<State>,
     pending: String,
     no_mask: bool,
@@ -167,7 +167,7 @@ async fn run(
 /// The library's upgrade (the held signals masked while the probe's thread
 /// starts), or with `no_mask` the core's as a hand-written port calls it.
 fn upgrade(
-    co: &mut AsyncCopyover,
+    co: &mut AsyncCopyover<State>,
     no_mask: bool,
     state: &State,
     keep: &Handoff<'_>,

@@ -63,13 +63,15 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
+use crate::env::{FDSTORE, NOTIFY_SOCKET};
 use crate::error::Error;
 use crate::handoff::Inherited;
 use crate::notify::{Activated, notify, notify_with_fds};
-use crate::runtime::{Copyover, monotonic_ns};
+use crate::runtime::Copyover;
 use crate::snapshot::{FdKind, Manifest, Snapshot, read_sealed, write_sealed};
 use crate::state::{AppState, restore};
 use crate::sys;
+use crate::sys::monotonic_ns;
 
 /// The marker of a stored descriptor's name.
 const STORED: &str = "%=";
@@ -255,14 +257,14 @@ pub(crate) fn recover<S: AppState>(
     }))
 }
 
-impl Copyover {
+impl<S> Copyover<S> {
     /// Keeps descriptors in systemd's file descriptor store from now on, so
     /// that a crash loses no connection (see the [module docs](crate::fdstore)).
     /// Returns whether the store is in use: it needs `NOTIFY_SOCKET` (a
     /// systemd service) and `FileDescriptorStoreMax=` in the unit. Already on
     /// after a recovered start, or when systemd says `FDSTORE=` (254+).
     pub fn enable_fdstore(&mut self) -> bool {
-        let on = std::env::var_os("NOTIFY_SOCKET").is_some();
+        let on = std::env::var_os(NOTIFY_SOCKET).is_some();
         ENABLED.store(on, Ordering::Relaxed);
         on
     }
@@ -274,8 +276,8 @@ impl Copyover {
         static FROM_ENV: OnceLock<bool> = OnceLock::new();
         ENABLED.load(Ordering::Relaxed)
             || *FROM_ENV.get_or_init(|| {
-                std::env::var("FDSTORE").is_ok_and(|n| n.parse::<u32>().is_ok_and(|n| n > 0))
-                    && std::env::var_os("NOTIFY_SOCKET").is_some()
+                std::env::var(FDSTORE).is_ok_and(|n| n.parse::<u32>().is_ok_and(|n| n > 0))
+                    && std::env::var_os(NOTIFY_SOCKET).is_some()
             })
     }
 
@@ -326,7 +328,10 @@ impl Copyover {
     /// [`Error::Snapshot`] if the state cannot be encoded or the memfd
     /// cannot be written, [`Error::Setup`] if systemd cannot be told. The
     /// previous checkpoint stays in the store.
-    pub fn checkpoint<S: AppState>(&self, state: &S) -> Result<(), Error> {
+    pub fn checkpoint(&self, state: &S) -> Result<(), Error>
+    where
+        S: AppState,
+    {
         if !self.fdstore_enabled() {
             return Ok(());
         }

@@ -53,10 +53,7 @@ use crate::error::Error;
 use crate::snapshot::{FdKind, GroupMember, Manifest, ManifestEntry, ManifestGroup};
 use crate::sys;
 
-/// The environment variable that carries the handoff into the new image.
-pub const HANDOFF_VAR: &str = "COPYOVER_HANDOFF";
-/// The environment variable that carries a rollback's reason.
-pub const ROLLBACK_REASON_VAR: &str = "COPYOVER_ROLLBACK_REASON";
+pub use crate::env::{HANDOFF_VAR, ROLLBACK_REASON_VAR};
 
 /// Why the new image was started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -361,10 +358,47 @@ fn holders(m: &Manifest, fd: RawFd) -> String {
 /// name was handed over (or it was already taken). Descriptors nobody claims
 /// are closed, with a warning, when this set is dropped.
 ///
-/// Every inherited descriptor is close-on-exec again from the start of
-/// [`boot`](crate::boot) (a child started before [`Copyover::ready`](crate::Copyover::ready) gets
-/// none of them; a rollback makes them inheritable again just before its
-/// exec). Its blocking mode is
+/// ```
+/// use copyover::Inherited;
+/// use std::net::{TcpListener, TcpStream};
+///
+/// /// What a resumed image takes back, by the names its old image kept
+/// /// them under (`keep.listener("listener", ..).streams("conn", ..)`).
+/// fn adopt(fds: &mut Inherited) -> Result<(Option<TcpListener>, Vec<(u64, TcpStream)>), copyover::Error> {
+///     let listener = fds.take_tcp_listener("listener")?;
+///     let conns = fds.take_tcp_streams("conn")?;
+///     Ok((listener, conns))
+/// }
+///
+/// // `boot` hands a resumed image its set in `Start::Resumed`; an empty
+/// // one stands in for it here.
+/// let (listener, conns) = adopt(&mut Inherited::default())?;
+/// assert!(listener.is_none() && conns.is_empty());
+/// # Ok::<(), copyover::Error>(())
+/// ```
+///
+/// # When a check fails
+///
+/// While an upgraded image is not [ready](crate::Copyover::ready), a typed
+/// take (`take_tcp_listener`, `take_tcp_streams`, `take_region`, ...)
+/// whose descriptor fails its check **rolls back at once and does not
+/// return**: the old binary runs again with every descriptor still open,
+/// the wrong one included. The error is returned only where there is no
+/// rollback: on a fresh or recovered start, after a rollback, after
+/// `ready`, or if the rollback's exec itself failed. [`take_fd`](Self::take_fd)
+/// checks nothing and never rolls back.
+///
+/// # Close-on-exec
+///
+/// The inherited descriptors arrive inheritable (that is how [`boot`](crate::boot)
+/// recognises them); once it has checked them, `boot` makes every fd from
+/// 3 up close-on-exec in one call, before it starts its helper thread or
+/// returns. So a child started after `boot` gets none of them; only the
+/// rollback makes the kept ones inheritable again, just before its exec.
+/// (After a rollback, a failure of that call is logged and the fds stay
+/// inheritable: the old code serves anyway.)
+///
+/// Its blocking mode is
 /// the one the old image set: `O_NONBLOCK` lives on the open file
 /// description and survives the exec. Event-loop registrations (epoll) do
 /// not survive: register every adopted descriptor again.
@@ -509,7 +543,7 @@ impl Inherited {
             .map(String::as_str)
     }
 
-    /// Takes any descriptor, without a type check.
+    /// Takes any descriptor, without a type check. It never rolls back.
     ///
     /// # Errors
     ///
@@ -524,11 +558,12 @@ impl Inherited {
     ///
     /// While an upgraded image is not ready, a descriptor that is not a
     /// region rolls back at once (the call does not return); otherwise the
-    /// error is returned.
+    /// error is returned (see [When a check fails](Self#when-a-check-fails)).
     ///
     /// # Errors
     ///
-    /// [`Error::Adopt`] if the descriptor is not a region's memfd.
+    /// [`Error::Adopt`] if the descriptor is not a region's memfd whose
+    /// size is sealed, where no rollback happens.
     pub fn take_region(&mut self, name: &str) -> Result<Option<crate::Region>, Error> {
         let Some((fd, kind)) = self.fds.get(name) else {
             return Ok(None);
@@ -550,7 +585,10 @@ impl Inherited {
     ///
     /// # Errors
     ///
-    /// [`Error::Adopt`] if the descriptor is not a listening TCP socket.
+    /// [`Error::Adopt`] if the descriptor is not a listening TCP socket,
+    /// where no rollback happens (see [When a check
+    /// fails](Self#when-a-check-fails): before `ready` it rolls back and
+    /// does not return).
     pub fn take_tcp_listener(&mut self, name: &str) -> Result<Option<TcpListener>, Error> {
         self.take_socket(
             name,
@@ -565,7 +603,10 @@ impl Inherited {
     ///
     /// # Errors
     ///
-    /// [`Error::Adopt`] if the descriptor is not a connected TCP socket.
+    /// [`Error::Adopt`] if the descriptor is not a connected TCP socket,
+    /// where no rollback happens (see [When a check
+    /// fails](Self#when-a-check-fails): before `ready` it rolls back and
+    /// does not return).
     pub fn take_tcp_stream(&mut self, name: &str) -> Result<Option<TcpStream>, Error> {
         self.take_socket(
             name,
@@ -592,7 +633,9 @@ impl Inherited {
     /// # Errors
     ///
     /// [`Error::Adopt`] if a checked descriptor is not a connected TCP
-    /// socket (while an upgraded image is not ready, that rolls back).
+    /// socket, where no rollback happens (see [When a check
+    /// fails](Self#when-a-check-fails): before `ready` it rolls back and
+    /// does not return).
     pub fn take_tcp_streams(&mut self, prefix: &str) -> Result<Vec<(u64, TcpStream)>, Error> {
         self.take_group(prefix, |set, name| set.take_tcp_stream(name))
     }
@@ -669,7 +712,10 @@ impl Inherited {
     ///
     /// # Errors
     ///
-    /// [`Error::Adopt`] if the descriptor is not a listening Unix socket.
+    /// [`Error::Adopt`] if the descriptor is not a listening Unix socket,
+    /// where no rollback happens (see [When a check
+    /// fails](Self#when-a-check-fails): before `ready` it rolls back and
+    /// does not return).
     pub fn take_unix_listener(&mut self, name: &str) -> Result<Option<UnixListener>, Error> {
         self.take_socket(name, "a listening Unix socket", true, None)
             .map(|o| o.map(UnixListener::from))
@@ -679,7 +725,10 @@ impl Inherited {
     ///
     /// # Errors
     ///
-    /// [`Error::Adopt`] if the descriptor is not a connected Unix socket.
+    /// [`Error::Adopt`] if the descriptor is not a connected Unix socket,
+    /// where no rollback happens (see [When a check
+    /// fails](Self#when-a-check-fails): before `ready` it rolls back and
+    /// does not return).
     pub fn take_unix_stream(&mut self, name: &str) -> Result<Option<UnixStream>, Error> {
         self.take_socket(name, "a connected Unix socket", false, None)
             .map(|o| o.map(UnixStream::from))
@@ -758,7 +807,9 @@ impl Inherited {
     ///
     /// [`Error::Adopt`] if the descriptor is not a UDP socket (`SO_TYPE`
     /// `SOCK_DGRAM`, `SO_DOMAIN` `AF_INET` or `AF_INET6`, `SO_PROTOCOL`
-    /// `IPPROTO_UDP`).
+    /// `IPPROTO_UDP`), where no rollback happens (see [When a check
+    /// fails](Self#when-a-check-fails): before `ready` it rolls back and
+    /// does not return).
     pub fn take_udp_socket(&mut self, name: &str) -> Result<Option<UdpSocket>, Error> {
         self.take_datagram(name, "a UDP socket", DatagramFamily::Udp)
             .map(|o| o.map(UdpSocket::from))
@@ -769,7 +820,9 @@ impl Inherited {
     /// # Errors
     ///
     /// [`Error::Adopt`] if the descriptor is not a Unix datagram socket
-    /// (`SO_TYPE` `SOCK_DGRAM`, `SO_DOMAIN` `AF_UNIX`).
+    /// (`SO_TYPE` `SOCK_DGRAM`, `SO_DOMAIN` `AF_UNIX`), where no rollback
+    /// happens (see [When a check fails](Self#when-a-check-fails): before
+    /// `ready` it rolls back and does not return).
     pub fn take_unix_datagram(&mut self, name: &str) -> Result<Option<UnixDatagram>, Error> {
         self.take_datagram(name, "a Unix datagram socket", DatagramFamily::Unix)
             .map(|o| o.map(UnixDatagram::from))

@@ -8,7 +8,9 @@
 //!    wakes the event loop through [`Copyover::event_fd`].
 //! 2. At a **safe point**, the loop sees [`Event::Upgrade`] and calls
 //!    [`Copyover::upgrade`] with its state (any serde type implementing
-//!    [`AppState`]) and a [`Handoff`] naming the descriptors to keep:
+//!    [`AppState`]; the handle is a `Copyover<State>`, bound to that type by
+//!    `boot::<State>`, so the state handed over is the one the next image
+//!    restores) and a [`Handoff`] naming the descriptors to keep:
 //!    listeners and established connections.
 //! 3. The runtime **probes** the new binary: it starts it in probe mode
 //!    against a sealed snapshot, on a helper thread, while the loop keeps
@@ -97,6 +99,10 @@
 //!   state you serialize, the environment, the working directory, rlimits,
 //!   seccomp filters and `no_new_privs`, the signal mask (the runtime
 //!   manages it), children (they are the new image's children now).
+//!   `ITIMER_REAL` survives too, but the runtime takes it from the exec to
+//!   `ready` (the readiness deadline replaces whatever the old image had
+//!   armed, and `ready` cancels it): an application's own `alarm` does not
+//!   survive an upgrade.
 //! * Not kept: threads (all but the calling one are destroyed: put
 //!   everything worth keeping in the state), memory not in the state (but
 //!   see [`Region`] for bulk bytes that cross in place), signal handlers
@@ -146,6 +152,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod env;
 mod error;
 pub mod fdstore;
 pub mod handoff;

@@ -31,11 +31,13 @@
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 
+use crate::env::{LISTEN_VARS, NOTIFY_SOCKET};
+
 /// Sends one notification datagram to `NOTIFY_SOCKET`, if it is set.
 /// Failures are logged at debug level and otherwise ignored: a missing
 /// supervisor must never stop an upgrade.
 pub(crate) fn notify(message: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+    let Some(path) = std::env::var_os(NOTIFY_SOCKET) else {
         return;
     };
     let result = UnixDatagram::unbound().and_then(|sock| {
@@ -64,7 +66,7 @@ pub(crate) fn notify_with_fds(message: &str, fds: &[BorrowedFd<'_>]) -> std::io:
     use nix::sys::socket::{
         AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr, sendmsg, socket,
     };
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+    let Some(path) = std::env::var_os(NOTIFY_SOCKET) else {
         return Ok(false);
     };
     let bytes = path.as_encoded_bytes();
@@ -93,7 +95,7 @@ pub(crate) fn notify_with_fds(message: &str, fds: &[BorrowedFd<'_>]) -> std::io:
 
 /// `MONOTONIC_USEC=` of now, for `RELOADING=1`.
 pub(crate) fn monotonic_usec() -> u64 {
-    crate::runtime::monotonic_ns() / 1000
+    crate::sys::monotonic_ns() / 1000
 }
 
 /// Listeners passed by systemd socket activation, by name.
@@ -106,9 +108,7 @@ impl Activated {
     /// Removes the `LISTEN_*` variables without adopting anything (a
     /// resumed image).
     pub(crate) fn from_env_ignored() -> Activated {
-        for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
-            crate::sys::remove_env_var(var.as_ref());
-        }
+        crate::env::forget_listen_vars();
         Activated::default()
     }
 
@@ -116,12 +116,8 @@ impl Activated {
     /// `LISTEN_PID` is this process. Called by `boot` on a first start only,
     /// while the process has one thread.
     pub(crate) fn from_env() -> Activated {
-        let pid = std::env::var("LISTEN_PID").ok();
-        let count = std::env::var("LISTEN_FDS").ok();
-        let names = std::env::var("LISTEN_FDNAMES").ok();
-        for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
-            crate::sys::remove_env_var(var.as_ref());
-        }
+        let [pid, count, names] = LISTEN_VARS.map(|var| std::env::var(var).ok());
+        crate::env::forget_listen_vars();
         let ours = pid.and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
         let Some(count) = count.and_then(|c| c.parse::<i32>().ok()).filter(|_| ours) else {
             return Activated::default();

@@ -42,8 +42,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-/// The environment variable that puts a copyover program into probe mode.
-pub const PROBE_VAR: &str = "COPYOVER_PROBE";
+pub use crate::env::PROBE_VAR;
 const ANSWER_PREFIX: &str = "copyover-probe 1";
 
 /// The verdict of one probe.
@@ -184,10 +183,7 @@ impl Probe {
 }
 
 fn nonce() -> String {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0);
-    format!("{:x}{:x}", std::process::id(), t)
+    format!("{:x}{:x}", std::process::id(), crate::sys::monotonic_ns())
 }
 
 fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {

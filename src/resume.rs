@@ -9,14 +9,15 @@
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
+use crate::env::{HANDOFF_VAR, PROBE_VAR, ROLLBACK_REASON_VAR, forget_handoff_vars};
 use crate::error::Error;
-use crate::handoff::{HANDOFF_VAR, HandoffVar, Inherited, Mode, ROLLBACK_REASON_VAR};
+use crate::handoff::{HandoffVar, Inherited, Mode};
 use crate::notify::Activated;
-use crate::probe::PROBE_VAR;
-use crate::runtime::{Config, Copyover, Resume, Start, monotonic_ns, open_own_binary};
+use crate::runtime::{Config, Copyover, Resume, Start, open_own_binary};
 use crate::signal::{self, Requests};
 use crate::snapshot::read_sealed;
 use crate::state::{AppState, restore};
+use crate::sys::monotonic_ns;
 use crate::worker::Worker;
 use crate::{rollback, sys};
 
@@ -36,15 +37,20 @@ use crate::{rollback, sys};
 ///
 /// 1. The rollback is armed before anything else can fail: every later
 ///    step that fails brings the old binary back instead of ending the
-///    process.
+///    process. Arming it arms the readiness deadline, `ITIMER_REAL`, which
+///    replaces any interval the old image had set (the timer survives
+///    `execve`); `ready` cancels it. (After a rollback, the old image's
+///    `boot` instead cancels the failed image's deadline before anything
+///    else; a fresh start leaves `ITIMER_REAL` alone.)
 /// 2. The process must have a single thread (a thread started before
 ///    `boot` would make the environment unsafe to change): else, rollback.
 /// 3. The snapshot and every descriptor of the manifest are checked
 ///    **before this image opens any descriptor of its own**: each must be
 ///    open and not close-on-exec, as the old image left it.
-/// 4. Every inherited descriptor becomes close-on-exec at once (a child
-///    started now inherits none); the rollback makes them inheritable
-///    again only at the instant of its exec.
+/// 4. Every fd from 3 up (the inherited ones, and anything else the exec
+///    let through) becomes close-on-exec in one call, so a child started
+///    from now on inherits none; the rollback makes the kept ones
+///    inheritable again only at the instant of its exec.
 /// 5. Signal handlers, then the state is decoded and migrated.
 ///
 /// # Errors
@@ -55,7 +61,7 @@ use crate::{rollback, sys};
 /// [`Error::Setup`] if signal handling cannot be installed. After an
 /// upgrade, every error rolls back first; it is returned only if that is
 /// impossible.
-pub fn boot<S: AppState>(config: Config) -> Result<(Copyover, Start<S>), Error> {
+pub fn boot<S: AppState>(config: Config) -> Result<(Copyover<S>, Start<S>), Error> {
     let boot_ns = monotonic_ns();
     if let Some(nonce) = std::env::var_os(PROBE_VAR) {
         answer_probe::<S>(&config, &nonce);
@@ -84,14 +90,6 @@ fn read_handoff_var() -> Result<Option<(HandoffVar, String)>, Error> {
         var.pid
     );
     Ok(None)
-}
-
-/// Removes the runtime's variables from the environment (so that no child
-/// inherits them). Only with a single thread, which the caller checked.
-fn forget_handoff_vars() {
-    for var in [HANDOFF_VAR, ROLLBACK_REASON_VAR] {
-        sys::remove_env_var(var.as_ref());
-    }
 }
 
 fn single_thread() -> Result<(), Error> {
@@ -127,7 +125,7 @@ fn install_requests() -> Result<Requests, Error> {
 fn boot_fresh<S: AppState>(
     config: Config,
     argv: Vec<OsString>,
-) -> Result<(Copyover, Start<S>), Error> {
+) -> Result<(Copyover<S>, Start<S>), Error> {
     single_thread()?;
     forget_handoff_vars();
     // Socket activation first, before this image opens any descriptor of
@@ -156,7 +154,7 @@ fn resume<S: AppState>(
     var: HandoffVar,
     text: &str,
     boot_ns: u64,
-) -> Result<(Copyover, Start<S>), Error> {
+) -> Result<(Copyover<S>, Start<S>), Error> {
     let upgraded = var.mode == Mode::Upgrade;
     if !upgraded && let Err(e) = sys::set_real_timer(0) {
         // The failed image's readiness deadline survived the exec; it must
@@ -300,9 +298,6 @@ fn resume<S: AppState>(
     co.generation = header.generation + u64::from(upgraded);
     if co.config.binary.is_none() {
         co.binary = header.binary.clone();
-    }
-    if !upgraded {
-        tracing::warn!(version = %co.config.version, "upgrade rolled back: {reason}");
     }
     crate::notify::notify(&format!(
         "EXTEND_TIMEOUT_USEC={}\nSTATUS=restoring after an upgrade",

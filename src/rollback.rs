@@ -23,7 +23,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Once;
 use std::time::Duration;
 
-use crate::handoff::ROLLBACK_REASON_VAR;
+use crate::env::{ROLLBACK_REASON_VAR, cstring, env_entries, exec_env, with_handoff};
 use crate::signal::HELD_SIGNALS;
 use crate::sys;
 
@@ -86,7 +86,7 @@ impl ExecRecord {
             .iter()
             .map(|a| cstring(a.as_bytes()))
             .collect::<io::Result<_>>()?;
-        let env = crate::upgrade::env_entries(env)?;
+        let env = env_entries(env)?;
         crate::snapshot::seal_bytes(c"copyover-exec", &ExecRecord::encode(&argv, &env))
             .map_err(io::Error::other)
     }
@@ -150,14 +150,8 @@ pub(crate) fn arm(back: &mut Back, deadline: Option<Duration>) -> io::Result<()>
         .map(|a| cstring(a.as_bytes()))
         .collect::<io::Result<_>>()?;
     let env = match &back.env {
-        Some(env) => {
-            let mut env = env.clone();
-            env.push(cstring(
-                format!("{}={}", crate::handoff::HANDOFF_VAR, back.var).as_bytes(),
-            )?);
-            env
-        }
-        None => crate::upgrade::exec_env(&back.var)?,
+        Some(env) => with_handoff(env.clone(), &back.var)?,
+        None => exec_env(&back.var)?,
     };
     let held = HELD_SIGNALS.to_vec();
     let nofile = back.nofile.map(|soft| {
@@ -223,15 +217,6 @@ fn install_panic_hook() {
             }
         }));
     });
-}
-
-pub(crate) fn cstring(bytes: &[u8]) -> io::Result<CString> {
-    CString::new(bytes).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "a NUL byte in an argument or variable",
-        )
-    })
 }
 
 #[cfg(test)]

@@ -6,12 +6,14 @@
 
 use std::ffi::{CString, OsString};
 use std::fs::File;
+use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::env::{clean_env, cstring};
 use crate::error::{Error, UpgradeError};
 use crate::handoff::{Handoff, Inherited, Mode};
 use crate::notify::Activated;
@@ -20,8 +22,9 @@ use crate::probe::{Probe, ProbeSpec, Verdict};
 use crate::signal::{self, Requests};
 use crate::snapshot::{FORMAT_VERSION, Header};
 use crate::state::{AppState, restore};
-use crate::status::Outcome;
-use crate::upgrade::{Commit, Progress, clean_env, commit};
+use crate::status::{Outcome, Phases, Reporter};
+use crate::sys::monotonic_ns;
+use crate::upgrade::{Commit, Progress, commit};
 use crate::worker::Worker;
 use crate::{rollback, sys};
 
@@ -150,8 +153,35 @@ enum Phase {
 
 /// The runtime's handle: the upgrade's state machine, the signal flags, and
 /// what the next exec needs.
-#[derive(Debug)]
-pub struct Copyover {
+///
+/// `S` is the application's state type, bound once by
+/// [`boot::<S>`](crate::boot): [`upgrade`](Self::upgrade),
+/// [`save_snapshot`](Self::save_snapshot),
+/// [`restore_from_file`](Self::restore_from_file) and
+/// [`checkpoint`](Self::checkpoint) take that type and no other, so the
+/// snapshot a probe checks, the one a commit hands over and the one a
+/// staging file holds are all read back as what `boot` restores:
+///
+/// ```compile_fail
+/// use copyover::{AppState, Config, Handoff};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Chat { users: Vec<String> }
+/// impl AppState for Chat { const VERSION: u32 = 1; }
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Other { users: Vec<String> }
+/// impl AppState for Other { const VERSION: u32 = 1; }
+///
+/// fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let (mut co, _start) = copyover::boot::<Chat>(Config::new("chat", "v1"))?;
+///     // A `Copyover<Chat>` hands over a `Chat` and nothing else.
+///     co.upgrade(&Other { users: vec![] }, &Handoff::new())?;
+///     Ok(())
+/// }
+/// ```
+pub struct Copyover<S> {
     pub(crate) config: Config,
     pub(crate) binary: PathBuf,
     argv: Vec<OsString>,
@@ -173,29 +203,37 @@ pub struct Copyover {
     pub(crate) activated: Activated,
     /// The helper thread: the probe, reaping the holder.
     worker: Worker,
+    /// The state type; `fn() -> S` so that the handle is `Send` and `Sync`
+    /// whatever `S` is (it holds no `S`).
+    state: PhantomData<fn() -> S>,
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds; it keeps counting across `execve`.
-pub(crate) fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
+impl<S> std::fmt::Debug for Copyover<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Copyover")
+            .field("config", &self.config)
+            .field("binary", &self.binary)
+            .field("generation", &self.generation)
+            .field("phase", &self.phase)
+            .field("ready", &self.ready)
+            .finish_non_exhaustive()
+    }
 }
 
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
 
-impl Copyover {
+impl<S> Copyover<S> {
     pub(crate) fn new(
         config: Config,
         argv: Vec<OsString>,
         requests: Requests,
         worker: Worker,
-    ) -> Result<Copyover, Error> {
+    ) -> Result<Copyover<S>, Error> {
         let argv_c = argv
             .iter()
-            .map(|a| rollback::cstring(a.as_bytes()))
+            .map(|a| cstring(a.as_bytes()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| Error::Setup {
                 what: "read the arguments",
@@ -221,6 +259,7 @@ impl Copyover {
             payload_hint: 0,
             activated: Activated::default(),
             worker,
+            state: PhantomData,
         })
     }
 }
@@ -286,7 +325,7 @@ fn reap_holder(worker: &Worker, pidfd: Option<OwnedFd>, pid: i32) {
     }
 }
 
-impl Copyover {
+impl<S> Copyover<S> {
     /// Upgrades since the first start (0 for a fresh start; a rollback keeps
     /// the old image's number).
     pub fn generation(&self) -> u64 {
@@ -388,30 +427,30 @@ impl Copyover {
     }
 
     fn log_refused(&self, reason: &str) {
-        self.publish(Outcome::Refused, reason, "", 0.0);
-        crate::notify::notify(&format!("READY=1\nSTATUS=upgrade refused: {reason}"));
-        tracing::warn!(
-            generation = self.generation,
-            version = %self.config.version,
-            elapsed_ms = ms(monotonic_ns().saturating_sub(self.requested_at_ns)),
-            "upgrade refused: {reason}"
+        self.report(
+            Outcome::Refused {
+                reason: reason.into(),
+            },
+            ms(monotonic_ns().saturating_sub(self.requested_at_ns)),
+            false,
         );
     }
 
-    /// Writes the status file (see [`crate::status`]).
-    fn publish(&self, outcome: Outcome, reason: &str, from_version: &str, blackout_ms: f64) {
-        crate::status::Status {
-            pid: std::process::id(),
-            app: self.config.app.clone(),
-            version: self.config.version.clone(),
-            generation: self.generation,
+    /// Reports an outcome to the log, the status file and `sd_notify`
+    /// (see [`crate::status::report`]); `elapsed_ms` and `rescued` are for
+    /// the log line of a refusal or a rollback.
+    fn report(&self, outcome: Outcome, elapsed_ms: f64, rescued: bool) {
+        crate::status::report(
             outcome,
-            reason: reason.into(),
-            from_version: from_version.into(),
-            blackout_ms,
-            ..Default::default()
-        }
-        .publish();
+            &Reporter {
+                app: &self.config.app,
+                version: &self.config.version,
+                generation: self.generation,
+                binary: &self.binary,
+                elapsed_ms,
+                rescued,
+            },
+        );
     }
 
     pub(crate) fn header(&self, now: u64) -> Header {
@@ -442,12 +481,15 @@ impl Copyover {
     /// An [`UpgradeError`] saying why no upgrade happened (the binary is
     /// missing, the handoff is inconsistent, the exec failed...). The
     /// runtime has logged `upgrade refused: REASON`; the application keeps
-    /// serving, and owns all its descriptors as before.
-    pub fn upgrade<S: AppState>(
-        &mut self,
-        state: &S,
-        keep: &Handoff<'_>,
-    ) -> Result<Progress, UpgradeError> {
+    /// serving, and owns all its descriptors as before. One flag is not
+    /// put back as it was: a commit that got as far as preparing the
+    /// descriptors leaves every fd from 3 up close-on-exec, so one the
+    /// application had left inheritable on purpose (for a child it starts
+    /// later) must be made inheritable again by the application.
+    pub fn upgrade(&mut self, state: &S, keep: &Handoff<'_>) -> Result<Progress, UpgradeError>
+    where
+        S: AppState,
+    {
         let result = self.advance(state, keep);
         if let Err(e) = &result {
             self.phase = Phase::Idle;
@@ -458,11 +500,10 @@ impl Copyover {
         result
     }
 
-    fn advance<S: AppState>(
-        &mut self,
-        state: &S,
-        keep: &Handoff<'_>,
-    ) -> Result<Progress, UpgradeError> {
+    fn advance(&mut self, state: &S, keep: &Handoff<'_>) -> Result<Progress, UpgradeError>
+    where
+        S: AppState,
+    {
         if !self.ready {
             return Err(UpgradeError::Handoff {
                 reason: "this image has not called Copyover::ready yet".into(),
@@ -555,12 +596,7 @@ impl Copyover {
         let now = monotonic_ns();
         self.ready = true;
         let Some(r) = self.resume.take() else {
-            self.publish(Outcome::Started, "", "", 0.0);
-            crate::notify::notify(&format!(
-                "READY=1\nSTATUS=serving {} (generation {})",
-                self.config.version, self.generation
-            ));
-            tracing::info!(generation = self.generation, version = %self.config.version, binary = ?self.binary, "serving");
+            self.report(Outcome::Started, 0.0, false);
             return Ok(());
         };
         // No way back is needed any more: the deadline and the plan go
@@ -572,25 +608,12 @@ impl Copyover {
         }
         drop(r.snapshot);
         drop(r.exec_record);
+        let h = &r.header;
+        let blackout_ms = ms(now.saturating_sub(h.committed_at_ns));
         if r.mode == Mode::Rollback {
             self.own_binary = Some(r.old_binary);
-            self.publish(Outcome::RolledBack, &r.reason, "", 0.0);
-            let mainpid = if r.rescued {
-                format!("MAINPID={}\n", std::process::id())
-            } else {
-                String::new()
-            };
-            crate::notify::notify(&format!(
-                "{mainpid}READY=1\nSTATUS=upgrade rolled back: {}",
-                r.reason
-            ));
-            tracing::info!(
-                generation = self.generation,
-                version = %self.config.version,
-                rescued = r.rescued,
-                blackout_ms = ms(now.saturating_sub(r.header.committed_at_ns)),
-                "serving again after the rollback"
-            );
+            let outcome = Outcome::RolledBack { reason: r.reason };
+            self.report(outcome, blackout_ms, r.rescued);
             return Ok(());
         }
         // The previous binary was kept for a rollback.
@@ -598,24 +621,19 @@ impl Copyover {
         // Opened before the outcome is logged, so that whoever reads the
         // log sees the image's final descriptors.
         let own = open_own_binary();
-        let h = &r.header;
-        let blackout_ms = ms(now.saturating_sub(h.committed_at_ns));
-        self.publish(Outcome::Complete, "", &h.writer_version, blackout_ms);
-        crate::notify::notify(&format!(
-            "READY=1\nSTATUS=upgrade complete: {} to {}, generation {}, blackout {blackout_ms:.2} ms",
-            h.writer_version, self.config.version, self.generation
-        ));
-        tracing::info!(
-            generation = self.generation,
-            from_version = %h.writer_version,
-            to_version = %self.config.version,
+        let outcome = Outcome::Complete {
+            from: h.writer_version.clone(),
+            to: self.config.version.clone(),
+            generation: self.generation,
             blackout_ms,
-            total_ms = ms(now.saturating_sub(h.requested_at_ns)),
-            exec_ms = ms(r.boot_ns.saturating_sub(h.committed_at_ns)),
-            restore_ms = ms(r.restored_ns.saturating_sub(r.boot_ns)),
-            adopt_ms = ms(now.saturating_sub(r.restored_ns)),
-            "upgrade complete"
-        );
+            phases: Phases {
+                total_ms: Some(ms(now.saturating_sub(h.requested_at_ns))),
+                exec_ms: Some(ms(r.boot_ns.saturating_sub(h.committed_at_ns))),
+                restore_ms: Some(ms(r.restored_ns.saturating_sub(r.boot_ns))),
+                adopt_ms: Some(ms(now.saturating_sub(r.restored_ns))),
+            },
+        };
+        self.report(outcome, 0.0, false);
         match own {
             Ok(fd) => self.own_binary = Some(fd),
             // Serving goes on; the next upgrade tries again.
@@ -688,7 +706,10 @@ impl Copyover {
     /// # Errors
     ///
     /// [`UpgradeError::Snapshot`] if it cannot be encoded or written.
-    pub fn save_snapshot<S: AppState>(&self, state: &S, path: &Path) -> Result<(), UpgradeError> {
+    pub fn save_snapshot(&self, state: &S, path: &Path) -> Result<(), UpgradeError>
+    where
+        S: AppState,
+    {
         let mut header = self.header(monotonic_ns());
         header.state_version = S::VERSION;
         let payload = crate::snapshot::encode_state(state)?;
@@ -717,7 +738,10 @@ impl Copyover {
     ///
     /// [`Error::Snapshot`] if the file is unreadable, corrupt, of another
     /// app, or of a state version this binary cannot read.
-    pub fn restore_from_file<S: AppState>(&self, path: &Path) -> Result<S, Error> {
+    pub fn restore_from_file(&self, path: &Path) -> Result<S, Error>
+    where
+        S: AppState,
+    {
         let snap = crate::snapshot::read_file(path)?;
         snap.check_app(&self.config.app)?;
         Ok(restore::<S>(
@@ -728,7 +752,7 @@ impl Copyover {
     }
 }
 
-impl Drop for Copyover {
+impl<S> Drop for Copyover<S> {
     fn drop(&mut self) {
         if let Phase::Probing(p, _) = &self.phase {
             p.kill();

@@ -1,5 +1,7 @@
-//! The status file: what a copyover process tells its operator, and the
-//! channel the `copyover` CLI reads.
+//! The outcome of an upgrade ([`Outcome`]) and where it is told: this
+//! module owns the status file (what a copyover process tells its operator,
+//! the channel the `copyover` CLI reads) and the one function that reports
+//! an outcome to the log, the status file and `sd_notify` alike.
 //!
 //! # Format, version 1
 //!
@@ -20,11 +22,24 @@
 //! seq=7                        (increases with every outcome)
 //! outcome=complete             (started | complete | refused | rolled back)
 //! from_version=v1
-//! blackout_ms=1.02
+//! blackout_ms=1.020
+//! total_ms=212.400             (complete only, optional: the phases)
+//! exec_ms=0.610
+//! restore_ms=0.200
+//! adopt_ms=0.210
 //! reason=                      (for refused and rolled back)
 //! updated_at=1764000123
 //! ```
-
+//!
+//! Within format 1, keys are only ever added, never renamed or given a new
+//! meaning: a reader ignores keys it does not know, and takes a missing
+//! optional key as unknown (the four phase keys came later; a file without
+//! them reads as [`Outcome::Complete`] with [`Phases`] of `None`). A change
+//! that an older reader would misread gets `format=2`, which that reader
+//! refuses rather than misreads.
+//!
+//! Read it from Rust with [`read`] (or [`Status::read`] for a path); the
+//! outcome comes back typed, as an [`Outcome`].
 //!
 //! # Safety of the channel
 //!
@@ -45,8 +60,10 @@ use std::path::{Path, PathBuf};
 /// The most a status file may hold; anything longer is not ours.
 const MAX_LEN: u64 = 64 * 1024;
 
-/// The environment variable that overrides the status directory.
-pub const STATUS_DIR_VAR: &str = "COPYOVER_STATUS_DIR";
+/// The format this runtime writes and reads (see the module docs).
+const FORMAT: &str = "1";
+
+pub use crate::env::STATUS_DIR_VAR;
 
 /// The status directory for this user (see the module docs).
 pub fn status_dir() -> PathBuf {
@@ -69,50 +86,88 @@ pub fn status_path(dir: &Path, pid: u32) -> PathBuf {
 }
 
 /// What an upgrade came to (or `Started`, for a process that has not been
-/// upgraded yet), as the status file records it: the one answer the log's
-/// outcome line, the status file, `sd_notify`'s `STATUS=` and the `copyover`
-/// CLI all give.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// upgraded yet), with what an operator wants to know about it: the one
+/// answer the log's outcome line, the status file, `sd_notify`'s `STATUS=`
+/// and the `copyover` CLI all give (the runtime reports it to all three
+/// from one place).
+#[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub enum Outcome {
     /// Serving, no upgrade yet (`started`).
     #[default]
     Started,
     /// The new image is ready (`complete`).
-    Complete,
+    Complete {
+        /// The version upgraded from.
+        from: String,
+        /// The version now running.
+        to: String,
+        /// The new image's generation.
+        generation: u64,
+        /// From the commit to the new image's `ready`, in milliseconds:
+        /// the time no client was served.
+        blackout_ms: f64,
+        /// Where the time went, where known.
+        phases: Phases,
+    },
     /// The probe or the commit refused the new binary; the old image never
     /// stopped serving (`refused`).
-    Refused,
+    Refused {
+        /// Why, as the log says it.
+        reason: String,
+    },
     /// The new image failed; the old binary runs again (`rolled back`).
-    RolledBack,
+    RolledBack {
+        /// Why the new image failed.
+        reason: String,
+    },
+}
+
+/// Where the time of a complete upgrade went, in milliseconds. `None` where
+/// unknown (a status file written by a runtime that did not record it).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Phases {
+    /// From the request (SIGHUP) to `ready`: the probe, the commit and the
+    /// three phases below.
+    pub total_ms: Option<f64>,
+    /// From the commit to the new image's `boot`: the snapshot, the exec.
+    pub exec_ms: Option<f64>,
+    /// From `boot` to the state restored.
+    pub restore_ms: Option<f64>,
+    /// From the state restored to `ready`: the application adopts its
+    /// descriptors.
+    pub adopt_ms: Option<f64>,
 }
 
 impl Outcome {
-    /// The word the status file uses.
-    pub fn as_str(self) -> &'static str {
+    /// The word the status file uses: `started`, `complete`, `refused` or
+    /// `rolled back`.
+    pub fn as_str(&self) -> &'static str {
         match self {
             Outcome::Started => "started",
-            Outcome::Complete => "complete",
-            Outcome::Refused => "refused",
-            Outcome::RolledBack => "rolled back",
+            Outcome::Complete { .. } => "complete",
+            Outcome::Refused { .. } => "refused",
+            Outcome::RolledBack { .. } => "rolled back",
         }
     }
 
-    /// The outcome a status file's word names.
-    pub fn parse(word: &str) -> Option<Outcome> {
-        [
-            Outcome::Started,
-            Outcome::Complete,
-            Outcome::Refused,
-            Outcome::RolledBack,
-        ]
-        .into_iter()
-        .find(|o| o.as_str() == word)
+    /// Whether it ends an upgrade (complete, refused or rolled back).
+    pub fn ends_an_upgrade(&self) -> bool {
+        !matches!(self, Outcome::Started)
     }
 
-    /// Whether it ends an upgrade (complete, refused or rolled back).
-    pub fn ends_an_upgrade(self) -> bool {
-        !matches!(self, Outcome::Started)
+    /// Whether the upgrade went through.
+    pub fn is_complete(&self) -> bool {
+        matches!(self, Outcome::Complete { .. })
+    }
+
+    /// Why the upgrade did not go through (refused, rolled back).
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Outcome::Refused { reason } | Outcome::RolledBack { reason } => Some(reason),
+            _ => None,
+        }
     }
 }
 
@@ -122,6 +177,7 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+/// Compares the outcome's word (`status.outcome == "refused"`).
 impl PartialEq<&str> for Outcome {
     fn eq(&self, word: &&str) -> bool {
         self.as_str() == *word
@@ -148,12 +204,6 @@ pub struct Status {
     pub seq: u64,
     /// What the last upgrade (or the start) came to.
     pub outcome: Outcome,
-    /// For `complete`: the version upgraded from.
-    pub from_version: String,
-    /// For `complete`: the blackout in milliseconds.
-    pub blackout_ms: f64,
-    /// For `refused` and `rolled back`: why.
-    pub reason: String,
     /// Unix seconds of this outcome.
     pub updated_at: u64,
 }
@@ -165,6 +215,16 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Reads the status file of process `pid` in the status directory
+/// ([`status_dir`]).
+///
+/// # Errors
+///
+/// As [`Status::read`].
+pub fn read(pid: u32) -> io::Result<Status> {
+    Status::read(&status_path(&status_dir(), pid))
+}
+
 impl Status {
     /// Reads a status file.
     ///
@@ -173,14 +233,21 @@ impl Status {
     /// The I/O error (`NotFound` for a process that is not a copyover
     /// process, or runs under another status directory), or `InvalidData`.
     pub fn read(path: &Path) -> io::Result<Status> {
-        let text = read_bounded(path)?;
+        Status::parse(&read_bounded(path)?)
+    }
+
+    fn parse(text: &str) -> io::Result<Status> {
         let mut s = Status::default();
         let mut format = None;
+        let (mut word, mut from, mut reason) = (String::new(), String::new(), String::new());
+        let mut blackout_ms = 0.0;
+        let mut phases = Phases::default();
         for line in text.lines() {
             let Some((k, v)) = line.split_once('=') else {
                 continue;
             };
             let num = || v.parse::<u64>().unwrap_or(0);
+            let ms = || v.parse::<f64>().ok();
             match k {
                 "format" => format = Some(v.to_owned()),
                 "pid" => s.pid = num() as u32,
@@ -190,31 +257,59 @@ impl Status {
                 "started_at" => s.started_at = num(),
                 "start_ticks" => s.start_ticks = num(),
                 "seq" => s.seq = num(),
-                "outcome" => {
-                    s.outcome = Outcome::parse(v).ok_or_else(|| {
-                        io::Error::new(io::ErrorKind::InvalidData, format!("unknown outcome {v:?}"))
-                    })?
-                }
-                "from_version" => s.from_version = v.into(),
-                "blackout_ms" => s.blackout_ms = v.parse().unwrap_or(0.0),
-                "reason" => s.reason = v.into(),
+                "outcome" => word = v.into(),
+                "from_version" => from = v.into(),
+                "blackout_ms" => blackout_ms = ms().unwrap_or(0.0),
+                "total_ms" => phases.total_ms = ms(),
+                "exec_ms" => phases.exec_ms = ms(),
+                "restore_ms" => phases.restore_ms = ms(),
+                "adopt_ms" => phases.adopt_ms = ms(),
+                "reason" => reason = v.into(),
                 "updated_at" => s.updated_at = num(),
                 _ => {}
             }
         }
-        if format.as_deref() != Some("1") {
+        if format.as_deref() != Some(FORMAT) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "not a copyover status file (format 1)",
+                format!("not a copyover status file (format {FORMAT})"),
             ));
         }
+        s.outcome = match word.as_str() {
+            "started" => Outcome::Started,
+            "complete" => Outcome::Complete {
+                from,
+                to: s.version.clone(),
+                generation: s.generation,
+                blackout_ms,
+                phases,
+            },
+            "refused" => Outcome::Refused { reason },
+            "rolled back" => Outcome::RolledBack { reason },
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unknown outcome {other:?}"),
+                ));
+            }
+        };
         Ok(s)
     }
 
     fn render(&self) -> String {
+        use std::fmt::Write as _;
         let clean = |v: &str| v.replace(['\n', '\r'], " ");
-        format!(
-            "format=1\npid={}\napp={}\nversion={}\ngeneration={}\nstarted_at={}\nstart_ticks={}\nseq={}\noutcome={}\nfrom_version={}\nblackout_ms={:.3}\nreason={}\nupdated_at={}\n",
+        let (from, blackout_ms, phases) = match &self.outcome {
+            Outcome::Complete {
+                from,
+                blackout_ms,
+                phases,
+                ..
+            } => (from.as_str(), *blackout_ms, *phases),
+            _ => ("", 0.0, Phases::default()),
+        };
+        let mut text = format!(
+            "format={FORMAT}\npid={}\napp={}\nversion={}\ngeneration={}\nstarted_at={}\nstart_ticks={}\nseq={}\noutcome={}\nfrom_version={}\nblackout_ms={blackout_ms:.3}\n",
             self.pid,
             clean(&self.app),
             clean(&self.version),
@@ -223,18 +318,32 @@ impl Status {
             self.start_ticks,
             self.seq,
             self.outcome.as_str(),
-            clean(&self.from_version),
-            self.blackout_ms,
-            clean(&self.reason),
+            clean(from),
+        );
+        for (key, value) in [
+            ("total_ms", phases.total_ms),
+            ("exec_ms", phases.exec_ms),
+            ("restore_ms", phases.restore_ms),
+            ("adopt_ms", phases.adopt_ms),
+        ] {
+            if let Some(v) = value {
+                let _ = writeln!(text, "{key}={v:.3}");
+            }
+        }
+        let _ = write!(
+            text,
+            "reason={}\nupdated_at={}\n",
+            clean(self.outcome.reason().unwrap_or("")),
             self.updated_at
-        )
+        );
+        text
     }
 
     /// Publishes this status for this process: continues the sequence and
     /// start time of the file the PID's previous image left, and replaces
     /// the file atomically. Failures are logged, never fatal, and nothing
     /// here blocks (see "Safety of the channel").
-    pub(crate) fn publish(mut self) {
+    fn publish(mut self) {
         let dir = status_dir();
         let path = status_path(&dir, self.pid);
         if let Err(e) = check_dir(&dir) {
@@ -269,6 +378,121 @@ impl Status {
         let dir = status_dir();
         if check_dir(&dir).is_ok() {
             let _ = std::fs::remove_file(status_path(&dir, pid));
+        }
+    }
+}
+
+/// The log target of the outcome lines.
+const TARGET: &str = "copyover::runtime";
+/// The log target of `upgrade rolled back: REASON`.
+const ROLLBACK_TARGET: &str = "copyover::resume";
+
+/// The process an outcome is about, and what only the log line and
+/// `sd_notify` add to it (not kept in the status file).
+#[derive(Debug)]
+pub(crate) struct Reporter<'a> {
+    pub(crate) app: &'a str,
+    pub(crate) version: &'a str,
+    pub(crate) generation: u64,
+    /// The binary the next upgrade executes (`started`'s log line).
+    pub(crate) binary: &'a Path,
+    /// Refused: milliseconds since the upgrade was asked for
+    /// (`elapsed_ms`). Rolled back: from the commit to serving again
+    /// (`blackout_ms`).
+    pub(crate) elapsed_ms: f64,
+    /// Rolled back by the holder under a new PID: `sd_notify` gets
+    /// `MAINPID=`, the log `rescued=true`.
+    pub(crate) rescued: bool,
+}
+
+/// Reports an outcome, in this order, to the status file, to `sd_notify`
+/// (`READY=1` and `STATUS=`) and to the log (scripts parse these lines:
+/// their words and fields are kept from version to version):
+///
+/// * `serving` (`generation`, `version`, `binary`);
+/// * `upgrade complete` (`generation`, `from_version`, `to_version`,
+///   `blackout_ms`, `total_ms`, `exec_ms`, `restore_ms`, `adopt_ms`);
+/// * `upgrade refused: REASON` (`generation`, `version`, `elapsed_ms`);
+/// * `upgrade rolled back: REASON` (`version`), then `serving again after
+///   the rollback` (`generation`, `version`, `rescued`, `blackout_ms`).
+///
+/// The status file is written first: whoever sees the log line finds the
+/// file up to date.
+///
+/// The lines keep the targets they had when the runtime wrote them itself
+/// ([`TARGET`], [`ROLLBACK_TARGET`]), so that a `RUST_LOG` filter written for
+/// them still matches.
+pub(crate) fn report(outcome: Outcome, who: &Reporter<'_>) {
+    let status_text = match &outcome {
+        Outcome::Started => format!("serving {} (generation {})", who.version, who.generation),
+        Outcome::Complete {
+            from,
+            to,
+            generation,
+            blackout_ms,
+            ..
+        } => format!(
+            "upgrade complete: {from} to {to}, generation {generation}, blackout {blackout_ms:.2} ms"
+        ),
+        Outcome::Refused { reason } => format!("upgrade refused: {reason}"),
+        Outcome::RolledBack { reason } => format!("upgrade rolled back: {reason}"),
+    };
+    Status {
+        pid: std::process::id(),
+        app: who.app.into(),
+        version: who.version.into(),
+        generation: who.generation,
+        outcome: outcome.clone(),
+        ..Default::default()
+    }
+    .publish();
+    let mainpid = if who.rescued {
+        format!("MAINPID={}\n", std::process::id())
+    } else {
+        String::new()
+    };
+    crate::notify::notify(&format!("{mainpid}READY=1\nSTATUS={status_text}"));
+    let (generation, version) = (who.generation, who.version);
+    let ms = |v: Option<f64>| v.unwrap_or(0.0);
+    match outcome {
+        Outcome::Started => {
+            tracing::info!(target: TARGET, generation, version = %version, binary = ?who.binary, "serving")
+        }
+        Outcome::Complete {
+            from,
+            to,
+            generation,
+            blackout_ms,
+            phases,
+        } => tracing::info!(
+            target: TARGET,
+            generation,
+            from_version = %from,
+            to_version = %to,
+            blackout_ms,
+            total_ms = ms(phases.total_ms),
+            exec_ms = ms(phases.exec_ms),
+            restore_ms = ms(phases.restore_ms),
+            adopt_ms = ms(phases.adopt_ms),
+            "upgrade complete"
+        ),
+        Outcome::Refused { reason } => tracing::warn!(
+            target: TARGET,
+            generation,
+            version = %version,
+            elapsed_ms = who.elapsed_ms,
+            "upgrade refused: {reason}"
+        ),
+        Outcome::RolledBack { reason } => {
+            tracing::warn!(target: ROLLBACK_TARGET, version = %version, "upgrade rolled back: {reason}");
+            tracing::info!(
+                target: TARGET,
+                generation,
+                version = %version,
+                rescued = who.rescued,
+                blackout_ms = who.elapsed_ms,
+                "serving again after the rollback"
+            );
         }
     }
 }
@@ -364,7 +588,7 @@ pub(crate) fn write_replacing(dir: &Path, path: &Path, bytes: &[u8], sync: bool)
     let tmp = dir.join(format!(
         ".{name}.{}.{:x}.tmp",
         std::process::id(),
-        crate::runtime::monotonic_ns()
+        crate::sys::monotonic_ns()
     ));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -404,9 +628,8 @@ fn read_bounded(path: &Path) -> io::Result<String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn status_round_trips_and_refuses_other_files() {
-        let s = Status {
+    fn status(outcome: Outcome) -> Status {
+        Status {
             pid: 7,
             app: "a".into(),
             version: "v2".into(),
@@ -414,25 +637,98 @@ mod tests {
             started_at: 10,
             start_ticks: 99,
             seq: 4,
-            outcome: Outcome::Refused,
-            from_version: String::new(),
-            blackout_ms: 1.5,
-            reason: "two\nlines".into(),
+            outcome,
             updated_at: 11,
+        }
+    }
+
+    #[test]
+    fn every_outcome_round_trips() {
+        let complete = Outcome::Complete {
+            from: "v1".into(),
+            to: "v2".into(),
+            generation: 3,
+            blackout_ms: 1.5,
+            phases: Phases {
+                total_ms: Some(200.0),
+                exec_ms: Some(0.5),
+                restore_ms: Some(0.25),
+                adopt_ms: Some(0.75),
+            },
         };
+        for outcome in [
+            Outcome::Started,
+            complete,
+            Outcome::Refused {
+                reason: "the probe said no".into(),
+            },
+            Outcome::RolledBack {
+                reason: "the new image panicked".into(),
+            },
+        ] {
+            let s = status(outcome);
+            assert_eq!(Status::parse(&s.render()).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn a_reason_stays_on_one_line() {
+        let s = status(Outcome::Refused {
+            reason: "two\nlines".into(),
+        });
+        let back = Status::parse(&s.render()).unwrap();
+        assert_eq!(back.outcome.reason(), Some("two lines"));
+        assert_eq!(back.outcome, "refused");
+    }
+
+    #[test]
+    fn the_first_form_of_format_1_still_reads() {
+        // As the first runtimes wrote it: no phase keys.
+        let old = "format=1\npid=7\napp=a\nversion=v2\ngeneration=3\nstarted_at=10\nstart_ticks=99\nseq=4\noutcome=complete\nfrom_version=v1\nblackout_ms=1.020\nreason=\nupdated_at=11\n";
+        let s = Status::parse(old).unwrap();
+        assert_eq!(
+            s.outcome,
+            Outcome::Complete {
+                from: "v1".into(),
+                to: "v2".into(),
+                generation: 3,
+                blackout_ms: 1.02,
+                phases: Phases::default(),
+            }
+        );
+        let old = old.replace("outcome=complete", "outcome=rolled back");
+        let old = old.replace("reason=\n", "reason=it crashed\n");
+        assert_eq!(
+            Status::parse(&old).unwrap().outcome,
+            Outcome::RolledBack {
+                reason: "it crashed".into()
+            }
+        );
+    }
+
+    #[test]
+    fn other_files_and_formats_are_refused() {
+        for text in [
+            "hello=1\n",
+            "format=2\noutcome=started\n",
+            "format=1\noutcome=exploded\n",
+        ] {
+            assert_eq!(
+                Status::parse(text).unwrap_err().kind(),
+                io::ErrorKind::InvalidData,
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_status_file_is_read_from_disk() {
+        let s = status(Outcome::Started);
         let dir = std::env::temp_dir().join(format!("copyover-status-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("7.status");
         std::fs::write(&path, s.render()).unwrap();
-        let back = Status::read(&path).unwrap();
-        assert_eq!(back.outcome, Outcome::Refused);
-        assert_eq!(back.reason, "two lines");
-        assert_eq!(back.generation, 3);
-        std::fs::write(&path, "hello=1\n").unwrap();
-        assert_eq!(
-            Status::read(&path).unwrap_err().kind(),
-            io::ErrorKind::InvalidData
-        );
+        assert_eq!(Status::read(&path).unwrap(), s);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

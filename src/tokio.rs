@@ -211,9 +211,8 @@ pub fn build_runtime(
 /// in the main task. It dereferences to the [`Copyover`] for everything
 /// else ([`ready`](Copyover::ready), [`generation`](Copyover::generation),
 /// ...).
-#[derive(Debug)]
-pub struct AsyncCopyover {
-    co: Copyover,
+pub struct AsyncCopyover<S> {
+    co: Copyover<S>,
     /// A duplicate of [`Copyover::event_fd`] (the read end of the runtime's
     /// wake-up socket pair), registered with tokio as a Unix stream: safe
     /// code all the way, where an `AsyncFd` over a raw descriptor would
@@ -221,14 +220,22 @@ pub struct AsyncCopyover {
     wake: ::tokio::net::UnixStream,
 }
 
-impl AsyncCopyover {
+impl<S> std::fmt::Debug for AsyncCopyover<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncCopyover")
+            .field("co", &self.co)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> AsyncCopyover<S> {
     /// Registers the runtime's event descriptor with tokio's reactor. Call
     /// it inside the runtime.
     ///
     /// # Errors
     ///
     /// If the descriptor cannot be duplicated or registered (no runtime).
-    pub fn new(co: Copyover) -> io::Result<AsyncCopyover> {
+    pub fn new(co: Copyover<S>) -> io::Result<AsyncCopyover<S>> {
         let fd: OwnedFd = co.event_fd().try_clone_to_owned()?;
         // Non-blocking already: the flag lives on the shared file description.
         let wake = ::tokio::net::UnixStream::from_std(unix::UnixStream::from(fd))?;
@@ -287,11 +294,10 @@ impl AsyncCopyover {
     /// # Errors
     ///
     /// As [`Copyover::upgrade`]: the old image keeps serving.
-    pub fn upgrade<S: AppState>(
-        &mut self,
-        state: &S,
-        keep: &Handoff<'_>,
-    ) -> Result<Progress, UpgradeError> {
+    pub fn upgrade(&mut self, state: &S, keep: &Handoff<'_>) -> Result<Progress, UpgradeError>
+    where
+        S: AppState,
+    {
         if nix::unistd::gettid() != nix::unistd::getpid() {
             tracing::warn!(
                 "upgrade called off the main thread: a signal that the main thread takes during \
@@ -303,20 +309,20 @@ impl AsyncCopyover {
     }
 
     /// The [`Copyover`] back.
-    pub fn into_inner(self) -> Copyover {
+    pub fn into_inner(self) -> Copyover<S> {
         self.co
     }
 }
 
-impl Deref for AsyncCopyover {
-    type Target = Copyover;
-    fn deref(&self) -> &Copyover {
+impl<S> Deref for AsyncCopyover<S> {
+    type Target = Copyover<S>;
+    fn deref(&self) -> &Copyover<S> {
         &self.co
     }
 }
 
-impl DerefMut for AsyncCopyover {
-    fn deref_mut(&mut self) -> &mut Copyover {
+impl<S> DerefMut for AsyncCopyover<S> {
+    fn deref_mut(&mut self) -> &mut Copyover<S> {
         &mut self.co
     }
 }
@@ -332,7 +338,8 @@ impl DerefMut for AsyncCopyover {
 ///
 /// [`Error::Adopt`] if the descriptor is not of the asked type, or cannot
 /// be registered with tokio. Before [`Copyover::ready`] after an upgrade,
-/// either rolls back at once.
+/// either rolls back at once and the call does not return (see
+/// [`Inherited`'s "When a check fails"](Inherited#when-a-check-fails)).
 pub trait TakeTokio {
     /// A listening TCP socket.
     fn take_tokio_tcp_listener(

@@ -26,17 +26,15 @@
 //!
 //! [`HELD_SIGNALS`]: crate::signal::HELD_SIGNALS
 
-use std::ffi::{CString, OsString};
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 
+use crate::env::{HANDOFF_VAR, ROLLBACK_REASON_VAR, clean_env, cstring, env_entries, with_handoff};
 use crate::error::UpgradeError;
-use crate::handoff::{HANDOFF_VAR, HandoffVar, Mode, ROLLBACK_REASON_VAR};
+use crate::handoff::{HandoffVar, Mode};
 use crate::probe::Executable;
-use crate::probe::PROBE_VAR;
 use crate::rollback::ExecRecord;
-use crate::rollback::cstring;
 use crate::snapshot::{Draft, Header, Manifest};
 use crate::sys::holder::HolderSpec;
 use crate::{signal, sys};
@@ -52,48 +50,6 @@ pub enum Progress {
     /// once it answered yes (then call `upgrade` again to commit), or with
     /// [`Event::UpgradeRefused`](crate::Event::UpgradeRefused).
     Probing,
-}
-
-/// Variables the runtime owns: never passed on as they were.
-const STRIPPED_VARS: [&str; 6] = [
-    HANDOFF_VAR,
-    ROLLBACK_REASON_VAR,
-    PROBE_VAR,
-    "LISTEN_PID",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-];
-
-/// This process's environment without the runtime's own variables and the
-/// stale systemd socket-activation ones (a same-PID exec would match
-/// `LISTEN_PID` again), as (name, value) pairs. `NOTIFY_SOCKET` is kept.
-pub(crate) fn clean_env() -> Vec<(OsString, OsString)> {
-    std::env::vars_os()
-        .filter(|(k, _)| !STRIPPED_VARS.iter().any(|s| k.as_bytes() == s.as_bytes()))
-        .collect()
-}
-
-/// `NAME=value` C strings of (name, value) pairs.
-pub(crate) fn env_entries(vars: &[(OsString, OsString)]) -> io::Result<Vec<CString>> {
-    vars.iter()
-        .map(|(k, v)| {
-            let mut e = k.as_bytes().to_vec();
-            e.push(b'=');
-            e.extend_from_slice(v.as_bytes());
-            cstring(&e)
-        })
-        .collect()
-}
-
-/// The exec environment: [`clean_env`] plus `COPYOVER_HANDOFF=handoff`.
-pub(crate) fn exec_env(handoff: &str) -> io::Result<Vec<CString>> {
-    with_handoff(env_entries(&clean_env())?, handoff)
-}
-
-/// `env` plus `COPYOVER_HANDOFF=handoff`.
-fn with_handoff(mut env: Vec<CString>, handoff: &str) -> io::Result<Vec<CString>> {
-    env.push(cstring(format!("{HANDOFF_VAR}={handoff}").as_bytes())?);
-    Ok(env)
 }
 
 /// What the commit needs from the runtime.
@@ -114,7 +70,9 @@ pub(crate) struct Commit<'a> {
 }
 
 /// Undoes the commit's flags and mask if the exec does not happen: every fd
-/// close-on-exec again, the signal mask as it was before the commit.
+/// from 3 up close-on-exec (not each fd's flag as it was: an fd the
+/// application had left inheritable stays close-on-exec), the signal mask
+/// as it was before the commit.
 struct Undo {
     /// The signal mask before the commit held the reload signals.
     mask: Option<nix::sys::signal::SigSet>,
@@ -130,7 +88,8 @@ impl Drop for Undo {
 }
 
 /// Writes the snapshot, prepares the fds, the mask and the holder, and
-/// executes. Returns only on failure, with everything undone.
+/// executes. Returns only on failure, with the steps taken undone (see
+/// [`Undo`]: the fd flags are not restored one by one).
 pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeError {
     let t0 = std::time::Instant::now();
     let draft = match c.draft {
@@ -299,16 +258,5 @@ mod tests {
         );
         assert!(!Executable::open(Path::new("/bin/sh")).unwrap().script);
         assert!(Executable::open(Path::new("/dev/null")).is_err());
-    }
-
-    #[test]
-    fn exec_env_carries_exactly_one_handoff() {
-        let env = exec_env("1:pid=1:snapshot=3:binary=4:mode=upgrade").unwrap();
-        let ours: Vec<_> = env
-            .iter()
-            .filter(|e| e.as_bytes().starts_with(b"COPYOVER_HANDOFF="))
-            .collect();
-        assert_eq!(ours.len(), 1);
-        assert!(!env.iter().any(|e| e.as_bytes().starts_with(b"LISTEN_PID=")));
     }
 }

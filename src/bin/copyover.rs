@@ -186,23 +186,26 @@ fn read_status(t: &Target) -> Result<Status, Failure> {
 }
 
 fn describe(s: &Status) -> String {
-    match s.outcome {
-        Outcome::Complete => format!(
-            "upgrade complete: {} -> {}, generation {}, blackout {:.2} ms",
-            s.from_version, s.version, s.generation, s.blackout_ms
+    match &s.outcome {
+        Outcome::Complete {
+            from,
+            to,
+            generation,
+            blackout_ms,
+            ..
+        } => format!(
+            "upgrade complete: {from} -> {to}, generation {generation}, blackout {blackout_ms:.2} ms"
         ),
-        Outcome::Refused => format!(
-            "upgrade refused: {} (still {}, generation {})",
-            s.reason, s.version, s.generation
+        Outcome::Refused { reason } => format!(
+            "upgrade refused: {reason} (still {}, generation {})",
+            s.version, s.generation
         ),
-        Outcome::RolledBack => {
-            format!(
-                "upgrade rolled back: {} (back on {}, generation {})",
-                s.reason, s.version, s.generation
-            )
-        }
+        Outcome::RolledBack { reason } => format!(
+            "upgrade rolled back: {reason} (back on {}, generation {})",
+            s.version, s.generation
+        ),
         Outcome::Started => format!("started {} (generation {})", s.version, s.generation),
-        other => format!("{other}: {}", s.reason),
+        other => format!("{other}: {}", other.reason().unwrap_or("")),
     }
 }
 
@@ -224,7 +227,7 @@ fn upgrade(t: &Target) -> Result<ExitCode, Failure> {
             && now.outcome.ends_an_upgrade()
         {
             println!("{}", describe(&now));
-            return Ok(ExitCode::from(if now.outcome == Outcome::Complete {
+            return Ok(ExitCode::from(if now.outcome.is_complete() {
                 0
             } else {
                 1

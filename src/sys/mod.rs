@@ -29,6 +29,16 @@ macro_rules! syscall {
 }
 pub(crate) use syscall;
 
+/// `CLOCK_MONOTONIC` in nanoseconds (0 if the clock cannot be read, which
+/// Linux never does). It keeps counting across `execve`, so the old image's
+/// timestamps (the snapshot's request and commit times) and the new image's
+/// can be subtracted.
+pub(crate) fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
 /// `MFD_NOEXEC_SEAL` (Linux 6.3): the memfd can never be made executable.
 /// Not yet exported by every `libc` release, so it is spelled out here.
 const MFD_NOEXEC_SEAL: libc::c_uint = 0x0008;
@@ -496,9 +506,13 @@ impl Mapping {
         // SAFETY: `ptr` maps `len` readable bytes for the life of `self`
         // (unmapped only in Drop). Nobody else writes them: a read-only
         // mapping is of a sealed memfd; a region's memfd is private to this
-        // process (close-on-exec, never given to a child by the crate,
-        // inheritable only at the instant of our own exec, which ends this
-        // mapping); its size is sealed, so no page can vanish under it.
+        // process: close-on-exec from `boot` on (no child the application
+        // starts gets it), inheritable only from our own exec (which ends
+        // this mapping) to the next image's `boot` (before that image maps
+        // it), and shared with one child only, the holder, which shares our
+        // old memory and descriptor table (`CLONE_VM | CLONE_FILES`) but
+        // never reads or writes the region; its size is sealed, so no page
+        // can vanish under it.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use copyover::status::Outcome;
 use nix::sys::signal::Signal;
 
 pub use harness::Server;
@@ -296,10 +297,23 @@ fn measure(p: &Point, upgrades: usize) -> Result<Row, BoxError> {
     };
     for _ in 0..upgrades {
         let mark = server.mark();
+        let seq = server.seq();
         let from = Instant::now();
         server.signal(Signal::SIGHUP)?;
-        server.wait(mark, "upgrade complete", Duration::from_secs(300))?;
+        let outcome = server.wait_outcome(seq, Duration::from_secs(300))?.outcome;
         let to = Instant::now();
+        let Outcome::Complete {
+            blackout_ms: blackout,
+            phases,
+            ..
+        } = outcome
+        else {
+            return Err(format!(
+                "the upgrade did not complete: {outcome}: {}",
+                outcome.reason().unwrap_or("")
+            )
+            .into());
+        };
         // Let the pinger get a few replies from the new image.
         let settle = Instant::now() + Duration::from_secs(5);
         while pinger.count_after(to) < 3 && Instant::now() < settle {
@@ -307,15 +321,15 @@ fn measure(p: &Point, upgrades: usize) -> Result<Row, BoxError> {
         }
         let lines = server.lines_since(mark);
         let f = |marker: &str, key: &str| field(&lines, marker, key).unwrap_or(0.0);
-        let blackout = f("upgrade complete", "blackout_ms");
         let snapshot = f("snapshot sealed", "encode_ms");
+        let known = |v: Option<f64>| v.unwrap_or(0.0);
         let (exec, restore, adopt) = (
-            f("upgrade complete", "exec_ms"),
-            f("upgrade complete", "restore_ms"),
-            f("upgrade complete", "adopt_ms"),
+            known(phases.exec_ms),
+            known(phases.restore_ms),
+            known(phases.adopt_ms),
         );
         let probe = f("accepted the snapshot", "probe_ms");
-        let total = f("upgrade complete", "total_ms");
+        let total = known(phases.total_ms);
         row.state_bytes = f("snapshot sealed", "bytes");
         row.phases.push([
             probe,

@@ -14,6 +14,8 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use copyover::status::Outcome;
+
 use crate::{BoxError, Server};
 
 /// `copyover-bench soak`'s options.
@@ -196,11 +198,11 @@ pub fn soak(args: SoakArgs) -> Result<(), BoxError> {
         if Instant::now() > deadline {
             break;
         }
-        let mark = server.mark();
+        let seq = server.seq();
         deploy(args.builds()[(n + 1) % 2], &binary)?;
         kill(Pid::from_raw(pid as i32), Signal::SIGHUP)?;
         // Keep chatting while waiting for the outcome.
-        let line = loop {
+        let status = loop {
             pump(
                 &mut clients,
                 Instant::now() + Duration::from_millis(2),
@@ -208,22 +210,16 @@ pub fn soak(args: SoakArgs) -> Result<(), BoxError> {
                 &mut next_send,
                 &mut sender,
             )?;
-            if let Some(l) = server.outcome_since(mark) {
-                break l;
+            if let Some(s) = server.outcome_since(seq) {
+                break s;
             }
             if Instant::now() > deadline + Duration::from_secs(30) {
                 return Err("no upgrade outcome within the time limit".into());
             }
         };
-        if !line.contains("upgrade complete") {
-            outcomes.push(line.clone());
-        }
-        if let Some(ms) = line
-            .split("blackout_ms=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        {
-            blackouts.push(ms);
+        match status.outcome {
+            Outcome::Complete { blackout_ms, .. } => blackouts.push(blackout_ms),
+            other => outcomes.push(format!("{other}: {}", other.reason().unwrap_or(""))),
         }
         if n == 0 {
             // The baseline is taken after a first upgrade, which closes

@@ -156,7 +156,7 @@ fn main() -> ExitCode {
 type BoxError = Box<dyn std::error::Error>;
 
 struct Server {
-    co: Copyover,
+    co: Copyover<Chat>,
     epoll: Epoll,
     listener: TcpListener,
     streams: HashMap<u64, (TcpStream, bool)>,
@@ -179,7 +179,7 @@ fn run(args: Args) -> Result<(), BoxError> {
         Start::Fresh => {
             let mut chat = Chat::default();
             if let Some(path) = &args.restore_from {
-                chat = co.restore_from_file::<Chat>(path)?;
+                chat = co.restore_from_file(path)?;
                 chat.conns.clear();
                 tracing::info!(path = ?path, users = chat.users.len(), "staging: restored names and variables");
             }

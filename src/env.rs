@@ -1,0 +1,166 @@
+//! The environment contract: every environment variable copyover reads,
+//! writes or strips, and what each program it executes gets. This module
+//! owns the names and the builders of the exec's environment; what a
+//! variable's value means belongs to the module that reads it (linked
+//! below).
+//!
+//! Two builds of a server, old and new, must agree on these names, so they
+//! are a spec: a name is never reused with another meaning.
+//!
+//! # The runtime's own variables
+//!
+//! | Variable | Set by | Read by | Value |
+//! |---|---|---|---|
+//! | [`HANDOFF_VAR`] `COPYOVER_HANDOFF` | the commit, a rollback, the holder | [`boot`](crate::boot) | the handoff, [version 1](crate::handoff#the-handoff-variable-version-1) |
+//! | [`ROLLBACK_REASON_VAR`] `COPYOVER_ROLLBACK_REASON` | a rollback, the holder | `boot` in rollback mode | why the new image failed (the outcome's reason) |
+//! | [`PROBE_VAR`] `COPYOVER_PROBE` | the probe | `boot`, which answers and exits | a nonce the answer repeats |
+//! | [`STATUS_DIR_VAR`] `COPYOVER_STATUS_DIR` | the operator | the runtime, the `copyover` CLI | the [status](crate::status) directory |
+//!
+//! `boot` removes the handoff and rollback variables from its environment
+//! as soon as it has read them (with a single thread, so safely), so that
+//! no child process inherits them; one inherited anyway names another PID
+//! and is ignored.
+//!
+//! # systemd's variables
+//!
+//! * [`NOTIFY_SOCKET`]: where readiness and reloads are told (`sd_notify`);
+//!   kept across every exec, since the PID does not change.
+//! * [`LISTEN_VARS`] (`LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES`): socket
+//!   activation, read on a first start only and removed at once: after a
+//!   same-PID exec a stale `LISTEN_PID` would match again.
+//! * [`FDSTORE`]: the size of systemd's fd store (systemd 254+).
+//!
+//! # What each program gets
+//!
+//! The **clean environment** is this process's, without the runtime's
+//! variables and `LISTEN_*` (`NOTIFY_SOCKET` and everything else kept).
+//!
+//! * **The probe** (the new binary, asking whether it can take over): the
+//!   clean environment plus `COPYOVER_PROBE`.
+//! * **The new image** (the commit's exec): the clean environment plus
+//!   `COPYOVER_HANDOFF`.
+//! * **The old binary again** (a rollback): the environment the old image
+//!   ran with (its exec record), or the clean environment without one,
+//!   plus `COPYOVER_HANDOFF` in rollback mode and
+//!   `COPYOVER_ROLLBACK_REASON`.
+//! * **The holder's rescue** (the new image died before `boot`): as a
+//!   rollback, under the holder's PID.
+
+use std::ffi::{CString, OsString};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+
+/// The environment variable that carries the handoff into the new image.
+pub const HANDOFF_VAR: &str = "COPYOVER_HANDOFF";
+/// The environment variable that carries a rollback's reason.
+pub const ROLLBACK_REASON_VAR: &str = "COPYOVER_ROLLBACK_REASON";
+/// The environment variable that puts a copyover program into probe mode.
+pub const PROBE_VAR: &str = "COPYOVER_PROBE";
+/// The environment variable that overrides the status directory.
+pub const STATUS_DIR_VAR: &str = "COPYOVER_STATUS_DIR";
+
+/// systemd's notification socket (`sd_notify`).
+pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+/// systemd's socket-activation variables: the PID they are meant for, the
+/// number of fds from 3, and their names.
+pub const LISTEN_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
+/// The size of systemd's fd store, if the unit has one (systemd 254+).
+pub const FDSTORE: &str = "FDSTORE";
+
+/// Variables the runtime owns: never passed on as they were.
+const STRIPPED_VARS: [&str; 6] = [
+    HANDOFF_VAR,
+    ROLLBACK_REASON_VAR,
+    PROBE_VAR,
+    LISTEN_VARS[0],
+    LISTEN_VARS[1],
+    LISTEN_VARS[2],
+];
+
+/// This process's environment without the runtime's own variables and the
+/// stale systemd socket-activation ones (a same-PID exec would match
+/// `LISTEN_PID` again), as (name, value) pairs. `NOTIFY_SOCKET` is kept.
+pub(crate) fn clean_env() -> Vec<(OsString, OsString)> {
+    std::env::vars_os()
+        .filter(|(k, _)| !STRIPPED_VARS.iter().any(|s| k.as_bytes() == s.as_bytes()))
+        .collect()
+}
+
+/// `NAME=value` C strings of (name, value) pairs.
+pub(crate) fn env_entries(vars: &[(OsString, OsString)]) -> io::Result<Vec<CString>> {
+    vars.iter()
+        .map(|(k, v)| {
+            let mut e = k.as_bytes().to_vec();
+            e.push(b'=');
+            e.extend_from_slice(v.as_bytes());
+            cstring(&e)
+        })
+        .collect()
+}
+
+/// The new image's environment: [`clean_env`] plus
+/// `COPYOVER_HANDOFF=handoff`.
+pub(crate) fn exec_env(handoff: &str) -> io::Result<Vec<CString>> {
+    with_handoff(env_entries(&clean_env())?, handoff)
+}
+
+/// `env` plus `COPYOVER_HANDOFF=handoff`.
+pub(crate) fn with_handoff(mut env: Vec<CString>, handoff: &str) -> io::Result<Vec<CString>> {
+    env.push(cstring(format!("{HANDOFF_VAR}={handoff}").as_bytes())?);
+    Ok(env)
+}
+
+/// Removes the handoff and rollback variables from this process's
+/// environment, so that no child inherits them. Only with a single thread
+/// (the caller checked).
+pub(crate) fn forget_handoff_vars() {
+    for var in [HANDOFF_VAR, ROLLBACK_REASON_VAR] {
+        crate::sys::remove_env_var(var.as_ref());
+    }
+}
+
+/// Removes the `LISTEN_*` variables from this process's environment. Only
+/// with a single thread (the caller checked).
+pub(crate) fn forget_listen_vars() {
+    for var in LISTEN_VARS {
+        crate::sys::remove_env_var(var.as_ref());
+    }
+}
+
+/// An argument or a `NAME=value` entry as a C string, for an exec.
+///
+/// # Errors
+///
+/// `InvalidInput` if it holds a NUL byte.
+pub(crate) fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a NUL byte in an argument or variable",
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_env_carries_exactly_one_handoff() {
+        let env = exec_env("1:pid=1:snapshot=3:binary=4:mode=upgrade").unwrap();
+        let ours: Vec<_> = env
+            .iter()
+            .filter(|e| e.as_bytes().starts_with(b"COPYOVER_HANDOFF="))
+            .collect();
+        assert_eq!(ours.len(), 1);
+        assert!(!env.iter().any(|e| e.as_bytes().starts_with(b"LISTEN_PID=")));
+    }
+
+    #[test]
+    fn a_nul_byte_is_refused() {
+        assert_eq!(
+            cstring(b"A=b\0c").unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+    }
+}

@@ -572,6 +572,7 @@ impl<S> Copyover<S> {
                         draft: self.draft.take(),
                         record: self.record.take(),
                         payload_hint: self.payload_hint,
+                        worker: &self.worker,
                     },
                 ))
             }

@@ -12,9 +12,11 @@
 //! 3. **Commit** (at the next safe point after a positive probe): the state
 //!    is encoded again, straight into that prepared memfd, which is then cut
 //!    to size and sealed; how this image runs (argv, environment) goes into
-//!    a second sealed memfd for a rollback; every fd becomes close-on-exec
-//!    with one `close_range`, then exactly the manifest's fds, the two
-//!    memfds and the old binary's fd are cleared; [`HELD_SIGNALS`] are
+//!    a second sealed memfd for a rollback. Meanwhile, on the runtime's
+//!    helper thread, every fd becomes close-on-exec with one `close_range`,
+//!    then the flag is cleared on exactly the manifest's fds (a syscall
+//!    each: at 9,000 connections as long as the encoding, hence the second
+//!    thread); then on the two memfds and the old binary's fd. [`HELD_SIGNALS`] are
 //!    blocked; the **holder** is cloned (see `sys::holder`). Nothing is
 //!    logged from here to the exec.
 //! 4. **Exec** of the probed file (`execveat`) with an explicit
@@ -28,7 +30,8 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::mpsc;
 
 use crate::env::{HANDOFF_VAR, ROLLBACK_REASON_VAR, clean_env, cstring, env_entries, with_handoff};
 use crate::error::UpgradeError;
@@ -37,6 +40,7 @@ use crate::probe::Executable;
 use crate::rollback::ExecRecord;
 use crate::snapshot::{Draft, Header, Manifest};
 use crate::sys::holder::HolderSpec;
+use crate::worker::Worker;
 use crate::{signal, sys};
 
 /// Where an upgrade stands after [`Copyover::upgrade`] returned.
@@ -67,6 +71,8 @@ pub(crate) struct Commit<'a> {
     pub record: Option<OwnedFd>,
     /// How large a buffer to encode into.
     pub payload_hint: usize,
+    /// The runtime's helper thread.
+    pub worker: &'a Worker,
 }
 
 /// Undoes the commit's flags and mask if the exec does not happen: every fd
@@ -92,6 +98,10 @@ impl Drop for Undo {
 /// [`Undo`]: the fd flags are not restored one by one).
 pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeError {
     let t0 = std::time::Instant::now();
+    // Dropped after `clearing` (which waits for its job): on any failure,
+    // every fd is close-on-exec again and the mask as it was.
+    let mut undo = Undo { mask: None };
+    let clearing = Clearing::start(c.worker, c.manifest);
     let draft = match c.draft {
         Some(d) => Ok(d),
         None => Draft::new(0),
@@ -167,7 +177,6 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
     );
 
     // From here on: no logging until the exec.
-    let mut undo = Undo { mask: None };
     let mut extra = vec![
         memfd.as_raw_fd(),
         c.own_binary.as_raw_fd(),
@@ -176,7 +185,10 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
     if c.exe.script {
         extra.push(c.exe.fd.as_raw_fd());
     }
-    if let Err(source) = keep_only(c.manifest, &extra) {
+    if let Err(source) = clearing
+        .wait(c.manifest)
+        .and_then(|()| extra.iter().try_for_each(|&fd| sys::set_cloexec(fd, false)))
+    {
         return UpgradeError::Handoff {
             reason: format!("a kept fd is not open: {source}"),
         };
@@ -219,25 +231,55 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
     }
 }
 
-/// Deny by default: every fd close-on-exec, then clear the flag on exactly
-/// the manifest's fds and `extra`.
-fn keep_only(manifest: &Manifest, extra: &[i32]) -> io::Result<()> {
-    sys::cloexec_from(3)?;
-    for e in &manifest.entries {
-        sys::set_cloexec(e.fd, false).map_err(|err| {
-            io::Error::new(err.kind(), format!("fd {} ('{}'): {err}", e.fd, e.name))
-        })?;
+/// The manifest's fds made inheritable on the runtime's helper thread while
+/// the commit encodes the state on the application's: at 9,000 connections
+/// each is milliseconds of the blackout, and most servers have a second
+/// core. Deny by default: every fd from 3 up close-on-exec first, then the
+/// flag cleared on exactly the manifest's fds (the caller clears its own
+/// few after [`wait`](Self::wait)). Dropping it waits for the job, so that
+/// no clearing can come after the commit's undo.
+struct Clearing {
+    done: Option<mpsc::Receiver<Result<(), (RawFd, io::Error)>>>,
+}
+
+impl Clearing {
+    fn start(worker: &Worker, manifest: &Manifest) -> Clearing {
+        let fds: Vec<RawFd> = manifest.fds().collect();
+        let (tx, rx) = mpsc::sync_channel(1);
+        // If the thread is gone the job is dropped, and `wait` finds out.
+        let _ = worker.run(move || {
+            let _ = tx.send(keep_only(fds));
+        });
+        Clearing { done: Some(rx) }
     }
-    for g in &manifest.groups {
-        for m in &g.members {
-            sys::set_cloexec(m.fd, false).map_err(|err| {
-                let name = format!("{}:{}", g.name, m.id);
-                io::Error::new(err.kind(), format!("fd {} ('{name}'): {err}", m.fd))
-            })?;
+
+    /// The job's result; if the helper thread could not run it, the job
+    /// runs here.
+    fn wait(mut self, manifest: &Manifest) -> io::Result<()> {
+        let result = match self.done.take().map(|rx| rx.recv()) {
+            Some(Ok(result)) => result,
+            _ => keep_only(manifest.fds()),
+        };
+        result.map_err(|(fd, err)| {
+            let name = manifest.name_of(fd).unwrap_or_default();
+            io::Error::new(err.kind(), format!("fd {fd} ('{name}'): {err}"))
+        })
+    }
+}
+
+impl Drop for Clearing {
+    fn drop(&mut self) {
+        if let Some(rx) = self.done.take() {
+            let _ = rx.recv();
         }
     }
-    for &fd in extra {
-        sys::set_cloexec(fd, false)?;
+}
+
+/// Deny by default: every fd close-on-exec, then clear the flag on `fds`.
+fn keep_only(fds: impl IntoIterator<Item = RawFd>) -> Result<(), (RawFd, io::Error)> {
+    sys::cloexec_from(3).map_err(|e| (3, e))?;
+    for fd in fds {
+        sys::set_cloexec(fd, false).map_err(|e| (fd, e))?;
     }
     Ok(())
 }

@@ -90,6 +90,17 @@ impl Manifest {
             .chain(members.map(|m| m.fd))
     }
 
+    /// The name `fd` is kept under (`GROUP:ID` for a group's member).
+    pub fn name_of(&self, fd: i32) -> Option<String> {
+        if let Some(e) = self.entries.iter().find(|e| e.fd == fd) {
+            return Some(e.name.clone());
+        }
+        self.groups.iter().find_map(|g| {
+            let m = g.members.iter().find(|m| m.fd == fd)?;
+            Some(format!("{}:{}", g.name, m.id))
+        })
+    }
+
     /// How many descriptors it names.
     pub fn len(&self) -> usize {
         self.entries.len() + self.groups.iter().map(|g| g.members.len()).sum::<usize>()

@@ -15,7 +15,7 @@ use crate::handoff::{HandoffVar, Inherited, Mode};
 use crate::notify::Activated;
 use crate::runtime::{Config, Copyover, Resume, Start, open_own_binary};
 use crate::signal::{self, Requests};
-use crate::snapshot::read_sealed;
+use crate::snapshot::{Manifest, read_sealed};
 use crate::state::{AppState, restore};
 use crate::sys::monotonic_ns;
 use crate::worker::Worker;
@@ -46,12 +46,14 @@ use crate::{rollback, sys};
 ///    `boot` would make the environment unsafe to change): else, rollback.
 /// 3. The snapshot and every descriptor of the manifest are checked
 ///    **before this image opens any descriptor of its own**: each must be
-///    open and not close-on-exec, as the old image left it.
+///    open and not close-on-exec, as the old image left it. The runtime's
+///    helper thread checks the manifest's while this thread decodes (and
+///    migrates) the state.
 /// 4. Every fd from 3 up (the inherited ones, and anything else the exec
 ///    let through) becomes close-on-exec in one call, so a child started
 ///    from now on inherits none; the rollback makes the kept ones
 ///    inheritable again only at the instant of its exec.
-/// 5. Signal handlers, then the state is decoded and migrated.
+/// 5. Signal handlers.
 ///
 /// # Errors
 ///
@@ -107,6 +109,32 @@ fn start_worker() -> Result<Worker, Error> {
     Worker::start().map_err(|source| Error::Setup {
         what: "start the runtime's helper thread",
         source,
+    })
+}
+
+/// Runs [`Inherited::check`] on the helper thread; the returned function
+/// waits for its result.
+fn claim_on(
+    worker: &Worker,
+    manifest: Manifest,
+    tolerant: bool,
+) -> Result<impl FnOnce() -> Result<Inherited, Error>, Error> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    worker
+        .run(move || {
+            let _ = tx.send(Inherited::check(manifest, tolerant));
+        })
+        .map_err(|source| Error::Setup {
+            what: "claim the inherited descriptors",
+            source,
+        })?;
+    Ok(move || {
+        rx.recv().unwrap_or_else(|_| {
+            Err(Error::Setup {
+                what: "claim the inherited descriptors",
+                source: std::io::Error::other("the runtime's helper thread stopped"),
+            })
+        })
     })
 }
 
@@ -237,8 +265,20 @@ fn resume<S: AppState>(
     let mut snap = read_sealed(snapshot.as_fd())
         .and_then(|snap| snap.check_app(&config.app).map(|()| snap))
         .map_err(|e| or_roll_back(e.into()))?;
+    // The helper thread first (see `boot_fresh`). It claims the manifest's
+    // descriptors (a syscall each) while this thread decodes the state:
+    // with 10,000 connections each takes milliseconds of the blackout.
+    // Neither opens a descriptor, so the claims stay sound (see
+    // `sys::inherit`); a failure on either side rolls back where it
+    // happens, which ends the other thread too.
+    let worker = start_worker().map_err(or_roll_back)?;
+    let claims =
+        claim_on(&worker, std::mem::take(&mut snap.manifest), !upgraded).map_err(or_roll_back)?;
+    let state = restore::<S>(&config.app, snap.header.state_version, snap.payload())
+        .map_err(|e| or_roll_back(e.into()));
     // An adoption error has already rolled back (after an upgrade).
-    let fds = Inherited::check(std::mem::take(&mut snap.manifest), !upgraded)?;
+    let fds = claims()?;
+    let state = state?;
 
     // Now nothing of the old image can be mistaken for ours: the holder's
     // pidfd, the full rollback plan (the kept fds), then close-on-exec on
@@ -280,11 +320,7 @@ fn resume<S: AppState>(
     }
     reap_exited_children();
 
-    // The helper thread first (see `boot_fresh`).
-    let worker = start_worker().map_err(or_roll_back)?;
     let requests = install_requests().map_err(or_roll_back)?;
-    let state = restore::<S>(&config.app, snap.header.state_version, snap.payload())
-        .map_err(|e| or_roll_back(e.into()))?;
     if snap.header.state_version != S::VERSION {
         tracing::info!(
             from = snap.header.state_version,

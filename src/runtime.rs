@@ -293,7 +293,10 @@ pub(crate) fn open_own_binary() -> Result<OwnedFd, Error> {
 ///
 /// Without a pidfd (`pidfd_open` failed in `boot`), by PID: the holder is
 /// our child, unreaped unless it already died, so the number is still its.
-fn reap_holder(worker: &Worker, pidfd: Option<OwnedFd>, pid: i32) {
+/// Kills the holder; returns whether it is to be reaped (see
+/// [`reap_holder`]). Its pidfd is closed here, so that the image's
+/// descriptors are final when the outcome is reported.
+fn kill_holder(pidfd: Option<OwnedFd>, pid: i32) -> bool {
     let by_pid = || {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
@@ -308,13 +311,17 @@ fn reap_holder(worker: &Worker, pidfd: Option<OwnedFd>, pid: i32) {
     if let Err(e) = killed {
         // Not waited for: a live holder would block the helper thread.
         tracing::warn!(holder = pid, "could not kill the holder: {e}");
-        return;
+        return false;
     }
     // Reaped by PID, so that no descriptor lingers: the holder is our
     // child, so its PID cannot be reused before it is reaped.
     drop(pidfd);
-    // On the helper thread: the holder's exit tears down the old image's
-    // memory, which takes time the event loop does not wait for.
+    true
+}
+
+/// Reaps the killed holder on the helper thread: its exit tears down the
+/// old image's memory, which takes time the event loop does not wait for.
+fn reap_holder(worker: &Worker, pid: i32) {
     let reaped = worker.run(move || {
         use nix::sys::wait::waitpid;
         let pid = nix::unistd::Pid::from_raw(pid);
@@ -440,17 +447,29 @@ impl<S> Copyover<S> {
     /// (see [`crate::status::report`]); `elapsed_ms` and `rescued` are for
     /// the log line of a refusal or a rollback.
     fn report(&self, outcome: Outcome, elapsed_ms: f64, rescued: bool) {
-        crate::status::report(
-            outcome,
-            &Reporter {
-                app: &self.config.app,
-                version: &self.config.version,
-                generation: self.generation,
-                binary: &self.binary,
-                elapsed_ms,
-                rescued,
-            },
-        );
+        crate::status::report(outcome, &self.reporter(elapsed_ms, rescued));
+    }
+
+    /// [`report`](Self::report) on the helper thread: what `ready` reports
+    /// after an exec (the status file, sd_notify, the log line: a
+    /// millisecond of file system and pipe writes) is written while the
+    /// event loop already serves. In order with the thread's other jobs;
+    /// `Drop` waits for it.
+    fn report_later(&self, outcome: Outcome, elapsed_ms: f64, rescued: bool) {
+        let who = self.reporter(elapsed_ms, rescued);
+        self.worker
+            .run_or_here(move || crate::status::report(outcome, &who));
+    }
+
+    fn reporter(&self, elapsed_ms: f64, rescued: bool) -> Reporter {
+        Reporter {
+            app: self.config.app.clone(),
+            version: self.config.version.clone(),
+            generation: self.generation,
+            binary: self.binary.clone(),
+            elapsed_ms,
+            rescued,
+        }
     }
 
     pub(crate) fn header(&self, now: u64) -> Header {
@@ -604,9 +623,9 @@ impl<S> Copyover<S> {
         // (the timer first), then the holder, whose exit frees the old
         // image's memory in its own time.
         let planned = rollback::disarm();
-        if let Some(pid) = r.holder_pid {
-            reap_holder(&self.worker, planned.or(r.holder), pid);
-        }
+        let reap = r
+            .holder_pid
+            .filter(|&pid| kill_holder(planned.or(r.holder), pid));
         drop(r.snapshot);
         drop(r.exec_record);
         let h = &r.header;
@@ -614,7 +633,10 @@ impl<S> Copyover<S> {
         if r.mode == Mode::Rollback {
             self.own_binary = Some(r.old_binary);
             let outcome = Outcome::RolledBack { reason: r.reason };
-            self.report(outcome, blackout_ms, r.rescued);
+            self.report_later(outcome, blackout_ms, r.rescued);
+            if let Some(pid) = reap {
+                reap_holder(&self.worker, pid);
+            }
             return Ok(());
         }
         // The previous binary was kept for a rollback.
@@ -634,7 +656,10 @@ impl<S> Copyover<S> {
                 adopt_ms: Some(ms(now.saturating_sub(r.restored_ns))),
             },
         };
-        self.report(outcome, 0.0, false);
+        self.report_later(outcome, 0.0, false);
+        if let Some(pid) = reap {
+            reap_holder(&self.worker, pid);
+        }
         match own {
             Ok(fd) => self.own_binary = Some(fd),
             // Serving goes on; the next upgrade tries again.
@@ -758,8 +783,10 @@ impl<S> Drop for Copyover<S> {
         if let Phase::Probing(p, _) = &self.phase {
             p.kill();
         }
-        // Dropped at shutdown (an exec runs no destructor).
+        // Dropped at shutdown (an exec runs no destructor). An outcome
+        // still queued on the helper thread is written first.
         if self.ready {
+            self.worker.flush();
             crate::status::Status::remove(std::process::id());
         }
     }

@@ -390,12 +390,12 @@ const ROLLBACK_TARGET: &str = "copyover::resume";
 /// The process an outcome is about, and what only the log line and
 /// `sd_notify` add to it (not kept in the status file).
 #[derive(Debug)]
-pub(crate) struct Reporter<'a> {
-    pub(crate) app: &'a str,
-    pub(crate) version: &'a str,
+pub(crate) struct Reporter {
+    pub(crate) app: String,
+    pub(crate) version: String,
     pub(crate) generation: u64,
     /// The binary the next upgrade executes (`started`'s log line).
-    pub(crate) binary: &'a Path,
+    pub(crate) binary: std::path::PathBuf,
     /// Refused: milliseconds since the upgrade was asked for
     /// (`elapsed_ms`). Rolled back: from the commit to serving again
     /// (`blackout_ms`).
@@ -422,7 +422,7 @@ pub(crate) struct Reporter<'a> {
 /// The lines keep the targets they had when the runtime wrote them itself
 /// ([`TARGET`], [`ROLLBACK_TARGET`]), so that a `RUST_LOG` filter written for
 /// them still matches.
-pub(crate) fn report(outcome: Outcome, who: &Reporter<'_>) {
+pub(crate) fn report(outcome: Outcome, who: &Reporter) {
     let status_text = match &outcome {
         Outcome::Started => format!("serving {} (generation {})", who.version, who.generation),
         Outcome::Complete {
@@ -439,8 +439,8 @@ pub(crate) fn report(outcome: Outcome, who: &Reporter<'_>) {
     };
     Status {
         pid: std::process::id(),
-        app: who.app.into(),
-        version: who.version.into(),
+        app: who.app.clone(),
+        version: who.version.clone(),
         generation: who.generation,
         outcome: outcome.clone(),
         ..Default::default()
@@ -452,7 +452,7 @@ pub(crate) fn report(outcome: Outcome, who: &Reporter<'_>) {
         String::new()
     };
     crate::notify::notify(&format!("{mainpid}READY=1\nSTATUS={status_text}"));
-    let (generation, version) = (who.generation, who.version);
+    let (generation, version) = (who.generation, who.version.as_str());
     let ms = |v: Option<f64>| v.unwrap_or(0.0);
     match outcome {
         Outcome::Started => {

@@ -1,5 +1,7 @@
-//! The runtime's one helper thread, started in `boot`: it runs the probe
-//! and reaps the holder, off the event loop.
+//! The runtime's one helper thread, started in `boot`: it runs the probe,
+//! reaps the holder and writes the outcome of an upgrade, off the event
+//! loop; in the commit and the resume it does the per-descriptor half of
+//! the work beside the main thread.
 //!
 //! # Why one thread, started early
 //!
@@ -44,6 +46,27 @@ impl Worker {
                 }
             })?;
         Ok(Worker { jobs })
+    }
+
+    /// Queues `job`, or runs it here if the thread is gone.
+    pub(crate) fn run_or_here(&self, job: impl FnOnce() + Send + 'static) {
+        if let Err(mpsc::SendError(job)) = self.jobs.send(Box::new(job)) {
+            job();
+        }
+    }
+
+    /// Waits until every job queued so far has run.
+    pub(crate) fn flush(&self) {
+        let (done, wait) = mpsc::sync_channel(1);
+        if self
+            .run(move || {
+                let _ = done.send(());
+            })
+            .is_ok()
+        {
+            // An error means the thread is gone: nothing left to wait for.
+            let _ = wait.recv();
+        }
     }
 
     /// Queues `job`.

@@ -40,8 +40,6 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-
 pub use crate::env::PROBE_VAR;
 const ANSWER_PREFIX: &str = "copyover-probe 1";
 
@@ -83,7 +81,7 @@ impl Executable {
             path: path.to_owned(),
             source,
         };
-        nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).map_err(|e| fail(e.into()))?;
+        crate::sys::check_executable(path).map_err(fail)?;
         let file = std::fs::File::open(path).map_err(fail)?;
         if !file.metadata().map_err(fail)?.is_file() {
             return Err(fail(std::io::Error::other("not a regular file")));
@@ -174,10 +172,7 @@ impl Probe {
     pub(crate) fn kill(&self) {
         let pid = self.child_pid.load(Ordering::SeqCst);
         if pid > 0 {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = crate::sys::kill(pid);
         }
     }
 }
@@ -292,12 +287,9 @@ fn read_answer(child: &mut Child, nonce: &str, timeout: Duration, deadline: Inst
             ));
         }
         if reader.buffer().is_empty() {
-            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-            let mut fds = [PollFd::new(reader.get_ref().as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::from(ms)) {
-                Ok(0) => continue,
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
+            match crate::sys::wait_readable(reader.get_ref().as_fd(), left) {
+                Ok(false) => continue,
+                Ok(true) => {}
                 Err(e) => return Verdict::Refused(format!("polling the probe failed: {e}")),
             }
         }

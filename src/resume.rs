@@ -350,10 +350,5 @@ fn answer_probe<S: AppState>(config: &Config, nonce: &std::ffi::OsStr) -> ! {
 /// Reaps children of the previous image that already exited. Live ones are
 /// the application's business (they are its children now).
 fn reap_exited_children() {
-    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-        if status == WaitStatus::StillAlive {
-            break;
-        }
-    }
+    crate::sys::reap_exited_children();
 }

@@ -94,7 +94,7 @@ impl ExecRecord {
     /// Reads the record from its sealed memfd.
     pub(crate) fn read(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<ExecRecord> {
         crate::snapshot::check_sealed(fd).map_err(io::Error::other)?;
-        let len = nix::sys::stat::fstat(fd)?.st_size;
+        let len = crate::sys::file_size(fd)?;
         let len = usize::try_from(len)
             .ok()
             .filter(|l| *l <= 1 << 24)
@@ -104,11 +104,9 @@ impl ExecRecord {
         let mut bytes = vec![0u8; len];
         let mut at = 0;
         while at < len {
-            match nix::sys::uio::pread(fd, &mut bytes[at..], at as i64) {
-                Ok(0) => break,
-                Ok(n) => at += n,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
+            match crate::sys::read_at(fd, &mut bytes[at..], at as u64)? {
+                0 => break,
+                n => at += n,
             }
         }
         bytes.truncate(at);

@@ -294,13 +294,7 @@ pub(crate) fn open_own_binary() -> Result<OwnedFd, Error> {
 /// Without a pidfd (`pidfd_open` failed in `boot`), by PID: the holder is
 /// our child, unreaped unless it already died, so the number is still its.
 fn reap_holder(worker: &Worker, pidfd: Option<OwnedFd>, pid: i32) {
-    let by_pid = || {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .map_err(std::io::Error::from)
-    };
+    let by_pid = || sys::kill(pid);
     let killed = match &pidfd {
         Some(fd) => sys::pidfd_kill(fd.as_fd()).or_else(|_| by_pid()),
         None => by_pid(),
@@ -316,9 +310,7 @@ fn reap_holder(worker: &Worker, pidfd: Option<OwnedFd>, pid: i32) {
     // On the helper thread: the holder's exit tears down the old image's
     // memory, which takes time the event loop does not wait for.
     let reaped = worker.run(move || {
-        use nix::sys::wait::waitpid;
-        let pid = nix::unistd::Pid::from_raw(pid);
-        while waitpid(pid, None) == Err(nix::errno::Errno::EINTR) {}
+        let _ = sys::reap(pid);
     });
     if let Err(e) = reaped {
         tracing::debug!(holder = pid, "could not reap the holder: {e}");

@@ -126,7 +126,6 @@ use std::os::unix::net as unix;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ::tokio::sync::{Notify, watch};
-use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
 
 use crate::error::{Error, UpgradeError};
 use crate::handoff::{Handoff, Inherited};
@@ -141,33 +140,23 @@ use crate::upgrade::Progress;
 /// reload signals.
 pub fn mask_held_signals() {
     // Cannot fail with a valid `how` and set.
-    let _ = pthread_sigmask(
-        SigmaskHow::SIG_BLOCK,
-        Some(&crate::signal::held_set()),
-        None,
-    );
+    let _ = crate::sys::block_signals(&crate::signal::HELD_SIGNALS);
 }
 
 /// The held signals blocked in this thread until dropped; the previous mask
 /// is then put back.
-struct Masked(Option<SigSet>);
+struct Masked(Option<crate::sys::SavedMask>);
 
 impl Masked {
     fn now() -> Masked {
-        let mut old = SigSet::empty();
-        let set = crate::signal::held_set();
-        Masked(
-            pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old))
-                .ok()
-                .map(|()| old),
-        )
+        Masked(crate::sys::block_signals(&crate::signal::HELD_SIGNALS).ok())
     }
 }
 
 impl Drop for Masked {
     fn drop(&mut self) {
         if let Some(old) = &self.0 {
-            let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(old), None);
+            let _ = crate::sys::restore_mask(old);
         }
     }
 }
@@ -298,7 +287,7 @@ impl<S> AsyncCopyover<S> {
     where
         S: AppState,
     {
-        if nix::unistd::gettid() != nix::unistd::getpid() {
+        if !crate::sys::on_main_thread() {
             tracing::warn!(
                 "upgrade called off the main thread: a signal that the main thread takes during \
                  the commit is lost; call it from the task given to block_on"
@@ -695,11 +684,9 @@ mod tests {
             for _ in 0..8 {
                 v.push(
                     ::tokio::task::spawn_blocking(|| {
-                        let mut cur = SigSet::empty();
-                        pthread_sigmask(SigmaskHow::SIG_BLOCK, None, Some(&mut cur)).unwrap();
-                        crate::signal::HELD_SIGNALS.iter().all(|s| {
-                            nix::sys::signal::Signal::try_from(*s).is_ok_and(|s| cur.contains(s))
-                        })
+                        crate::signal::HELD_SIGNALS
+                            .iter()
+                            .all(|s| crate::sys::is_blocked(*s))
                     })
                     .await
                     .unwrap(),
@@ -708,10 +695,8 @@ mod tests {
             v
         });
         assert!(masks.iter().all(|m| *m));
-        let mut cur = SigSet::empty();
-        pthread_sigmask(SigmaskHow::SIG_BLOCK, None, Some(&mut cur)).unwrap();
         assert!(
-            !cur.contains(nix::sys::signal::Signal::SIGHUP),
+            !crate::sys::is_blocked(libc::SIGHUP),
             "building the runtime left this thread's mask as it was"
         );
     }

@@ -70,5 +70,5 @@ pub use format::{
     ManifestGroup, Snapshot, decode, decode_state, encode, encode_state,
     encode_state_with_capacity,
 };
+pub(crate) use memfd::seal_bytes;
 pub use memfd::{Draft, check_sealed, read_sealed, write_sealed};
-pub(crate) use memfd::{add_seals, memfd_io, seal_bytes};

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 
 use serde::Serialize;
 
-use super::error::{SnapshotError, io_err};
+use super::error::{SnapshotError, encode_err, io_err};
 use super::format::{
     HEADER_LEN, Header, Manifest, Payload, Prefix, Snapshot, encode_prefix,
     encode_state_with_capacity, finish_head, parse,
@@ -109,7 +109,7 @@ impl Draft {
                 match used {
                     Ok(len) => Some((map, len)),
                     Err(postcard::Error::SerializeBufferFull) => None,
-                    Err(source) => return Err(SnapshotError::Encode { source }),
+                    Err(source) => return Err(encode_err(source)),
                 }
             }
             None => None,

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::env::{clean_env, cstring};
 use crate::error::{Error, UpgradeError};
-use crate::handoff::{Handoff, Inherited, Mode};
+use crate::handoff::{Handoff, Inherited, Mode, SocketKind};
 use crate::notify::Activated;
 use crate::probe::Executable;
 use crate::probe::{Probe, ProbeSpec, Verdict};
@@ -655,16 +655,13 @@ impl<S> Copyover<S> {
         let (n, fd) = self.activated.fds.remove(at);
         use std::os::fd::AsRawFd;
         let raw = fd.as_raw_fd();
-        let fail = |reason: String| Error::Adopt {
+        let want = SocketKind::TcpListener;
+        want.check(raw).map_err(|reason| Error::Adopt {
             name: n.clone(),
             fd: raw,
-            wanted: "a listening TCP socket",
+            wanted: want.wanted(),
             reason,
-        };
-        let info = sys::socket_info(raw).map_err(|e| fail(format!("it is not a socket ({e})")))?;
-        if !info.listening || info.protocol != libc::IPPROTO_TCP {
-            return Err(fail("it is not a listening TCP socket".into()));
-        }
+        })?;
         Ok(Some(std::net::TcpListener::from(fd)))
     }
 

@@ -128,7 +128,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ::tokio::sync::{Notify, watch};
 
 use crate::error::{Error, UpgradeError};
-use crate::handoff::{Handoff, Inherited};
+use crate::handoff::{Handoff, Inherited, SocketKind};
 use crate::runtime::{Copyover, Event};
 use crate::state::AppState;
 use crate::upgrade::Progress;
@@ -395,7 +395,7 @@ impl TakeTokio for Inherited {
     ) -> Result<Option<::tokio::net::TcpListener>, Error> {
         to_tokio(
             name,
-            "a listening TCP socket",
+            SocketKind::TcpListener.wanted(),
             self.take_tcp_listener(name),
             |s: &net::TcpListener| s.set_nonblocking(true),
             ::tokio::net::TcpListener::from_std,
@@ -408,7 +408,7 @@ impl TakeTokio for Inherited {
     ) -> Result<Option<::tokio::net::TcpStream>, Error> {
         to_tokio(
             name,
-            "a connected TCP socket",
+            SocketKind::TcpStream.wanted(),
             self.take_tcp_stream(name),
             |s: &net::TcpStream| s.set_nonblocking(true),
             ::tokio::net::TcpStream::from_std,
@@ -421,7 +421,7 @@ impl TakeTokio for Inherited {
     ) -> Result<Option<::tokio::net::UdpSocket>, Error> {
         to_tokio(
             name,
-            "a UDP socket",
+            SocketKind::Udp.wanted(),
             self.take_udp_socket(name),
             |s: &net::UdpSocket| s.set_nonblocking(true),
             ::tokio::net::UdpSocket::from_std,
@@ -434,7 +434,7 @@ impl TakeTokio for Inherited {
     ) -> Result<Option<::tokio::net::UnixListener>, Error> {
         to_tokio(
             name,
-            "a listening Unix socket",
+            SocketKind::UnixListener.wanted(),
             self.take_unix_listener(name),
             |s: &unix::UnixListener| s.set_nonblocking(true),
             ::tokio::net::UnixListener::from_std,
@@ -447,7 +447,7 @@ impl TakeTokio for Inherited {
     ) -> Result<Option<::tokio::net::UnixStream>, Error> {
         to_tokio(
             name,
-            "a connected Unix socket",
+            SocketKind::UnixStream.wanted(),
             self.take_unix_stream(name),
             |s: &unix::UnixStream| s.set_nonblocking(true),
             ::tokio::net::UnixStream::from_std,
@@ -460,7 +460,7 @@ impl TakeTokio for Inherited {
     ) -> Result<Option<::tokio::net::UnixDatagram>, Error> {
         to_tokio(
             name,
-            "a Unix datagram socket",
+            SocketKind::UnixDatagram.wanted(),
             self.take_unix_datagram(name),
             |s: &unix::UnixDatagram| s.set_nonblocking(true),
             ::tokio::net::UnixDatagram::from_std,

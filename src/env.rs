@@ -141,6 +141,19 @@ pub(crate) fn cstring(bytes: &[u8]) -> io::Result<CString> {
     })
 }
 
+/// This process's argument vector (`argv[0]` included) in the one form
+/// the runtime keeps it: C strings, as the commit's and a rollback's exec
+/// take them, written as they are into the exec record, and shown to the
+/// probe as `OsStr`s (no conversion).
+///
+/// # Errors
+///
+/// `InvalidInput` for an argument with a NUL byte, which Linux cannot
+/// pass (an argument *is* a NUL-terminated string), so never in practice.
+pub(crate) fn args() -> io::Result<Vec<CString>> {
+    std::env::args_os().map(|a| cstring(a.as_bytes())).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,7 +31,7 @@
 //! it: if it is a server of another kind, its start-up fails on the ports
 //! this one holds, or it is killed after the limit (5 s by default).
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::{CString, OsStr, OsString};
 use std::io::{BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -108,7 +108,7 @@ pub(crate) struct ProbeSpec {
     /// The new binary.
     pub exe: Arc<Executable>,
     /// The old image's argument vector, `argv[0]` included.
-    pub argv: Vec<OsString>,
+    pub argv: Vec<CString>,
     pub env: Vec<(OsString, OsString)>,
     /// The snapshot to show the probe, written (and sealed) on the probe's
     /// thread, so that the event loop only pays for encoding it.
@@ -202,11 +202,17 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
         crate::sys::keep_fd_in_child(&mut cmd, spec.exe.fd.as_raw_fd());
     }
     {
+        use std::os::unix::ffi::OsStrExt;
         use std::os::unix::process::CommandExt;
         if let Some(argv0) = spec.argv.first() {
-            cmd.arg0(argv0);
+            cmd.arg0(OsStr::from_bytes(argv0.as_bytes()));
         }
-        cmd.args(spec.argv.iter().skip(1));
+        cmd.args(
+            spec.argv
+                .iter()
+                .skip(1)
+                .map(|a| OsStr::from_bytes(a.as_bytes())),
+        );
     }
     cmd.env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str())))

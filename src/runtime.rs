@@ -4,7 +4,7 @@
 //! rollback, the holder's end), snapshots for staging. How an image starts
 //! is in `resume`; the old image's commit in `upgrade`.
 
-use std::ffi::{CString, OsString};
+use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::env::{clean_env, cstring};
+use crate::env::clean_env;
 use crate::error::{Error, UpgradeError};
 use crate::handoff::{Handoff, Inherited, Mode, SocketKind};
 use crate::notify::Activated;
@@ -184,8 +184,8 @@ enum Phase {
 pub struct Copyover<S> {
     pub(crate) config: Config,
     pub(crate) binary: PathBuf,
-    argv: Vec<OsString>,
-    argv_c: Vec<CString>,
+    /// The argument vector this image runs with (see `env::args`).
+    argv: Vec<CString>,
     pub(crate) generation: u64,
     requests: Requests,
     pub(crate) own_binary: Option<OwnedFd>,
@@ -227,26 +227,17 @@ fn ms(ns: u64) -> f64 {
 impl<S> Copyover<S> {
     pub(crate) fn new(
         config: Config,
-        argv: Vec<OsString>,
+        argv: Vec<CString>,
         requests: Requests,
         worker: Worker,
-    ) -> Result<Copyover<S>, Error> {
-        let argv_c = argv
-            .iter()
-            .map(|a| cstring(a.as_bytes()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| Error::Setup {
-                what: "read the arguments",
-                source,
-            })?;
-        Ok(Copyover {
+    ) -> Copyover<S> {
+        Copyover {
             binary: config
                 .binary
                 .clone()
                 .unwrap_or_else(|| default_binary(&argv)),
             config,
             argv,
-            argv_c,
             generation: 0,
             requests,
             own_binary: None,
@@ -260,14 +251,14 @@ impl<S> Copyover<S> {
             activated: Activated::default(),
             worker,
             state: PhantomData,
-        })
+        }
     }
 }
 
-fn default_binary(argv: &[OsString]) -> PathBuf {
+fn default_binary(argv: &[CString]) -> PathBuf {
     let from_argv = argv
         .first()
-        .map(Path::new)
+        .map(|a| Path::new(OsStr::from_bytes(a.as_bytes())))
         .filter(|p| p.as_os_str().as_bytes().contains(&b'/'));
     match from_argv {
         Some(p) if p.is_absolute() => p.to_owned(),
@@ -559,7 +550,7 @@ impl<S> Copyover<S> {
                         manifest,
                         own_binary,
                         exe,
-                        argv: &self.argv_c,
+                        argv: &self.argv,
                         requests: &self.requests,
                         draft: self.draft.take(),
                         record: self.record.take(),

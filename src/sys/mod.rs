@@ -290,17 +290,8 @@ pub(crate) fn execveat(
     let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
     envp.push(std::ptr::null());
     // SAFETY: both arrays are NULL-terminated and point to NUL-terminated
-    // strings that outlive the call; "" with AT_EMPTY_PATH names `fd`.
-    unsafe {
-        libc::syscall(
-            libc::SYS_execveat,
-            fd,
-            c"".as_ptr(),
-            argv_ptrs.as_ptr(),
-            envp.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        )
-    };
+    // strings that outlive the call.
+    unsafe { execveat_prepared(fd, argv_ptrs.as_ptr(), envp.as_ptr()) };
     io::Error::last_os_error()
 }
 

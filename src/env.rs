@@ -45,6 +45,11 @@
 //!   `COPYOVER_ROLLBACK_REASON`.
 //! * **The holder's rescue** (the new image died before `boot`): as a
 //!   rollback, under the holder's PID.
+//!
+//! Every one of them gets this image's argument vector, read once by `boot`
+//! in the one form the runtime keeps it (C strings, as `execve` takes
+//! them); a rollback and the rescue get the old image's, from its exec
+//! record.
 
 use std::ffi::{CString, OsString};
 use std::io;

@@ -4,7 +4,8 @@
 //! that list (the manifest) into the snapshot and clears close-on-exec on
 //! exactly those fds. The new image gets them back as an [`Inherited`] set
 //! and claims each one by name, with a type check, like `listenfd` does for
-//! systemd's sockets.
+//! systemd's sockets. That check (`SocketKind`) is also the one a listener
+//! passed by socket activation gets.
 //!
 //! # The handoff variable, version 1
 //!

@@ -45,6 +45,11 @@
 //!   `COPYOVER_ROLLBACK_REASON`.
 //! * **The holder's rescue** (the new image died before `boot`): as a
 //!   rollback, under the holder's PID.
+//!
+//! Every one of them gets this image's argument vector, read once by `boot`
+//! in the one form the runtime keeps it (C strings, as `execve` takes
+//! them); a rollback and the rescue get the old image's, from its exec
+//! record.
 
 use std::ffi::{CString, OsString};
 use std::io;
@@ -139,6 +144,19 @@ pub(crate) fn cstring(bytes: &[u8]) -> io::Result<CString> {
             "a NUL byte in an argument or variable",
         )
     })
+}
+
+/// This process's argument vector (`argv[0]` included) in the one form
+/// the runtime keeps it: C strings, as the commit's and a rollback's exec
+/// take them, written as they are into the exec record, and shown to the
+/// probe as `OsStr`s (no conversion).
+///
+/// # Errors
+///
+/// `InvalidInput` for an argument with a NUL byte, which Linux cannot
+/// pass (an argument *is* a NUL-terminated string), so never in practice.
+pub(crate) fn args() -> io::Result<Vec<CString>> {
+    std::env::args_os().map(|a| cstring(a.as_bytes())).collect()
 }
 
 #[cfg(test)]

@@ -208,8 +208,7 @@ pub(crate) fn recover<S: AppState>(
                     continue;
                 }
                 remove(&fdname);
-                let _ =
-                    nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+                let _ = sys::shutdown(fd.as_fd());
             }
             for (fdname, _) in &checkpoints {
                 remove(fdname);

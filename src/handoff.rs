@@ -4,7 +4,8 @@
 //! that list (the manifest) into the snapshot and clears close-on-exec on
 //! exactly those fds. The new image gets them back as an [`Inherited`] set
 //! and claims each one by name, with a type check, like `listenfd` does for
-//! systemd's sockets.
+//! systemd's sockets. That check (`SocketKind`) is also the one a listener
+//! passed by socket activation gets.
 //!
 //! # The handoff variable, version 1
 //!
@@ -590,13 +591,8 @@ impl Inherited {
     /// fails](Self#when-a-check-fails): before `ready` it rolls back and
     /// does not return).
     pub fn take_tcp_listener(&mut self, name: &str) -> Result<Option<TcpListener>, Error> {
-        self.take_socket(
-            name,
-            "a listening TCP socket",
-            true,
-            Some(libc::IPPROTO_TCP),
-        )
-        .map(|o| o.map(TcpListener::from))
+        self.take_socket(name, SocketKind::TcpListener)
+            .map(|o| o.map(TcpListener::from))
     }
 
     /// Takes a connected TCP socket.
@@ -608,13 +604,8 @@ impl Inherited {
     /// fails](Self#when-a-check-fails): before `ready` it rolls back and
     /// does not return).
     pub fn take_tcp_stream(&mut self, name: &str) -> Result<Option<TcpStream>, Error> {
-        self.take_socket(
-            name,
-            "a connected TCP socket",
-            false,
-            Some(libc::IPPROTO_TCP),
-        )
-        .map(|o| o.map(TcpStream::from))
+        self.take_socket(name, SocketKind::TcpStream)
+            .map(|o| o.map(TcpStream::from))
     }
 
     /// Takes every connected TCP socket kept with
@@ -717,7 +708,7 @@ impl Inherited {
     /// fails](Self#when-a-check-fails): before `ready` it rolls back and
     /// does not return).
     pub fn take_unix_listener(&mut self, name: &str) -> Result<Option<UnixListener>, Error> {
-        self.take_socket(name, "a listening Unix socket", true, None)
+        self.take_socket(name, SocketKind::UnixListener)
             .map(|o| o.map(UnixListener::from))
     }
 
@@ -730,77 +721,28 @@ impl Inherited {
     /// fails](Self#when-a-check-fails): before `ready` it rolls back and
     /// does not return).
     pub fn take_unix_stream(&mut self, name: &str) -> Result<Option<UnixStream>, Error> {
-        self.take_socket(name, "a connected Unix socket", false, None)
+        self.take_socket(name, SocketKind::UnixStream)
             .map(|o| o.map(UnixStream::from))
     }
 
-    /// `protocol`: `Some(IPPROTO_TCP)` for TCP, `None` for a Unix socket.
-    fn take_socket(
-        &mut self,
-        name: &str,
-        wanted: &'static str,
-        listening: bool,
-        protocol: Option<i32>,
-    ) -> Result<Option<OwnedFd>, Error> {
-        // Looked at, and taken out only once it passed its checks: a
-        // descriptor of the wrong type stays in the set and is closed with it.
+    /// The checks of a typed take: the manifest's kind, then the socket's
+    /// own options ([`SocketKind::check`]). The descriptor leaves the set
+    /// only once it passed them: one of the wrong type stays in the set and
+    /// is closed with it. While an upgraded image is not ready, a failed
+    /// check rolls back at once, with every descriptor still open.
+    fn take_socket(&mut self, name: &str, want: SocketKind) -> Result<Option<OwnedFd>, Error> {
         let Some((owned, kind)) = self.fds.get(name) else {
             return Ok(None);
         };
         let (fd, kind) = (owned.as_raw_fd(), *kind);
-        // While an upgraded image is not ready, a descriptor of the wrong
-        // type rolls back at once, with every descriptor still open.
-        let fail = |reason: String| refuse(name, fd, wanted, reason);
-        let expected_kind = if listening {
-            FdKind::Listener
-        } else {
-            FdKind::Stream
-        };
-        if kind != expected_kind {
+        let fail = |reason: String| refuse(name, fd, want.wanted(), reason);
+        if !want.kept_as(kind) {
             return Err(fail(format!("the manifest says it is {kind:?}")));
         }
-        let info = sys::socket_info(fd).map_err(|e| fail(format!("it is not a socket ({e})")))?;
-        if info.listening != listening {
-            let is = if info.listening {
-                "listening"
-            } else {
-                "not listening"
-            };
-            return Err(fail(format!("the socket is {is}")));
-        }
-        match protocol {
-            Some(p) if info.protocol != p => {
-                return Err(fail(format!("its protocol is {}", info.protocol)));
-            }
-            None if sys::socket_domain(fd).map_err(|e| fail(e.to_string()))? != libc::AF_UNIX => {
-                return Err(fail("it is not a Unix socket".into()));
-            }
-            None => {
-                // A TCP socket is always a stream; a Unix one may be a
-                // datagram or seqpacket socket.
-                let ty = sys::socket_type(fd).map_err(|e| fail(e.to_string()))?;
-                if ty != libc::SOCK_STREAM {
-                    return Err(fail(format!(
-                        "it is a Unix socket of type {ty}, not a stream (SOCK_STREAM)"
-                    )));
-                }
-            }
-            _ => {}
-        }
+        want.check(fd).map_err(fail)?;
         Ok(self.fds.remove(name).map(|(fd, _)| fd))
     }
-}
 
-/// Which datagram socket a take asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DatagramFamily {
-    /// `AF_INET` or `AF_INET6`, `IPPROTO_UDP`.
-    Udp,
-    /// `AF_UNIX`.
-    Unix,
-}
-
-impl Inherited {
     /// Takes a UDP socket (bound, and connected if it was).
     ///
     /// # Errors
@@ -811,7 +753,7 @@ impl Inherited {
     /// fails](Self#when-a-check-fails): before `ready` it rolls back and
     /// does not return).
     pub fn take_udp_socket(&mut self, name: &str) -> Result<Option<UdpSocket>, Error> {
-        self.take_datagram(name, "a UDP socket", DatagramFamily::Udp)
+        self.take_socket(name, SocketKind::Udp)
             .map(|o| o.map(UdpSocket::from))
     }
 
@@ -824,50 +766,126 @@ impl Inherited {
     /// happens (see [When a check fails](Self#when-a-check-fails): before
     /// `ready` it rolls back and does not return).
     pub fn take_unix_datagram(&mut self, name: &str) -> Result<Option<UnixDatagram>, Error> {
-        self.take_datagram(name, "a Unix datagram socket", DatagramFamily::Unix)
+        self.take_socket(name, SocketKind::UnixDatagram)
             .map(|o| o.map(UnixDatagram::from))
     }
+}
 
-    /// The checks of a datagram take; the descriptor leaves the set only
-    /// once it passed them. Entries kept with [`Handoff::other`] (the way
-    /// to keep a datagram socket before [`Handoff::datagram`]) are accepted
-    /// too: the socket's own options decide.
-    fn take_datagram(
-        &mut self,
-        name: &str,
-        wanted: &'static str,
-        family: DatagramFamily,
-    ) -> Result<Option<OwnedFd>, Error> {
-        let Some((owned, kind)) = self.fds.get(name) else {
-            return Ok(None);
-        };
-        let (fd, kind) = (owned.as_raw_fd(), *kind);
-        let fail = |reason: String| refuse(name, fd, wanted, reason);
-        if !matches!(kind, FdKind::Datagram | FdKind::Other) {
-            return Err(fail(format!("the manifest says it is {kind:?}")));
+/// The socket a typed take asks for: the one check of a descriptor's type
+/// before it becomes a typed socket, for an inherited descriptor
+/// ([`Inherited`]'s `take_*`) and a socket-activated one
+/// ([`Copyover::take_activated_tcp_listener`](crate::Copyover::take_activated_tcp_listener)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SocketKind {
+    /// A listening TCP socket.
+    TcpListener,
+    /// A connected TCP socket.
+    TcpStream,
+    /// A listening Unix stream socket.
+    UnixListener,
+    /// A connected Unix stream socket.
+    UnixStream,
+    /// A UDP socket: `AF_INET` or `AF_INET6`, `IPPROTO_UDP`.
+    Udp,
+    /// A Unix datagram socket.
+    UnixDatagram,
+}
+
+impl SocketKind {
+    /// What a take of this kind wants, for its error.
+    pub(crate) fn wanted(self) -> &'static str {
+        match self {
+            SocketKind::TcpListener => "a listening TCP socket",
+            SocketKind::TcpStream => "a connected TCP socket",
+            SocketKind::UnixListener => "a listening Unix socket",
+            SocketKind::UnixStream => "a connected Unix socket",
+            SocketKind::Udp => "a UDP socket",
+            SocketKind::UnixDatagram => "a Unix datagram socket",
         }
-        let ty = sys::socket_type(fd).map_err(|e| fail(format!("it is not a socket ({e})")))?;
-        if ty != libc::SOCK_DGRAM {
-            return Err(fail(format!("its type is {ty}, not SOCK_DGRAM")));
-        }
-        let domain = sys::socket_domain(fd).map_err(|e| fail(e.to_string()))?;
-        match family {
-            DatagramFamily::Udp => {
-                if domain != libc::AF_INET && domain != libc::AF_INET6 {
-                    return Err(fail(format!("its domain is {domain}, not AF_INET(6)")));
-                }
-                let protocol = sys::socket_protocol(fd).map_err(|e| fail(e.to_string()))?;
-                if protocol != libc::IPPROTO_UDP {
-                    return Err(fail(format!("its protocol is {protocol}, not UDP")));
-                }
-            }
-            DatagramFamily::Unix if domain != libc::AF_UNIX => {
-                return Err(fail(format!("its domain is {domain}, not AF_UNIX")));
-            }
-            DatagramFamily::Unix => {}
-        }
-        Ok(self.fds.remove(name).map(|(fd, _)| fd))
     }
+
+    /// Whether a manifest entry of `kind` may hold this socket. Datagram
+    /// sockets kept with [`Handoff::other`] (the way to keep one before
+    /// [`Handoff::datagram`]) are accepted too: the socket's own options
+    /// decide.
+    fn kept_as(self, kind: FdKind) -> bool {
+        match self {
+            SocketKind::TcpListener | SocketKind::UnixListener => kind == FdKind::Listener,
+            SocketKind::TcpStream | SocketKind::UnixStream => kind == FdKind::Stream,
+            SocketKind::Udp | SocketKind::UnixDatagram => {
+                matches!(kind, FdKind::Datagram | FdKind::Other)
+            }
+        }
+    }
+
+    /// Checks fd number `fd` with the socket's own options (`SO_ACCEPTCONN`,
+    /// `SO_PROTOCOL`, `SO_DOMAIN`, `SO_TYPE`), on the raw number, before
+    /// anyone owns it. The error is the reason, for [`Error::Adopt`].
+    pub(crate) fn check(self, fd: RawFd) -> Result<(), String> {
+        match self {
+            SocketKind::TcpListener => check_stream(fd, true, Some(libc::IPPROTO_TCP)),
+            SocketKind::TcpStream => check_stream(fd, false, Some(libc::IPPROTO_TCP)),
+            SocketKind::UnixListener => check_stream(fd, true, None),
+            SocketKind::UnixStream => check_stream(fd, false, None),
+            SocketKind::Udp => check_datagram(fd, true),
+            SocketKind::UnixDatagram => check_datagram(fd, false),
+        }
+    }
+}
+
+/// A stream socket's check. `protocol`: `Some(IPPROTO_TCP)` for TCP, `None`
+/// for a Unix socket.
+fn check_stream(fd: RawFd, listening: bool, protocol: Option<i32>) -> Result<(), String> {
+    let info = sys::socket_info(fd).map_err(|e| format!("it is not a socket ({e})"))?;
+    if info.listening != listening {
+        let is = if info.listening {
+            "listening"
+        } else {
+            "not listening"
+        };
+        return Err(format!("the socket is {is}"));
+    }
+    match protocol {
+        Some(p) if info.protocol != p => {
+            return Err(format!("its protocol is {}", info.protocol));
+        }
+        None if sys::socket_domain(fd).map_err(|e| e.to_string())? != libc::AF_UNIX => {
+            return Err("it is not a Unix socket".into());
+        }
+        None => {
+            // A TCP socket is always a stream; a Unix one may be a
+            // datagram or seqpacket socket.
+            let ty = sys::socket_type(fd).map_err(|e| e.to_string())?;
+            if ty != libc::SOCK_STREAM {
+                return Err(format!(
+                    "it is a Unix socket of type {ty}, not a stream (SOCK_STREAM)"
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A datagram socket's check: UDP (`udp`) or Unix.
+fn check_datagram(fd: RawFd, udp: bool) -> Result<(), String> {
+    let ty = sys::socket_type(fd).map_err(|e| format!("it is not a socket ({e})"))?;
+    if ty != libc::SOCK_DGRAM {
+        return Err(format!("its type is {ty}, not SOCK_DGRAM"));
+    }
+    let domain = sys::socket_domain(fd).map_err(|e| e.to_string())?;
+    if udp {
+        if domain != libc::AF_INET && domain != libc::AF_INET6 {
+            return Err(format!("its domain is {domain}, not AF_INET(6)"));
+        }
+        let protocol = sys::socket_protocol(fd).map_err(|e| e.to_string())?;
+        if protocol != libc::IPPROTO_UDP {
+            return Err(format!("its protocol is {protocol}, not UDP"));
+        }
+    } else if domain != libc::AF_UNIX {
+        return Err(format!("its domain is {domain}, not AF_UNIX"));
+    }
+    Ok(())
 }
 
 /// An adoption error. While an upgraded image is not ready, it rolls back

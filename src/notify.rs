@@ -28,8 +28,8 @@
 //! `LISTEN_PID` would match again, so the runtime never passes them on; a
 //! resumed image gets its listeners from the handoff instead.
 
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::os::unix::net::UnixDatagram;
+use std::os::fd::BorrowedFd;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
 
 use crate::env::{LISTEN_VARS, NOTIFY_SOCKET};
 
@@ -40,16 +40,8 @@ pub(crate) fn notify(message: &str) {
     let Some(path) = std::env::var_os(NOTIFY_SOCKET) else {
         return;
     };
-    let result = UnixDatagram::unbound().and_then(|sock| {
-        let bytes = path.as_encoded_bytes();
-        if let Some(name) = bytes.strip_prefix(b"@") {
-            use std::os::linux::net::SocketAddrExt;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-            sock.send_to_addr(message.as_bytes(), &addr)
-        } else {
-            sock.send_to(message.as_bytes(), &path)
-        }
-    });
+    let result = UnixDatagram::unbound()
+        .and_then(|sock| sock.send_to_addr(message.as_bytes(), &notify_addr(&path)?));
     if let Err(e) = result {
         tracing::debug!(socket = ?path, "sd_notify failed: {e}");
     }
@@ -63,34 +55,23 @@ pub(crate) fn notify(message: &str) {
 /// The socket's or `sendmsg`'s error: unlike [`notify`], the caller needs
 /// to know whether the descriptors arrived.
 pub(crate) fn notify_with_fds(message: &str, fds: &[BorrowedFd<'_>]) -> std::io::Result<bool> {
-    use nix::sys::socket::{
-        AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr, sendmsg, socket,
-    };
     let Some(path) = std::env::var_os(NOTIFY_SOCKET) else {
         return Ok(false);
     };
-    let bytes = path.as_encoded_bytes();
-    let addr = match bytes.strip_prefix(b"@") {
-        Some(name) => UnixAddr::new_abstract(name)?,
-        None => UnixAddr::new(bytes)?,
-    };
-    let sock = socket(
-        AddressFamily::Unix,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let iov = [std::io::IoSlice::new(message.as_bytes())];
-    let cmsg = [ControlMessage::ScmRights(&raw)];
-    sendmsg(
-        sock.as_raw_fd(),
-        &iov,
-        &cmsg,
-        MsgFlags::MSG_NOSIGNAL,
-        Some(&addr),
-    )?;
+    crate::sys::send_with_fds(&notify_addr(&path)?, message.as_bytes(), fds)?;
     Ok(true)
+}
+
+/// The address `NOTIFY_SOCKET` names: a path, or with a leading `@` an
+/// abstract name (sd_notify(3)).
+fn notify_addr(var: &std::ffi::OsStr) -> std::io::Result<SocketAddr> {
+    match var.as_encoded_bytes().strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(name)
+        }
+        None => SocketAddr::from_pathname(var),
+    }
 }
 
 /// `MONOTONIC_USEC=` of now, for `RELOADING=1`.

@@ -31,7 +31,7 @@
 //! it: if it is a server of another kind, its start-up fails on the ports
 //! this one holds, or it is killed after the limit (5 s by default).
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::{CString, OsStr, OsString};
 use std::io::{BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -39,8 +39,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 pub use crate::env::PROBE_VAR;
 const ANSWER_PREFIX: &str = "copyover-probe 1";
@@ -83,7 +81,7 @@ impl Executable {
             path: path.to_owned(),
             source,
         };
-        nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).map_err(|e| fail(e.into()))?;
+        crate::sys::check_executable(path).map_err(fail)?;
         let file = std::fs::File::open(path).map_err(fail)?;
         if !file.metadata().map_err(fail)?.is_file() {
             return Err(fail(std::io::Error::other("not a regular file")));
@@ -110,7 +108,7 @@ pub(crate) struct ProbeSpec {
     /// The new binary.
     pub exe: Arc<Executable>,
     /// The old image's argument vector, `argv[0]` included.
-    pub argv: Vec<OsString>,
+    pub argv: Vec<CString>,
     pub env: Vec<(OsString, OsString)>,
     /// The snapshot to show the probe, written (and sealed) on the probe's
     /// thread, so that the event loop only pays for encoding it.
@@ -174,10 +172,7 @@ impl Probe {
     pub(crate) fn kill(&self) {
         let pid = self.child_pid.load(Ordering::SeqCst);
         if pid > 0 {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = crate::sys::kill(pid);
         }
     }
 }
@@ -207,11 +202,17 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
         crate::sys::keep_fd_in_child(&mut cmd, spec.exe.fd.as_raw_fd());
     }
     {
+        use std::os::unix::ffi::OsStrExt;
         use std::os::unix::process::CommandExt;
         if let Some(argv0) = spec.argv.first() {
-            cmd.arg0(argv0);
+            cmd.arg0(OsStr::from_bytes(argv0.as_bytes()));
         }
-        cmd.args(spec.argv.iter().skip(1));
+        cmd.args(
+            spec.argv
+                .iter()
+                .skip(1)
+                .map(|a| OsStr::from_bytes(a.as_bytes())),
+        );
     }
     cmd.env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str())))
@@ -292,12 +293,9 @@ fn read_answer(child: &mut Child, nonce: &str, timeout: Duration, deadline: Inst
             ));
         }
         if reader.buffer().is_empty() {
-            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-            let mut fds = [PollFd::new(reader.get_ref().as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::from(ms)) {
-                Ok(0) => continue,
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
+            match crate::sys::wait_readable(reader.get_ref().as_fd(), left) {
+                Ok(false) => continue,
+                Ok(true) => {}
                 Err(e) => return Verdict::Refused(format!("polling the probe failed: {e}")),
             }
         }

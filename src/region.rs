@@ -97,8 +97,7 @@ impl Region {
         let fd = sys::memfd_create(c"copyover-region").map_err(setup("create a region memfd"))?;
         let file = std::fs::File::from(fd);
         file.set_len(len as u64).map_err(setup("size a region"))?;
-        let fd =
-            crate::snapshot::add_seals(file, &SIZE_SEALS).map_err(setup("seal a region's size"))?;
+        let fd = sys::seal(file, &SIZE_SEALS).map_err(setup("seal a region's size"))?;
         let map = sys::map_region(fd.as_fd(), len, false).map_err(setup("map a region"))?;
         Ok(Region { map, fd })
     }
@@ -108,23 +107,22 @@ impl Region {
     pub(crate) fn adopt(fd: OwnedFd) -> Result<Region, std::io::Error> {
         let memfd =
             Memfd::try_from_fd(fd).map_err(|_| std::io::Error::other("it is not a memfd"))?;
-        let mut seals = memfd.seals().map_err(crate::snapshot::memfd_io)?;
+        let mut seals = memfd.seals().map_err(sys::memfd_io)?;
         if !seals.contains(&::memfd::FileSeal::SealSeal) {
             // A region made by an older release, before regions were
             // sealed: seal its size now, before mapping it.
-            memfd
-                .add_seals(&SIZE_SEALS)
-                .map_err(crate::snapshot::memfd_io)?;
-            seals = memfd.seals().map_err(crate::snapshot::memfd_io)?;
+            memfd.add_seals(&SIZE_SEALS).map_err(sys::memfd_io)?;
+            seals = memfd.seals().map_err(sys::memfd_io)?;
         }
         if !SIZE_SEALS.iter().all(|s| seals.contains(s)) {
             return Err(std::io::Error::other(
                 "its size is not sealed (F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_SEAL): it could shrink under the mapping",
             ));
         }
-        let fd = OwnedFd::from(memfd.into_file());
-        let len = nix::sys::stat::fstat(fd.as_fd())?.st_size;
-        let len = usize::try_from(len).map_err(|_| std::io::Error::other("negative size"))?;
+        let file = memfd.into_file();
+        let len = usize::try_from(file.metadata()?.len())
+            .map_err(|_| std::io::Error::other("too large to map"))?;
+        let fd = OwnedFd::from(file);
         let map = sys::map_region(fd.as_fd(), len, false)?;
         Ok(Region { map, fd })
     }
@@ -157,7 +155,8 @@ impl Region {
     }
 }
 
-/// The seals that fix a region's size for good.
+/// The seals that fix a region's size for good. Not [`sys::SEALS`]: a
+/// region stays writable.
 const SIZE_SEALS: [FileSeal; 3] = [FileSeal::SealShrink, FileSeal::SealGrow, FileSeal::SealSeal];
 
 #[cfg(test)]
@@ -188,7 +187,7 @@ mod tests {
         let sealed = sys::memfd_create(c"sealed").unwrap();
         let f = std::fs::File::from(sealed.try_clone().unwrap());
         f.set_len(8192).unwrap();
-        crate::snapshot::add_seals(f, &[::memfd::FileSeal::SealSeal]).unwrap();
+        sys::seal(f, &[FileSeal::SealSeal]).unwrap();
         let err = Region::adopt(sealed).unwrap_err().to_string();
         assert!(err.contains("not sealed"), "{err}");
     }

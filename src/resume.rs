@@ -6,7 +6,7 @@
 //! The old image's side (probe, commit, exec) is in [`crate::upgrade`] and
 //! the [`Copyover`] handle's state machine in `runtime`.
 
-use std::ffi::OsString;
+use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 use crate::env::{HANDOFF_VAR, PROBE_VAR, ROLLBACK_REASON_VAR, forget_handoff_vars};
@@ -68,7 +68,10 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover<S>, Start<S>), Erro
     if let Some(nonce) = std::env::var_os(PROBE_VAR) {
         answer_probe::<S>(&config, &nonce);
     }
-    let argv: Vec<OsString> = std::env::args_os().collect();
+    let argv = crate::env::args().map_err(|source| Error::Setup {
+        what: "read the arguments",
+        source,
+    })?;
     match read_handoff_var()? {
         None => boot_fresh(config, argv),
         Some((var, text)) => resume::<S>(config, argv, var, &text, boot_ns),
@@ -152,7 +155,7 @@ fn install_requests() -> Result<Requests, Error> {
 
 fn boot_fresh<S: AppState>(
     config: Config,
-    argv: Vec<OsString>,
+    argv: Vec<CString>,
 ) -> Result<(Copyover<S>, Start<S>), Error> {
     single_thread()?;
     forget_handoff_vars();
@@ -163,7 +166,7 @@ fn boot_fresh<S: AppState>(
     // and `install_requests` then unblocks the runtime's own for sure.
     let worker = start_worker()?;
     let requests = install_requests()?;
-    let mut co = Copyover::new(config, argv, requests, worker)?;
+    let mut co = Copyover::new(config, argv, requests, worker);
     co.activated = activated;
     co.own_binary = Some(open_own_binary()?);
     // A restart after a crash: the last checkpoint and the stored fds.
@@ -178,7 +181,7 @@ fn boot_fresh<S: AppState>(
 /// A new image after an upgrade, or the old one after a rollback.
 fn resume<S: AppState>(
     config: Config,
-    argv: Vec<OsString>,
+    argv: Vec<CString>,
     var: HandoffVar,
     text: &str,
     boot_ns: u64,
@@ -330,7 +333,7 @@ fn resume<S: AppState>(
     }
     let header = snap.header.clone();
     drop(snap);
-    let mut co = Copyover::new(config, argv, requests, worker)?;
+    let mut co = Copyover::new(config, argv, requests, worker);
     co.generation = header.generation + u64::from(upgraded);
     if co.config.binary.is_none() {
         co.binary = header.binary.clone();
@@ -386,10 +389,5 @@ fn answer_probe<S: AppState>(config: &Config, nonce: &std::ffi::OsStr) -> ! {
 /// Reaps children of the previous image that already exited. Live ones are
 /// the application's business (they are its children now).
 fn reap_exited_children() {
-    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-        if status == WaitStatus::StillAlive {
-            break;
-        }
-    }
+    crate::sys::reap_exited_children();
 }

@@ -19,11 +19,10 @@
 use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::sync::Once;
 use std::time::Duration;
 
-use crate::env::{ROLLBACK_REASON_VAR, cstring, env_entries, exec_env, with_handoff};
+use crate::env::{ROLLBACK_REASON_VAR, env_entries, exec_env, with_handoff};
 use crate::signal::HELD_SIGNALS;
 use crate::sys;
 
@@ -37,7 +36,7 @@ use crate::sys;
 /// every argument and every `NAME=value` entry, each ended by a NUL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ExecRecord {
-    pub argv: Vec<OsString>,
+    pub argv: Vec<CString>,
     pub env: Vec<CString>,
 }
 
@@ -70,8 +69,8 @@ impl ExecRecord {
         Some(ExecRecord {
             argv: parts
                 .into_iter()
-                .map(|a| std::ffi::OsStr::from_bytes(a).to_owned())
-                .collect(),
+                .map(|a| CString::new(a).ok())
+                .collect::<Option<_>>()?,
             env: env
                 .into_iter()
                 .map(|e| CString::new(e).ok())
@@ -81,20 +80,16 @@ impl ExecRecord {
 
     /// Encodes the record of `argv` and `env` (`NAME`, `value` pairs) into a
     /// new sealed memfd.
-    pub(crate) fn seal(argv: &[OsString], env: &[(OsString, OsString)]) -> io::Result<OwnedFd> {
-        let argv: Vec<CString> = argv
-            .iter()
-            .map(|a| cstring(a.as_bytes()))
-            .collect::<io::Result<_>>()?;
+    pub(crate) fn seal(argv: &[CString], env: &[(OsString, OsString)]) -> io::Result<OwnedFd> {
         let env = env_entries(env)?;
-        crate::snapshot::seal_bytes(c"copyover-exec", &ExecRecord::encode(&argv, &env))
+        crate::snapshot::seal_bytes(c"copyover-exec", &ExecRecord::encode(argv, &env))
             .map_err(io::Error::other)
     }
 
     /// Reads the record from its sealed memfd.
     pub(crate) fn read(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<ExecRecord> {
         crate::snapshot::check_sealed(fd).map_err(io::Error::other)?;
-        let len = nix::sys::stat::fstat(fd)?.st_size;
+        let len = crate::sys::file_size(fd)?;
         let len = usize::try_from(len)
             .ok()
             .filter(|l| *l <= 1 << 24)
@@ -104,11 +99,9 @@ impl ExecRecord {
         let mut bytes = vec![0u8; len];
         let mut at = 0;
         while at < len {
-            match nix::sys::uio::pread(fd, &mut bytes[at..], at as i64) {
-                Ok(0) => break,
-                Ok(n) => at += n,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
+            match crate::sys::read_at(fd, &mut bytes[at..], at as u64)? {
+                0 => break,
+                n => at += n,
             }
         }
         bytes.truncate(at);
@@ -123,7 +116,7 @@ pub(crate) struct Back {
     /// The old binary, opened at its start-up.
     pub binary_fd: RawFd,
     /// The old image's argument vector.
-    pub argv: Vec<OsString>,
+    pub argv: Vec<CString>,
     /// The old image's environment, without the handoff variable; `None`:
     /// this image's (if the old image left no record).
     pub env: Option<Vec<CString>>,
@@ -144,11 +137,7 @@ pub(crate) struct Back {
 /// Once this returned, or even failed after its first step, [`trigger`]
 /// rolls back: a caller that gets an error here triggers the rollback.
 pub(crate) fn arm(back: &mut Back, deadline: Option<Duration>) -> io::Result<()> {
-    let argv: Vec<CString> = back
-        .argv
-        .iter()
-        .map(|a| cstring(a.as_bytes()))
-        .collect::<io::Result<_>>()?;
+    let argv = back.argv.clone();
     let env = match &back.env {
         Some(env) => with_handoff(env.clone(), &back.var)?,
         None => exec_env(&back.var)?,
@@ -222,6 +211,7 @@ fn install_panic_hook() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::env::cstring;
 
     #[test]
     fn an_exec_record_round_trips_and_refuses_garbage() {
@@ -232,10 +222,7 @@ mod tests {
         let env = vec![cstring(b"A=1").unwrap(), cstring(b"EMPTY=").unwrap()];
         let bytes = ExecRecord::encode(&argv, &env);
         let back = ExecRecord::decode(&bytes).unwrap();
-        assert_eq!(
-            back.argv,
-            [OsString::from("/srv/chat"), OsString::from("--listen")]
-        );
+        assert_eq!(back.argv, argv);
         assert_eq!(back.env, env);
         let none = ExecRecord::decode(&ExecRecord::encode(&[], &[])).unwrap();
         assert!(none.argv.is_empty() && none.env.is_empty());

@@ -4,7 +4,7 @@
 //! rollback, the holder's end), snapshots for staging. How an image starts
 //! is in `resume`; the old image's commit in `upgrade`.
 
-use std::ffi::{CString, OsString};
+use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::env::{clean_env, cstring};
+use crate::env::clean_env;
 use crate::error::{Error, UpgradeError};
-use crate::handoff::{Handoff, Inherited, Mode};
+use crate::handoff::{Handoff, Inherited, Mode, SocketKind};
 use crate::notify::Activated;
 use crate::probe::Executable;
 use crate::probe::{Probe, ProbeSpec, Verdict};
@@ -184,8 +184,8 @@ enum Phase {
 pub struct Copyover<S> {
     pub(crate) config: Config,
     pub(crate) binary: PathBuf,
-    argv: Vec<OsString>,
-    argv_c: Vec<CString>,
+    /// The argument vector this image runs with (see `env::args`).
+    argv: Vec<CString>,
     pub(crate) generation: u64,
     requests: Requests,
     pub(crate) own_binary: Option<OwnedFd>,
@@ -227,26 +227,17 @@ fn ms(ns: u64) -> f64 {
 impl<S> Copyover<S> {
     pub(crate) fn new(
         config: Config,
-        argv: Vec<OsString>,
+        argv: Vec<CString>,
         requests: Requests,
         worker: Worker,
-    ) -> Result<Copyover<S>, Error> {
-        let argv_c = argv
-            .iter()
-            .map(|a| cstring(a.as_bytes()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| Error::Setup {
-                what: "read the arguments",
-                source,
-            })?;
-        Ok(Copyover {
+    ) -> Copyover<S> {
+        Copyover {
             binary: config
                 .binary
                 .clone()
                 .unwrap_or_else(|| default_binary(&argv)),
             config,
             argv,
-            argv_c,
             generation: 0,
             requests,
             own_binary: None,
@@ -260,14 +251,14 @@ impl<S> Copyover<S> {
             activated: Activated::default(),
             worker,
             state: PhantomData,
-        })
+        }
     }
 }
 
-fn default_binary(argv: &[OsString]) -> PathBuf {
+fn default_binary(argv: &[CString]) -> PathBuf {
     let from_argv = argv
         .first()
-        .map(Path::new)
+        .map(|a| Path::new(OsStr::from_bytes(a.as_bytes())))
         .filter(|p| p.as_os_str().as_bytes().contains(&b'/'));
     match from_argv {
         Some(p) if p.is_absolute() => p.to_owned(),
@@ -287,23 +278,15 @@ pub(crate) fn open_own_binary() -> Result<OwnedFd, Error> {
         })
 }
 
-/// Kills the holder (through its pidfd: never another process) and reaps
-/// it on the helper thread, since its exit tears down the old image's
-/// memory, which takes time we do not wait for.
+/// Kills the holder (through its pidfd: never another process); returns
+/// whether it is to be reaped (see [`reap_holder`]). Its pidfd is closed
+/// here, so that the image's descriptors are final when the outcome is
+/// reported.
 ///
 /// Without a pidfd (`pidfd_open` failed in `boot`), by PID: the holder is
 /// our child, unreaped unless it already died, so the number is still its.
-/// Kills the holder; returns whether it is to be reaped (see
-/// [`reap_holder`]). Its pidfd is closed here, so that the image's
-/// descriptors are final when the outcome is reported.
 fn kill_holder(pidfd: Option<OwnedFd>, pid: i32) -> bool {
-    let by_pid = || {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .map_err(std::io::Error::from)
-    };
+    let by_pid = || sys::kill(pid);
     let killed = match &pidfd {
         Some(fd) => sys::pidfd_kill(fd.as_fd()).or_else(|_| by_pid()),
         None => by_pid(),
@@ -323,9 +306,7 @@ fn kill_holder(pidfd: Option<OwnedFd>, pid: i32) -> bool {
 /// old image's memory, which takes time the event loop does not wait for.
 fn reap_holder(worker: &Worker, pid: i32) {
     let reaped = worker.run(move || {
-        use nix::sys::wait::waitpid;
-        let pid = nix::unistd::Pid::from_raw(pid);
-        while waitpid(pid, None) == Err(nix::errno::Errno::EINTR) {}
+        let _ = sys::reap(pid);
     });
     if let Err(e) = reaped {
         tracing::debug!(holder = pid, "could not reap the holder: {e}");
@@ -586,7 +567,7 @@ impl<S> Copyover<S> {
                         manifest,
                         own_binary,
                         exe,
-                        argv: &self.argv_c,
+                        argv: &self.argv,
                         requests: &self.requests,
                         draft: self.draft.take(),
                         record: self.record.take(),
@@ -689,16 +670,13 @@ impl<S> Copyover<S> {
         let (n, fd) = self.activated.fds.remove(at);
         use std::os::fd::AsRawFd;
         let raw = fd.as_raw_fd();
-        let fail = |reason: String| Error::Adopt {
+        let want = SocketKind::TcpListener;
+        want.check(raw).map_err(|reason| Error::Adopt {
             name: n.clone(),
             fd: raw,
-            wanted: "a listening TCP socket",
+            wanted: want.wanted(),
             reason,
-        };
-        let info = sys::socket_info(raw).map_err(|e| fail(format!("it is not a socket ({e})")))?;
-        if !info.listening || info.protocol != libc::IPPROTO_TCP {
-            return Err(fail("it is not a listening TCP socket".into()));
-        }
+        })?;
         Ok(Some(std::net::TcpListener::from(fd)))
     }
 

@@ -22,24 +22,13 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+use crate::sys;
 
 /// Signals blocked from the exec until the new image has its handlers:
 /// exactly those the runtime handles (SIGHUP, SIGTERM, SIGINT, SIGUSR1).
 /// A signal held across the exec with no handler waiting for it would meet
 /// its default action (for these, death) when the new image unblocks it.
 pub const HELD_SIGNALS: [i32; 4] = [libc::SIGHUP, libc::SIGTERM, libc::SIGINT, libc::SIGUSR1];
-
-pub(crate) fn held_set() -> SigSet {
-    let mut set = SigSet::empty();
-    for s in HELD_SIGNALS
-        .iter()
-        .filter_map(|s| Signal::try_from(*s).ok())
-    {
-        set.add(s);
-    }
-    set
-}
 
 /// Blocks [`HELD_SIGNALS`] (before an exec).
 pub(crate) fn hold() -> io::Result<()> {
@@ -48,28 +37,21 @@ pub(crate) fn hold() -> io::Result<()> {
 
 /// Blocks [`HELD_SIGNALS`] and returns the mask as it was, for
 /// [`restore_mask`].
-pub(crate) fn hold_saving() -> io::Result<SigSet> {
-    let mut old = SigSet::empty();
-    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&held_set()), Some(&mut old))
-        .map_err(io::Error::from)?;
-    Ok(old)
+pub(crate) fn hold_saving() -> io::Result<sys::SavedMask> {
+    sys::block_signals(&HELD_SIGNALS)
 }
 
 /// Puts back a mask saved by [`hold_saving`].
-pub(crate) fn restore_mask(mask: &SigSet) -> io::Result<()> {
-    sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None).map_err(io::Error::from)
+pub(crate) fn restore_mask(mask: &sys::SavedMask) -> io::Result<()> {
+    sys::restore_mask(mask)
 }
 
 /// Unblocks [`HELD_SIGNALS`] and the crash signals: a rollback executed
 /// from a crash handler arrives with that signal still blocked.
 pub(crate) fn release_all() -> io::Result<()> {
-    let mut set = held_set();
-    for sig in crate::sys::rollback::FATAL_SIGNALS {
-        if let Ok(s) = Signal::try_from(sig) {
-            set.add(s);
-        }
-    }
-    sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None).map_err(io::Error::from)
+    let mut all = HELD_SIGNALS.to_vec();
+    all.extend(sys::rollback::FATAL_SIGNALS);
+    sys::unblock_signals(&all)
 }
 
 /// The flags the handlers set, and the socket pair that wakes the loop.
@@ -89,13 +71,7 @@ impl Requests {
     /// One `socketpair` (non-blocking and close-on-exec from the start) and
     /// one `sigaction` per signal: the fewest syscalls that can fail.
     pub(crate) fn install() -> io::Result<Self> {
-        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-        let (rx, tx) = socketpair(
-            AddressFamily::Unix,
-            SockType::Stream,
-            None,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        )?;
+        let (rx, tx) = sys::wake_pair()?;
         let tx = Arc::new(tx);
         let upgrade = Arc::new(AtomicBool::new(false));
         let shutdown = Arc::new(AtomicBool::new(false));
@@ -106,7 +82,7 @@ impl Requests {
             (libc::SIGINT, &shutdown),
             (libc::SIGUSR1, &save),
         ] {
-            crate::sys::on_signal(sig, Arc::clone(flag), Arc::clone(&tx))?;
+            sys::on_signal(sig, Arc::clone(flag), Arc::clone(&tx))?;
         }
         Ok(Self {
             upgrade,
@@ -132,13 +108,10 @@ impl Requests {
     /// signals held: they stay pending across the exec and reach the new
     /// image's handlers.
     pub(crate) fn re_raise_pending(&self) {
-        for (flag, sig) in [
-            (&self.upgrade, Signal::SIGHUP),
-            (&self.save, Signal::SIGUSR1),
-        ] {
+        for (flag, sig) in [(&self.upgrade, libc::SIGHUP), (&self.save, libc::SIGUSR1)] {
             // Raised with the signals held: pending, for the new image.
             if take(flag) {
-                let _ = nix::sys::signal::raise(sig);
+                let _ = sys::raise(sig);
             }
         }
     }
@@ -152,7 +125,7 @@ impl Requests {
 /// Wakes the loop (see `sys::wake_socket`).
 pub(crate) fn wake(tx: &OwnedFd) {
     use std::os::fd::AsFd;
-    crate::sys::wake_socket(tx.as_fd());
+    sys::wake_socket(tx.as_fd());
 }
 
 /// Takes a flag: true once per request.

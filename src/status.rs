@@ -70,8 +70,8 @@ pub fn status_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os(STATUS_DIR_VAR) {
         return PathBuf::from(dir);
     }
-    let uid = nix::unistd::getuid();
-    if uid.is_root() {
+    let uid = crate::sys::real_uid();
+    if uid == 0 {
         return PathBuf::from("/run/copyover");
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
@@ -555,7 +555,7 @@ fn check_dir(dir: &Path) -> io::Result<()> {
         Err(e) => return Err(e),
     }
     let meta = std::fs::symlink_metadata(dir)?;
-    let uid = nix::unistd::geteuid().as_raw();
+    let uid = crate::sys::effective_uid();
     let refuse = |why: String| Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
     if !meta.file_type().is_dir() {
         return refuse(format!("{} is not a directory", dir.display()));

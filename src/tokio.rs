@@ -126,10 +126,9 @@ use std::os::unix::net as unix;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ::tokio::sync::{Notify, watch};
-use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
 
 use crate::error::{Error, UpgradeError};
-use crate::handoff::{Handoff, Inherited};
+use crate::handoff::{Handoff, Inherited, SocketKind};
 use crate::runtime::{Copyover, Event};
 use crate::state::AppState;
 use crate::upgrade::Progress;
@@ -141,33 +140,23 @@ use crate::upgrade::Progress;
 /// reload signals.
 pub fn mask_held_signals() {
     // Cannot fail with a valid `how` and set.
-    let _ = pthread_sigmask(
-        SigmaskHow::SIG_BLOCK,
-        Some(&crate::signal::held_set()),
-        None,
-    );
+    let _ = crate::sys::block_signals(&crate::signal::HELD_SIGNALS);
 }
 
 /// The held signals blocked in this thread until dropped; the previous mask
 /// is then put back.
-struct Masked(Option<SigSet>);
+struct Masked(Option<crate::sys::SavedMask>);
 
 impl Masked {
     fn now() -> Masked {
-        let mut old = SigSet::empty();
-        let set = crate::signal::held_set();
-        Masked(
-            pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old))
-                .ok()
-                .map(|()| old),
-        )
+        Masked(crate::sys::block_signals(&crate::signal::HELD_SIGNALS).ok())
     }
 }
 
 impl Drop for Masked {
     fn drop(&mut self) {
         if let Some(old) = &self.0 {
-            let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(old), None);
+            let _ = crate::sys::restore_mask(old);
         }
     }
 }
@@ -298,7 +287,7 @@ impl<S> AsyncCopyover<S> {
     where
         S: AppState,
     {
-        if nix::unistd::gettid() != nix::unistd::getpid() {
+        if !crate::sys::on_main_thread() {
             tracing::warn!(
                 "upgrade called off the main thread: a signal that the main thread takes during \
                  the commit is lost; call it from the task given to block_on"
@@ -406,7 +395,7 @@ impl TakeTokio for Inherited {
     ) -> Result<Option<::tokio::net::TcpListener>, Error> {
         to_tokio(
             name,
-            "a listening TCP socket",
+            SocketKind::TcpListener.wanted(),
             self.take_tcp_listener(name),
             |s: &net::TcpListener| s.set_nonblocking(true),
             ::tokio::net::TcpListener::from_std,
@@ -419,7 +408,7 @@ impl TakeTokio for Inherited {
     ) -> Result<Option<::tokio::net::TcpStream>, Error> {
         to_tokio(
             name,
-            "a connected TCP socket",
+            SocketKind::TcpStream.wanted(),
             self.take_tcp_stream(name),
             |s: &net::TcpStream| s.set_nonblocking(true),
             ::tokio::net::TcpStream::from_std,
@@ -432,7 +421,7 @@ impl TakeTokio for Inherited {
     ) -> Result<Option<::tokio::net::UdpSocket>, Error> {
         to_tokio(
             name,
-            "a UDP socket",
+            SocketKind::Udp.wanted(),
             self.take_udp_socket(name),
             |s: &net::UdpSocket| s.set_nonblocking(true),
             ::tokio::net::UdpSocket::from_std,
@@ -445,7 +434,7 @@ impl TakeTokio for Inherited {
     ) -> Result<Option<::tokio::net::UnixListener>, Error> {
         to_tokio(
             name,
-            "a listening Unix socket",
+            SocketKind::UnixListener.wanted(),
             self.take_unix_listener(name),
             |s: &unix::UnixListener| s.set_nonblocking(true),
             ::tokio::net::UnixListener::from_std,
@@ -458,7 +447,7 @@ impl TakeTokio for Inherited {
     ) -> Result<Option<::tokio::net::UnixStream>, Error> {
         to_tokio(
             name,
-            "a connected Unix socket",
+            SocketKind::UnixStream.wanted(),
             self.take_unix_stream(name),
             |s: &unix::UnixStream| s.set_nonblocking(true),
             ::tokio::net::UnixStream::from_std,
@@ -471,7 +460,7 @@ impl TakeTokio for Inherited {
     ) -> Result<Option<::tokio::net::UnixDatagram>, Error> {
         to_tokio(
             name,
-            "a Unix datagram socket",
+            SocketKind::UnixDatagram.wanted(),
             self.take_unix_datagram(name),
             |s: &unix::UnixDatagram| s.set_nonblocking(true),
             ::tokio::net::UnixDatagram::from_std,
@@ -695,11 +684,9 @@ mod tests {
             for _ in 0..8 {
                 v.push(
                     ::tokio::task::spawn_blocking(|| {
-                        let mut cur = SigSet::empty();
-                        pthread_sigmask(SigmaskHow::SIG_BLOCK, None, Some(&mut cur)).unwrap();
-                        crate::signal::HELD_SIGNALS.iter().all(|s| {
-                            nix::sys::signal::Signal::try_from(*s).is_ok_and(|s| cur.contains(s))
-                        })
+                        crate::signal::HELD_SIGNALS
+                            .iter()
+                            .all(|s| crate::sys::is_blocked(*s))
                     })
                     .await
                     .unwrap(),
@@ -708,10 +695,8 @@ mod tests {
             v
         });
         assert!(masks.iter().all(|m| *m));
-        let mut cur = SigSet::empty();
-        pthread_sigmask(SigmaskHow::SIG_BLOCK, None, Some(&mut cur)).unwrap();
         assert!(
-            !cur.contains(nix::sys::signal::Signal::SIGHUP),
+            !crate::sys::is_blocked(libc::SIGHUP),
             "building the runtime left this thread's mask as it was"
         );
     }

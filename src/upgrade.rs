@@ -81,7 +81,7 @@ pub(crate) struct Commit<'a> {
 /// as it was before the commit.
 struct Undo {
     /// The signal mask before the commit held the reload signals.
-    mask: Option<nix::sys::signal::SigSet>,
+    mask: Option<sys::SavedMask>,
 }
 
 impl Drop for Undo {

@@ -88,15 +88,49 @@ pub enum SnapshotError {
     Payload {
         /// The state version it was decoded as.
         version: u32,
-        /// postcard's error.
-        source: postcard::Error,
+        /// The codec's error.
+        source: CodecError,
     },
     /// The state could not be encoded.
     #[error("the state could not be encoded: {source}")]
     Encode {
-        /// postcard's error.
-        source: postcard::Error,
+        /// The codec's error.
+        source: CodecError,
     },
+}
+
+/// Why the payload's codec (postcard, see the layout in [`crate::snapshot`])
+/// could not encode or decode a value, as serde reported it.
+///
+/// Opaque on purpose: the codec is an implementation detail, and a user
+/// matching on its errors would tie this crate's API to one of its
+/// dependencies' versions. Its `Display` is the codec's own message
+/// ("Hit the end of buffer, expected more data", ...).
+#[derive(Debug)]
+pub struct CodecError(postcard::Error);
+
+impl std::fmt::Display for CodecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for CodecError {}
+
+/// [`SnapshotError::Encode`] for the codec's error.
+pub(super) fn encode_err(source: postcard::Error) -> SnapshotError {
+    SnapshotError::Encode {
+        source: CodecError(source),
+    }
+}
+
+/// [`SnapshotError::Payload`] for the codec's error, decoding state
+/// `version`.
+pub(super) fn payload_err(version: u32) -> impl FnOnce(postcard::Error) -> SnapshotError {
+    move |source| SnapshotError::Payload {
+        version,
+        source: CodecError(source),
+    }
 }
 
 pub(super) fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> SnapshotError {

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::error::SnapshotError;
+use super::error::{SnapshotError, encode_err, payload_err};
 
 /// The eight bytes every snapshot starts with.
 pub const MAGIC: [u8; 8] = *b"COPYOVER";
@@ -185,7 +185,7 @@ pub(super) fn encode_manifest(m: &Manifest) -> Result<Vec<u8>, SnapshotError> {
 }
 
 fn extend<T: Serialize + ?Sized>(into: Vec<u8>, value: &T) -> Result<Vec<u8>, SnapshotError> {
-    postcard::to_extend(value, into).map_err(|source| SnapshotError::Encode { source })
+    postcard::to_extend(value, into).map_err(encode_err)
 }
 
 /// Reads what [`encode_manifest`] wrote; every byte must be used.
@@ -326,7 +326,7 @@ impl Snapshot {
 ///
 /// [`SnapshotError::Encode`] if serde refuses the value.
 pub fn encode_state<T: Serialize + ?Sized>(state: &T) -> Result<Vec<u8>, SnapshotError> {
-    postcard::to_allocvec(state).map_err(|source| SnapshotError::Encode { source })
+    postcard::to_allocvec(state).map_err(encode_err)
 }
 
 /// Decodes a payload as `T`. Migrations use it to read an older state type.
@@ -335,7 +335,7 @@ pub fn encode_state<T: Serialize + ?Sized>(state: &T) -> Result<Vec<u8>, Snapsho
 ///
 /// [`SnapshotError::Payload`] if the bytes are not a valid `T`.
 pub fn decode_state<T: DeserializeOwned>(payload: &[u8], version: u32) -> Result<T, SnapshotError> {
-    postcard::from_bytes(payload).map_err(|source| SnapshotError::Payload { version, source })
+    postcard::from_bytes(payload).map_err(payload_err(version))
 }
 
 /// Encodes a state value with postcard into a buffer of `capacity` bytes to
@@ -349,8 +349,7 @@ pub fn encode_state_with_capacity<T: Serialize + ?Sized>(
     state: &T,
     capacity: usize,
 ) -> Result<Vec<u8>, SnapshotError> {
-    postcard::to_extend(state, Vec::with_capacity(capacity))
-        .map_err(|source| SnapshotError::Encode { source })
+    postcard::to_extend(state, Vec::with_capacity(capacity)).map_err(encode_err)
 }
 
 /// Encodes a whole snapshot into one buffer (for files and tests).

@@ -7,28 +7,14 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
-use ::memfd::{FileSeal, Memfd};
-use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use serde::Serialize;
 
-use super::error::{SnapshotError, io_err};
+use super::error::{SnapshotError, encode_err, io_err};
 use super::format::{
     HEADER_LEN, Header, Manifest, Payload, Prefix, Snapshot, encode_prefix,
     encode_state_with_capacity, finish_head, parse,
 };
-
-/// The seals a snapshot memfd carries, added by [`cut_and_seal`].
-const SEALS: [FileSeal; 4] = [
-    FileSeal::SealShrink,
-    FileSeal::SealGrow,
-    FileSeal::SealWrite,
-    FileSeal::SealSeal,
-];
-
-/// [`SEALS`] as `fcntl` flags, for [`check_sealed`].
-fn required_seals() -> SealFlag {
-    SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SEAL
-}
+use crate::sys;
 
 /// Writes a snapshot into a new memfd and seals it.
 ///
@@ -55,7 +41,7 @@ pub fn write_sealed(
 pub struct Draft {
     file: File,
     /// The reserve, mapped writable and populated.
-    map: Option<crate::sys::Mapping>,
+    map: Option<sys::Mapping>,
 }
 
 impl Draft {
@@ -67,15 +53,13 @@ impl Draft {
     /// allocation or mapping only leaves the memfd empty (it then grows as
     /// written).
     pub fn new(reserve: u64) -> Result<Draft, SnapshotError> {
-        // Created by `sys`, not `memfd::MemfdOptions`: the crate cannot ask
-        // for MFD_NOEXEC_SEAL.
-        let fd = crate::sys::memfd_create(c"copyover-snapshot").map_err(io_err("create"))?;
+        let fd = sys::memfd_create(c"copyover-snapshot").map_err(io_err("create"))?;
         let mut map = None;
-        if let (Ok(len), Ok(size)) = (libc::off_t::try_from(reserve), usize::try_from(reserve))
-            && len > 0
-            && nix::fcntl::fallocate(&fd, nix::fcntl::FallocateFlags::empty(), 0, len).is_ok()
+        if let Ok(size) = usize::try_from(reserve)
+            && size > 0
+            && sys::allocate(fd.as_fd(), reserve).is_ok()
         {
-            map = crate::sys::map_region(fd.as_fd(), size, true).ok();
+            map = sys::map_region(fd.as_fd(), size, true).ok();
         }
         Ok(Draft {
             file: File::from(fd),
@@ -125,7 +109,7 @@ impl Draft {
                 match used {
                     Ok(len) => Some((map, len)),
                     Err(postcard::Error::SerializeBufferFull) => None,
-                    Err(source) => return Err(SnapshotError::Encode { source }),
+                    Err(source) => return Err(encode_err(source)),
                 }
             }
             None => None,
@@ -166,30 +150,16 @@ fn write_and_seal(
 /// Writes `bytes` into a new memfd named `name` and seals it, like a
 /// snapshot (for the other sealed records that cross the exec).
 pub(crate) fn seal_bytes(name: &std::ffi::CStr, bytes: &[u8]) -> Result<OwnedFd, SnapshotError> {
-    let file = File::from(crate::sys::memfd_create(name).map_err(io_err("create a memfd"))?);
+    let file = File::from(sys::memfd_create(name).map_err(io_err("create a memfd"))?);
     file.write_all_at(bytes, 0).map_err(io_err("write"))?;
     cut_and_seal(file, bytes.len() as u64)
 }
 
 /// Cuts the memfd to `total` bytes (dropping any unused reserve) and adds
-/// the four seals.
+/// the seals ([`sys::SEALS`]).
 fn cut_and_seal(file: File, total: u64) -> Result<OwnedFd, SnapshotError> {
     file.set_len(total).map_err(io_err("size"))?;
-    add_seals(file, &SEALS).map_err(io_err("seal"))
-}
-
-/// Adds `seals` to a memfd this process created with sealing allowed.
-pub(crate) fn add_seals(file: File, seals: &[FileSeal]) -> io::Result<OwnedFd> {
-    let memfd = Memfd::try_from_file(file).map_err(|_| io::Error::other("not a memfd"))?;
-    memfd.add_seals(seals).map_err(memfd_io)?;
-    Ok(OwnedFd::from(memfd.into_file()))
-}
-
-/// The system error inside a `memfd` crate error.
-pub(crate) fn memfd_io(e: ::memfd::Error) -> io::Error {
-    match e {
-        ::memfd::Error::Create(e) | ::memfd::Error::AddSeals(e) | ::memfd::Error::GetSeals(e) => e,
-    }
+    sys::seal(file, &sys::SEALS).map_err(io_err("seal"))
 }
 
 /// Reads and checks a snapshot from a memfd: seals first, then [`decode`]'s
@@ -204,15 +174,10 @@ pub(crate) fn memfd_io(e: ::memfd::Error) -> io::Error {
 ///
 /// [`decode`]: super::format::decode
 pub fn read_sealed(fd: BorrowedFd<'_>) -> Result<Snapshot, SnapshotError> {
-    check_sealed(fd)?;
-    let size = nix::sys::stat::fstat(fd)
-        .map_err(|e| SnapshotError::Io {
-            what: "stat",
-            source: e.into(),
-        })?
-        .st_size;
+    let sealed = sys::check_sealed(fd).map_err(not_sealed)?;
+    let size = sys::file_size(fd).map_err(io_err("stat"))?;
     let size = usize::try_from(size).map_err(|_| SnapshotError::Corrupt {
-        what: "a negative size".into(),
+        what: "a size beyond the address space".into(),
     })?;
     if size < HEADER_LEN {
         return Err(SnapshotError::Truncated {
@@ -220,7 +185,7 @@ pub fn read_sealed(fd: BorrowedFd<'_>) -> Result<Snapshot, SnapshotError> {
             found: size as u64,
         });
     }
-    let map = crate::sys::map_sealed(fd, size).map_err(io_err("map"))?;
+    let map = sys::map_sealed(sealed, size).map_err(io_err("map"))?;
     let (header, manifest, payload) = parse(&map)?;
     Ok(Snapshot {
         header,
@@ -229,35 +194,22 @@ pub fn read_sealed(fd: BorrowedFd<'_>) -> Result<Snapshot, SnapshotError> {
     })
 }
 
-/// Checks that `fd` is a memfd carrying all four seals.
+/// Checks that `fd` is a memfd carrying all four seals (shrink, grow,
+/// write, seal), as every snapshot does: the one check the restore, the
+/// probe and the rollback make (the same as [`read_sealed`]'s).
 ///
 /// # Errors
 ///
 /// [`SnapshotError::NotSealed`] saying what is missing.
 pub fn check_sealed(fd: BorrowedFd<'_>) -> Result<(), SnapshotError> {
-    // Not with `memfd::Memfd`, which must own the descriptor: checking a
-    // borrowed one would take a duplicate, and at the RLIMIT_NOFILE ceiling
-    // (a new image with a lower limit) the dup fails where this check, in
-    // the restore and the rollback, must not.
-    let seals = match fcntl(fd, FcntlArg::F_GET_SEALS) {
-        Ok(s) => SealFlag::from_bits_truncate(s),
-        Err(nix::errno::Errno::EINVAL) => {
-            return Err(SnapshotError::NotSealed {
-                detail: "it does not support seals: not a memfd".into(),
-            });
-        }
-        Err(e) => {
-            return Err(SnapshotError::NotSealed {
-                detail: format!("F_GET_SEALS failed: {e}"),
-            });
-        }
-    };
-    if !seals.contains(required_seals()) {
-        return Err(SnapshotError::NotSealed {
-            detail: format!("seals {:?}, missing {:?}", seals, required_seals() - seals),
-        });
+    sys::check_sealed(fd).map(drop).map_err(not_sealed)
+}
+
+/// The error for a descriptor that [`sys::check_sealed`] refused.
+fn not_sealed(e: io::Error) -> SnapshotError {
+    SnapshotError::NotSealed {
+        detail: e.to_string(),
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -315,7 +267,7 @@ mod tests {
 
     #[test]
     fn unsealed_memfd_and_plain_file_are_refused() {
-        let fd = crate::sys::memfd_create(c"t").unwrap();
+        let fd = sys::memfd_create(c"t").unwrap();
         let err = read_sealed(fd.as_fd()).unwrap_err();
         assert!(matches!(err, SnapshotError::NotSealed { .. }), "{err}");
         let f = File::open("/proc/self/stat").unwrap();

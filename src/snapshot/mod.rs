@@ -20,7 +20,8 @@
 //! - `memfd`: the sealed memfd that crosses the exec: [`write_sealed`],
 //!   [`Draft`], [`read_sealed`], [`check_sealed`].
 //! - `file`: snapshot files, for staging: [`read_file`].
-//! - `error`: [`SnapshotError`], for all three.
+//! - `error`: [`SnapshotError`], for all three, and [`CodecError`], the
+//!   payload codec's error kept opaque.
 //!
 //! # Layout, format version 1
 //!
@@ -63,12 +64,12 @@ mod file;
 mod format;
 mod memfd;
 
-pub use error::SnapshotError;
+pub use error::{CodecError, SnapshotError};
 pub use file::read_file;
 pub use format::{
     FORMAT_VERSION, FdKind, GroupMember, HEADER_LEN, Header, MAGIC, Manifest, ManifestEntry,
     ManifestGroup, Snapshot, decode, decode_state, encode, encode_state,
     encode_state_with_capacity,
 };
+pub(crate) use memfd::seal_bytes;
 pub use memfd::{Draft, check_sealed, read_sealed, write_sealed};
-pub(crate) use memfd::{add_seals, memfd_io, seal_bytes};

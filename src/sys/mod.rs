@@ -1,12 +1,48 @@
 //! The thin system layer: every raw syscall and every `unsafe` block of the
-//! crate lives here or in [`rollback`].
+//! crate lives here (mio's `sys` rule).
 //!
-//! Each function is a small, documented wrapper returning `io::Result`. The
-//! rest of the crate is safe Rust on `OwnedFd` / `BorrowedFd` and calls these
-//! functions (or `nix`'s safe wrappers) only.
+//! Each function is a small, documented domain operation returning
+//! `io::Result` (or a plain answer where nothing can fail). The rest of the
+//! crate is safe Rust on `OwnedFd` / `BorrowedFd` and calls these functions,
+//! the standard library and the `memfd` crate's safe API: it never calls
+//! `nix` or `libc` functions itself (it may name `libc` constants as data).
+//!
+//! Where things are:
+//!
+//! - this module: descriptors (close-on-exec, inheriting a number, pidfds),
+//!   exec, limits, the environment, timers, the monotonic clock, waiting;
+//! - [`memfd`]: creating, sealing, checking and mapping memory files;
+//! - [`signal`]: handlers, the wake-up pair, signal masks, SIGALRM;
+//! - [`socket`]: what a socket is, `shutdown`, sending descriptors;
+//! - [`process`]: killing and reaping by PID, thread and user ids;
+//! - [`rollback`] and [`holder`]: the async-signal-safe rollback and the
+//!   child that holds the old image.
 
 pub(crate) mod holder;
+mod memfd;
+mod process;
 pub(crate) mod rollback;
+mod signal;
+mod socket;
+
+pub(crate) use memfd::{
+    Mapping, SEALS, allocate, check_sealed, file_size, map_region, map_sealed, memfd_create,
+    memfd_io, read_at, seal,
+};
+#[cfg(feature = "tokio")]
+pub(crate) use process::on_main_thread;
+pub(crate) use process::{
+    check_executable, effective_uid, kill, real_uid, reap, reap_exited_children,
+};
+#[cfg(all(test, feature = "tokio"))]
+pub(crate) use signal::is_blocked;
+pub(crate) use signal::{
+    SavedMask, block_signals, discard_pending_sigalrm, ignore_sigalrm, on_signal, raise,
+    restore_mask, unblock_signals, wake_pair, wake_socket,
+};
+pub(crate) use socket::{
+    is_listening, send_with_fds, shutdown, socket_domain, socket_info, socket_protocol, socket_type,
+};
 
 use std::ffi::OsStr;
 use std::io;
@@ -37,35 +73,6 @@ pub(crate) fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
-}
-
-/// `MFD_NOEXEC_SEAL` (Linux 6.3): the memfd can never be made executable.
-/// Not yet exported by every `libc` release, so it is spelled out here.
-const MFD_NOEXEC_SEAL: libc::c_uint = 0x0008;
-
-/// Creates an anonymous memory file for a snapshot: close-on-exec, sealable,
-/// and never executable where the kernel knows `MFD_NOEXEC_SEAL`.
-///
-/// Falls back to creating it without `MFD_NOEXEC_SEAL` on kernels older than
-/// 6.3, which reject the flag with `EINVAL`. `MFD_EXEC` is never asked for.
-pub(crate) fn memfd_create(name: &std::ffi::CStr) -> io::Result<OwnedFd> {
-    let base = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
-    for flags in [base | MFD_NOEXEC_SEAL, base] {
-        // SAFETY: `name` is a valid NUL-terminated string that outlives the
-        // call; the flags are plain integers. The kernel returns a fresh fd
-        // that nothing else owns, or -1.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
-        if fd >= 0 {
-            // SAFETY: `fd` was just returned by memfd_create and is owned by
-            // nobody else.
-            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EINVAL) {
-            return Err(err);
-        }
-    }
-    Err(io::Error::last_os_error())
 }
 
 /// Marks every fd from `first` upward close-on-exec with one
@@ -283,17 +290,8 @@ pub(crate) fn execveat(
     let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
     envp.push(std::ptr::null());
     // SAFETY: both arrays are NULL-terminated and point to NUL-terminated
-    // strings that outlive the call; "" with AT_EMPTY_PATH names `fd`.
-    unsafe {
-        libc::syscall(
-            libc::SYS_execveat,
-            fd,
-            c"".as_ptr(),
-            argv_ptrs.as_ptr(),
-            envp.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        )
-    };
+    // strings that outlive the call.
+    unsafe { execveat_prepared(fd, argv_ptrs.as_ptr(), envp.as_ptr()) };
     io::Error::last_os_error()
 }
 
@@ -315,270 +313,21 @@ pub(crate) fn keep_fd_in_child(cmd: &mut std::process::Command, fd: RawFd) {
     };
 }
 
-/// Writes one byte to the event loop's wake-up socket without blocking; a
-/// full buffer (EAGAIN) already means "awake". A few tries: a wake-up lost
-/// to EINTR or ENOBUFS would leave the loop asleep until unrelated traffic
-/// comes. Async-signal-safe: `send(2)` only (signal-hook saves and restores
-/// errno around a handler that calls this).
-pub(crate) fn wake_socket(fd: std::os::fd::BorrowedFd<'_>) {
-    use std::os::fd::AsRawFd;
-    for _ in 0..3 {
-        // SAFETY: send(2) on a borrowed, open fd; the buffer is a static
-        // byte string.
-        let sent =
-            unsafe { libc::send(fd.as_raw_fd(), b"w".as_ptr().cast(), 1, libc::MSG_DONTWAIT) };
-        if sent == 1 || io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
-            return;
-        }
-    }
-}
-
-/// Installs a handler for `sig` that sets `flag` and writes one byte to
-/// `wake` (`send` with `MSG_DONTWAIT`: a full buffer already means awake).
-///
-/// The handler owns its `Arc`s for the life of the process (it is never
-/// unregistered), so `wake` can never be closed, or its number reused,
-/// under it.
-pub(crate) fn on_signal(
-    sig: libc::c_int,
-    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    wake: std::sync::Arc<OwnedFd>,
-) -> io::Result<()> {
-    use std::os::fd::AsFd;
-    let action = move || {
-        flag.store(true, std::sync::atomic::Ordering::SeqCst);
-        wake_socket(wake.as_fd());
-    };
-    // SAFETY: the action only makes an atomic store and a send(2), both
-    // async-signal-safe; it neither allocates nor locks, and it is never
-    // dropped (never unregistered), so no Arc is dropped in a handler.
-    unsafe { signal_hook::low_level::register(sig, action) }.map(drop)
-}
-
-/// Takes a pending SIGALRM, if any, off this thread and the process
-/// (`sigtimedwait` with a zero timeout), so that unblocking SIGALRM cannot
-/// deliver it.
-pub(crate) fn discard_pending_sigalrm() {
-    // SAFETY: a zeroed sigset_t, initialised by sigemptyset/sigaddset.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    let zero = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `set` and `zero` are valid for the calls; sigtimedwait takes
-    // a pending signal of the set or returns EAGAIN at once.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGALRM);
-        while libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) == libc::SIGALRM {}
-    }
-}
-
-/// Sets SIGALRM to be ignored: the fallback when an inherited readiness
-/// deadline cannot be cancelled, so that it can never kill the process.
-pub(crate) fn ignore_sigalrm() {
-    // SAFETY: SIG_IGN is a valid disposition for SIGALRM.
-    unsafe { libc::signal(libc::SIGALRM, libc::SIG_IGN) };
-}
-
-/// Reads an `int` socket option of `SOL_SOCKET` from a raw fd number.
-///
-/// Takes a raw number: it is how an inherited descriptor is checked before
-/// anyone owns it (`getsockopt` has no side effect on any fd; a closed
-/// number gives `EBADF`, a file `ENOTSOCK`).
-fn getsockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
-    let mut val: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `val` and `len` are valid for writes of an int and a
-    // socklen_t; the kernel writes at most `len` bytes.
-    unsafe {
-        syscall!(getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&mut val as *mut libc::c_int).cast(),
-            &mut len,
-        ))
-    }?;
-    Ok(val)
-}
-
-/// What a socket is, read with two `getsockopt` calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct SocketInfo {
-    /// The protocol number (`SO_PROTOCOL`): `IPPROTO_TCP`, 0 for Unix sockets.
-    pub protocol: i32,
-    /// `SO_ACCEPTCONN`: the socket is listening.
-    pub listening: bool,
-}
-
-/// Reads `SO_PROTOCOL` and `SO_ACCEPTCONN`; fails with `ENOTSOCK` for a
-/// descriptor that is not a socket, `EBADF` for one that is not open.
-pub(crate) fn socket_info(fd: RawFd) -> io::Result<SocketInfo> {
-    let protocol = getsockopt_int(fd, libc::SO_PROTOCOL)?;
-    let listening = getsockopt_int(fd, libc::SO_ACCEPTCONN)? != 0;
-    Ok(SocketInfo {
-        protocol,
-        listening,
-    })
-}
-
-/// Whether fd number `fd` is a listening socket. A closed or reused number
-/// merely gives a wrong answer for a warning.
-pub(crate) fn is_listening(fd: RawFd) -> bool {
-    getsockopt_int(fd, libc::SO_ACCEPTCONN).is_ok_and(|v| v != 0)
-}
-
-/// Reads `SO_TYPE` (`SOCK_STREAM`, `SOCK_DGRAM`, ...); fails with
-/// `ENOTSOCK` for a descriptor that is not a socket.
-pub(crate) fn socket_type(fd: RawFd) -> io::Result<i32> {
-    getsockopt_int(fd, libc::SO_TYPE)
-}
-
-/// Reads `SO_PROTOCOL` (`IPPROTO_UDP`, 0 for a Unix socket, ...).
-pub(crate) fn socket_protocol(fd: RawFd) -> io::Result<i32> {
-    getsockopt_int(fd, libc::SO_PROTOCOL)
-}
-
-/// Reads `SO_DOMAIN` (`AF_UNIX`, `AF_INET`, ...).
-pub(crate) fn socket_domain(fd: RawFd) -> io::Result<i32> {
-    getsockopt_int(fd, libc::SO_DOMAIN)
-}
-
-/// A shared mapping of all of a memfd, read-only ([`map_sealed`], a
-/// snapshot) or read-write ([`map_region`], a [`crate::Region`]).
-#[derive(Debug)]
-pub(crate) struct Mapping {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-    writable: bool,
-}
-
-// SAFETY: a read-only mapping's contents cannot change (the memfd is sealed
-// against writes and shrinking), so sharing it is like sharing a `&[u8]`; a
-// writable one is owned by one `Region`, which hands out `&[u8]` and
-// `&mut [u8]` under Rust's borrow rules.
-unsafe impl Send for Mapping {}
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    /// Maps `len` bytes of `fd`, shared. `len == 0` maps nothing.
-    fn new(
-        fd: std::os::fd::BorrowedFd<'_>,
-        len: usize,
-        writable: bool,
-        populate: bool,
-    ) -> io::Result<Mapping> {
-        use std::os::fd::AsRawFd;
-        if len == 0 {
-            return Ok(Mapping {
-                ptr: std::ptr::NonNull::dangling(),
-                len: 0,
-                writable,
-            });
-        }
-        let prot = if writable {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
-        let flags = if populate {
-            libc::MAP_SHARED | libc::MAP_POPULATE
-        } else {
-            libc::MAP_SHARED
-        };
-        // SAFETY: a fresh mapping chosen by the kernel; it aliases no Rust
-        // object. The result is checked for MAP_FAILED.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd.as_raw_fd(), 0) };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
-        Ok(Mapping { ptr, len, writable })
-    }
-
-    /// The mapped bytes.
-    pub(crate) fn as_slice(&self) -> &[u8] {
-        if self.len == 0 {
-            return &[];
-        }
-        // SAFETY: `ptr` maps `len` readable bytes for the life of `self`
-        // (unmapped only in Drop). Nobody else writes them: a read-only
-        // mapping is of a sealed memfd; a region's memfd is private to this
-        // process: close-on-exec from `boot` on (no child the application
-        // starts gets it), inheritable only from our own exec (which ends
-        // this mapping) to the next image's `boot` (before that image maps
-        // it), and shared with one child only, the holder, which shares our
-        // old memory and descriptor table (`CLONE_VM | CLONE_FILES`) but
-        // never reads or writes the region; its size is sealed, so no page
-        // can vanish under it.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    /// The mapped bytes, to write (a region).
-    ///
-    /// # Panics
-    ///
-    /// If the mapping is read-only: a programmer error inside the crate.
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        assert!(self.writable, "a read-only mapping");
-        if self.len == 0 {
-            return &mut [];
-        }
-        // SAFETY: as in `as_slice`, the mapping is writable, and `&mut self`
-        // makes this the only reference into it.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl std::ops::Deref for Mapping {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: `ptr`/`len` are exactly what mmap returned; no borrow
-            // of the mapping outlives `self`.
-            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-        }
-    }
-}
-
-/// Maps `len` bytes of a snapshot memfd read-only, after checking that it is
-/// sealed against writing, growing and shrinking (which is what makes the
-/// `&[u8]` view sound). Pages are populated in bulk (`MAP_POPULATE`).
-pub(crate) fn map_sealed(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
-    use std::os::fd::AsRawFd;
-    let need = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
-    // SAFETY: F_GET_SEALS only reads the file's seals.
-    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-    if seals < 0 || seals & need != need {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "refusing to map a memfd that is not sealed",
-        ));
-    }
-    Mapping::new(fd, len, false, true)
-}
-
-/// Maps all `len` bytes of a memfd read-write, shared, lazily: a region (a
-/// new image touches only what it uses) or a snapshot being written before
-/// it is sealed. The memfd is private to this process; the caller has
-/// checked or just set the file's size.
-///
-/// `populate`: fault every page in now, in bulk (`MAP_POPULATE`), so that
-/// later writes through the mapping take no page faults.
-pub(crate) fn map_region(
+/// Waits until `fd` is readable, for at most `timeout` (`poll`). `Ok(false)`
+/// if the time ran out or a signal interrupted the wait: the caller checks
+/// its own deadline and asks again.
+pub(crate) fn wait_readable(
     fd: std::os::fd::BorrowedFd<'_>,
-    len: usize,
-    populate: bool,
-) -> io::Result<Mapping> {
-    Mapping::new(fd, len, true, populate)
+    timeout: std::time::Duration,
+) -> io::Result<bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(0) | Err(nix::errno::Errno::EINTR) => Ok(false),
+        Ok(_) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Removes a variable from this process's environment, so that it is not

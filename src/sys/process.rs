@@ -1,0 +1,63 @@
+//! Processes at the system level: signalling and reaping a child by its
+//! PID, which thread we are on, who we run as, and whether a file may be
+//! executed. (Children named by a pidfd are in the parent module.)
+
+use std::io;
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+/// Sends SIGKILL to process `pid`.
+///
+/// Only for a child of ours that is not reaped yet (its number cannot be
+/// reused until then); anything else goes through a pidfd
+/// ([`super::pidfd_kill`]).
+pub(crate) fn kill(pid: i32) -> io::Result<()> {
+    nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
+    Ok(())
+}
+
+/// Waits until child `pid` has exited and reaps it (retrying on `EINTR`).
+pub(crate) fn reap(pid: i32) -> io::Result<()> {
+    loop {
+        match waitpid(Pid::from_raw(pid), None) {
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+            Ok(_) => return Ok(()),
+        }
+    }
+}
+
+/// Reaps every child that already exited, without waiting for live ones.
+pub(crate) fn reap_exited_children() {
+    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        if status == WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
+/// Whether the calling thread is the process's main thread (its thread id
+/// is the process id).
+#[cfg(feature = "tokio")]
+pub(crate) fn on_main_thread() -> bool {
+    nix::unistd::gettid() == nix::unistd::getpid()
+}
+
+/// The process's real user id.
+pub(crate) fn real_uid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
+
+/// The process's effective user id.
+pub(crate) fn effective_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// Checks that this process may execute `path` (`access(X_OK)`).
+pub(crate) fn check_executable(path: &Path) -> io::Result<()> {
+    nix::unistd::access(path, nix::unistd::AccessFlags::X_OK)?;
+    Ok(())
+}

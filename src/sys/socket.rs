@@ -1,0 +1,120 @@
+//! Sockets at the system level: what an inherited descriptor is (read
+//! with `getsockopt` on its raw number, before anyone owns it), a
+//! `shutdown`, and a datagram that carries descriptors (`SCM_RIGHTS`).
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::net::SocketAddr;
+
+use super::syscall;
+
+/// Reads an `int` socket option of `SOL_SOCKET` from a raw fd number.
+///
+/// Takes a raw number: it is how an inherited descriptor is checked before
+/// anyone owns it (`getsockopt` has no side effect on any fd; a closed
+/// number gives `EBADF`, a file `ENOTSOCK`).
+fn getsockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `val` and `len` are valid for writes of an int and a
+    // socklen_t; the kernel writes at most `len` bytes.
+    unsafe {
+        syscall!(getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&mut val as *mut libc::c_int).cast(),
+            &mut len,
+        ))
+    }?;
+    Ok(val)
+}
+
+/// What a socket is, read with two `getsockopt` calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SocketInfo {
+    /// The protocol number (`SO_PROTOCOL`): `IPPROTO_TCP`, 0 for Unix sockets.
+    pub protocol: i32,
+    /// `SO_ACCEPTCONN`: the socket is listening.
+    pub listening: bool,
+}
+
+/// Reads `SO_PROTOCOL` and `SO_ACCEPTCONN`; fails with `ENOTSOCK` for a
+/// descriptor that is not a socket, `EBADF` for one that is not open.
+pub(crate) fn socket_info(fd: RawFd) -> io::Result<SocketInfo> {
+    let protocol = getsockopt_int(fd, libc::SO_PROTOCOL)?;
+    let listening = getsockopt_int(fd, libc::SO_ACCEPTCONN)? != 0;
+    Ok(SocketInfo {
+        protocol,
+        listening,
+    })
+}
+
+/// Whether fd number `fd` is a listening socket. A closed or reused number
+/// merely gives a wrong answer for a warning.
+pub(crate) fn is_listening(fd: RawFd) -> bool {
+    getsockopt_int(fd, libc::SO_ACCEPTCONN).is_ok_and(|v| v != 0)
+}
+
+/// Reads `SO_TYPE` (`SOCK_STREAM`, `SOCK_DGRAM`, ...); fails with
+/// `ENOTSOCK` for a descriptor that is not a socket.
+pub(crate) fn socket_type(fd: RawFd) -> io::Result<i32> {
+    getsockopt_int(fd, libc::SO_TYPE)
+}
+
+/// Reads `SO_PROTOCOL` (`IPPROTO_UDP`, 0 for a Unix socket, ...).
+pub(crate) fn socket_protocol(fd: RawFd) -> io::Result<i32> {
+    getsockopt_int(fd, libc::SO_PROTOCOL)
+}
+
+/// Reads `SO_DOMAIN` (`AF_UNIX`, `AF_INET`, ...).
+pub(crate) fn socket_domain(fd: RawFd) -> io::Result<i32> {
+    getsockopt_int(fd, libc::SO_DOMAIN)
+}
+
+/// Shuts a connected socket down in both directions (`shutdown(2)`): its
+/// peer sees the end of the stream even while other copies of the
+/// descriptor stay open.
+pub(crate) fn shutdown(fd: BorrowedFd<'_>) -> io::Result<()> {
+    nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both)?;
+    Ok(())
+}
+
+/// Sends one datagram to the Unix socket at `to`, from a new unbound
+/// socket, with `fds` attached (`sendmsg` with `SCM_RIGHTS`).
+///
+/// # Errors
+///
+/// The socket's or `sendmsg`'s error (an unnamed `to` is `InvalidInput`).
+pub(crate) fn send_with_fds(
+    to: &SocketAddr,
+    message: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    use nix::sys::socket::{
+        AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr, sendmsg, socket,
+    };
+    use std::os::linux::net::SocketAddrExt;
+    let addr = match (to.as_abstract_name(), to.as_pathname()) {
+        (Some(name), _) => UnixAddr::new_abstract(name)?,
+        (None, Some(path)) => UnixAddr::new(path)?,
+        (None, None) => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
+    };
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let iov = [io::IoSlice::new(message)];
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    sendmsg(
+        sock.as_raw_fd(),
+        &iov,
+        &cmsg,
+        MsgFlags::MSG_NOSIGNAL,
+        Some(&addr),
+    )?;
+    Ok(())
+}

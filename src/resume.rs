@@ -115,30 +115,26 @@ fn start_worker() -> Result<Worker, Error> {
     })
 }
 
-/// Runs [`Inherited::check`] on the helper thread; the returned function
-/// waits for its result.
+/// Offers [`Inherited::check`] to the helper thread (see
+/// [`Offer`](crate::worker::Offer)); the
+/// returned function waits for its result.
 fn claim_on(
     worker: &Worker,
     manifest: Manifest,
     tolerant: bool,
-) -> Result<impl FnOnce() -> Result<Inherited, Error>, Error> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    worker
-        .run(move || {
-            let _ = tx.send(Inherited::check(manifest, tolerant));
-        })
-        .map_err(|source| Error::Setup {
-            what: "claim the inherited descriptors",
-            source,
-        })?;
-    Ok(move || {
-        rx.recv().unwrap_or_else(|_| {
+) -> impl FnOnce() -> Result<Inherited, Error> {
+    let offer = worker.offer((manifest, tolerant), |(m, tolerant)| {
+        Inherited::check(m, tolerant)
+    });
+    move || {
+        // `None`: the thread panicked halfway (the panic hook rolls back).
+        offer.wait().unwrap_or_else(|| {
             Err(Error::Setup {
                 what: "claim the inherited descriptors",
                 source: std::io::Error::other("the runtime's helper thread stopped"),
             })
         })
-    })
+    }
 }
 
 fn install_requests() -> Result<Requests, Error> {
@@ -275,8 +271,7 @@ fn resume<S: AppState>(
     // `sys::inherit`); a failure on either side rolls back where it
     // happens, which ends the other thread too.
     let worker = start_worker().map_err(or_roll_back)?;
-    let claims =
-        claim_on(&worker, std::mem::take(&mut snap.manifest), !upgraded).map_err(or_roll_back)?;
+    let claims = claim_on(&worker, std::mem::take(&mut snap.manifest), !upgraded);
     let state = restore::<S>(&config.app, snap.header.state_version, snap.payload())
         .map_err(|e| or_roll_back(e.into()));
     // An adoption error has already rolled back (after an upgrade).

@@ -598,8 +598,11 @@ pub(crate) fn write_replacing(dir: &Path, path: &Path, bytes: &[u8], sync: bool)
         .open(&tmp)?;
     let written = file
         .write_all(bytes)
-        .and_then(|()| if sync { file.sync_all() } else { Ok(()) })
-        .and_then(|()| std::fs::rename(&tmp, path));
+        .and_then(|()| if sync { file.sync_all() } else { Ok(()) });
+    // Closed before it appears under its name: whoever sees the new file
+    // (and counts this process's descriptors) sees the final ones.
+    drop(file);
+    let written = written.and_then(|()| std::fs::rename(&tmp, path));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

@@ -31,7 +31,6 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::mpsc;
 
 use crate::env::{HANDOFF_VAR, ROLLBACK_REASON_VAR, clean_env, cstring, env_entries, with_handoff};
 use crate::error::UpgradeError;
@@ -40,7 +39,7 @@ use crate::probe::Executable;
 use crate::rollback::ExecRecord;
 use crate::snapshot::{Draft, Header, Manifest};
 use crate::sys::holder::HolderSpec;
-use crate::worker::Worker;
+use crate::worker::{Offer, Worker};
 use crate::{signal, sys};
 
 /// Where an upgrade stands after [`Copyover::upgrade`] returned.
@@ -236,30 +235,19 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
 /// each is milliseconds of the blackout, and most servers have a second
 /// core. Deny by default: every fd from 3 up close-on-exec first, then the
 /// flag cleared on exactly the manifest's fds (the caller clears its own
-/// few after [`wait`](Self::wait)). Dropping it waits for the job, so that
+/// few after [`wait`](Self::wait)). An [`Offer`]: done once, by one side,
+/// and dropped (the commit failed early), taken back or finished, so that
 /// no clearing can come after the commit's undo.
-struct Clearing {
-    done: Option<mpsc::Receiver<Result<(), (RawFd, io::Error)>>>,
-}
+struct Clearing(Offer<Vec<RawFd>, Result<(), (RawFd, io::Error)>>);
 
 impl Clearing {
     fn start(worker: &Worker, manifest: &Manifest) -> Clearing {
-        let fds: Vec<RawFd> = manifest.fds().collect();
-        let (tx, rx) = mpsc::sync_channel(1);
-        // If the thread is gone the job is dropped, and `wait` finds out.
-        let _ = worker.run(move || {
-            let _ = tx.send(keep_only(fds));
-        });
-        Clearing { done: Some(rx) }
+        Clearing(worker.offer(manifest.fds().collect(), keep_only))
     }
 
-    /// The job's result; if the helper thread could not run it, the job
-    /// runs here.
-    fn wait(mut self, manifest: &Manifest) -> io::Result<()> {
-        let result = match self.done.take().map(|rx| rx.recv()) {
-            Some(Ok(result)) => result,
-            _ => keep_only(manifest.fds()),
-        };
+    fn wait(self, manifest: &Manifest) -> io::Result<()> {
+        // `None`: the helper thread died halfway; it is all done again here.
+        let result = self.0.wait().unwrap_or_else(|| keep_only(manifest.fds()));
         result.map_err(|(fd, err)| {
             let name = manifest.name_of(fd).unwrap_or_default();
             io::Error::new(err.kind(), format!("fd {fd} ('{name}'): {err}"))
@@ -267,16 +255,8 @@ impl Clearing {
     }
 }
 
-impl Drop for Clearing {
-    fn drop(&mut self) {
-        if let Some(rx) = self.done.take() {
-            let _ = rx.recv();
-        }
-    }
-}
-
 /// Deny by default: every fd close-on-exec, then clear the flag on `fds`.
-fn keep_only(fds: impl IntoIterator<Item = RawFd>) -> Result<(), (RawFd, io::Error)> {
+fn keep_only<F: IntoIterator<Item = RawFd>>(fds: F) -> Result<(), (RawFd, io::Error)> {
     sys::cloexec_from(3).map_err(|e| (3, e))?;
     for fd in fds {
         sys::set_cloexec(fd, false).map_err(|e| (fd, e))?;

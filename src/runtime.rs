@@ -624,7 +624,9 @@ impl<S> Copyover<S> {
         drop(r.old_binary);
         // Opened before the outcome is logged, so that whoever reads the
         // log sees the image's final descriptors.
-        let own = open_own_binary();
+        // Tried twice: without it the next upgrade has no way back until
+        // it opens it again.
+        let own = open_own_binary().or_else(|_| open_own_binary());
         let outcome = Outcome::Complete {
             from: h.writer_version.clone(),
             to: self.config.version.clone(),

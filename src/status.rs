@@ -343,17 +343,26 @@ impl Status {
     /// start time of the file the PID's previous image left, and replaces
     /// the file atomically. Failures are logged, never fatal, and nothing
     /// here blocks (see "Safety of the channel").
+    /// Writes the status file. A failure is tried once more (like each
+    /// read): an outcome missing from the file leaves `copyover upgrade`
+    /// and `systemctl reload` without an answer. Then it is only logged.
     fn publish(mut self) {
         let dir = status_dir();
         let path = status_path(&dir, self.pid);
-        if let Err(e) = check_dir(&dir) {
-            tracing::warn!(dir = ?dir, "not writing the status file: {e}");
-            return;
+        let written = self
+            .try_publish(&dir, &path)
+            .or_else(|_| self.try_publish(&dir, &path));
+        if let Err(e) = written {
+            tracing::warn!(path = ?path, "could not write the status file: {e}");
         }
+    }
+
+    fn try_publish(&mut self, dir: &Path, path: &Path) -> io::Result<()> {
+        check_dir(dir)?;
         // Each read is tried twice: a status file whose sequence restarted
         // would hide this outcome from `copyover upgrade`.
-        let previous = match Status::read(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Status::read(&path),
+        let previous = match Status::read(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Status::read(path),
             other => other,
         }
         .ok()
@@ -368,9 +377,7 @@ impl Status {
         self.seq = previous.as_ref().map_or(1, |p| p.seq + 1);
         self.started_at = previous.as_ref().map_or_else(unix_now, |p| p.started_at);
         self.updated_at = unix_now();
-        if let Err(e) = write_replacing(&dir, &path, self.render().as_bytes(), false) {
-            tracing::warn!(path = ?path, "could not write the status file: {e}");
-        }
+        write_replacing(dir, path, self.render().as_bytes(), false)
     }
 
     /// Removes this process's status file (on shutdown).

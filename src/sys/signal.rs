@@ -6,7 +6,13 @@
 use std::io;
 use std::os::fd::OwnedFd;
 
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+
+// `sigprocmask`, not `pthread_sigmask`: nix reads the latter's result as
+// -1 and errno, but it returns the error number itself, so a failure would
+// pass for success (a fault injection found it: the signals stayed blocked
+// and the next upgrade request was never seen). On Linux `sigprocmask`
+// changes the calling thread's mask, as `pthread_sigmask` does.
 
 /// A signal mask as it was, to be put back with [`restore_mask`]. Opaque:
 /// nothing above `sys` looks inside.
@@ -22,23 +28,22 @@ fn set_of(sigs: &[libc::c_int]) -> SigSet {
     set
 }
 
-/// Blocks `sigs` in the calling thread (`pthread_sigmask`, which on Linux
-/// is `sigprocmask`) and returns the mask as it was.
+/// Blocks `sigs` in the calling thread and returns the mask as it was.
 pub(crate) fn block_signals(sigs: &[libc::c_int]) -> io::Result<SavedMask> {
     let mut old = SigSet::empty();
-    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set_of(sigs)), Some(&mut old))?;
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set_of(sigs)), Some(&mut old))?;
     Ok(SavedMask(old))
 }
 
 /// Unblocks `sigs` in the calling thread.
 pub(crate) fn unblock_signals(sigs: &[libc::c_int]) -> io::Result<()> {
-    pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&set_of(sigs)), None)?;
+    sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&set_of(sigs)), None)?;
     Ok(())
 }
 
 /// Puts back the calling thread's mask saved by [`block_signals`].
 pub(crate) fn restore_mask(mask: &SavedMask) -> io::Result<()> {
-    pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&mask.0), None)?;
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&mask.0), None)?;
     Ok(())
 }
 
@@ -46,7 +51,7 @@ pub(crate) fn restore_mask(mask: &SavedMask) -> io::Result<()> {
 #[cfg(all(test, feature = "tokio"))]
 pub(crate) fn is_blocked(sig: libc::c_int) -> bool {
     let mut cur = SigSet::empty();
-    pthread_sigmask(SigmaskHow::SIG_BLOCK, None, Some(&mut cur)).is_ok()
+    sigprocmask(SigmaskHow::SIG_BLOCK, None, Some(&mut cur)).is_ok()
         && Signal::try_from(sig).is_ok_and(|s| cur.contains(s))
 }
 

@@ -340,11 +340,24 @@ impl Server {
     fn serve(&mut self) -> Result<(), BoxError> {
         let mut events = vec![EpollEvent::empty(); 1024];
         let mut buf = vec![0u8; 64 * 1024];
+        // Consecutive failures of epoll_wait: one is survived (a stray
+        // error must not drop every client), a hundred in a row (a second)
+        // are a broken loop.
+        let mut failures = 0;
         loop {
             let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
-                Ok(n) => n,
+                Ok(n) => {
+                    failures = 0;
+                    n
+                }
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) if failures < 100 => {
+                    failures += 1;
+                    tracing::warn!("waiting for events failed ({e}); trying again");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(e) => return Err(format!("waiting for events failed 100 times: {e}").into()),
             };
             let mut dirty = BTreeSet::new();
             let mut runtime_events = false;

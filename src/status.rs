@@ -349,6 +349,10 @@ impl Status {
     fn publish(mut self) {
         let dir = status_dir();
         let path = status_path(&dir, self.pid);
+        if let Err(e) = check_dir(&dir).or_else(|_| check_dir(&dir)) {
+            tracing::warn!(dir = ?dir, "not writing the status file: {e}");
+            return;
+        }
         let written = self
             .try_publish(&dir, &path)
             .or_else(|_| self.try_publish(&dir, &path));
@@ -358,7 +362,6 @@ impl Status {
     }
 
     fn try_publish(&mut self, dir: &Path, path: &Path) -> io::Result<()> {
-        check_dir(dir)?;
         // Each read is tried twice: a status file whose sequence restarted
         // would hide this outcome from `copyover upgrade`.
         let previous = match Status::read(path) {

@@ -104,7 +104,13 @@ fn bind_listener(addr: SocketAddr) -> Result<TcpListener, Box<dyn std::error::Er
 
 pub fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     raise_nofile_limit();
-    let (mut co, start) = copyover::boot::<BenchState>(Config::new("copyover-bench", "bench"))?;
+    // Probing a gigabyte of serialized state (writing it, then the new
+    // binary reading and decoding it) takes more than the default 5 s on a
+    // small VM; the probe runs while the old image serves, so a longer
+    // limit costs no client anything.
+    let config =
+        Config::new("copyover-bench", "bench").probe_timeout(std::time::Duration::from_secs(60));
+    let (mut co, start) = copyover::boot::<BenchState>(config)?;
     // The epoll instance itself crosses the exec (it is kept in the
     // handoff), and with it every registration: a resumed image registers
     // only the runtime's new event fd, not 10,000 connections again.

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use copyover::status::{Outcome, Status, status_path};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -285,11 +286,13 @@ impl Server {
     }
 
     /// Sends SIGHUP and waits for the outcome line: `upgrade complete`,
-    /// `upgrade refused` or `upgrade rolled back`. Returns it.
+    /// `upgrade refused` or `upgrade rolled back`. Returns it, after
+    /// checking that the status file (the typed outcome, which the runtime
+    /// writes before the line) says the same.
     pub fn upgrade(&self) -> String {
         let mark = self.mark();
         self.signal(Signal::SIGHUP);
-        wait_for("an upgrade outcome in the log", || {
+        let line = wait_for("an upgrade outcome in the log", || {
             self.log
                 .lock()
                 .unwrap()
@@ -301,7 +304,40 @@ impl Server {
                         || l.contains("upgrade rolled back")
                 })
                 .cloned()
-        })
+        });
+        self.check_status_agrees(mark, &line);
+        line
+    }
+
+    /// The typed outcome of the status file, if the server could write one.
+    pub fn status(&self) -> Option<Status> {
+        Status::read(&status_path(
+            &self.scratch.0.join("status"),
+            self.pid as u32,
+        ))
+        .ok()
+    }
+
+    /// The status file names the outcome `line` logs, unless the server
+    /// logged that it could not write it (a test of that) or the holder
+    /// rescued it under another PID (whose file that is).
+    fn check_status_agrees(&self, mark: usize, line: &str) {
+        let log = self.log_since(mark).join("\n");
+        if log.contains("status file") || line.contains("rescued=true") {
+            return;
+        }
+        let word = |o: &Outcome| match o {
+            Outcome::Complete { .. } => "upgrade complete",
+            Outcome::Refused { .. } => "upgrade refused",
+            Outcome::RolledBack { .. } => "upgrade rolled back",
+            _ => "started",
+        };
+        let status = self.status();
+        let said = status.as_ref().map(|s| word(&s.outcome));
+        assert!(
+            said.is_some_and(|w| line.contains(w)),
+            "the log says {line:?}, the status file {status:?}"
+        );
     }
 
     /// Open descriptors of the server.

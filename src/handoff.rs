@@ -193,6 +193,36 @@ impl HandoffVar {
     }
 }
 
+/// A connected stream socket type, the members of a group kept with
+/// [`Handoff::streams`]: the standard library's `TcpStream` and
+/// `UnixStream` (and tokio's, with the `tokio` feature). Sealed: a group is
+/// one type the new image can check once, so no other (a listener, a file,
+/// a raw `OwnedFd`) can be kept as a member:
+///
+/// ```compile_fail
+/// let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+/// let mut keep = copyover::Handoff::new();
+/// keep.streams("conn", [(1u64, &listener)]); // not a connection
+/// ```
+pub trait StreamSocket: AsFd + sealed::Sealed {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for std::net::TcpStream {}
+    impl Sealed for std::os::unix::net::UnixStream {}
+    #[cfg(feature = "tokio")]
+    impl Sealed for ::tokio::net::TcpStream {}
+    #[cfg(feature = "tokio")]
+    impl Sealed for ::tokio::net::UnixStream {}
+}
+
+impl StreamSocket for TcpStream {}
+impl StreamSocket for UnixStream {}
+#[cfg(feature = "tokio")]
+impl StreamSocket for ::tokio::net::TcpStream {}
+#[cfg(feature = "tokio")]
+impl StreamSocket for ::tokio::net::UnixStream {}
+
 /// The descriptors an application keeps across an upgrade, by name.
 ///
 /// Built at the safe point just before [`Copyover::upgrade`]; it borrows the
@@ -247,7 +277,9 @@ impl<'a> Handoff<'a> {
     /// for the group and an (id, fd) pair per connection, not a name each,
     /// so a server with 10,000 connections builds, writes, reads and claims
     /// no 10,000 strings while its clients wait. A group is all one type
-    /// (the iterator's), all TCP or all Unix stream sockets.
+    /// (the iterator's), all TCP or all Unix stream sockets: the new image
+    /// checks the type of its first member only. Ids are the keys the new
+    /// image gets them back by: keep them unique.
     ///
     /// ```
     /// # use std::net::{TcpListener, TcpStream};
@@ -257,7 +289,7 @@ impl<'a> Handoff<'a> {
     /// keep.streams("conn", conns.iter().map(|(id, s)| (*id, s)));
     /// assert_eq!(keep.len(), 1);
     /// ```
-    pub fn streams<F: AsFd + 'a>(
+    pub fn streams<F: StreamSocket + 'a>(
         &mut self,
         prefix: &str,
         conns: impl IntoIterator<Item = (u64, &'a F)>,
@@ -393,8 +425,9 @@ fn holders(m: &Manifest, fd: RawFd) -> String {
 ///
 /// The inherited descriptors arrive inheritable (that is how [`boot`](crate::boot)
 /// recognises them); once it has checked them, `boot` makes every fd from
-/// 3 up close-on-exec in one call, before it starts its helper thread or
-/// returns. So a child started after `boot` gets none of them; only the
+/// 3 up close-on-exec in one call, before it returns (its helper thread,
+/// which may claim them, starts no process). So a child started after
+/// `boot` gets none of them; only the
 /// rollback makes the kept ones inheritable again, just before its exec.
 /// (After a rollback, a failure of that call is logged and the fds stay
 /// inheritable: the old code serves anyway.)

@@ -22,8 +22,9 @@
 //!    executed **at the same PID**.
 //! 5. The new image calls [`boot`] first thing, gets [`Start::Resumed`] with
 //!    the state and the [`Inherited`] descriptors, claims them by name,
-//!    registers them, and calls [`Copyover::ready`], which logs
-//!    `upgrade complete` with the blackout.
+//!    registers them, and calls [`Copyover::ready`]; the runtime reports
+//!    `upgrade complete` with the blackout (log, status file, sd_notify)
+//!    from its helper thread while the new image already serves.
 //! 6. Until `ready`, any failure of the new image (an error, a panic, a
 //!    crash, a missed deadline, an exit) **rolls back**: the old binary is
 //!    executed again from a descriptor opened at its start-up, with the
@@ -186,7 +187,7 @@ pub mod upgrade;
 mod worker;
 
 pub use error::{Error, UpgradeError};
-pub use handoff::{Handoff, Inherited};
+pub use handoff::{Handoff, Inherited, StreamSocket};
 pub use region::Region;
 pub use resume::boot;
 pub use runtime::{Config, Copyover, Event, Start};

@@ -44,11 +44,14 @@ use crate::{rollback, sys};
 ///    else; a fresh start leaves `ITIMER_REAL` alone.)
 /// 2. The process must have a single thread (a thread started before
 ///    `boot` would make the environment unsafe to change): else, rollback.
-/// 3. The snapshot and every descriptor of the manifest are checked
-///    **before this image opens any descriptor of its own**: each must be
-///    open and not close-on-exec, as the old image left it. The runtime's
-///    helper thread checks the manifest's while this thread decodes (and
-///    migrates) the state.
+/// 3. The snapshot and every descriptor of the manifest are checked: each
+///    must be open and not close-on-exec, as the old image left it, and is
+///    claimed once. After an upgrade, the runtime's helper thread checks
+///    the manifest's while this thread decodes (and migrates) the state:
+///    every number of the manifest is open then, so nothing the decoding
+///    opens can take one. After a rollback, where some may be free, the
+///    checks come first, **before this image opens any descriptor of its
+///    own**.
 /// 4. Every fd from 3 up (the inherited ones, and anything else the exec
 ///    let through) becomes close-on-exec in one call, so a child started
 ///    from now on inherits none; the rollback makes the kept ones
@@ -118,14 +121,8 @@ fn start_worker() -> Result<Worker, Error> {
 /// Offers [`Inherited::check`] to the helper thread (see
 /// [`Offer`](crate::worker::Offer)); the
 /// returned function waits for its result.
-fn claim_on(
-    worker: &Worker,
-    manifest: Manifest,
-    tolerant: bool,
-) -> impl FnOnce() -> Result<Inherited, Error> {
-    let offer = worker.offer((manifest, tolerant), |(m, tolerant)| {
-        Inherited::check(m, tolerant)
-    });
+fn claim_on(worker: &Worker, manifest: Manifest) -> impl FnOnce() -> Result<Inherited, Error> {
+    let offer = worker.offer(manifest, |m| Inherited::check(m, false));
     move || {
         // `None`: the thread panicked halfway (the panic hook rolls back).
         offer.wait().unwrap_or_else(|| {
@@ -158,8 +155,9 @@ fn boot_fresh<S: AppState>(
     // Socket activation first, before this image opens any descriptor of
     // its own: LISTEN_FDS names fds 3.. as they were at the exec.
     let activated = Activated::from_env();
-    // The helper thread first: its start masks signals around the clone,
-    // and `install_requests` then unblocks the runtime's own for sure.
+    // The helper thread first: it inherits this thread's mask and blocks
+    // the reload signals itself; `install_requests` then unblocks the
+    // runtime's own signals on this thread for sure.
     let worker = start_worker()?;
     let requests = install_requests()?;
     let mut co = Copyover::new(config, argv, requests, worker);
@@ -264,19 +262,32 @@ fn resume<S: AppState>(
     let mut snap = read_sealed(snapshot.as_fd())
         .and_then(|snap| snap.check_app(&config.app).map(|()| snap))
         .map_err(|e| or_roll_back(e.into()))?;
-    // The helper thread first (see `boot_fresh`). It claims the manifest's
-    // descriptors (a syscall each) while this thread decodes the state:
-    // with 10,000 connections each takes milliseconds of the blackout.
-    // Neither opens a descriptor, so the claims stay sound (see
-    // `sys::inherit`); a failure on either side rolls back where it
-    // happens, which ends the other thread too.
+    // The helper thread first (see `boot_fresh`). After an upgrade it
+    // claims the manifest's descriptors (a syscall each) while this thread
+    // decodes the state: with 10,000 connections each takes milliseconds
+    // of the blackout. Every number of the manifest is open then (the old
+    // image left them so at the exec), so no descriptor the decoding opens
+    // can take one, and the claims stay sound (see `sys::inherit`); a
+    // failure on either side rolls back where it happens, which ends the
+    // other thread too.
+    //
+    // After a rollback, not: some numbers may be free (the failed image
+    // closed them, and the holder could not give them back), and a
+    // descriptor the application's decoding opened could take one. The
+    // claims come first then.
     let worker = start_worker().map_err(or_roll_back)?;
-    let claims = claim_on(&worker, std::mem::take(&mut snap.manifest), !upgraded);
-    let state = restore::<S>(&config.app, snap.header.state_version, snap.payload())
-        .map_err(|e| or_roll_back(e.into()));
-    // An adoption error has already rolled back (after an upgrade).
-    let fds = claims()?;
-    let state = state?;
+    let manifest = std::mem::take(&mut snap.manifest);
+    let (fds, state) = if upgraded {
+        let claims = claim_on(&worker, manifest);
+        let state = restore::<S>(&config.app, snap.header.state_version, snap.payload())
+            .map_err(|e| or_roll_back(e.into()));
+        // An adoption error has already rolled back.
+        (claims()?, state?)
+    } else {
+        let fds = Inherited::check(manifest, true)?;
+        let state = restore::<S>(&config.app, snap.header.state_version, snap.payload())?;
+        (fds, state)
+    };
 
     // Now nothing of the old image can be mistaken for ours: the holder's
     // pidfd, the full rollback plan (the kept fds), then close-on-exec on

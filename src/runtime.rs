@@ -415,7 +415,7 @@ impl<S> Copyover<S> {
     }
 
     fn log_refused(&self, reason: &str) {
-        self.report(
+        self.report_later(
             Outcome::Refused {
                 reason: reason.into(),
             },
@@ -424,18 +424,22 @@ impl<S> Copyover<S> {
         );
     }
 
-    /// Reports an outcome to the log, the status file and `sd_notify`
-    /// (see [`crate::status::report`]); `elapsed_ms` and `rescued` are for
-    /// the log line of a refusal or a rollback.
-    fn report(&self, outcome: Outcome, elapsed_ms: f64, rescued: bool) {
-        crate::status::report(outcome, &self.reporter(elapsed_ms, rescued));
+    /// Reports a fresh start to the log, the status file and `sd_notify`
+    /// (see [`crate::status::report`]), here: nothing else is reported
+    /// before it.
+    fn report_started(&self) {
+        crate::status::report(Outcome::Started, &self.reporter(0.0, false));
     }
 
-    /// [`report`](Self::report) on the helper thread: what `ready` reports
-    /// after an exec (the status file, sd_notify, the log line: a
-    /// millisecond of file system and pipe writes) is written while the
-    /// event loop already serves. In order with the thread's other jobs;
-    /// `Drop` waits for it.
+    /// Reports the outcome of an upgrade (see [`crate::status::report`]) on
+    /// the helper thread: what `ready` reports after an exec (the status
+    /// file, sd_notify, the log line: a millisecond of file system and pipe
+    /// writes) is written while the event loop already serves. Every
+    /// outcome after the start goes this way, so they are written one at a
+    /// time and in order (a refusal right after a `ready` cannot overtake
+    /// its `complete`); `Drop` waits for them, a second at most.
+    /// `elapsed_ms` and `rescued` are for the log line of a refusal or a
+    /// rollback.
     fn report_later(&self, outcome: Outcome, elapsed_ms: f64, rescued: bool) {
         let who = self.reporter(elapsed_ms, rescued);
         self.worker
@@ -480,12 +484,13 @@ impl<S> Copyover<S> {
     ///
     /// An [`UpgradeError`] saying why no upgrade happened (the binary is
     /// missing, the handoff is inconsistent, the exec failed...). The
-    /// runtime has logged `upgrade refused: REASON`; the application keeps
-    /// serving, and owns all its descriptors as before. One flag is not
-    /// put back as it was: a commit that got as far as preparing the
-    /// descriptors leaves every fd from 3 up close-on-exec, so one the
-    /// application had left inheritable on purpose (for a child it starts
-    /// later) must be made inheritable again by the application.
+    /// runtime reports `upgrade refused: REASON` (from its helper thread);
+    /// the application keeps serving, and owns all its descriptors as
+    /// before. One flag is not put back as it was: a commit that fails
+    /// leaves every fd from 3 up close-on-exec (the state in which an image
+    /// normally runs), so one the application had left inheritable on
+    /// purpose (for a child it starts later) must be made inheritable again
+    /// by the application.
     pub fn upgrade(&mut self, state: &S, keep: &Handoff<'_>) -> Result<Progress, UpgradeError>
     where
         S: AppState,
@@ -580,9 +585,13 @@ impl<S> Copyover<S> {
     }
 
     /// Declares this image ready: the inherited descriptors are claimed and
-    /// registered. Disarms the rollback and the readiness deadline, and logs
-    /// the outcome (`upgrade complete` with the versions, the generation and
-    /// the blackout). Call it once, after start-up, on every kind of start.
+    /// registered. Disarms the rollback and the readiness deadline, and
+    /// reports the outcome (`upgrade complete` with the versions, the
+    /// generation and the blackout; after a rollback, `upgrade rolled back`
+    /// with its reason) to the log, the status file and sd_notify: from
+    /// the helper thread, so the line may follow one the application logs
+    /// right after `ready` returns. Call it once, after start-up, on every
+    /// kind of start.
     ///
     /// # Errors
     ///
@@ -597,7 +606,7 @@ impl<S> Copyover<S> {
         let now = monotonic_ns();
         self.ready = true;
         let Some(r) = self.resume.take() else {
-            self.report(Outcome::Started, 0.0, false);
+            self.report_started();
             return Ok(());
         };
         // No way back is needed any more: the deadline and the plan go
@@ -764,9 +773,11 @@ impl<S> Drop for Copyover<S> {
             p.kill();
         }
         // Dropped at shutdown (an exec runs no destructor). An outcome
-        // still queued on the helper thread is written first.
+        // still queued on the helper thread is written first (unless the
+        // thread is busy for more than a second: a probe still writing its
+        // snapshot, say).
         if self.ready {
-            self.worker.flush();
+            self.worker.flush_for(std::time::Duration::from_secs(1));
             crate::status::Status::remove(std::process::id());
         }
     }

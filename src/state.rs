@@ -124,8 +124,10 @@ where
         }
 
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<M, A::Error> {
-            // The length comes from the input: trusted only so far.
-            let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(1 << 16));
+            // The length comes from the input: trusted for a megabyte of
+            // entries at most (as serde's own collections do).
+            let most = (1 << 20) / std::mem::size_of::<(K, V)>().max(1);
+            let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(most));
             while let Some(entry) = map.next_entry()? {
                 entries.push(entry);
             }

@@ -189,7 +189,7 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         .and_then(|()| extra.iter().try_for_each(|&fd| sys::set_cloexec(fd, false)))
     {
         return UpgradeError::Handoff {
-            reason: format!("a kept fd is not open: {source}"),
+            reason: format!("the kept fds could not be made inheritable: {source}"),
         };
     }
     match signal::hold_saving() {
@@ -249,6 +249,9 @@ impl Clearing {
         // `None`: the helper thread died halfway; it is all done again here.
         let result = self.0.wait().unwrap_or_else(|| keep_only(manifest.fds()));
         result.map_err(|(fd, err)| {
+            if fd < 0 {
+                return io::Error::new(err.kind(), format!("making every fd close-on-exec: {err}"));
+            }
             let name = manifest.name_of(fd).unwrap_or_default();
             io::Error::new(err.kind(), format!("fd {fd} ('{name}'): {err}"))
         })
@@ -257,7 +260,8 @@ impl Clearing {
 
 /// Deny by default: every fd close-on-exec, then clear the flag on `fds`.
 fn keep_only<F: IntoIterator<Item = RawFd>>(fds: F) -> Result<(), (RawFd, io::Error)> {
-    sys::cloexec_from(3).map_err(|e| (3, e))?;
+    // -1: not one fd's failure.
+    sys::cloexec_from(3).map_err(|e| (-1, e))?;
     for fd in fds {
         sys::set_cloexec(fd, false).map_err(|e| (fd, e))?;
     }

@@ -97,8 +97,8 @@ impl Worker {
         }
     }
 
-    /// Waits until every job queued so far has run.
-    pub(crate) fn flush(&self) {
+    /// Waits until every job queued so far has run, or `limit` passed.
+    pub(crate) fn flush_for(&self, limit: Duration) {
         let (done, wait) = mpsc::sync_channel(1);
         if self
             .run(move || {
@@ -107,7 +107,7 @@ impl Worker {
             .is_ok()
         {
             // An error means the thread is gone: nothing left to wait for.
-            let _ = wait.recv();
+            let _ = wait.recv_timeout(limit);
         }
     }
 
@@ -115,7 +115,8 @@ impl Worker {
     ///
     /// # Errors
     ///
-    /// If the thread is gone (a job panicked).
+    /// If the thread is gone (it ended: a job that panics does not end
+    /// it, so only a failure of the standard library's could).
     pub(crate) fn run(&self, job: impl FnOnce() + Send + 'static) -> io::Result<()> {
         self.jobs
             .send(Box::new(job))
@@ -212,7 +213,7 @@ mod tests {
             d.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }));
         release.send(()).unwrap();
-        worker.flush();
+        worker.flush_for(Duration::from_secs(10));
         assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 }

@@ -39,12 +39,12 @@ pub enum SnapshotError {
     },
     /// A snapshot format this build does not know.
     #[error(
-        "snapshot format version {found} is not supported; this build reads format {supported}"
+        "snapshot format version {found} is not supported; this build reads formats 1 to {supported}"
     )]
     UnknownFormat {
         /// The version found.
         found: u32,
-        /// The version this build reads.
+        /// The newest version this build reads (it reads every one from 1).
         supported: u32,
     },
     /// The checksum does not match the contents.

@@ -14,8 +14,14 @@ use super::error::{SnapshotError, encode_err, payload_err};
 
 /// The eight bytes every snapshot starts with.
 pub const MAGIC: [u8; 8] = *b"COPYOVER";
-/// The snapshot format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest snapshot format this build writes and reads: 2, whose
+/// manifest may hold groups of connections. A snapshot without a group is
+/// written as format 1, which builds from before groups read too; one with
+/// a group is format 2, which they refuse by its number (in their probe, so
+/// a downgrade is refused and says why).
+pub const FORMAT_VERSION: u32 = 2;
+/// The format of a snapshot whose manifest holds no group.
+const FORMAT_NO_GROUPS: u32 = 1;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 96;
 
@@ -188,8 +194,11 @@ fn extend<T: Serialize + ?Sized>(into: Vec<u8>, value: &T) -> Result<Vec<u8>, Sn
     postcard::to_extend(value, into).map_err(encode_err)
 }
 
-/// Reads what [`encode_manifest`] wrote; every byte must be used.
-fn decode_manifest(bytes: &[u8]) -> Result<Manifest, SnapshotError> {
+/// Reads what [`encode_manifest`] wrote, strictly, so that what decodes
+/// encodes back to the same bytes: every byte used, the entries before the
+/// group markers, no negative fd but the markers' -1, and no group in a
+/// format 1 snapshot.
+fn decode_manifest(bytes: &[u8], format: u32) -> Result<Manifest, SnapshotError> {
     let corrupt = |what: String| SnapshotError::Corrupt { what };
     let (wire, mut rest): (Vec<WireEntry<'_>>, _) = postcard::take_from_bytes(bytes)
         .map_err(|e| corrupt(format!("the fd manifest does not decode: {e}")))?;
@@ -202,6 +211,12 @@ fn decode_manifest(bytes: &[u8]) -> Result<Manifest, SnapshotError> {
             WireKind::Region => FdKind::Region,
             WireKind::Datagram => FdKind::Datagram,
             WireKind::StreamGroup => {
+                if format < FORMAT_VERSION {
+                    return Err(corrupt(format!(
+                        "group '{}' in a format {format} snapshot",
+                        w.name
+                    )));
+                }
                 if w.fd != -1 {
                     return Err(corrupt(format!(
                         "group '{}' has fd {}, not -1",
@@ -215,6 +230,12 @@ fn decode_manifest(bytes: &[u8]) -> Result<Manifest, SnapshotError> {
                             w.name
                         ))
                     })?;
+                if let Some(bad) = members.iter().find(|x| x.fd < 0) {
+                    return Err(corrupt(format!(
+                        "member {} of group '{}' has fd {}",
+                        bad.id, w.name, bad.fd
+                    )));
+                }
                 rest = after;
                 m.groups.push(ManifestGroup {
                     name: w.name.into_owned(),
@@ -223,6 +244,12 @@ fn decode_manifest(bytes: &[u8]) -> Result<Manifest, SnapshotError> {
                 continue;
             }
         };
+        if !m.groups.is_empty() {
+            return Err(corrupt(format!("entry '{}' after a group", w.name)));
+        }
+        if w.fd < 0 {
+            return Err(corrupt(format!("entry '{}' has fd {}", w.name, w.fd)));
+        }
         m.entries.push(ManifestEntry {
             name: w.name.into_owned(),
             fd: w.fd,
@@ -241,7 +268,8 @@ fn decode_manifest(bytes: &[u8]) -> Result<Manifest, SnapshotError> {
 /// The fixed header of a snapshot, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
-    /// Snapshot format version ([`FORMAT_VERSION`] when written by this build).
+    /// Snapshot format version (as written by this build: 2 with a group in
+    /// the manifest, else 1; see [`FORMAT_VERSION`]).
     pub format_version: u32,
     /// The application that wrote it.
     pub app: String,
@@ -374,6 +402,8 @@ pub fn encode(
 pub(super) struct Prefix {
     pub(super) bytes: Vec<u8>,
     lens: [usize; 4],
+    /// The format these bytes need.
+    format: u32,
 }
 
 pub(super) fn encode_prefix(header: &Header, manifest: &Manifest) -> Result<Prefix, SnapshotError> {
@@ -390,7 +420,16 @@ pub(super) fn encode_prefix(header: &Header, manifest: &Manifest) -> Result<Pref
     bytes.extend_from_slice(header.writer_version.as_bytes());
     bytes.extend_from_slice(binary);
     bytes.extend_from_slice(&manifest_bytes);
-    Ok(Prefix { bytes, lens })
+    let format = if manifest.groups.is_empty() {
+        FORMAT_NO_GROUPS
+    } else {
+        FORMAT_VERSION
+    };
+    Ok(Prefix {
+        bytes,
+        lens,
+        format,
+    })
 }
 
 /// The 96-byte header, with the checksum over it, the prefix and `payload`.
@@ -402,7 +441,7 @@ pub(super) fn finish_head(
     let total = (HEADER_LEN + prefix.bytes.len() + payload.len()) as u64;
     let mut head = vec![0u8; HEADER_LEN];
     head[0..8].copy_from_slice(&MAGIC);
-    head[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    head[8..12].copy_from_slice(&prefix.format.to_le_bytes());
     head[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
     head[20..24].copy_from_slice(&header.state_version.to_le_bytes());
     head[24..32].copy_from_slice(&total.to_le_bytes());
@@ -462,7 +501,7 @@ pub(super) fn parse(
         return Err(SnapshotError::BadMagic { found: magic });
     }
     let format_version = u32_at(bytes, 8);
-    if format_version != FORMAT_VERSION {
+    if !(FORMAT_NO_GROUPS..=FORMAT_VERSION).contains(&format_version) {
         return Err(SnapshotError::UnknownFormat {
             found: format_version,
             supported: FORMAT_VERSION,
@@ -532,7 +571,7 @@ pub(super) fn parse(
     let app = utf8(take(lens[0]), "application name")?;
     let writer_version = utf8(take(lens[1]), "writer version")?;
     let binary = PathBuf::from(OsString::from_vec(take(lens[2]).to_vec()));
-    let manifest = decode_manifest(take(lens[3]))?;
+    let manifest = decode_manifest(take(lens[3]), format_version)?;
     let payload = bytes.len() - lens[4] as usize..bytes.len();
     let header = Header {
         format_version,
@@ -605,6 +644,73 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn a_snapshot_with_groups_is_format_2_and_one_without_is_format_1() {
+        let (h, m, p) = sample();
+        let with = encode(&h, &m, &p).unwrap();
+        assert_eq!(u32_at(&with, 8), 2);
+        assert_eq!(decode(&with).unwrap().manifest, m);
+        let plain = Manifest::from(m.entries.clone());
+        let without = encode(&h, &plain, &p).unwrap();
+        assert_eq!(u32_at(&without, 8), 1);
+        assert_eq!(decode(&without).unwrap().manifest, plain);
+    }
+
+    #[test]
+    fn a_manifest_decodes_only_as_it_is_encoded() {
+        let wire = |entries: &[(&str, i32, WireKind)]| {
+            let entries: Vec<WireEntry<'_>> = entries
+                .iter()
+                .map(|(name, fd, kind)| WireEntry {
+                    name: (*name).into(),
+                    fd: *fd,
+                    kind: *kind,
+                })
+                .collect();
+            postcard::to_allocvec(&entries).unwrap()
+        };
+        let members = |m: &[(u64, i32)]| {
+            let m: Vec<GroupMember> = m.iter().map(|&(id, fd)| GroupMember { id, fd }).collect();
+            postcard::to_allocvec(&m).unwrap()
+        };
+        let refused = |bytes: Vec<u8>, format: u32, why: &str| {
+            let err = decode_manifest(&bytes, format).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        };
+        // What encode_manifest writes decodes.
+        let mut ok = wire(&[
+            ("l", 3, WireKind::Listener),
+            ("conn", -1, WireKind::StreamGroup),
+        ]);
+        ok.extend(members(&[(7, 4)]));
+        assert_eq!(decode_manifest(&ok, 2).unwrap().groups[0].members[0].fd, 4);
+        refused(ok.clone(), 1, "in a format 1 snapshot");
+        // An entry after a group marker would not encode back the same.
+        let mut bytes = wire(&[
+            ("conn", -1, WireKind::StreamGroup),
+            ("l", 3, WireKind::Listener),
+        ]);
+        bytes.extend(members(&[(7, 4)]));
+        refused(bytes, 2, "after a group");
+        // Negative descriptors, but the markers' -1.
+        refused(wire(&[("l", -1, WireKind::Listener)]), 2, "has fd -1");
+        let mut bytes = wire(&[("conn", -1, WireKind::StreamGroup)]);
+        bytes.extend(members(&[(7, -3)]));
+        refused(bytes, 2, "has fd -3");
+        let mut bytes = wire(&[("conn", 5, WireKind::StreamGroup)]);
+        bytes.extend(members(&[(7, 4)]));
+        refused(bytes, 2, "not -1");
+        // Members missing, or bytes left over.
+        refused(
+            wire(&[("conn", -1, WireKind::StreamGroup)]),
+            2,
+            "do not decode",
+        );
+        let mut bytes = ok;
+        bytes.push(0);
+        refused(bytes, 2, "stray bytes");
+    }
+
+    #[test]
     fn truncated_snapshot_is_refused() {
         let (h, m, p) = sample();
         let bytes = encode(&h, &m, &p).unwrap();
@@ -651,7 +757,7 @@ pub(super) mod tests {
         let err = decode(&bytes).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "snapshot format version 9 is not supported; this build reads format 1"
+            "snapshot format version 9 is not supported; this build reads formats 1 to 2"
         );
     }
 

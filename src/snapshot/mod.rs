@@ -23,7 +23,7 @@
 //! - `error`: [`SnapshotError`], for all three, and [`CodecError`], the
 //!   payload codec's error kept opaque.
 //!
-//! # Layout, format version 1
+//! # Layout, format versions 1 and 2
 //!
 //! All integers are little-endian. Two builds of an application agree on this
 //! layout, not on each other's Rust types.
@@ -31,7 +31,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `COPYOVER` |
-//! | 8 | 4 | format version (1) |
+//! | 8 | 4 | format version: 2 if the manifest holds a group, else 1 |
 //! | 12 | 4 | header length (96) |
 //! | 16 | 4 | CRC-32 (IEEE) of every byte from offset 20 to the end |
 //! | 20 | 4 | application state version |
@@ -49,12 +49,13 @@
 //! | ... | M | manifest: postcard `Vec<ManifestEntry>`, then the members of each group |
 //! | ... | P | payload: the application's state, postcard |
 //!
-//! A group of connections ([`ManifestGroup`]) is an entry of its own kind
-//! (`StreamGroup`, after `Datagram`) with fd -1, and its members, postcard
-//! `Vec<GroupMember>` (id, fd), follow the entry list, one sequence per
-//! group in the order of their entries. A reader from before groups does
-//! not know the kind and refuses the manifest, in its probe, rather than
-//! lose the connections.
+//! A group of connections ([`ManifestGroup`], format 2 only) is an entry
+//! of its own kind (`StreamGroup`, after `Datagram`) with fd -1, after
+//! every plain entry, and its members, postcard `Vec<GroupMember>` (id,
+//! fd), follow the entry list, one sequence per group in the order of their
+//! entries. A reader from before groups reads format 1 only: it refuses a
+//! snapshot with groups by its format number, in its probe, rather than
+//! lose the connections, and reads one without groups as before.
 //!
 //! A reader refuses a snapshot whose magic, format version, lengths, checksum
 //! or application name do not match, with an error that says which.

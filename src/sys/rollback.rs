@@ -26,7 +26,7 @@ use std::os::fd::RawFd;
 
 use super::syscall;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
 
 /// Signals that mean "the new image died": they run the rollback.
 pub(crate) const FATAL_SIGNALS: [c_int; 6] = [
@@ -63,7 +63,12 @@ struct Plan {
 }
 
 static PLAN: AtomicPtr<Plan> = AtomicPtr::new(ptr::null_mut());
-static FIRED: AtomicBool = AtomicBool::new(false);
+/// Where a rollback stands: none under way ([`IDLE`]), one executing on
+/// some thread ([`RUNNING`]), or the last one's exec failed ([`FAILED`]).
+static FIRED: AtomicU8 = AtomicU8::new(IDLE);
+const IDLE: u8 = 0;
+const RUNNING: u8 = 1;
+const FAILED: u8 = 2;
 static ATEXIT_REGISTERED: AtomicBool = AtomicBool::new(false);
 
 /// What a rollback executes, and what it puts back first.
@@ -157,7 +162,19 @@ pub(crate) fn arm(spec: PlanSpec) -> io::Result<()> {
         _reason_entry: entry,
     });
     let installed = !plan.previous.is_empty();
-    FIRED.store(false, Ordering::SeqCst);
+    // A new plan starts with no rollback under way; but one running on
+    // another thread (the helper thread claiming descriptors, say) keeps
+    // its plan and its course: this arming fails instead.
+    if FIRED
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |f| {
+            (f != RUNNING).then_some(IDLE)
+        })
+        .is_err()
+    {
+        return Err(io::Error::other(
+            "a rollback is under way on another thread",
+        ));
+    }
     let plan = Box::into_raw(plan);
     PLAN.store(plan, Ordering::SeqCst);
     if installed {
@@ -256,7 +273,8 @@ pub(crate) fn armed() -> bool {
 /// Returns only if no plan is armed (then it does nothing) or if the
 /// `execveat` failed (then it returns that error; the caller should end
 /// the process, there is nothing safe left to do). A second call while the
-/// first is running never returns: it `_exit`s.
+/// first is running, on another thread, waits: for the first's exec (which
+/// ends it too), or, if that exec fails, returns `Interrupted`.
 pub(crate) fn fire(reason: &[u8]) -> io::Error {
     let plan = PLAN.load(Ordering::SeqCst);
     if plan.is_null() {
@@ -273,14 +291,25 @@ pub(crate) fn fire(reason: &[u8]) -> io::Error {
     // SAFETY: sigprocmask is async-signal-safe; `blocked` is initialised.
     // From here no handler of ours runs on this thread.
     unsafe { libc::sigprocmask(libc::SIG_BLOCK, &plan.blocked, ptr::null_mut()) };
-    if FIRED.swap(true, Ordering::SeqCst) {
+    if FIRED
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |f| {
+            (f != RUNNING).then_some(RUNNING)
+        })
+        .is_err()
+    {
         // A rollback is already under way on another thread: wait for its
-        // exec, which ends this thread too. (On this thread there is none:
-        // every signal whose handler fires is blocked above.)
-        loop {
-            // SAFETY: pause is async-signal-safe.
-            unsafe { libc::pause() };
+        // exec, which ends this thread too. (On this thread no handler of
+        // ours runs: every signal whose handler fires is blocked above.)
+        // If that exec fails, its error is this call's too.
+        let tick = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1_000_000,
+        };
+        while FIRED.load(Ordering::SeqCst) == RUNNING {
+            // SAFETY: nanosleep is async-signal-safe and reads one timespec.
+            unsafe { libc::nanosleep(&tick, ptr::null_mut()) };
         }
+        return io::Error::from(io::ErrorKind::Interrupted);
     }
     // The deadline must not fire in the old image before it cancels it.
     let off = libc::itimerval {
@@ -312,7 +341,11 @@ pub(crate) fn fire(reason: &[u8]) -> io::Error {
     // SAFETY: argv and envp are NULL-terminated arrays of pointers to
     // NUL-terminated strings owned by the leaked plan.
     unsafe { super::execveat_prepared(plan.binary_fd, plan.argv.as_ptr(), plan.envp.as_ptr()) };
-    io::Error::last_os_error()
+    let err = io::Error::last_os_error();
+    // Another thread waiting on this rollback returns now, and a later
+    // call may try again.
+    FIRED.store(FAILED, Ordering::SeqCst);
+    err
 }
 
 /// Makes `fd` the old image's descriptor again, inheritable: a copy taken

@@ -279,7 +279,8 @@ impl<'a> Handoff<'a> {
     /// no 10,000 strings while its clients wait. A group is all one type
     /// (the iterator's), all TCP or all Unix stream sockets: the new image
     /// checks the type of its first member only. Ids are the keys the new
-    /// image gets them back by: keep them unique.
+    /// image gets them back by: the probe refuses an upgrade whose group
+    /// names one id twice.
     ///
     /// ```
     /// # use std::net::{TcpListener, TcpStream};

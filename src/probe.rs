@@ -182,6 +182,13 @@ fn nonce() -> String {
 }
 
 fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
+    if let Some(reason) = repeated_id(&spec.manifest) {
+        return Outcome {
+            verdict: Verdict::Refused(reason),
+            draft: None,
+            record: None,
+        };
+    }
     let nonce = nonce();
     let snapshot = match crate::snapshot::write_sealed(&spec.header, &spec.manifest, &spec.payload)
     {
@@ -276,6 +283,22 @@ fn warn_unkept_listeners(manifest: &crate::snapshot::Manifest) {
     if !lost.is_empty() {
         tracing::warn!(fds = ?lost, "listening sockets not in the handoff will be closed by the upgrade");
     }
+}
+
+/// A group of connections that names one id twice: the new image would get
+/// two connections under one key, and an application that files them by id
+/// (a map) would close one of them. Checked here, on the probe's thread,
+/// not in the commit, where it would cost every client time.
+fn repeated_id(manifest: &crate::snapshot::Manifest) -> Option<String> {
+    manifest.groups.iter().find_map(|g| {
+        let mut ids: Vec<u64> = g.members.iter().map(|m| m.id).collect();
+        ids.sort_unstable();
+        let twice = ids.windows(2).find(|w| w[0] == w[1])?[0];
+        Some(format!(
+            "the handoff's group '{}' names connection {twice} twice: ids must be unique in a group",
+            g.name
+        ))
+    })
 }
 
 /// Reads the one answer line, up to the deadline.
@@ -373,6 +396,28 @@ pub(crate) fn answer(nonce: &OsStr, result: Result<String, String>) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_group_naming_an_id_twice_is_refused() {
+        use crate::snapshot::{GroupMember, Manifest, ManifestGroup};
+        let group = |ids: &[u64]| Manifest {
+            entries: Vec::new(),
+            groups: vec![ManifestGroup {
+                name: "conn".into(),
+                members: ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &id)| GroupMember {
+                        id,
+                        fd: 10 + i as i32,
+                    })
+                    .collect(),
+            }],
+        };
+        assert_eq!(repeated_id(&group(&[3, 1, 2])), None);
+        let err = repeated_id(&group(&[3, 1, 3])).unwrap();
+        assert!(err.contains("'conn' names connection 3 twice"), "{err}");
+    }
 
     #[test]
     fn answers_are_parsed_strictly() {

@@ -168,11 +168,12 @@ impl Probe {
         }
     }
 
-    /// Kills the probe child, if it still runs (used when the server stops).
+    /// Kills the probe child and whatever it started (its process group),
+    /// if it still runs (used when the server stops).
     pub(crate) fn kill(&self) {
         let pid = self.child_pid.load(Ordering::SeqCst);
         if pid > 0 {
-            let _ = crate::sys::kill(pid);
+            let _ = crate::sys::kill_group(pid);
         }
     }
 }
@@ -221,6 +222,9 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
                 .map(|a| OsStr::from_bytes(a.as_bytes())),
         );
     }
+    // Its own process group: a wrapper script's children (the real binary,
+    // a `sleep`) are killed with it, not left behind.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str())))
         .env(PROBE_VAR, &nonce)
@@ -361,17 +365,28 @@ fn parse_answer(line: &str, nonce: &str) -> Verdict {
     }
 }
 
-/// Waits for the child to exit, killing it at the deadline.
+/// Waits for the child to exit, killing it at the deadline; either way,
+/// whatever it left running in its process group is killed before it is
+/// reaped (while it is unreaped, its group's number cannot be reused).
 fn finish(child: &mut Child, deadline: Instant) -> Result<std::process::ExitStatus, String> {
+    let pid = child.id() as i32;
     loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Ok(status),
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
+        match crate::sys::has_exited(pid) {
+            Ok(true) => {
+                let _ = crate::sys::kill_group(pid);
+                return child
+                    .wait()
+                    .map_err(|e| format!("waiting for the probe failed: {e}"));
+            }
+            Ok(false) if Instant::now() >= deadline => {
+                if crate::sys::kill_group(pid).is_err() {
+                    let _ = child.kill();
+                }
                 let _ = child.wait();
                 return Err("the probe did not exit in time and was killed".into());
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+            Ok(false) => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(format!("waiting for the probe failed: {e}")),
         }
     }

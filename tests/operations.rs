@@ -128,12 +128,17 @@ fn the_cli_upgrades_and_reports_every_outcome() {
     );
 
     // A probe that hangs: no outcome within a short timeout.
-    server.deploy_bytes(b"#!/bin/sh\nsleep 30\n");
+    server.deploy_bytes(b"#!/bin/sh\nsleep 600\n");
     let (code, text) = cli(&server, &["upgrade", &pid, "--timeout", "0.5"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("no outcome within"), "{text}");
     wait_for("the hanging probe to be refused", || {
         server.log_text().contains("no answer within").then_some(())
+    });
+    // The script's own child (`sleep 600`) was killed with the probe, its
+    // process group, not left behind.
+    wait_for("the probe's processes to be gone", || {
+        server.strays().is_empty().then_some(())
     });
 
     let (code, text) = cli(&server, &["status", &pid]);

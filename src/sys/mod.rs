@@ -32,7 +32,8 @@ pub(crate) use memfd::{
 #[cfg(feature = "tokio")]
 pub(crate) use process::on_main_thread;
 pub(crate) use process::{
-    check_executable, effective_uid, kill, real_uid, reap, reap_exited_children,
+    check_executable, effective_uid, has_exited, kill, kill_group, real_uid, reap,
+    reap_exited_children,
 };
 #[cfg(all(test, feature = "tokio"))]
 pub(crate) use signal::is_blocked;

@@ -19,6 +19,20 @@ pub(crate) fn kill(pid: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether child `pid` has exited, without reaping it: while it is a
+/// zombie, its PID (and a process group it leads) cannot be reused.
+pub(crate) fn has_exited(pid: i32) -> io::Result<bool> {
+    use nix::sys::wait::{Id, waitid};
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    Ok(waitid(Id::Pid(Pid::from_raw(pid)), flags)? != WaitStatus::StillAlive)
+}
+
+/// Sends SIGKILL to every process of process group `pgid`.
+pub(crate) fn kill_group(pgid: i32) -> io::Result<()> {
+    nix::sys::signal::killpg(Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL)?;
+    Ok(())
+}
+
 /// Waits until child `pid` has exited and reaps it (retrying on `EINTR`).
 pub(crate) fn reap(pid: i32) -> io::Result<()> {
     loop {

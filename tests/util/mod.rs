@@ -309,6 +309,27 @@ impl Server {
         line
     }
 
+    /// Processes still running with this server's environment (its status
+    /// directory), other than the server itself: what its probes left
+    /// behind, say.
+    pub fn strays(&self) -> Vec<u32> {
+        let mine = format!(
+            "COPYOVER_STATUS_DIR={}",
+            self.scratch.0.join("status").display()
+        );
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| pid != self.pid as u32)
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == mine.as_bytes()))
+            })
+            .collect()
+    }
+
     /// The typed outcome of the status file, if the server could write one.
     pub fn status(&self) -> Option<Status> {
         Status::read(&status_path(

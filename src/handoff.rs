@@ -352,37 +352,21 @@ impl<'a> Handoff<'a> {
             }
         }
         // A bitmap of fd numbers: one bit each, no hashing per connection.
-        let mut seen: Vec<u64> = Vec::new();
+        let mut seen = sys::FdSet::new();
         for fd in m.fds() {
             let Ok(n) = usize::try_from(fd) else {
                 return Err(format!("fd {fd} is not a descriptor number"));
             };
-            let (word, bit) = (n / 64, 1u64 << (n % 64));
-            if seen.len() <= word {
-                seen.resize(word + 1, 0);
+            if !seen.insert(n) {
+                let names: Vec<String> = m.names_of(fd).map(|n| format!("'{n}'")).collect();
+                return Err(format!(
+                    "fd {fd} is kept twice (as {})",
+                    names.join(" and ")
+                ));
             }
-            if seen[word] & bit != 0 {
-                return Err(format!("fd {fd} is kept twice (as {})", holders(m, fd)));
-            }
-            seen[word] |= bit;
         }
         Ok(m)
     }
-}
-
-/// The names under which `m` keeps `fd`, for an error.
-fn holders(m: &Manifest, fd: RawFd) -> String {
-    let entries = m
-        .entries
-        .iter()
-        .filter(|e| e.fd == fd)
-        .map(|e| e.name.clone());
-    let members = m.groups.iter().flat_map(|g| {
-        let of = g.members.iter().filter(|x| x.fd == fd);
-        of.map(|x| format!("{}:{}", g.name, x.id))
-    });
-    let names: Vec<String> = entries.chain(members).map(|n| format!("'{n}'")).collect();
-    names.join(" and ")
 }
 
 /// The descriptors inherited from the previous image, claimed by name.

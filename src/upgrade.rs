@@ -252,7 +252,7 @@ impl Clearing {
             if fd < 0 {
                 return io::Error::new(err.kind(), format!("making every fd close-on-exec: {err}"));
             }
-            let name = manifest.name_of(fd).unwrap_or_default();
+            let name = manifest.names_of(fd).next().unwrap_or_default();
             io::Error::new(err.kind(), format!("fd {fd} ('{name}'): {err}"))
         })
     }

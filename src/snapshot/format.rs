@@ -96,15 +96,15 @@ impl Manifest {
             .chain(members.map(|m| m.fd))
     }
 
-    /// The name `fd` is kept under (`GROUP:ID` for a group's member).
-    pub fn name_of(&self, fd: i32) -> Option<String> {
-        if let Some(e) = self.entries.iter().find(|e| e.fd == fd) {
-            return Some(e.name.clone());
-        }
-        self.groups.iter().find_map(|g| {
-            let m = g.members.iter().find(|m| m.fd == fd)?;
-            Some(format!("{}:{}", g.name, m.id))
-        })
+    /// The names `fd` is kept under (`GROUP:ID` for a group's member):
+    /// one, unless the manifest is inconsistent.
+    pub fn names_of(&self, fd: i32) -> impl Iterator<Item = String> + '_ {
+        let entries = self.entries.iter().filter(move |e| e.fd == fd);
+        let members = self.groups.iter().flat_map(move |g| {
+            let of = g.members.iter().filter(move |m| m.fd == fd);
+            of.map(move |m| format!("{}:{}", g.name, m.id))
+        });
+        entries.map(|e| e.name.clone()).chain(members)
     }
 
     /// How many descriptors it names.

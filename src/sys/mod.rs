@@ -146,10 +146,32 @@ pub(crate) fn inherit_all(fds: impl IntoIterator<Item = RawFd>) -> Vec<io::Resul
     fds.into_iter().map(|fd| claim(&mut claimed, fd)).collect()
 }
 
-/// The numbers claimed in this process image, one bit each.
-static CLAIMED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+/// A set of fd numbers, one bit each: thousands of numbers checked for
+/// repeats without hashing (the claims here, the handoff's manifest).
+#[derive(Debug, Default)]
+pub(crate) struct FdSet(Vec<u64>);
 
-fn claim(claimed: &mut Vec<u64>, fd: RawFd) -> io::Result<OwnedFd> {
+impl FdSet {
+    pub(crate) const fn new() -> FdSet {
+        FdSet(Vec::new())
+    }
+
+    /// Adds `fd`; `false` if it was in the set already.
+    pub(crate) fn insert(&mut self, fd: usize) -> bool {
+        let (word, bit) = (fd / 64, 1u64 << (fd % 64));
+        if self.0.len() <= word {
+            self.0.resize(word + 1, 0);
+        }
+        let new = self.0[word] & bit == 0;
+        self.0[word] |= bit;
+        new
+    }
+}
+
+/// The numbers claimed in this process image.
+static CLAIMED: std::sync::Mutex<FdSet> = std::sync::Mutex::new(FdSet::new());
+
+fn claim(claimed: &mut FdSet, fd: RawFd) -> io::Result<OwnedFd> {
     // `F_GETFD` fails only with EBADF on Linux; anything else (a fault
     // injected for a test, say) is asked once more rather than taken as
     // "not ours", which would leave an open client unowned.
@@ -164,17 +186,12 @@ fn claim(claimed: &mut Vec<u64>, fd: RawFd) -> io::Result<OwnedFd> {
         ));
     }
     // `is_cloexec` refused negative numbers (EBADF).
-    let (word, bit) = (fd as usize / 64, 1u64 << (fd as usize % 64));
-    if claimed.len() <= word {
-        claimed.resize(word + 1, 0);
-    }
-    if claimed[word] & bit != 0 {
+    if !claimed.insert(fd as usize) {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
             "it was already claimed",
         ));
     }
-    claimed[word] |= bit;
     // SAFETY: the number is open and inheritable, so (see `inherit`)
     // nothing in this image opened it, and the set makes this its only
     // claim: this `OwnedFd` is its only owner.

@@ -635,7 +635,7 @@ impl<S> Copyover<S> {
         // log sees the image's final descriptors.
         // Tried twice: without it the next upgrade has no way back until
         // it opens it again.
-        let own = open_own_binary().or_else(|_| open_own_binary());
+        let own = sys::once_more(open_own_binary, |_| true);
         let outcome = Outcome::Complete {
             from: h.writer_version.clone(),
             to: self.config.version.clone(),

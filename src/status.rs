@@ -349,13 +349,11 @@ impl Status {
     fn publish(mut self) {
         let dir = status_dir();
         let path = status_path(&dir, self.pid);
-        if let Err(e) = check_dir(&dir).or_else(|_| check_dir(&dir)) {
+        if let Err(e) = crate::sys::once_more(|| check_dir(&dir), |_| true) {
             tracing::warn!(dir = ?dir, "not writing the status file: {e}");
             return;
         }
-        let written = self
-            .try_publish(&dir, &path)
-            .or_else(|_| self.try_publish(&dir, &path));
+        let written = crate::sys::once_more(|| self.try_publish(&dir, &path), |_| true);
         if let Err(e) = written {
             tracing::warn!(path = ?path, "could not write the status file: {e}");
         }
@@ -364,15 +362,13 @@ impl Status {
     fn try_publish(&mut self, dir: &Path, path: &Path) -> io::Result<()> {
         // Each read is tried twice: a status file whose sequence restarted
         // would hide this outcome from `copyover upgrade`.
-        let previous = match Status::read(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Status::read(path),
-            other => other,
-        }
+        let previous = crate::sys::once_more(
+            || Status::read(path),
+            |e| e.kind() != io::ErrorKind::NotFound,
+        )
         .ok()
         .filter(|p| p.pid == self.pid);
-        self.start_ticks = start_ticks(self.pid)
-            .or_else(|_| start_ticks(self.pid))
-            .unwrap_or(0);
+        self.start_ticks = crate::sys::once_more(|| start_ticks(self.pid), |_| true).unwrap_or(0);
         let same_process = previous
             .as_ref()
             .is_some_and(|p| p.start_ticks == self.start_ticks);

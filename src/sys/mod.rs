@@ -146,6 +146,20 @@ pub(crate) fn inherit_all(fds: impl IntoIterator<Item = RawFd>) -> Vec<io::Resul
     fds.into_iter().map(|fd| claim(&mut claimed, fd)).collect()
 }
 
+/// Runs `f`, and once more if it fails with an error `retry` accepts: one
+/// failed call (interrupted, transient, or failed on purpose by a fault
+/// injector, which fails one call at a time) must not decide an outcome
+/// where a second try is cheap and harmless.
+pub(crate) fn once_more<T, E>(
+    mut f: impl FnMut() -> Result<T, E>,
+    retry: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    match f() {
+        Err(e) if retry(&e) => f(),
+        done => done,
+    }
+}
+
 /// A set of fd numbers, one bit each: thousands of numbers checked for
 /// repeats without hashing (the claims here, the handoff's manifest).
 #[derive(Debug, Default)]
@@ -175,10 +189,7 @@ fn claim(claimed: &mut FdSet, fd: RawFd) -> io::Result<OwnedFd> {
     // `F_GETFD` fails only with EBADF on Linux; anything else (a fault
     // injected for a test, say) is asked once more rather than taken as
     // "not ours", which would leave an open client unowned.
-    let cloexec = match is_cloexec(fd) {
-        Err(e) if e.raw_os_error() != Some(libc::EBADF) => is_cloexec(fd),
-        other => other,
-    }?;
+    let cloexec = once_more(|| is_cloexec(fd), |e| e.raw_os_error() != Some(libc::EBADF))?;
     if cloexec {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,

@@ -9,10 +9,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use util::{Server, WAIT};
+use util::Server;
 
 fn chat(label: &str) -> std::path::PathBuf {
     util::example("tokio-chat", &[("COPYOVER_CHAT_LABEL", label)])
@@ -61,30 +61,8 @@ impl Client {
     }
 
     fn line(&mut self) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
-                let raw: Vec<u8> = self.buf.drain(..=pos).take(pos).collect();
-                return String::from_utf8_lossy(&raw).trim_end_matches('\r').into();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: timed out waiting for a line; have {:?}",
-                self.name,
-                String::from_utf8_lossy(&self.buf)
-            );
-            let mut chunk = [0u8; 4096];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => panic!("{}: the server closed the connection", self.name),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => panic!("{}: read failed: {e}", self.name),
-            }
-        }
+        let raw = util::read_line(&mut self.stream, &mut self.buf, &self.name, b"\n");
+        String::from_utf8_lossy(&raw).trim_end_matches('\r').into()
     }
 
     fn expect(&mut self, want: &str) {

@@ -400,6 +400,34 @@ impl Drop for Server {
 }
 
 /// A chat client over plain TCP (like `nc`).
+/// Reads from `stream` into `buf` until `buf` holds `end`, and returns the
+/// bytes before it (taken out of `buf` with `end`). Panics, naming `name`,
+/// on end of file, a read error, or no line within the tests' bound.
+pub fn read_line(stream: &mut TcpStream, buf: &mut Vec<u8>, name: &str, end: &[u8]) -> Vec<u8> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(pos) = buf.windows(end.len()).position(|w| w == end) {
+            return buf.drain(..pos + end.len()).take(pos).collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: timed out waiting for a line; have {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk) {
+            Ok(0) => panic!("{name}: the server closed the connection (EOF)"),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("{name}: read failed: {e}"),
+        }
+    }
+}
+
 pub struct Client {
     pub stream: TcpStream,
     buf: Vec<u8>,
@@ -433,30 +461,8 @@ impl Client {
     /// Reads until a whole line is buffered; returns it without `\r\n` and
     /// without telnet commands. Panics on EOF or after [`WAIT`].
     pub fn line(&mut self) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let raw: Vec<u8> = self.buf.drain(..pos + 2).take(pos).collect();
-                return String::from_utf8_lossy(&strip_telnet(&raw)).into_owned();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: timed out waiting for a line; have {:?}",
-                self.name,
-                String::from_utf8_lossy(&self.buf)
-            );
-            let mut chunk = [0u8; 4096];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => panic!("{}: the server closed the connection (EOF)", self.name),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => panic!("{}: read failed: {e}", self.name),
-            }
-        }
+        let raw = read_line(&mut self.stream, &mut self.buf, &self.name, b"\r\n");
+        String::from_utf8_lossy(&strip_telnet(&raw)).into_owned()
     }
 
     /// Reads lines until one equals `want`; returns the lines skipped.

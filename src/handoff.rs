@@ -36,7 +36,13 @@
 //! * `script=FD`: the new binary is a script, executed from this fd (its
 //!   interpreter reads it as `/dev/fd/FD`); the image closes it at once.
 //! * `rescued=1`: the holder started this (old) binary under its own PID
-//!   after the new image died before it was ready.
+//!   after the new image died before it was ready, or missed the holder's
+//!   deadline.
+//! * `claim=FD`: the readiness claim, a pipe holding one byte (see
+//!   `sys::claim`). The image that becomes ready reads the byte before it
+//!   kills the holder; the holder reads it at its deadline before it kills
+//!   the server's process. Whoever gets it ends the upgrade. A rescued
+//!   image has none (there is no holder any more).
 //!
 //! A rollback hands the old binary the very text the old image wrote, with
 //! `mode=rollback` and without `script=`: the old code reads its own format,
@@ -76,6 +82,7 @@ pub(crate) struct HandoffVar {
     pub nofile: Option<u64>,
     pub script: Option<RawFd>,
     pub rescued: bool,
+    pub claim: Option<RawFd>,
 }
 
 impl HandoffVar {
@@ -111,6 +118,9 @@ impl HandoffVar {
         }
         if self.rescued {
             text.push_str(":rescued=1");
+        }
+        if let Some(fd) = self.claim {
+            text.push_str(&format!(":claim={fd}"));
         }
         text
     }
@@ -169,6 +179,7 @@ impl HandoffVar {
                     )
                 }
                 "rescued" => var.rescued = v == "1",
+                "claim" => var.claim = Some(num()?),
                 "mode" => {
                     mode = Some(match v {
                         "upgrade" => Mode::Upgrade,

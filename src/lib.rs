@@ -30,10 +30,11 @@
 //!    executed again from a descriptor opened at its start-up, with the
 //!    untouched snapshot (a [`Region`] is shared, not copied: it holds what
 //!    the failed image wrote). If the new image dies before `boot` could
-//!    arm that (in the dynamic loader, say), a holder the commit left
-//!    behind, a child with the old image's descriptors, starts the old
-//!    binary instead, under the holder's PID. Clients see a short stall,
-//!    never a disconnect.
+//!    arm that (in the dynamic loader, say), or never becomes ready at all
+//!    (it hangs before `main`, is stopped, blocks SIGALRM), a holder the
+//!    commit left behind, a child with the old image's descriptors, ends
+//!    it at its own deadline and starts the old binary instead, under the
+//!    holder's PID. Clients see a stall, never a disconnect.
 //!
 //! # A complete server `main`
 //!

@@ -208,9 +208,13 @@ fn resume<S: AppState>(
                 None
             }
         });
+    // Who ends the upgrade, this image at `ready` or the holder at its
+    // deadline (see `sys::claim`). Kept open until ready.
+    let claim = var.claim.and_then(|fd| sys::inherit(fd).ok());
     // The handoff's own fds: a rollback hands them back too.
     let mut handoff_fds = vec![var.snapshot_fd, var.binary_fd];
     handoff_fds.extend(exec_record.as_ref().map(|fd| fd.as_raw_fd()));
+    handoff_fds.extend(claim.as_ref().map(|fd| fd.as_raw_fd()));
     let (old_argv, old_env) = match record {
         Some(r) => (r.argv, Some(r.env)),
         None => (argv.clone(), None),
@@ -357,6 +361,7 @@ fn resume<S: AppState>(
         holder,
         holder_pid: var.holder,
         rescued: var.rescued,
+        claim,
         boot_ns,
         restored_ns: monotonic_ns(),
         reason,

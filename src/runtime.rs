@@ -62,8 +62,15 @@ impl Config {
         self
     }
 
-    /// How long a new image may take from the exec to [`Copyover::ready`]
-    /// before it is rolled back. Default 10 s.
+    /// How long a new image may take from its `boot` to
+    /// [`Copyover::ready`] before it is rolled back. Default 10 s.
+    ///
+    /// The old image's value also sets the holder's deadline, kept from
+    /// outside the new image from just before the exec: this timeout and
+    /// half of it again (at least 1 s more). A new image that has not
+    /// become ready by then (it hangs before `main`, is stopped, or blocks
+    /// SIGALRM) is killed, and the old binary is started again under the
+    /// holder's PID with every client.
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
         self.ready_timeout = timeout;
         self
@@ -133,6 +140,9 @@ pub(crate) struct Resume {
     pub(crate) holder_pid: Option<i32>,
     /// The holder started this image under its own PID.
     pub(crate) rescued: bool,
+    /// The readiness claim (see `sys::claim`), taken at `ready` before the
+    /// holder is killed.
+    pub(crate) claim: Option<OwnedFd>,
     pub(crate) boot_ns: u64,
     pub(crate) restored_ns: u64,
     /// For a rollback: why.
@@ -300,6 +310,35 @@ fn kill_holder(pidfd: Option<OwnedFd>, pid: i32) -> bool {
     // child, so its PID cannot be reused before it is reaped.
     drop(pidfd);
     true
+}
+
+/// Takes the readiness claim before this image kills the holder (see
+/// `sys::claim`). Returns if it is ours, or if the holder is gone (nobody
+/// else will serve). Otherwise the holder took it at its deadline and is
+/// killing this process: wait for that, serving nothing. A read that fails
+/// (twice) says nothing about who has it, and is treated the same way: the
+/// holder takes the claim at its deadline and rescues.
+fn take_claim(claim: &OwnedFd, holder: Option<&OwnedFd>) {
+    match sys::once_more(|| sys::claim::take(claim.as_fd()), |_| true) {
+        Ok(true) => return,
+        Ok(false) => tracing::warn!("the holder's deadline passed first: it ends this image"),
+        Err(e) => tracing::warn!(
+            "could not take the readiness claim ({e}): the holder ends this image at its deadline"
+        ),
+    }
+    loop {
+        match holder {
+            // The holder's end (readable pidfd), if it dies without killing
+            // this process.
+            Some(h) => {
+                if let Ok(true) = sys::wait_readable(h.as_fd(), Duration::from_secs(1)) {
+                    tracing::warn!("the holder ended without ending this image: serving on");
+                    return;
+                }
+            }
+            None => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
 }
 
 /// Reaps the killed holder on the helper thread: its exit tears down the
@@ -578,6 +617,7 @@ impl<S> Copyover<S> {
                         record: self.record.take(),
                         payload_hint: self.payload_hint,
                         worker: &self.worker,
+                        ready_timeout: self.config.ready_timeout,
                     },
                 ))
             }
@@ -613,9 +653,11 @@ impl<S> Copyover<S> {
         // (the timer first), then the holder, whose exit frees the old
         // image's memory in its own time.
         let planned = rollback::disarm();
-        let reap = r
-            .holder_pid
-            .filter(|&pid| kill_holder(planned.or(r.holder), pid));
+        let holder = planned.or(r.holder);
+        if let Some(claim) = &r.claim {
+            take_claim(claim, holder.as_ref());
+        }
+        let reap = r.holder_pid.filter(|&pid| kill_holder(holder, pid));
         drop(r.snapshot);
         drop(r.exec_record);
         let h = &r.header;

@@ -17,8 +17,10 @@
 //!    then the flag is cleared on exactly the manifest's fds (a syscall
 //!    each: at 9,000 connections as long as the encoding, hence the second
 //!    thread); then on the two memfds and the old binary's fd. [`HELD_SIGNALS`] are
-//!    blocked; the **holder** is cloned (see `sys::holder`). Nothing is
-//!    logged from here to the exec.
+//!    blocked; the readiness claim is made and the **holder** is cloned (see
+//!    `sys::holder`, `sys::claim`): from now on it keeps the upgrade's
+//!    deadline from outside the new image. Nothing is logged from here to
+//!    the exec.
 //! 4. **Exec** of the probed file (`execveat`) with an explicit
 //!    environment. If it returns, the holder is killed and reaped, every fd
 //!    from 3 up is made close-on-exec again (what an image keeps in normal
@@ -31,6 +33,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 use crate::env::{HANDOFF_VAR, ROLLBACK_REASON_VAR, clean_env, cstring, env_entries, with_handoff};
 use crate::error::UpgradeError;
@@ -72,6 +75,20 @@ pub(crate) struct Commit<'a> {
     pub payload_hint: usize,
     /// The runtime's helper thread.
     pub worker: &'a Worker,
+    /// This image's readiness deadline (`Config::ready_timeout`), from
+    /// which the holder's is made (see [`holder_deadline`]).
+    pub ready_timeout: Duration,
+}
+
+/// How long the holder lets an upgrade run, from the exec, before it ends
+/// it: the readiness deadline and half of it again (at least a second
+/// more). The new image's own deadline, counted from its `boot`, fires
+/// first if it got that far; the rest is for the rollback it starts (the
+/// old binary decodes the state again) or for the time the image took to
+/// reach `boot` (the loader, constructors). An image that never reaches
+/// `boot`, or blocks SIGALRM, or is stopped, meets this one.
+pub(crate) fn holder_deadline(ready_timeout: Duration) -> Duration {
+    ready_timeout.saturating_add((ready_timeout / 2).max(Duration::from_secs(1)))
 }
 
 /// Undoes the commit's flags and mask if the exec does not happen: every fd
@@ -149,19 +166,35 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         rescued: true,
         ..var.clone()
     };
-    let reason = format!(
+    let died = format!(
         "{ROLLBACK_REASON_VAR}=the new image died before it was ready; \
          the holder started the old binary again under its own PID"
     );
-    let mut rescue_env = env.clone();
-    match cstring(reason.as_bytes()) {
-        Ok(r) => rescue_env.push(r),
-        Err(e) => return io("build the environment")(e),
-    }
+    let deadline = holder_deadline(c.ready_timeout);
+    let late = format!(
+        "{ROLLBACK_REASON_VAR}=the new image did not become ready within {} ms; \
+         the holder killed it and started the old binary again under its own PID",
+        deadline.as_millis()
+    );
+    let (died, late) = match (cstring(died.as_bytes()), cstring(late.as_bytes())) {
+        (Ok(d), Ok(l)) => (d, l),
+        (Err(e), _) | (_, Err(e)) => return io("build the environment")(e),
+    };
+    // Who ends the upgrade, the image that becomes ready or the holder at
+    // its deadline: whoever takes this first (see `sys::claim`).
+    let claim = match sys::claim::make() {
+        Ok(fd) => fd,
+        Err(e) => return io("make the readiness claim")(e),
+    };
+    var.claim = Some(claim.as_raw_fd());
     let holder_spec = HolderSpec {
         binary_fd: c.own_binary.as_raw_fd(),
         argv: c.argv.to_vec(),
-        env: rescue_env,
+        env: env.clone(),
+        died,
+        late,
+        claim_fd: claim.as_raw_fd(),
+        deadline,
         var_prefix: format!("{HANDOFF_VAR}=1:pid="),
         var_suffix: rescue.format_after_pid(),
         blocked: signal::HELD_SIGNALS.to_vec(),
@@ -180,6 +213,7 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         memfd.as_raw_fd(),
         c.own_binary.as_raw_fd(),
         record.as_raw_fd(),
+        claim.as_raw_fd(),
     ];
     if c.exe.script {
         extra.push(c.exe.fd.as_raw_fd());

@@ -18,14 +18,25 @@
 //!
 //! # What it does
 //!
-//! It blocks every signal and waits on a pidfd of the server's PID. The
-//! image that declares itself ready (the new one, or the old one after a
-//! rollback) kills it with SIGKILL and reaps it. If instead the server's
-//! process dies first (SIGKILL, the OOM killer, a crash in the dynamic
-//! loader or the Rust runtime before `boot` could arm a rollback), the
-//! holder **rescues**: it executes the old binary in rollback mode with the
-//! old descriptors and the sealed snapshot. The clients keep their
-//! connections; the server has a new PID (the holder's).
+//! It blocks every signal and waits on a pidfd of the server's PID, with
+//! the **upgrade's deadline** as its timeout, counted from just before the
+//! exec. The image that declares itself ready (the new one, or the old one
+//! after a rollback) takes the readiness claim (see `sys::claim`), then
+//! kills the holder with SIGKILL and reaps it. Otherwise the holder
+//! **rescues**: it executes the old binary in rollback mode with the old
+//! descriptors and the sealed snapshot, in two cases:
+//!
+//! * the server's process dies first (SIGKILL, the OOM killer, a crash in
+//!   the dynamic loader or the Rust runtime before `boot` could arm a
+//!   rollback);
+//! * the deadline passes and the holder takes the claim: the server's
+//!   process never became ready (it hangs before `main`, in a library
+//!   constructor, in a wrapper script that does something else outside
+//!   the probe, or it is stopped, or it blocks SIGALRM). The holder kills
+//!   it with SIGKILL through the pidfd, waits for its end, and rescues.
+//!
+//! The clients keep their connections; the server has a new PID (the
+//! holder's).
 //!
 //! # Correct order of handling
 //!
@@ -43,10 +54,35 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::ptr;
 
+use super::claim::{Taken, take_raw};
 use super::syscall;
 
 /// Stack of the holder: it only calls a few syscalls.
 const STACK_LEN: usize = 64 * 1024;
+
+/// How soon the holder tries again a step of its deadline that failed (the
+/// claim's read, the kill).
+const RETRY_NS: u64 = 10_000_000;
+
+/// `CLOCK_MONOTONIC` in nanoseconds, by a raw `syscall(2)` (see
+/// `holder_main`).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into a local.
+    unsafe {
+        libc::syscall(
+            libc::SYS_clock_gettime,
+            libc::CLOCK_MONOTONIC,
+            &mut ts as *mut libc::timespec,
+        )
+    };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
 
 /// What the holder executes if the new image dies before it is ready.
 pub(crate) struct HolderSpec {
@@ -54,8 +90,19 @@ pub(crate) struct HolderSpec {
     pub binary_fd: RawFd,
     /// The old image's argument vector.
     pub argv: Vec<CString>,
-    /// The environment (`NAME=value`), without the handoff variable.
+    /// The environment (`NAME=value`), without the handoff variable and
+    /// the rollback's reason.
     pub env: Vec<CString>,
+    /// The reason entry (`COPYOVER_ROLLBACK_REASON=...`) of a rescue after
+    /// the server's process died.
+    pub died: CString,
+    /// The reason entry of a rescue after the deadline passed.
+    pub late: CString,
+    /// The readiness claim's read end (see `sys::claim`), not close-on-exec.
+    pub claim_fd: RawFd,
+    /// How long the upgrade may take, from the holder's start, before the
+    /// holder takes the claim and ends it.
+    pub deadline: std::time::Duration,
     /// The handoff variable's text before the PID: `COPYOVER_HANDOFF=1:pid=`.
     pub var_prefix: String,
     /// The rest of it after the PID: `:snapshot=..:binary=..:mode=rollback...`.
@@ -67,8 +114,14 @@ pub(crate) struct HolderSpec {
 struct Plan {
     parent_pidfd: RawFd,
     binary_fd: RawFd,
+    claim_fd: RawFd,
+    deadline_ns: u64,
     argv: Vec<*const c_char>,
+    /// The last entry before the handoff variable is the reason: `died`,
+    /// replaced by `late` when the deadline passed.
     envp: Vec<*const c_char>,
+    reason_at: usize,
+    late: *const c_char,
     /// The handoff variable: the prefix, a slot for up to 20 digits, the
     /// suffix and a NUL, all written by the holder when it rescues.
     var: Box<[u8]>,
@@ -103,10 +156,15 @@ pub(crate) fn spawn(spec: HolderSpec) -> io::Result<Holder> {
     let mut argv: Vec<*const c_char> = spec.argv.iter().map(|s| s.as_ptr()).collect();
     argv.push(ptr::null());
     let mut envp: Vec<*const c_char> = spec.env.iter().map(|s| s.as_ptr()).collect();
+    let reason_at = envp.len();
+    envp.push(spec.died.as_ptr());
     envp.push(var.as_ptr().cast());
     envp.push(ptr::null());
+    let late = spec.late.as_ptr();
     let mut strings = spec.argv;
     strings.extend(spec.env);
+    strings.push(spec.died);
+    strings.push(spec.late);
 
     // SAFETY: a zeroed sigset_t is then initialised by sigemptyset.
     let mut blocked: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -119,8 +177,12 @@ pub(crate) fn spawn(spec: HolderSpec) -> io::Result<Holder> {
     let plan = Box::into_raw(Box::new(Plan {
         parent_pidfd: parent_pidfd.as_raw_fd(),
         binary_fd: spec.binary_fd,
+        claim_fd: spec.claim_fd,
+        deadline_ns: u64::try_from(spec.deadline.as_nanos()).unwrap_or(u64::MAX),
         argv,
         envp,
+        reason_at,
+        late,
         var,
         prefix_len: prefix.len(),
         suffix,
@@ -232,14 +294,32 @@ extern "C" fn holder_main(arg: *mut c_void) -> c_int {
         events: libc::POLLIN,
         revents: 0,
     };
+    // Watching: until the deadline. Then, with the claim, killing (again
+    // every 10 ms until the kill is sent), then waiting for the end; without
+    // it (the image is ready and kills us), just waiting.
+    let mut until = Some(monotonic_ns().saturating_add(plan.deadline_ns));
+    let mut claimed = false;
+    let mut late = false;
     loop {
-        // SAFETY: one valid pollfd, no timeout, no signal mask change.
+        let now = monotonic_ns();
+        let timeout = until.map(|u| {
+            let left = u.saturating_sub(now);
+            libc::timespec {
+                tv_sec: (left / 1_000_000_000).min(i32::MAX as u64) as libc::time_t,
+                tv_nsec: (left % 1_000_000_000) as libc::c_long,
+            }
+        });
+        let ts = timeout
+            .as_ref()
+            .map_or(ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: one valid pollfd, a valid timespec or none, no signal
+        // mask change.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_ppoll,
                 &mut pfd as *mut libc::pollfd,
                 1 as libc::c_ulong,
-                ptr::null::<libc::timespec>(),
+                ts,
                 ptr::null::<libc::sigset_t>(),
                 KSIGSET,
             )
@@ -247,7 +327,48 @@ extern "C" fn holder_main(arg: *mut c_void) -> c_int {
         if rc > 0 {
             break;
         }
+        if until.is_none_or(|u| monotonic_ns() < u) {
+            continue;
+        }
+        if !claimed {
+            match take_raw(plan.claim_fd) {
+                Taken::Ours => claimed = true,
+                // The image is ready, and about to kill us.
+                Taken::Gone => {
+                    until = None;
+                    continue;
+                }
+                Taken::Failed(_) => {
+                    until = Some(monotonic_ns().saturating_add(RETRY_NS));
+                    continue;
+                }
+            }
+        }
+        // SAFETY: plain integers and a NULL siginfo; the pidfd names the
+        // server's process, never another that reused its number.
+        let sent = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                plan.parent_pidfd,
+                libc::SIGKILL,
+                ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        } == 0;
+        if sent {
+            late = true;
+            until = None;
+        } else {
+            until = Some(monotonic_ns().saturating_add(RETRY_NS));
+        }
     }
+    if late {
+        plan.envp[plan.reason_at] = plan.late;
+    }
+    // The claim served its purpose; the rescued image has no holder and
+    // would not know it. (The holder's table is its own since the exec.)
+    // SAFETY: closes one fd of the holder's own table; nothing else uses it.
+    unsafe { libc::syscall(libc::SYS_close, plan.claim_fd) };
     // The server's process is gone before any image said it was ready:
     // bring the old binary back here, with everything.
     // SAFETY: getpid cannot fail.

@@ -16,8 +16,11 @@
 //! - [`socket`]: what a socket is, `shutdown`, sending descriptors;
 //! - [`process`]: killing and reaping by PID, thread and user ids;
 //! - [`rollback`] and [`holder`]: the async-signal-safe rollback and the
-//!   child that holds the old image.
+//!   child that holds the old image;
+//! - [`claim`]: the one byte that decides who ends an upgrade, the ready
+//!   image or the holder at its deadline.
 
+pub(crate) mod claim;
 pub(crate) mod holder;
 mod memfd;
 mod process;

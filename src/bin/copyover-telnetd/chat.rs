@@ -39,7 +39,7 @@ pub const FAULT: Option<&str> = match option_env!("COPYOVER_DEMO_FAULT") {
 };
 
 /// The faults `COPYOVER_DEMO_FAULT` may name.
-const FAULTS: [&str; 8] = [
+const FAULTS: [&str; 9] = [
     "reject-state",
     "wrong-app",
     "panic-after-adopt",
@@ -48,6 +48,7 @@ const FAULTS: [&str; 8] = [
     "exit-before-ready",
     "error-after-adopt",
     "thread-before-boot",
+    "hang-before-main",
 ];
 
 const fn known_fault(fault: Option<&str>) -> bool {

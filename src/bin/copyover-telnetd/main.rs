@@ -293,6 +293,27 @@ fn run(args: Args) -> Result<(), BoxError> {
     server.serve()
 }
 
+/// The `hang-before-main` fault: a constructor (what a library's, a static
+/// initializer or an operator's `LD_PRELOAD` runs before `main`) that never
+/// returns when this build is started by an upgrade, and behaves outside
+/// one, so that the probe approves the build. Only the holder's deadline
+/// can end it: the image never reaches `boot`.
+extern "C" fn hang_before_main() {
+    let upgraded = std::env::var_os("COPYOVER_HANDOFF").is_some();
+    let probed = std::env::var_os("COPYOVER_PROBE").is_some();
+    if FAULT == Some("hang-before-main") && upgraded && !probed {
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+/// Runs [`hang_before_main`] before `main`, as the dynamic loader runs a
+/// library's constructors.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static HANG_BEFORE_MAIN: extern "C" fn() = hang_before_main;
+
 /// The bad releases of `COPYOVER_DEMO_FAULT`, for tests and demonstrations.
 /// `thread-before-boot` acts in `main`, before `boot`.
 fn inject_fault(fault: &str) -> Result<(), BoxError> {

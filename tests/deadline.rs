@@ -1,0 +1,140 @@
+//! The upgrade's deadline, kept from outside the new image: a new image
+//! that never reaches `boot` (so it never arms a deadline of its own) is
+//! ended by the holder, which kills the server's process at its deadline
+//! and starts the old binary again under its own PID, with every client,
+//! name, variable and half-typed line.
+
+mod util;
+
+use copyover::status::{Outcome, Status, status_path};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use util::{Deploy, Scene, Server, labelled, version_line, wait_for};
+
+/// The rescued server is nobody's child here: killed when the test ends,
+/// whatever happens.
+struct Reaper(i32);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
+    }
+}
+
+/// The PID a `/version` answer names.
+fn pid_in(version: &str) -> i32 {
+    version
+        .split("pid=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("a pid in /version")
+}
+
+/// Deploys `bad` (approved by the probe, hung in the real run) under a v1
+/// demo with `--ready-timeout 2`, sends SIGHUP, and checks what a user
+/// checks after the holder's deadline: the old server's process is gone,
+/// the old binary serves every client under the holder's PID, the status
+/// file of that PID says why, and a good upgrade still goes through.
+/// `meanwhile` runs after the SIGHUP (with the log mark before it).
+fn rescued_at_the_deadline(name: &str, bad: Deploy<'_>, meanwhile: impl FnOnce(&Server, usize)) {
+    let mut scene = Scene::start(name, "2");
+    match bad {
+        Deploy::Build(p) => scene.server.deploy(p),
+        Deploy::Bytes(b) => scene.server.deploy_bytes(b),
+    }
+    let old_pid = scene.server.pid;
+    let mark = scene.server.mark();
+    scene.server.signal(Signal::SIGHUP);
+    meanwhile(&scene.server, mark);
+    // The holder's deadline: 2 s and 1 s more (at least a second more
+    // than the readiness deadline), from the exec.
+    let line = scene.server.wait_log(mark, "upgrade rolled back");
+    assert!(
+        line.contains("did not become ready within 3000 ms"),
+        "{line}"
+    );
+    let serving = scene
+        .server
+        .wait_log(mark, "serving again after the rollback");
+    assert!(serving.contains("rescued=true"), "{serving}");
+    let version = scene.ann.ask("/version");
+    let pid = pid_in(&version);
+    let _reaper = Reaper(pid);
+    assert_ne!(pid, old_pid, "the hung process was killed: a new PID");
+    wait_for("the hung process to end", || {
+        (!scene.server.alive()).then_some(())
+    });
+    assert_eq!(version, version_line("v1", pid, 1));
+
+    // The typed outcome, in the rescued PID's status file.
+    let status = Status::read(&status_path(
+        &scene.server.scratch.0.join("status"),
+        pid as u32,
+    ))
+    .expect("the rescued server's status file");
+    match &status.outcome {
+        Outcome::RolledBack { reason } => assert!(
+            reason.contains("did not become ready within 3000 ms") && reason.contains("holder"),
+            "{reason}"
+        ),
+        other => panic!("expected a rollback in the status file, got {other:?}"),
+    }
+
+    // Every client, variable and half-typed line.
+    let (ann, bob) = (&mut scene.ann, &mut scene.bob);
+    assert_eq!(ann.ask("/get color"), "color = green");
+    bob.send("tial line\r\n");
+    assert_eq!(ann.line(), "bob: partial line");
+    assert_eq!(bob.ask("/who"), "online: ann, bob");
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .flatten()
+        .map(|e| format!("{:?} {:?}", e.file_name(), std::fs::read_link(e.path())))
+        .collect();
+    assert_eq!(fds.len(), scene.fds, "the rescued server's fds: {fds:?}");
+
+    // A good upgrade of the rescued server still goes through.
+    scene.server.deploy(&labelled("v2"));
+    let mark = scene.server.mark();
+    kill(Pid::from_raw(pid), Signal::SIGHUP).expect("SIGHUP to the rescued server");
+    scene.server.wait_log(mark, "upgrade complete");
+    assert_eq!(bob.ask("/version"), version_line("v2", pid, 2));
+    assert_eq!(ann.ask("/get color"), "color = green");
+    ann.assert_quiet();
+}
+
+#[test]
+fn a_constructor_that_never_returns_is_ended_by_the_holder() {
+    rescued_at_the_deadline(
+        "dl-constructor",
+        Deploy::Build(&util::faulty("hang-before-main")),
+        |_, _| {},
+    );
+}
+
+#[test]
+fn a_wrapper_that_hangs_outside_the_probe_is_ended_by_the_holder() {
+    // Answers the probe with a good build, and does something else in the
+    // real run: the new image is `sleep`, which never reaches `boot`.
+    let v2 = labelled("v2");
+    let script = format!(
+        "#!/bin/sh\n[ -n \"$COPYOVER_PROBE\" ] || exec sleep 1000\nexec {} \"$@\"\n",
+        v2.display()
+    );
+    rescued_at_the_deadline("dl-wrapper", Deploy::Bytes(script.as_bytes()), |_, _| {});
+}
+
+#[test]
+fn a_stopped_new_image_is_ended_by_the_holder() {
+    // A stopped image is a hung one, and its own deadline (SIGALRM) cannot
+    // end it: a build that hangs after claiming every socket, stopped.
+    rescued_at_the_deadline(
+        "dl-stopped",
+        Deploy::Build(&util::faulty("hang-after-adopt")),
+        |server, mark| {
+            server.wait_log(mark, "this is a fault build");
+            server.signal(Signal::SIGSTOP);
+        },
+    );
+}

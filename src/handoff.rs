@@ -43,6 +43,8 @@
 //!   kills the holder; the holder reads it at its deadline before it kills
 //!   the server's process. Whoever gets it ends the upgrade. A rescued
 //!   image has none (there is no holder any more).
+//! * `held=NS`: when the holder started (`CLOCK_MONOTONIC`, nanoseconds),
+//!   for the outcome's `unheld_ms`.
 //!
 //! A rollback hands the old binary the very text the old image wrote, with
 //! `mode=rollback` and without `script=`: the old code reads its own format,
@@ -83,6 +85,7 @@ pub(crate) struct HandoffVar {
     pub script: Option<RawFd>,
     pub rescued: bool,
     pub claim: Option<RawFd>,
+    pub held_at: Option<u64>,
 }
 
 impl HandoffVar {
@@ -121,6 +124,9 @@ impl HandoffVar {
         }
         if let Some(fd) = self.claim {
             text.push_str(&format!(":claim={fd}"));
+        }
+        if let Some(ns) = self.held_at {
+            text.push_str(&format!(":held={ns}"));
         }
         text
     }
@@ -180,6 +186,12 @@ impl HandoffVar {
                 }
                 "rescued" => var.rescued = v == "1",
                 "claim" => var.claim = Some(num()?),
+                "held" => {
+                    var.held_at = Some(
+                        v.parse::<u64>()
+                            .map_err(|_| bad("held is not a non-negative number"))?,
+                    )
+                }
                 "mode" => {
                     mode = Some(match v {
                         "upgrade" => Mode::Upgrade,

@@ -362,6 +362,7 @@ fn resume<S: AppState>(
         holder_pid: var.holder,
         rescued: var.rescued,
         claim,
+        held_at_ns: var.held_at,
         boot_ns,
         restored_ns: monotonic_ns(),
         reason,

@@ -143,6 +143,8 @@ pub(crate) struct Resume {
     /// The readiness claim (see `sys::claim`), taken at `ready` before the
     /// holder is killed.
     pub(crate) claim: Option<OwnedFd>,
+    /// When the holder started (the handoff's `held=`).
+    pub(crate) held_at_ns: Option<u64>,
     pub(crate) boot_ns: u64,
     pub(crate) restored_ns: u64,
     /// For a rollback: why.
@@ -688,6 +690,9 @@ impl<S> Copyover<S> {
                 exec_ms: Some(ms(r.boot_ns.saturating_sub(h.committed_at_ns))),
                 restore_ms: Some(ms(r.restored_ns.saturating_sub(r.boot_ns))),
                 adopt_ms: Some(ms(now.saturating_sub(r.restored_ns))),
+                unheld_ms: r
+                    .held_at_ns
+                    .map(|held| ms(held.saturating_sub(h.committed_at_ns))),
             },
         };
         self.report_later(outcome, 0.0, false);

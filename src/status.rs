@@ -27,6 +27,7 @@
 //! exec_ms=0.610
 //! restore_ms=0.200
 //! adopt_ms=0.210
+//! unheld_ms=0.150              (the commit before the holder existed)
 //! reason=                      (for refused and rolled back)
 //! updated_at=1764000123
 //! ```
@@ -138,6 +139,11 @@ pub struct Phases {
     /// From the state restored to `ready`: the application adopts its
     /// descriptors.
     pub adopt_ms: Option<f64>,
+    /// From the commit to the holder's start (part of `exec_ms`): the
+    /// moment of the upgrade when a SIGKILL of the server is a crash of a
+    /// serving server, which only an fd store survives; from the holder's
+    /// start on, the holder rescues.
+    pub unheld_ms: Option<f64>,
 }
 
 impl Outcome {
@@ -264,6 +270,7 @@ impl Status {
                 "exec_ms" => phases.exec_ms = ms(),
                 "restore_ms" => phases.restore_ms = ms(),
                 "adopt_ms" => phases.adopt_ms = ms(),
+                "unheld_ms" => phases.unheld_ms = ms(),
                 "reason" => reason = v.into(),
                 "updated_at" => s.updated_at = num(),
                 _ => {}
@@ -325,6 +332,7 @@ impl Status {
             ("exec_ms", phases.exec_ms),
             ("restore_ms", phases.restore_ms),
             ("adopt_ms", phases.adopt_ms),
+            ("unheld_ms", phases.unheld_ms),
         ] {
             if let Some(v) = value {
                 let _ = writeln!(text, "{key}={v:.3}");
@@ -480,6 +488,7 @@ pub(crate) fn report(outcome: Outcome, who: &Reporter) {
             exec_ms = ms(phases.exec_ms),
             restore_ms = ms(phases.restore_ms),
             adopt_ms = ms(phases.adopt_ms),
+            unheld_ms = ms(phases.unheld_ms),
             "upgrade complete"
         ),
         Outcome::Refused { reason } => tracing::warn!(
@@ -663,6 +672,7 @@ mod tests {
                 exec_ms: Some(0.5),
                 restore_ms: Some(0.25),
                 adopt_ms: Some(0.75),
+                unheld_ms: Some(0.125),
             },
         };
         for outcome in [

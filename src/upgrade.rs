@@ -245,6 +245,7 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         Err(e) => return io("start the holder")(e),
     };
     var.holder = Some(holder.pid());
+    var.held_at = Some(sys::monotonic_ns());
     let env = match with_handoff(env, &var.format()) {
         Ok(e) => e,
         Err(e) => {

@@ -29,6 +29,20 @@ fn upgrade_keeps_pid_clients_variables_and_half_lines() {
         "{outcome}"
     );
     assert!(outcome.contains("blackout_ms="), "{outcome}");
+    // The phases, typed in the status file: the commit before the holder
+    // existed is a part of the exec phase.
+    let status = server.status().expect("the status file");
+    let copyover::status::Outcome::Complete { phases, .. } = status.outcome else {
+        panic!("expected a completed upgrade in the status file: {status:?}");
+    };
+    let (unheld, exec) = (
+        phases.unheld_ms.expect("unheld_ms"),
+        phases.exec_ms.expect("exec_ms"),
+    );
+    assert!(
+        unheld > 0.0 && unheld <= exec,
+        "unheld_ms {unheld}, exec_ms {exec}"
+    );
 
     // Same PID, new label, generation + 1, on the same connections.
     assert_eq!(ann.ask("/version"), version_line("v2", pid, 1));

@@ -232,11 +232,7 @@ pub(crate) fn recover<S: AppState>(
             tracing::warn!(name = %name, "systemd passed two descriptors of this name; closing one");
             continue;
         }
-        let kind = match sys::socket_info(fd.as_raw_fd()) {
-            Ok(info) if info.listening => FdKind::Listener,
-            Ok(_) => FdKind::Stream,
-            Err(_) => FdKind::Other,
-        };
+        let kind = stored_kind(fd.as_raw_fd());
         owned.push((name, fd, kind));
     }
     let fds = Inherited::from_owned(owned);
@@ -254,6 +250,18 @@ pub(crate) fn recover<S: AppState>(
         fds,
         generation: h.generation,
     }))
+}
+
+/// The kind of a descriptor systemd passed back, read from the descriptor
+/// itself: a listening or connected stream socket, a datagram socket (UDP,
+/// Unix datagram), or anything else.
+fn stored_kind(fd: std::os::fd::RawFd) -> FdKind {
+    match sys::socket_type(fd) {
+        Ok(libc::SOCK_STREAM) if sys::is_listening(fd) => FdKind::Listener,
+        Ok(libc::SOCK_STREAM) => FdKind::Stream,
+        Ok(libc::SOCK_DGRAM) => FdKind::Datagram,
+        _ => FdKind::Other,
+    }
 }
 
 impl<S> Copyover<S> {

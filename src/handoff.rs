@@ -469,12 +469,16 @@ impl Inherited {
     ///
     /// Every name and every fd must appear once: two owners of one fd
     /// would close it twice.
-    pub(crate) fn check(manifest: Manifest, tolerant: bool) -> Result<Self, Error> {
+    pub(crate) fn check(
+        manifest: Manifest,
+        tolerant: bool,
+        claims: &sys::Claims,
+    ) -> Result<Self, Error> {
         use std::collections::hash_map::Entry;
-        // Every number is claimed once per image (see `sys::inherit`): a
+        // Every number is claimed once per image (see `sys::Claims`): a
         // number used twice, or one the handoff itself uses (snapshot,
         // binary, exec record: claimed before), fails its claim.
-        let mut claims = sys::inherit_all(manifest.fds()).into_iter();
+        let mut claims = claims.inherit_all(manifest.fds()).into_iter();
         let mut set = Self::default();
         let Manifest { entries, groups } = manifest;
         set.fds.reserve(entries.len());
@@ -945,18 +949,69 @@ pub(crate) fn refuse(name: &str, fd: RawFd, wanted: &'static str, reason: String
 
 impl Drop for Inherited {
     fn drop(&mut self) {
-        if !self.fds.is_empty() {
-            let mut names: Vec<&str> = self.names().collect();
+        // Single descriptors and groups alike: an unclaimed group is every
+        // one of its connections closed.
+        if !self.is_empty() {
+            let mut names: Vec<String> = self.fds.keys().cloned().collect();
+            names.extend(
+                self.groups
+                    .iter()
+                    .filter(|(_, members)| !members.is_empty())
+                    .map(|(name, members)| format!("{name} (a group of {})", members.len())),
+            );
             names.sort_unstable();
-            tracing::warn!(count = names.len(), names = ?names, "closing inherited descriptors nobody claimed");
+            tracing::warn!(
+                count = self.len(),
+                names = ?names,
+                "closing inherited descriptors nobody claimed"
+            );
         }
-        // The descriptors close as the map drops.
+        // The descriptors close as the maps drop.
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `f` logs at WARN and above, as text.
+    fn warnings(f: impl FnOnce()) -> String {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || out.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned()
+    }
+
+    #[test]
+    fn an_unclaimed_group_is_warned_about() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut set = Inherited::default();
+        set.groups
+            .insert("conn".into(), vec![(1, a.into()), (2, b.into())]);
+        let said = warnings(|| drop(set));
+        assert!(
+            said.contains("nobody claimed") && said.contains("conn (a group of 2)"),
+            "{said:?}"
+        );
+        // Nothing left: nothing said.
+        assert!(warnings(|| drop(Inherited::default())).is_empty());
+    }
 
     #[test]
     fn handoff_var_round_trips() {

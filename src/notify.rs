@@ -96,7 +96,7 @@ impl Activated {
     /// Reads and removes the `LISTEN_*` variables; adopts fds 3.. if
     /// `LISTEN_PID` is this process. Called by `boot` on a first start only,
     /// while the process has one thread.
-    pub(crate) fn from_env() -> Activated {
+    pub(crate) fn from_env(claims: &crate::sys::Claims) -> Activated {
         let [pid, count, names] = LISTEN_VARS.map(|var| std::env::var(var).ok());
         crate::env::forget_listen_vars();
         let ours = pid.and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
@@ -113,7 +113,7 @@ impl Activated {
             let fd = 3 + i;
             // systemd passes them inheritable; one that is close-on-exec was
             // opened by this image (a library before `boot`), not passed.
-            match crate::sys::inherit(fd) {
+            match claims.inherit(fd) {
                 Ok(owned) => {
                     let _ = crate::sys::set_cloexec(fd, true);
                     let name = names

@@ -270,7 +270,7 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
     }
 }
 
-/// Warns about listening sockets that an upgrade would close (DESIGN.md's
+/// Warns about listening sockets that an upgrade would close (docs/design.md's
 /// "unregistered listeners are lost silently"). Runs on the probe's thread,
 /// off the event loop: it reads `/proc/self/fd`, which is long for a server
 /// with many connections.

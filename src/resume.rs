@@ -8,6 +8,7 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
 use crate::env::{HANDOFF_VAR, PROBE_VAR, ROLLBACK_REASON_VAR, forget_handoff_vars};
 use crate::error::Error;
@@ -17,7 +18,7 @@ use crate::runtime::{Config, Copyover, Resume, Start, open_own_binary};
 use crate::signal::{self, Requests};
 use crate::snapshot::{Manifest, read_sealed};
 use crate::state::{AppState, restore};
-use crate::sys::monotonic_ns;
+use crate::sys::{Claims, monotonic_ns};
 use crate::worker::Worker;
 use crate::{rollback, sys};
 
@@ -71,13 +72,19 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover<S>, Start<S>), Erro
     if let Some(nonce) = std::env::var_os(PROBE_VAR) {
         answer_probe::<S>(&config, &nonce);
     }
+    // The right to claim inherited descriptors: this call's alone, and
+    // gone when it returns (see `sys::Claims`).
+    let claims = sys::Claims::take().ok_or_else(|| Error::Setup {
+        what: "boot (it was called twice in this process; call it once, first thing in main)",
+        source: std::io::ErrorKind::AlreadyExists.into(),
+    })?;
     let argv = crate::env::args().map_err(|source| Error::Setup {
         what: "read the arguments",
         source,
     })?;
     match read_handoff_var()? {
-        None => boot_fresh(config, argv),
-        Some((var, text)) => resume::<S>(config, argv, var, &text, boot_ns),
+        None => boot_fresh(config, argv, &claims),
+        Some((var, text)) => resume::<S>(config, argv, var, &text, boot_ns, claims),
     }
 }
 
@@ -121,8 +128,12 @@ fn start_worker() -> Result<Worker, Error> {
 /// Offers [`Inherited::check`] to the helper thread (see
 /// [`Offer`](crate::worker::Offer)); the
 /// returned function waits for its result.
-fn claim_on(worker: &Worker, manifest: Manifest) -> impl FnOnce() -> Result<Inherited, Error> {
-    let offer = worker.offer(manifest, |m| Inherited::check(m, false));
+fn claim_on(
+    worker: &Worker,
+    manifest: Manifest,
+    claims: Arc<Claims>,
+) -> impl FnOnce() -> Result<Inherited, Error> {
+    let offer = worker.offer((manifest, claims), |(m, c)| Inherited::check(m, false, &c));
     move || {
         // `None`: the thread panicked halfway (the panic hook rolls back).
         offer.wait().unwrap_or_else(|| {
@@ -149,12 +160,13 @@ fn install_requests() -> Result<Requests, Error> {
 fn boot_fresh<S: AppState>(
     config: Config,
     argv: Vec<CString>,
+    claims: &Claims,
 ) -> Result<(Copyover<S>, Start<S>), Error> {
     single_thread()?;
     forget_handoff_vars();
     // Socket activation first, before this image opens any descriptor of
     // its own: LISTEN_FDS names fds 3.. as they were at the exec.
-    let activated = Activated::from_env();
+    let activated = Activated::from_env(claims);
     // The helper thread first: it inherits this thread's mask and blocks
     // the reload signals itself; `install_requests` then unblocks the
     // runtime's own signals on this thread for sure.
@@ -179,6 +191,7 @@ fn resume<S: AppState>(
     var: HandoffVar,
     text: &str,
     boot_ns: u64,
+    claims: Claims,
 ) -> Result<(Copyover<S>, Start<S>), Error> {
     let upgraded = var.mode == Mode::Upgrade;
     if !upgraded && let Err(e) = sys::set_real_timer(0) {
@@ -193,11 +206,11 @@ fn resume<S: AppState>(
         .map_or_else(|| "unknown".into(), |r| r.to_string_lossy().into_owned());
     // Closed first: the script's descriptor only served the exec.
     if let Some(fd) = var.script {
-        drop(sys::inherit(fd));
+        drop(claims.inherit(fd));
     }
     // How the old image ran (a wrapper may have changed our arguments or
     // environment): what a rollback starts again. Kept open until ready.
-    let exec_record = var.exec.and_then(|fd| sys::inherit(fd).ok());
+    let exec_record = var.exec.and_then(|fd| claims.inherit(fd).ok());
     let record = exec_record
         .as_ref()
         .filter(|_| upgraded)
@@ -210,7 +223,7 @@ fn resume<S: AppState>(
         });
     // Who ends the upgrade, this image at `ready` or the holder at its
     // deadline (see `sys::claim`). Kept open until ready.
-    let claim = var.claim.and_then(|fd| sys::inherit(fd).ok());
+    let claim = var.claim.and_then(|fd| claims.inherit(fd).ok());
     // The handoff's own fds: a rollback hands them back too.
     let mut handoff_fds = vec![var.snapshot_fd, var.binary_fd];
     handoff_fds.extend(exec_record.as_ref().map(|fd| fd.as_raw_fd()));
@@ -260,9 +273,10 @@ fn resume<S: AppState>(
 
     // Before this image opens any descriptor of its own: the snapshot, the
     // old binary, then every fd of the manifest.
-    let snapshot = adopt_handoff_fd(var.snapshot_fd, "the snapshot").map_err(or_roll_back)?;
+    let snapshot =
+        adopt_handoff_fd(&claims, var.snapshot_fd, "the snapshot").map_err(or_roll_back)?;
     let old_binary =
-        adopt_handoff_fd(var.binary_fd, "the previous binary").map_err(or_roll_back)?;
+        adopt_handoff_fd(&claims, var.binary_fd, "the previous binary").map_err(or_roll_back)?;
     let mut snap = read_sealed(snapshot.as_fd())
         .and_then(|snap| snap.check_app(&config.app).map(|()| snap))
         .map_err(|e| or_roll_back(e.into()))?;
@@ -271,7 +285,7 @@ fn resume<S: AppState>(
     // decodes the state: with 10,000 connections each takes milliseconds
     // of the blackout. Every number of the manifest is open then (the old
     // image left them so at the exec), so no descriptor the decoding opens
-    // can take one, and the claims stay sound (see `sys::inherit`); a
+    // can take one, and the claims stay sound (see `sys::Claims`); a
     // failure on either side rolls back where it happens, which ends the
     // other thread too.
     //
@@ -282,13 +296,13 @@ fn resume<S: AppState>(
     let worker = start_worker().map_err(or_roll_back)?;
     let manifest = std::mem::take(&mut snap.manifest);
     let (fds, state) = if upgraded {
-        let claims = claim_on(&worker, manifest);
+        let claimed = claim_on(&worker, manifest, Arc::new(claims));
         let state = restore::<S>(&config.app, snap.header.state_version, snap.payload())
             .map_err(|e| or_roll_back(e.into()));
         // An adoption error has already rolled back.
-        (claims()?, state?)
+        (claimed()?, state?)
     } else {
-        let fds = Inherited::check(manifest, true)?;
+        let fds = Inherited::check(manifest, true, &claims)?;
         let state = restore::<S>(&config.app, snap.header.state_version, snap.payload())?;
         (fds, state)
     };
@@ -372,8 +386,8 @@ fn resume<S: AppState>(
 
 /// Adopts the snapshot's or the old binary's fd, after checking that the
 /// previous image left it open and inheritable for us.
-fn adopt_handoff_fd(fd: RawFd, what: &str) -> Result<OwnedFd, Error> {
-    sys::inherit(fd).map_err(|source| Error::HandoffFd {
+fn adopt_handoff_fd(claims: &Claims, fd: RawFd, what: &str) -> Result<OwnedFd, Error> {
+    claims.inherit(fd).map_err(|source| Error::HandoffFd {
         fd,
         what: what.into(),
         source,

@@ -92,14 +92,19 @@ while True:
 "#;
 
 fn under_fake_systemd(name: &str) -> Server {
-    Server::spawn(name, &default_build(), |bin| {
+    program_under_fake_systemd(
+        name,
+        &default_build(),
+        &["--listen", "127.0.0.1:0", "--fdstore"],
+    )
+}
+
+/// `build`, with `args`, as the fake systemd's service.
+fn program_under_fake_systemd(name: &str, build: &std::path::Path, args: &[&str]) -> Server {
+    Server::spawn(name, build, |bin| {
         let notify = bin.with_file_name("notify.sock");
         let mut c = Command::new("python3");
-        c.args(["-c", FAKE_SYSTEMD]).arg(notify).arg(bin).args([
-            "--listen",
-            "127.0.0.1:0",
-            "--fdstore",
-        ]);
+        c.args(["-c", FAKE_SYSTEMD]).arg(notify).arg(bin).args(args);
         c
     })
 }
@@ -218,4 +223,32 @@ fn a_checkpoint_the_new_binary_cannot_read_means_a_fresh_start_on_the_same_liste
     let mut bob = Client::login(server.addr, "bob");
     assert_eq!(bob.ask("/who"), "online: bob");
     assert_eq!(bob.ask("/get color"), "color is not set");
+}
+
+#[test]
+fn a_stored_udp_socket_answers_again_after_kill_9() {
+    // A datagram socket comes back from the fd store as a datagram socket:
+    // `take_udp_socket` accepts it, and it answers on the same port.
+    let build = util::example("udp-echo", &[]);
+    let server = program_under_fake_systemd("crash-udp", &build, &[]);
+    let pid = ready_pid(&server, 0);
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind the client");
+    client
+        .set_read_timeout(Some(util::WAIT))
+        .expect("a read timeout");
+    let ask = |text: &str| {
+        client.send_to(text.as_bytes(), server.addr).expect("send");
+        let mut buf = [0u8; 1500];
+        let (n, _) = client.recv_from(&mut buf).expect("an echo");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(ask("one"), "echo 1: one");
+
+    let mark = server.mark();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill -9");
+    let new_pid = ready_pid(&server, mark);
+    assert_ne!(new_pid, pid);
+    server.wait_log(mark, "recovered after a crash");
+    // The same socket (the same port), and the state of the checkpoint.
+    assert_eq!(ask("two"), "echo 2: two");
 }

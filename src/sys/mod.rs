@@ -122,8 +122,8 @@ pub(crate) fn is_cloexec(fd: RawFd) -> io::Result<bool> {
     Ok(flags & libc::FD_CLOEXEC != 0)
 }
 
-/// Takes ownership of an fd number inherited across `execve`: the one way
-/// the crate turns a number it was told about (by the handoff variable, the
+/// The right to take ownership of fd numbers inherited across `execve`:
+/// the one way the crate turns a number it was told about (by the handoff variable, the
 /// manifest or `LISTEN_FDS`) into an `OwnedFd`.
 ///
 /// The number must be open and **not** close-on-exec: that is how the
@@ -137,16 +137,39 @@ pub(crate) fn is_cloexec(fd: RawFd) -> io::Result<bool> {
 /// What this cannot see: a descriptor opened without close-on-exec by
 /// foreign code (a C library) before `boot`. `boot` must come first in
 /// `main`.
-pub(crate) fn inherit(fd: RawFd) -> io::Result<OwnedFd> {
-    let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
-    claim(&mut claimed, fd)
-}
+///
+/// The check is sound only while this image has opened nothing of its own
+/// that it then made inheritable (the commit does that, for the next
+/// image). So claiming takes a [`Claims`] token, of which a process image
+/// has one, taken by `boot` first thing and gone when `boot` returns:
+/// nothing after `boot` can claim a number.
+#[derive(Debug)]
+pub(crate) struct Claims(());
 
-/// [`inherit`] for many numbers at once (one lock for all): the result for
-/// each, in order.
-pub(crate) fn inherit_all(fds: impl IntoIterator<Item = RawFd>) -> Vec<io::Result<OwnedFd>> {
-    let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
-    fds.into_iter().map(|fd| claim(&mut claimed, fd)).collect()
+/// Whether this image's [`Claims`] token was taken.
+static CLAIMS_TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl Claims {
+    /// This image's one token; `None` once it was taken (a second `boot`).
+    pub(crate) fn take() -> Option<Claims> {
+        (!CLAIMS_TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst)).then_some(Claims(()))
+    }
+
+    /// Takes ownership of inherited number `fd` (see [`Claims`]).
+    pub(crate) fn inherit(&self, fd: RawFd) -> io::Result<OwnedFd> {
+        let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
+        claim(&mut claimed, fd)
+    }
+
+    /// [`inherit`](Self::inherit) for many numbers at once (one lock for
+    /// all): the result for each, in order.
+    pub(crate) fn inherit_all(
+        &self,
+        fds: impl IntoIterator<Item = RawFd>,
+    ) -> Vec<io::Result<OwnedFd>> {
+        let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());
+        fds.into_iter().map(|fd| claim(&mut claimed, fd)).collect()
+    }
 }
 
 /// Runs `f`, and once more if it fails with an error `retry` accepts: one
@@ -431,6 +454,11 @@ mod tests {
 
     #[test]
     fn inheriting_checks_and_claims_once() {
+        // The one token of this test process (each test runs in its own
+        // under nextest; `cargo test` runs only this one that takes it).
+        let claims = Claims::take().expect("the claims token");
+        assert!(Claims::take().is_none(), "a second token");
+        let inherit = |fd| claims.inherit(fd);
         let err = inherit(19_999).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EBADF));
         // Our own fds are close-on-exec: never inherited.

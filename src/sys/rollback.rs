@@ -16,7 +16,10 @@
 //!
 //! [`disarm`] restores the previous signal actions and unpublishes the plan.
 //! A plan can be published again ([`arm`] a second time) once more is known
-//! (the descriptors, the holder): handlers are installed only once.
+//! (the descriptors, the holder): handlers are installed only once. A plan
+//! is never changed once published (a handler on another thread may be
+//! reading it): the second one replaces it whole, and the signal actions
+//! the handlers replaced are kept apart from it.
 //! The plan itself is leaked on purpose: a handler running on another thread
 //! may still hold its pointer, and a few hundred bytes per upgrade are cheap.
 
@@ -56,13 +59,28 @@ struct Plan {
     holder_pidfd: RawFd,
     /// The old image's `RLIMIT_NOFILE`, put back before the exec.
     nofile: Option<libc::rlimit>,
-    previous: Vec<(c_int, libc::sigaction)>,
     // Owns the strings the pointer arrays point into.
     _strings: Vec<CString>,
     _reason_entry: Box<[u8]>,
 }
 
+/// The published plan. A plan is complete before it is published and never
+/// changed afterwards (a handler on another thread may be reading it): a
+/// new plan replaces it whole.
 static PLAN: AtomicPtr<Plan> = AtomicPtr::new(ptr::null_mut());
+/// The signal actions the handlers replaced, while they are installed: set
+/// by [`arm`], taken and put back by [`disarm`]. Handlers never touch it.
+static PREVIOUS: std::sync::Mutex<Vec<(c_int, SigAction)>> = std::sync::Mutex::new(Vec::new());
+
+/// A `sigaction` kept in [`PREVIOUS`].
+#[derive(Clone, Copy)]
+struct SigAction(libc::sigaction);
+
+// SAFETY: a sigaction is plain data (a handler address, flags, a mask);
+// it is only handed back to the kernel.
+unsafe impl Send for SigAction {}
+// SAFETY: as above; it is never written after it is set.
+unsafe impl Sync for SigAction {}
 /// Where a rollback stands: none under way ([`IDLE`]), one executing on
 /// some thread ([`RUNNING`]), or the last one's exec failed ([`FAILED`]).
 static FIRED: AtomicU8 = AtomicU8::new(IDLE);
@@ -129,13 +147,6 @@ pub(crate) fn arm(spec: PlanSpec) -> io::Result<()> {
 
     let mut strings = argv;
     strings.extend(env);
-    let previous_plan = PLAN.load(Ordering::SeqCst);
-    let previous = if previous_plan.is_null() {
-        Vec::new()
-    } else {
-        // SAFETY: a published plan is never freed (see the module docs).
-        unsafe { &*previous_plan }.previous.clone()
-    };
     use std::os::fd::IntoRawFd;
     let holder_pidfd = holder_pidfd.map_or(-1, IntoRawFd::into_raw_fd);
     // Also blocked while the rollback runs: the crash signals and SIGALRM,
@@ -157,11 +168,11 @@ pub(crate) fn arm(spec: PlanSpec) -> io::Result<()> {
             rlim_cur: cur,
             rlim_max: max,
         }),
-        previous,
         _strings: strings,
         _reason_entry: entry,
     });
-    let installed = !plan.previous.is_empty();
+    let mut installed_actions = PREVIOUS.lock().unwrap_or_else(|p| p.into_inner());
+    let installed = !installed_actions.is_empty();
     // A new plan starts with no rollback under way; but one running on
     // another thread (the helper thread claiming descriptors, say) keeps
     // its plan and its course: this arming fails instead.
@@ -181,6 +192,7 @@ pub(crate) fn arm(spec: PlanSpec) -> io::Result<()> {
         return Ok(());
     }
 
+    let mut previous = Vec::with_capacity(FATAL_SIGNALS.len());
     for sig in FATAL_SIGNALS {
         // SAFETY: a zeroed sigaction is a valid "no handler, empty mask"
         // value, then filled in; `on_fatal_signal` is an extern "C" fn with
@@ -194,12 +206,16 @@ pub(crate) fn arm(spec: PlanSpec) -> io::Result<()> {
         // SAFETY: a zeroed sigaction is a valid value to be overwritten.
         let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
         // SAFETY: both pointers are to valid sigaction values.
-        unsafe { syscall!(sigaction(sig, &action, &mut old)) }?;
-        // SAFETY: `plan` was published above and is never freed; only this
-        // thread writes `previous`, before any handler reads it (handlers
-        // never read it).
-        unsafe { (*plan).previous.push((sig, old)) };
+        let done = unsafe { syscall!(sigaction(sig, &action, &mut old)) };
+        if let Err(e) = done {
+            // The ones installed so far are put back by `disarm`.
+            *installed_actions = previous;
+            return Err(e);
+        }
+        previous.push((sig, SigAction(old)));
     }
+    *installed_actions = previous;
+    drop(installed_actions);
 
     if !ATEXIT_REGISTERED.swap(true, Ordering::SeqCst) {
         // SAFETY: `on_exit` is an extern "C" fn taking nothing; atexit keeps
@@ -240,12 +256,13 @@ pub(crate) fn disarm(timer_off: bool) -> Option<std::os::fd::OwnedFd> {
     // SAFETY: `plan` came from Box::into_raw in `arm` and is never freed
     // (leaked on purpose, see the module docs), so it is valid to read.
     let plan = unsafe { &*plan };
-    for (sig, old) in &plan.previous {
+    let previous = std::mem::take(&mut *PREVIOUS.lock().unwrap_or_else(|p| p.into_inner()));
+    for (sig, old) in &previous {
         if *sig == libc::SIGALRM && !timer_off {
             continue;
         }
         // SAFETY: `old` is the action the kernel gave us for `sig`.
-        unsafe { libc::sigaction(*sig, old, ptr::null_mut()) };
+        unsafe { libc::sigaction(*sig, &old.0, ptr::null_mut()) };
     }
     (plan.holder_pidfd >= 0).then(|| {
         use std::os::fd::FromRawFd;
@@ -271,10 +288,13 @@ pub(crate) fn armed() -> bool {
 /// it that fails is skipped.
 ///
 /// Returns only if no plan is armed (then it does nothing) or if the
-/// `execveat` failed (then it returns that error; the caller should end
-/// the process, there is nothing safe left to do). A second call while the
-/// first is running, on another thread, waits: for the first's exec (which
-/// ends it too), or, if that exec fails, returns `Interrupted`.
+/// `execveat` failed twice *and* no descriptor was swapped (then it returns
+/// that error, and the application's descriptors are still its own, only
+/// inheritable). If a copy from the holder was put at some number, a
+/// failed exec ends the process (`_exit(70)`), so that no `OwnedFd` of the
+/// application names another file: the holder rescues. A second call while
+/// the first is running, on another thread, waits: for the first's exec
+/// (which ends it too), or, if that exec fails, returns `Interrupted`.
 pub(crate) fn fire(reason: &[u8]) -> io::Error {
     let plan = PLAN.load(Ordering::SeqCst);
     if plan.is_null() {
@@ -335,13 +355,27 @@ pub(crate) fn fire(reason: &[u8]) -> io::Error {
         // SAFETY: setrlimit reads one initialised rlimit.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, limit) };
     }
+    let mut swapped = false;
     for &fd in &plan.fds {
-        restore_fd(plan.holder_pidfd, fd);
+        swapped |= restore_fd(plan.holder_pidfd, fd);
     }
-    // SAFETY: argv and envp are NULL-terminated arrays of pointers to
-    // NUL-terminated strings owned by the leaked plan.
-    unsafe { super::execveat_prepared(plan.binary_fd, plan.argv.as_ptr(), plan.envp.as_ptr()) };
+    // Tried twice: one failed call (ENOMEM, EAGAIN, an injected fault) must
+    // not end a rollback.
+    for _ in 0..2 {
+        // SAFETY: argv and envp are NULL-terminated arrays of pointers to
+        // NUL-terminated strings owned by the leaked plan.
+        unsafe { super::execveat_prepared(plan.binary_fd, plan.argv.as_ptr(), plan.envp.as_ptr()) };
+    }
     let err = io::Error::last_os_error();
+    if swapped {
+        // Some numbers now name the old image's descriptors, not the ones
+        // the application's `OwnedFd`s were opened as: going back to it
+        // would hand it other files. End the process instead: the holder,
+        // which waits on it, starts the old binary with everything.
+        write_stderr(b"copyover: the rollback's exec failed after its descriptors were put back; exiting for the holder to rescue\n");
+        // SAFETY: _exit is async-signal-safe and never returns.
+        unsafe { libc::_exit(70) }
+    }
     // Another thread waiting on this rollback returns now, and a later
     // call may try again.
     FIRED.store(FAILED, Ordering::SeqCst);
@@ -350,8 +384,10 @@ pub(crate) fn fire(reason: &[u8]) -> io::Error {
 
 /// Makes `fd` the old image's descriptor again, inheritable: a copy taken
 /// from the holder's table if there is a holder, else the flag cleared on
-/// what is there. Async-signal-safe: raw syscalls only.
-fn restore_fd(holder_pidfd: RawFd, fd: RawFd) {
+/// what is there. Returns whether the number now names another open file
+/// description than before (a copy was put there). Async-signal-safe: raw
+/// syscalls only.
+fn restore_fd(holder_pidfd: RawFd, fd: RawFd) -> bool {
     if holder_pidfd >= 0 {
         // SAFETY: pidfd_getfd takes integers and returns a new fd or -1.
         let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, holder_pidfd, fd, 0) } as RawFd;
@@ -371,16 +407,18 @@ fn restore_fd(holder_pidfd: RawFd, fd: RawFd) {
                     // failed image closed it: make it inheritable.
                     // SAFETY: F_SETFD only changes the flags of `fd`.
                     unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+                    return false;
                 }
-            } else {
-                // SAFETY: F_SETFD only changes the flags of `fd`.
-                unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+                return true;
             }
-            return;
+            // SAFETY: F_SETFD only changes the flags of `fd`.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+            return false;
         }
     }
     // SAFETY: F_SETFD only changes the flags of `fd` (EBADF if closed).
     unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+    false
 }
 
 /// Writes `msg` to stderr with one `write(2)`: async-signal-safe.
@@ -410,5 +448,71 @@ extern "C" fn on_exit() {
     if armed() {
         let _ = fire(b"the new image exited before it was ready");
         write_stderr(b"copyover: rollback exec failed at exit\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+    use std::process::{Command, Stdio};
+
+    /// Set in the re-executed test binary that plays the failing image.
+    const CHILD: &str = "COPYOVER_TEST_FAILED_ROLLBACK_EXEC";
+
+    #[test]
+    fn a_failed_exec_after_a_swap_never_returns() {
+        if std::env::var_os(CHILD).is_some() {
+            failing_image();
+        }
+        // A process of its own: the rollback installs handlers and ends
+        // the process.
+        let status = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "sys::rollback::tests::a_failed_exec_after_a_swap_never_returns",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .stdin(Stdio::piped())
+            .status()
+            .unwrap();
+        // 1: `fire` returned with fd 0 naming the holder's /dev/zero, not
+        // this process's pipe.
+        assert_eq!(
+            status.code(),
+            Some(70),
+            "a failed rollback exec after a swap must end the process: {status:?}"
+        );
+    }
+
+    /// fd 0 is a pipe here; the "holder" (a `sleep`) has /dev/zero at 0;
+    /// the "old binary" is /dev/null, which cannot be executed.
+    fn failing_image() -> ! {
+        use std::os::unix::fs::FileTypeExt;
+        let zero = std::fs::File::open("/dev/zero").unwrap();
+        let mut holder = Command::new("sleep").arg("30").stdin(zero).spawn().unwrap();
+        let pidfd = crate::sys::pidfd_open(holder.id() as i32).unwrap();
+        let binary = std::fs::File::open("/dev/null").unwrap();
+        use std::os::fd::AsRawFd;
+        arm(PlanSpec {
+            binary_fd: binary.as_raw_fd(),
+            argv: vec![CString::new("old").unwrap()],
+            env: Vec::new(),
+            reason_var: "COPYOVER_ROLLBACK_REASON",
+            blocked: Vec::new(),
+            fds: vec![0],
+            holder_pidfd: Some(pidfd),
+            nofile: None,
+        })
+        .unwrap();
+        let _ = fire(b"a test");
+        let swapped =
+            std::fs::metadata("/proc/self/fd/0").is_ok_and(|m| m.file_type().is_char_device());
+        let _ = holder.kill();
+        let _ = holder.wait();
+        // SAFETY: ends this test process at once, without the atexit hook
+        // (which would fire the rollback again).
+        unsafe { libc::_exit(if swapped { 1 } else { 2 }) }
     }
 }

@@ -66,7 +66,7 @@ const fn known_fault(fault: Option<&str>) -> bool {
 // A misspelt fault fails the build instead of making a silent good build.
 const _: () = assert!(
     known_fault(FAULT),
-    "COPYOVER_DEMO_FAULT must be one of: reject-state, wrong-app, panic-after-adopt, abort-after-adopt, hang-after-adopt, exit-before-ready, error-after-adopt, thread-before-boot"
+    "COPYOVER_DEMO_FAULT must be one of: reject-state, wrong-app, panic-after-adopt, abort-after-adopt, hang-after-adopt, exit-before-ready, error-after-adopt, thread-before-boot, hang-before-main"
 );
 
 /// The state version this build writes: 2, or 1 for a build made with

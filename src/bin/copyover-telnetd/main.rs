@@ -1,7 +1,7 @@
 //! copyover-telnetd: a small multi-user telnet chat that upgrades in place.
 //!
 //! Connect with `telnet 127.0.0.1 2323`, deploy a new build over the binary,
-//! `kill -HUP` the server: nobody is disconnected. See TELNET-DEMO.md.
+//! `kill -HUP` the server: nobody is disconnected. See docs/telnet-demo.md.
 
 mod chat;
 mod telnet;

@@ -491,7 +491,15 @@ mod tests {
     fn failing_image() -> ! {
         use std::os::unix::fs::FileTypeExt;
         let zero = std::fs::File::open("/dev/zero").unwrap();
-        let mut holder = Command::new("sleep").arg("30").stdin(zero).spawn().unwrap();
+        // Its output is not the test's: it outlives this process (which
+        // ends in `fire`), for a few seconds.
+        let mut holder = Command::new("sleep")
+            .arg("5")
+            .stdin(zero)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         let pidfd = crate::sys::pidfd_open(holder.id() as i32).unwrap();
         let binary = std::fs::File::open("/dev/null").unwrap();
         use std::os::fd::AsRawFd;

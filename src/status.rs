@@ -605,21 +605,29 @@ pub(crate) fn write_replacing(dir: &Path, path: &Path, bytes: &[u8], sync: bool)
         std::process::id(),
         crate::sys::monotonic_ns()
     ));
+    write_through(&tmp, path, bytes, sync)
+}
+
+/// [`write_replacing`] through the temporary name `tmp`: created new
+/// (`O_CREAT|O_EXCL`, so nothing planted there is reused or followed, and
+/// `O_NOFOLLOW` besides), written, renamed over `path` (a symlink planted at
+/// `path` is replaced, never followed).
+fn write_through(tmp: &Path, path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)?;
+        .open(tmp)?;
     let written = file
         .write_all(bytes)
         .and_then(|()| if sync { file.sync_all() } else { Ok(()) });
     // Closed before it appears under its name: whoever sees the new file
     // (and counts this process's descriptors) sees the final ones.
     drop(file);
-    let written = written.and_then(|()| std::fs::rename(&tmp, path));
+    let written = written.and_then(|()| std::fs::rename(tmp, path));
     if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(tmp);
     }
     written
 }
@@ -645,6 +653,56 @@ fn read_bounded(path: &Path) -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fresh directory under the target dir, with a victim file in it.
+    fn planted(name: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "copyover-status-{name}-{}-{:x}",
+            std::process::id(),
+            crate::sys::monotonic_ns()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        (dir, victim)
+    }
+
+    #[test]
+    fn a_symlink_at_the_temporary_name_is_not_followed() {
+        let (dir, victim) = planted("tmp-link");
+        let (tmp, path) = (dir.join(".s.tmp"), dir.join("s"));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        assert!(write_through(&tmp, &path, b"new", false).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(!path.exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_at_the_temporary_name_is_not_reused() {
+        // Planted by somebody else, it would become the status file, theirs
+        // to change.
+        let (dir, _) = planted("tmp-file");
+        let (tmp, path) = (dir.join(".s.tmp"), dir.join("s"));
+        std::fs::write(&tmp, "planted").unwrap();
+        let err = write_through(&tmp, &path, b"new", false).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert!(!path.exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_at_the_final_name_is_replaced_not_followed() {
+        let (dir, victim) = planted("final-link");
+        let path = dir.join("s");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        write_replacing(&dir, &path, b"new", false).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.is_file() && meta.mode() & 0o777 == 0o600);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     fn status(outcome: Outcome) -> Status {
         Status {

@@ -93,12 +93,14 @@ fn start(handoff: &str, snapshot: Option<OwnedFd>) -> Outcome {
     let log = Arc::new(Mutex::new(String::new()));
     let sink = log.clone();
     let stderr = child.stderr.take().unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             let mut l = sink.lock().unwrap();
             l.push_str(&line);
             l.push('\n');
         }
+        let _ = done.send(());
     });
     let code = wait_for("the demo to exit or serve", || match child.try_wait() {
         Ok(Some(status)) => Some(status.code()),
@@ -109,8 +111,10 @@ fn start(handoff: &str, snapshot: Option<OwnedFd>) -> Outcome {
         }
         _ => None,
     });
-    // Let the reader thread collect the last lines.
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    // Every line, up to the end of the demo's stderr.
+    finished
+        .recv_timeout(util::WAIT)
+        .expect("the demo's stderr to end");
     let log = log.lock().unwrap().clone();
     assert!(!log.contains("panicked"), "the demo panicked:\n{log}");
     Outcome { code, log }

@@ -23,6 +23,11 @@ use tracing_subscriber::EnvFilter;
 /// The build's label; the tests build a `v2`, and a `bad` one that panics
 /// after adopting the sockets (it is rolled back).
 const LABEL: Option<&str> = option_env!("COPYOVER_CHAT_LABEL");
+/// A build that writes each message with `send(..).await` outside the safe
+/// point, as tokio's own chat does: a client that stops reading holds its
+/// task there, and the pause for an upgrade ends without it (refused, every
+/// task going on).
+const NAIVE: bool = option_env!("COPYOVER_CHAT_NAIVE").is_some();
 
 type Tx = mpsc::UnboundedSender<String>;
 type Rx = mpsc::UnboundedReceiver<String>;
@@ -173,7 +178,7 @@ async fn run(co: Copyover<Saved>, start: Start<Saved>) -> Result<(), Box<dyn Err
     }
     drop(peers);
     for ((saved, stream), (tx, rx)) in clients.into_iter().zip(inboxes) {
-        let (shared, safe) = (Arc::clone(&shared), quiesce.join());
+        let (shared, safe) = (Arc::clone(&shared), quiesce.join_as(saved.addr.to_string()));
         // Registered with tokio in its own task: cheaper (see copyover::tokio).
         tokio::spawn(async move {
             match Client::restore(saved, stream, tx, rx) {
@@ -189,19 +194,25 @@ async fn run(co: Copyover<Saved>, start: Start<Saved>) -> Result<(), Box<dyn Err
                 let (stream, addr) = accepted?;
                 let mut client = Client::new(addr, Framed::new(stream, LinesCodec::new()));
                 client.queue("Please enter your username:".into());
-                tokio::spawn(process(Arc::clone(&shared), client, quiesce.join()));
+                tokio::spawn(process(Arc::clone(&shared), client, quiesce.join_as(addr.to_string())));
             }
             event = co.next_event() => match event {
                 // The probe checks that the new build reads our state.
                 Event::Upgrade => drop(co.upgrade(&Saved::default(), &keep(&listener, &[]))),
-                Event::UpgradeApproved => {
-                    let mut parked = quiesce.pause().await;
-                    let saved = Saved(parked.iter_mut().map(Client::save).collect());
-                    // Returns only if the commit failed: serve on.
-                    let _ = co.upgrade(&saved, &keep(&listener, &parked));
-                    quiesce.resume();
-                    spawn_all(&shared, &quiesce, parked).await;
-                }
+                Event::UpgradeApproved => match quiesce.pause().await {
+                    Ok(mut parked) => {
+                        let saved = Saved(parked.iter_mut().map(Client::save).collect());
+                        // Returns only if the commit failed: serve on.
+                        let _ = co.upgrade(&saved, &keep(&listener, &parked));
+                        quiesce.resume();
+                        spawn_all(&shared, &quiesce, parked).await;
+                    }
+                    // A task did not reach a safe point in time: no upgrade.
+                    Err(unpaused) => {
+                        co.abandon(&unpaused.to_string());
+                        spawn_all(&shared, &quiesce, unpaused.parked).await;
+                    }
+                },
                 Event::Shutdown => return Ok(()),
                 _ => {}
             },
@@ -216,7 +227,8 @@ async fn spawn_all(shared: &Arc<Mutex<Shared>>, quiesce: &Quiesce<Client>, clien
         if client.name.is_some() {
             shared_now.peers.insert(client.addr, client.tx.clone());
         }
-        tokio::spawn(process(Arc::clone(shared), client, quiesce.join()));
+        let safe = quiesce.join_as(client.addr.to_string());
+        tokio::spawn(process(Arc::clone(shared), client, safe));
     }
 }
 
@@ -247,7 +259,11 @@ async fn serve(
         }
         tokio::select! {
             () = safe.requested() => return Ok(true),
-            Some(message) = client.rx.recv() => client.queue(message),
+            Some(message) = client.rx.recv() => if NAIVE {
+                client.lines.send(message).await?;
+            } else {
+                client.queue(message);
+            },
             line = client.lines.next() => match line {
                 Some(Ok(line)) => {
                     let mut shared = shared.lock().await;

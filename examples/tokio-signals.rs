@@ -128,7 +128,18 @@ async fn run(
                     let _ = upgrade(&mut co, no_mask, &state, &keep);
                 }
                 Event::UpgradeApproved => {
-                    let parked = quiesce.pause().await;
+                    let parked = match quiesce.pause().await {
+                        Ok(parked) => parked,
+                        Err(unpaused) => {
+                            report(format!("commit failed: {unpaused}"));
+                            co.abandon(&unpaused.to_string());
+                            upgrading = false;
+                            for () in unpaused.parked {
+                                tokio::spawn(busy(quiesce.join()));
+                            }
+                            continue;
+                        }
+                    };
                     let mut keep = Handoff::new();
                     keep.datagram("report", &sock);
                     report(format!("commit gen={generation}"));

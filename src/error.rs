@@ -114,6 +114,14 @@ pub enum UpgradeError {
         /// The error.
         source: io::Error,
     },
+    /// The application abandoned the upgrade before its commit
+    /// ([`Copyover::abandon`](crate::Copyover::abandon)): it could not
+    /// reach a safe point, say.
+    #[error("the server abandoned the upgrade: {reason}")]
+    Abandoned {
+        /// The application's reason.
+        reason: String,
+    },
     /// A system call around the exec failed, or the snapshot file could not
     /// be written.
     #[error("could not {what}: {source}")]

@@ -626,6 +626,28 @@ impl<S> Copyover<S> {
         }
     }
 
+    /// Abandons the upgrade under way, before its commit: it ends as
+    /// `upgrade refused: the server abandoned the upgrade: REASON`, reported
+    /// like any refusal (log, status file, sd_notify, the `copyover` CLI's
+    /// exit status), and the next SIGHUP starts a new one. A probe still
+    /// running is killed. Call it on [`Event::UpgradeApproved`] when the
+    /// server cannot reach a safe point (for a tokio server: when
+    /// [`Quiesce::pause`](crate::tokio::Quiesce::pause) returns
+    /// `Unpaused`). Does nothing if no upgrade is under way.
+    pub fn abandon(&mut self, reason: &str) {
+        match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Idle => return,
+            Phase::Probing(probe, _) => probe.kill(),
+            Phase::Approved { .. } => {}
+        }
+        self.draft = None;
+        self.record = None;
+        let reason = UpgradeError::Abandoned {
+            reason: reason.into(),
+        };
+        self.log_refused(&reason.to_string());
+    }
+
     /// Declares this image ready: the inherited descriptors are claimed and
     /// registered. Disarms the rollback and the readiness deadline, and
     /// reports the outcome (`upgrade complete` with the versions, the

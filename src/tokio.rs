@@ -16,7 +16,12 @@
 //!    its socket and per-connection state ([`SafePoint::park`]); it returns
 //!    them all. Build the state and the [`Handoff`] from
 //!    them and call [`AsyncCopyover::upgrade`] again: it commits and, on
-//!    success, never returns.
+//!    success, never returns. A pause is bounded ([`PAUSE_LIMIT`]): if a
+//!    task waits outside its safe point (a write to a client that stopped
+//!    reading), it ends with [`Unpaused`], which names that task; abandon
+//!    the upgrade ([`Copyover::abandon`]) and spawn again the tasks that
+//!    did park. Nobody waits on the slow one. (It uses tokio's timer:
+//!    [`runtime`] enables it.)
 //! 3. If the commit fails, it returns the error and the old image serves
 //!    on: [`Quiesce::resume`], then spawn the tasks again from what they
 //!    handed back, the same way the new image starts them from the
@@ -70,7 +75,16 @@
 //!                         let _ = co.upgrade(&State::default(), &keep);
 //!                     }
 //!                     Event::UpgradeApproved => {
-//!                         let parked = quiesce.pause().await;
+//!                         let parked = match quiesce.pause().await {
+//!                             Ok(parked) => parked,
+//!                             // A task did not reach a safe point in time.
+//!                             Err(unpaused) => {
+//!                                 co.abandon(&unpaused.to_string());
+//!                                 // ... spawn the tasks again from
+//!                                 // `unpaused.parked`.
+//!                                 continue;
+//!                             }
+//!                         };
 //!                         let mut keep = Handoff::new();
 //!                         keep.listener("listener", &listener);
 //!                         for (i, s) in parked.iter().enumerate() {
@@ -124,6 +138,7 @@ use std::ops::{Deref, DerefMut};
 use std::os::fd::OwnedFd;
 use std::os::unix::net as unix;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use ::tokio::sync::{Notify, watch};
 
@@ -472,6 +487,12 @@ impl TakeTokio for Inherited {
 /// collects what they hand back: a `T` per task, typically the socket and
 /// the per-connection state (unread input, unsent output).
 ///
+/// A pause is bounded: a task that does not reach a safe point in time (it
+/// waits outside one: a write to a client that stopped reading, a lock)
+/// ends the pause with [`Unpaused`], which names it; the upgrade is then
+/// abandoned ([`Copyover::abandon`]) and every task goes on from where it
+/// was. One slow client never stops the others.
+///
 /// Clone it freely; every clone is the same quiesce.
 #[derive(Debug)]
 pub struct Quiesce<T> {
@@ -486,6 +507,9 @@ impl<T> Clone for Quiesce<T> {
     }
 }
 
+/// How long [`Quiesce::pause`] waits by default for the last task.
+pub const PAUSE_LIMIT: Duration = Duration::from_millis(500);
+
 #[derive(Debug)]
 struct Inner<T> {
     tally: Mutex<Tally<T>>,
@@ -493,12 +517,18 @@ struct Inner<T> {
     paused: watch::Sender<bool>,
     /// Wakes `pause` when a task parked or left.
     changed: Notify,
+    limit: Duration,
 }
 
 #[derive(Debug)]
 struct Tally<T> {
-    /// Tasks that joined and have not parked or left.
-    live: usize,
+    /// Tasks that joined and have not parked or left, by their number.
+    live: std::collections::BTreeMap<u64, Option<String>>,
+    /// Of those, the ones whose safe point was granted (they park next).
+    granted: usize,
+    /// Whether a pause may still grant safe points: false once it ended.
+    granting: bool,
+    next: u64,
     parked: Vec<T>,
 }
 
@@ -508,14 +538,18 @@ impl<T> Inner<T> {
         self.tally.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One task fewer; the last one of a pause wakes `pause` (once, not
-    /// once per task: the pausing task is on the main thread, and waking it
-    /// a thousand times costs a thousand thread switches).
-    fn leave(&self, mut tally: MutexGuard<'_, Tally<T>>) {
-        tally.live = tally.live.saturating_sub(1);
-        let last = tally.live == 0;
+    /// Task `id` leaves (parked, or ended); the last one of a pause, or
+    /// the last granted one of an abandoned pause, wakes `pause` (once,
+    /// not once per task: the pausing task is on the main thread, and
+    /// waking it a thousand times costs a thousand thread switches).
+    fn leave(&self, mut tally: MutexGuard<'_, Tally<T>>, id: u64, granted: bool) {
+        tally.live.remove(&id);
+        if granted {
+            tally.granted = tally.granted.saturating_sub(1);
+        }
+        let wake = tally.live.is_empty() || (granted && tally.granted == 0);
         drop(tally);
-        if last {
+        if wake {
             self.changed.notify_one();
         }
     }
@@ -527,17 +561,63 @@ impl<T> Default for Quiesce<T> {
     }
 }
 
+/// A pause that ended before every task parked: the upgrade cannot go on.
+/// Spawn the tasks of [`parked`](Self::parked) again (as after a failed
+/// commit), and abandon the upgrade with this as the reason
+/// ([`Copyover::abandon`]); the other tasks never stopped.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Unpaused<T> {
+    /// What the tasks that did park handed back.
+    pub parked: Vec<T>,
+    /// The tasks that did not reach a safe point in time: their names
+    /// ([`Quiesce::join_as`]), or `task N`.
+    pub running: Vec<String>,
+    /// How long the pause waited.
+    pub waited: Duration,
+}
+
+impl<T> std::fmt::Display for Unpaused<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN: usize = 10;
+        write!(
+            f,
+            "{} task(s) did not reach a safe point within {} ms (waiting outside one: a write \
+             to a client that does not read, a lock): {}",
+            self.running.len(),
+            self.waited.as_millis(),
+            self.running[..self.running.len().min(SHOWN)].join(", ")
+        )?;
+        if self.running.len() > SHOWN {
+            write!(f, " and {} more", self.running.len() - SHOWN)?;
+        }
+        Ok(())
+    }
+}
+
+impl<T: std::fmt::Debug> std::error::Error for Unpaused<T> {}
+
 impl<T> Quiesce<T> {
-    /// A quiesce that no task has joined.
+    /// A quiesce that no task has joined, whose pauses wait
+    /// [`PAUSE_LIMIT`] at most.
     pub fn new() -> Self {
+        Self::with_limit(PAUSE_LIMIT)
+    }
+
+    /// A quiesce whose pauses wait `limit` at most for the last task.
+    pub fn with_limit(limit: Duration) -> Self {
         Quiesce {
             inner: Arc::new(Inner {
                 tally: Mutex::new(Tally {
-                    live: 0,
+                    live: std::collections::BTreeMap::new(),
+                    granted: 0,
+                    granting: false,
+                    next: 0,
                     parked: Vec::new(),
                 }),
                 paused: watch::Sender::new(false),
                 changed: Notify::new(),
+                limit,
             }),
         }
     }
@@ -547,17 +627,34 @@ impl<T> Quiesce<T> {
     /// be missed by a pause that starts meanwhile, and then run on while
     /// the commit hands its socket over.
     pub fn join(&self) -> SafePoint<T> {
-        self.inner.tally().live += 1;
+        self.enrol(None)
+    }
+
+    /// [`join`](Self::join), with a name that [`Unpaused`] gives if this
+    /// task does not reach a safe point in time (a peer's address, a
+    /// user's name).
+    pub fn join_as(&self, name: impl Into<String>) -> SafePoint<T> {
+        self.enrol(Some(name.into()))
+    }
+
+    fn enrol(&self, name: Option<String>) -> SafePoint<T> {
+        let mut tally = self.inner.tally();
+        let id = tally.next;
+        tally.next += 1;
+        tally.live.insert(id, name);
+        drop(tally);
         SafePoint {
             inner: Arc::clone(&self.inner),
             paused: self.inner.paused.subscribe(),
+            id,
+            granted: false,
             left: false,
         }
     }
 
     /// Tasks that joined and have neither parked nor left.
     pub fn running(&self) -> usize {
-        self.inner.tally().live
+        self.inner.tally().live.len()
     }
 
     /// Asks every joined task to stop at its next safe point, waits until
@@ -565,28 +662,65 @@ impl<T> Quiesce<T> {
     /// they handed back, in the order they parked. Tasks that join while
     /// the pause lasts are asked at once.
     ///
-    /// A task that never reaches a safe point (it waits on something else
-    /// forever) makes this wait forever too: put the safe point in the
-    /// same `select!` as every wait of the task.
-    pub async fn pause(&self) -> Vec<T> {
+    /// # Errors
+    ///
+    /// [`Unpaused`] if some task has not reached a safe point within the
+    /// limit ([`PAUSE_LIMIT`], or [`with_limit`](Self::with_limit)'s): the
+    /// pause ends (tasks still running are no longer asked to stop), and
+    /// it holds what the tasks that parked handed back. Abandon the
+    /// upgrade and spawn those tasks again.
+    pub async fn pause(&self) -> Result<Vec<T>, Unpaused<T>> {
+        let started = std::time::Instant::now();
+        let deadline = ::tokio::time::Instant::from_std(started + self.inner.limit);
+        self.inner.tally().granting = true;
         self.inner.paused.send_replace(true);
+        let mut late = false;
         loop {
             let changed = self.inner.changed.notified();
             {
                 let mut tally = self.inner.tally();
-                if tally.live == 0 {
+                if tally.live.is_empty() {
+                    // Safe points are still granted until `resume`: a task
+                    // that joins now parks for the next pause.
                     tracing::debug!(tasks = tally.parked.len(), "every task parked");
-                    return std::mem::take(&mut tally.parked);
+                    return Ok(std::mem::take(&mut tally.parked));
+                }
+                if late && tally.granted == 0 {
+                    // The tasks granted a safe point have parked; the
+                    // others go on as they were.
+                    let running = tally
+                        .live
+                        .iter()
+                        .map(|(id, name)| name.clone().unwrap_or_else(|| format!("task {id}")))
+                        .collect();
+                    let parked = std::mem::take(&mut tally.parked);
+                    return Err(Unpaused {
+                        parked,
+                        running,
+                        waited: started.elapsed(),
+                    });
                 }
             }
-            changed.await;
+            if late {
+                changed.await;
+                continue;
+            }
+            if ::tokio::time::timeout_at(deadline, changed).await.is_err() {
+                // No safe point is granted from now on; a task that was
+                // granted one parks at once (it called `requested`).
+                late = true;
+                self.inner.tally().granting = false;
+                self.inner.paused.send_replace(false);
+            }
         }
     }
 
     /// Ends the pause: tasks that join from now on run until the next one.
     /// Call it after a failed commit, before spawning the tasks again from
-    /// what [`pause`](Self::pause) returned.
+    /// what [`pause`](Self::pause) returned. (A pause that ended with
+    /// [`Unpaused`] has ended already.)
     pub fn resume(&self) {
+        self.inner.tally().granting = false;
         self.inner.paused.send_replace(false);
     }
 }
@@ -598,18 +732,42 @@ impl<T> Quiesce<T> {
 pub struct SafePoint<T> {
     inner: Arc<Inner<T>>,
     paused: watch::Receiver<bool>,
+    id: u64,
+    /// The pause granted this task its safe point: it parks next.
+    granted: bool,
     left: bool,
 }
 
 impl<T> SafePoint<T> {
-    /// Completes when a pause is asked for (at once if one is under way).
-    /// Cancel-safe: put it in the task's `select!` loop, beside the reads
-    /// and writes, and [`park`](Self::park) when it completes.
+    /// Completes when a pause is asked for (at once if one is under way),
+    /// and grants this task its safe point: [`park`](Self::park) right
+    /// after, with no `.await` in between. Cancel-safe: put it in the
+    /// task's `select!` loop, beside the reads and writes.
     pub async fn requested(&mut self) {
-        if self.paused.wait_for(|p| *p).await.is_err() {
-            // Every `Quiesce` was dropped: no pause will ever come.
-            std::future::pending::<()>().await;
+        loop {
+            if self.paused.wait_for(|p| *p).await.is_err() {
+                // Every `Quiesce` was dropped: no pause will ever come.
+                std::future::pending::<()>().await;
+            }
+            if self.grant() {
+                return;
+            }
+            // This pause ended before granting us: wait for the next one.
+            if self.paused.wait_for(|p| !*p).await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
+    }
+
+    /// Takes this task's safe point in the pause under way, if that pause
+    /// still grants them (it did not end).
+    fn grant(&mut self) -> bool {
+        let mut tally = self.inner.tally();
+        if !self.granted && tally.granting {
+            tally.granted += 1;
+            self.granted = true;
+        }
+        self.granted
     }
 
     /// Whether a pause is asked for now.
@@ -623,14 +781,14 @@ impl<T> SafePoint<T> {
         let mut tally = self.inner.tally();
         tally.parked.push(item);
         self.left = true;
-        self.inner.leave(tally);
+        self.inner.leave(tally, self.id, self.granted);
     }
 }
 
 impl<T> Drop for SafePoint<T> {
     fn drop(&mut self) {
         if !self.left {
-            self.inner.leave(self.inner.tally());
+            self.inner.leave(self.inner.tally(), self.id, self.granted);
         }
     }
 }
@@ -656,7 +814,7 @@ mod tests {
                     sp.park(i);
                 }));
             }
-            let mut got = q.pause().await;
+            let mut got = q.pause().await.unwrap();
             got.sort_unstable();
             assert_eq!(got, (0..50).filter(|i| i % 10 != 0).collect::<Vec<_>>());
             assert_eq!(q.running(), 0);
@@ -665,12 +823,54 @@ mod tests {
             assert!(late.is_requested());
             late.requested().await;
             late.park(99);
-            assert_eq!(q.pause().await, [99]);
+            assert_eq!(q.pause().await.unwrap(), [99]);
             q.resume();
             let sp = q.join();
             assert!(!sp.is_requested());
             drop(sp);
             for h in handles {
+                h.await.unwrap();
+            }
+        });
+    }
+
+    #[test]
+    fn a_task_that_never_reaches_its_safe_point_ends_the_pause_not_the_server() {
+        let rt = runtime().unwrap();
+        rt.block_on(async {
+            let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_millis(100));
+            // A task stuck outside its safe point (a write to a client that
+            // does not read), until it is let go.
+            let (go, stuck_until) = ::tokio::sync::oneshot::channel::<()>();
+            let mut stuck = q.join_as("10.0.0.9:4000");
+            let stuck_task = ::tokio::spawn(async move {
+                let _ = stuck_until.await;
+                stuck.requested().await;
+                stuck.park(9);
+            });
+            let mut quick = Vec::new();
+            for i in 0..5u32 {
+                let mut sp = q.join();
+                quick.push(::tokio::spawn(async move {
+                    sp.requested().await;
+                    sp.park(i);
+                }));
+            }
+            let unpaused = q.pause().await.unwrap_err();
+            let mut parked = unpaused.parked.clone();
+            parked.sort_unstable();
+            assert_eq!(parked, [0, 1, 2, 3, 4]);
+            assert_eq!(unpaused.running, ["10.0.0.9:4000"]);
+            assert!(unpaused.to_string().contains("10.0.0.9:4000"), "{unpaused}");
+            // The stuck task is not asked to stop any more: once let go, it
+            // runs on, and parks only at the next pause.
+            assert!(!q.join().is_requested());
+            go.send(()).unwrap();
+            ::tokio::task::yield_now().await;
+            assert_eq!(q.running(), 1);
+            assert_eq!(q.pause().await.unwrap(), [9]);
+            stuck_task.await.unwrap();
+            for h in quick {
                 h.await.unwrap();
             }
         });

@@ -36,7 +36,11 @@ struct Client {
 impl Client {
     /// Connects, answers the prompt with `name`.
     fn login(addr: SocketAddr, name: &str) -> Client {
-        let stream = TcpStream::connect(addr).expect("connect");
+        Client::login_on(TcpStream::connect(addr).expect("connect"), name)
+    }
+
+    /// Answers the prompt on `stream` with `name`.
+    fn login_on(stream: TcpStream, name: &str) -> Client {
         stream
             .set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
@@ -262,6 +266,92 @@ fn a_failed_commit_restarts_every_task_from_what_it_handed_back() {
     all_still_there(&mut ann, &mut bob, &mut cy, "the failed commit");
     // And the next upgrade goes through.
     server.deploy(&v2);
+    let outcome = server.upgrade();
+    assert!(outcome.contains("to_version=v2"), "{outcome}");
+    all_still_there(&mut ann, &mut bob, &mut cy, "the upgrade");
+    for c in [&mut ann, &mut bob, &mut cy] {
+        c.assert_quiet();
+    }
+}
+
+/// A connection whose receive buffer stays small (a client on a slow link,
+/// or one that stopped reading, fills it quickly).
+fn connect_small(addr: SocketAddr) -> TcpStream {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    setsockopt(&fd, sockopt::RcvBuf, &4096).expect("SO_RCVBUF");
+    let SocketAddr::V4(v4) = addr else {
+        panic!("a loopback IPv4 address")
+    };
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4)).expect("connect");
+    TcpStream::from(fd)
+}
+
+#[test]
+fn a_client_that_stops_reading_costs_one_upgrade_not_the_others() {
+    // A build that writes with `send(..).await` outside its safe point, as
+    // tokio's own chat does: cy stops reading, its task waits in that
+    // write, and the pause for the upgrade ends without it.
+    let naive = |label| {
+        util::example(
+            "tokio-chat",
+            &[("COPYOVER_CHAT_LABEL", label), ("COPYOVER_CHAT_NAIVE", "1")],
+        )
+    };
+    let (v1, v2) = (naive("v1"), naive("v2"));
+    let server = start("tokio-chat-slow", &v1);
+    let mut ann = Client::login(server.addr, "ann");
+    let mut bob = Client::login(server.addr, "bob");
+    ann.expect("bob has joined the chat");
+    let mut cy = Client::login_on(connect_small(server.addr), "cy");
+    ann.expect("cy has joined the chat");
+    bob.expect("cy has joined the chat");
+    let cy_addr = cy.stream.local_addr().expect("cy's address").to_string();
+
+    // ann floods the chat with 8 MB, bob reads it all, cy reads nothing:
+    // its socket (a small receive buffer, and a send buffer of at most
+    // 4 MB on the server's side) fills, and its task waits in `send`.
+    let total = 80_000;
+    let reader = std::thread::spawn(move || {
+        for i in 0..total {
+            bob.expect(&format!("ann: {i:>8} {}", "x".repeat(80)));
+        }
+        bob
+    });
+    for i in 0..total {
+        ann.say(&format!("{i:>8} {}", "x".repeat(80)));
+    }
+    let mut bob = reader.join().expect("bob read everything");
+
+    server.deploy(&v2);
+    let outcome = server.upgrade();
+    assert!(
+        outcome.contains("upgrade refused")
+            && outcome.contains("did not reach a safe point")
+            && outcome.contains(&cy_addr),
+        "{outcome}"
+    );
+    // Everyone else never stopped.
+    ann.say("still here");
+    bob.expect("ann: still here");
+    bob.say("me too");
+    ann.expect("bob: me too");
+
+    // cy reads again: everything, in order, then what came since.
+    for i in 0..total {
+        cy.expect(&format!("ann: {i:>8} {}", "x".repeat(80)));
+    }
+    cy.expect("ann: still here");
+    cy.expect("bob: me too");
+    // And the next upgrade goes through, with everyone.
     let outcome = server.upgrade();
     assert!(outcome.contains("to_version=v2"), "{outcome}");
     all_still_there(&mut ann, &mut bob, &mut cy, "the upgrade");

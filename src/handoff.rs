@@ -1031,9 +1031,144 @@ mod tests {
             nofile: Some(1024),
             script: Some(7),
             rescued: true,
+            claim: Some(9),
+            held_at: Some(123_456_789),
             ..v
         };
         assert_eq!(HandoffVar::parse(&full.format()).unwrap(), full);
+    }
+
+    #[test]
+    fn a_script_fd_that_names_the_snapshot_or_the_binary_is_refused() {
+        let base = "1:pid=1:snapshot=3:binary=4:mode=upgrade";
+        assert!(HandoffVar::parse(&format!("{base}:script=5")).is_ok());
+        for fd in [3, 4] {
+            let err = HandoffVar::parse(&format!("{base}:script={fd}")).unwrap_err();
+            assert!(err.to_string().contains("script names"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_handoff_chains_and_knows_when_it_is_empty() {
+        let f = std::fs::File::open("/proc/self/stat").unwrap();
+        let g = std::fs::File::open("/proc/self/stat").unwrap();
+        let region = crate::Region::new(4096).unwrap();
+        let mut keep = Handoff::new();
+        assert!(keep.is_empty());
+        keep.other("a", &f).other("b", &g).region("r", &region);
+        assert!(!keep.is_empty());
+        let m = keep.manifest().unwrap();
+        let kinds: Vec<(&str, FdKind)> = m
+            .entries
+            .iter()
+            .map(|e| (e.name.as_str(), e.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("a", FdKind::Other),
+                ("b", FdKind::Other),
+                ("r", FdKind::Region)
+            ]
+        );
+    }
+
+    /// A copy of `s`'s descriptor that is *not* close-on-exec, as the
+    /// previous image leaves a kept one, at `from` or above. (A number is
+    /// claimed once per process, and `cargo test` runs these tests in one:
+    /// each test takes numbers from a range of its own.)
+    fn inheritable(s: &impl AsFd, from: RawFd) -> RawFd {
+        nix::fcntl::fcntl(s, nix::fcntl::FcntlArg::F_DUPFD(from)).unwrap()
+    }
+
+    #[test]
+    fn check_claims_every_inherited_number_once() {
+        let claims = sys::Claims::for_tests();
+        let (a, _a) = UnixStream::pair().unwrap();
+        let (b, _b) = UnixStream::pair().unwrap();
+        let (fa, fb) = (inheritable(&a, 300), inheritable(&b, 300));
+        let manifest = || Manifest {
+            entries: vec![ManifestEntry {
+                name: "one".into(),
+                fd: fa,
+                kind: FdKind::Stream,
+            }],
+            groups: vec![ManifestGroup {
+                name: "conn".into(),
+                members: vec![GroupMember { id: 7, fd: fb }],
+            }],
+        };
+        let mut set = Inherited::check(manifest(), false, &claims).unwrap();
+        let mut numbers = set.numbers();
+        numbers.sort_unstable();
+        assert_eq!(numbers, [fa, fb]);
+        // Claimed once: a second claim of the same numbers is refused.
+        let err = Inherited::check(manifest(), false, &claims).unwrap_err();
+        assert!(err.to_string().contains("used twice"), "{err}");
+        assert!(set.take_fd("one").unwrap().is_some());
+        let members: Vec<u64> = set
+            .take_unix_streams("conn")
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(members, [7]);
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn check_refuses_what_was_not_left_for_it_unless_tolerant() {
+        let claims = sys::Claims::for_tests();
+        // Close-on-exec: this image's own, not inherited.
+        let own = std::fs::File::open("/proc/self/stat").unwrap();
+        let manifest = || Manifest {
+            entries: vec![ManifestEntry {
+                name: "own".into(),
+                fd: own.as_raw_fd(),
+                kind: FdKind::Other,
+            }],
+            groups: Vec::new(),
+        };
+        let err = Inherited::check(manifest(), false, &claims).unwrap_err();
+        assert!(err.to_string().contains("'own'"), "{err}");
+        let set = Inherited::check(manifest(), true, &claims).unwrap();
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn check_refuses_a_group_named_like_an_entry() {
+        let claims = sys::Claims::for_tests();
+        let (a, _a) = UnixStream::pair().unwrap();
+        let (b, _b) = UnixStream::pair().unwrap();
+        let manifest = Manifest {
+            entries: vec![ManifestEntry {
+                name: "conn".into(),
+                fd: inheritable(&a, 400),
+                kind: FdKind::Stream,
+            }],
+            groups: vec![ManifestGroup {
+                name: "conn".into(),
+                members: vec![GroupMember {
+                    id: 1,
+                    fd: inheritable(&b, 400),
+                }],
+            }],
+        };
+        let err = Inherited::check(manifest, false, &claims).unwrap_err();
+        assert!(err.to_string().contains("names it twice"), "{err}");
+    }
+
+    #[test]
+    fn a_typed_take_says_what_it_wanted() {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut set = Inherited::from_owned([(
+            "l".to_string(),
+            OwnedFd::from(udp.try_clone().unwrap()),
+            FdKind::Datagram,
+        )]);
+        let err = set.take_tcp_listener("l").unwrap_err().to_string();
+        assert!(err.contains(SocketKind::TcpListener.wanted()), "{err}");
+        assert!(SocketKind::TcpListener.wanted().contains("TCP"));
     }
 
     #[test]

@@ -233,4 +233,25 @@ mod tests {
         short.extend_from_slice(b"a\0");
         assert!(ExecRecord::decode(&short).is_none());
     }
+
+    #[test]
+    fn an_exec_record_is_read_back_from_its_sealed_memfd() {
+        use std::os::fd::AsFd;
+        let argv = vec![cstring(b"/srv/chat").unwrap(), cstring(b"-v").unwrap()];
+        let env = [(OsString::from("A"), OsString::from("1"))];
+        let fd = ExecRecord::seal(&argv, &env).unwrap();
+        let back = ExecRecord::read(fd.as_fd()).unwrap();
+        assert_eq!(back.argv, argv);
+        assert_eq!(back.env, [cstring(b"A=1").unwrap()]);
+    }
+
+    #[test]
+    fn an_oversized_exec_record_is_refused() {
+        use std::os::fd::AsFd;
+        // One argument of 16 MiB: the record is over the 16 MiB cap.
+        let argv = [cstring(&vec![b'a'; 1 << 24]).unwrap()];
+        let fd = ExecRecord::seal(&argv, &[]).unwrap();
+        let err = ExecRecord::read(fd.as_fd()).unwrap_err();
+        assert!(err.to_string().contains("oversized"), "{err}");
+    }
 }

@@ -668,6 +668,92 @@ mod tests {
     }
 
     #[test]
+    fn outcomes_say_what_they_are() {
+        let complete = Outcome::Complete {
+            from: "v1".into(),
+            to: "v2".into(),
+            generation: 1,
+            blackout_ms: 1.0,
+            phases: Phases::default(),
+        };
+        let refused = Outcome::Refused {
+            reason: "no".into(),
+        };
+        assert!(complete.ends_an_upgrade() && complete.is_complete());
+        assert!(refused.ends_an_upgrade() && !refused.is_complete());
+        assert!(!Outcome::Started.ends_an_upgrade() && !Outcome::Started.is_complete());
+        assert_eq!(complete.to_string(), "complete");
+        assert_eq!(refused.to_string(), "refused");
+        assert!(complete == "complete" && complete != "refused");
+        assert_eq!((complete.reason(), refused.reason()), (None, Some("no")));
+        assert_eq!(
+            status_path(Path::new("/run/x"), 42),
+            Path::new("/run/x/42.status")
+        );
+    }
+
+    #[test]
+    fn a_long_status_file_is_read_up_to_its_cap() {
+        let (dir, _) = planted("long");
+        let path = dir.join("1.status");
+        let status = Status {
+            pid: 1,
+            app: "a".into(),
+            outcome: Outcome::Refused {
+                reason: "r".repeat(4000),
+            },
+            ..Default::default()
+        };
+        std::fs::write(&path, status.render()).unwrap();
+        assert_eq!(Status::read(&path).unwrap(), status);
+        std::fs::write(&path, "x".repeat(MAX_LEN as usize + 1)).unwrap();
+        assert!(Status::read(&path).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn publishing_continues_the_sequence_of_the_same_process_only() {
+        let (dir, _) = planted("publish");
+        let pid = std::process::id();
+        let path = status_path(&dir, pid);
+        let fresh = || Status {
+            pid,
+            app: "a".into(),
+            ..Default::default()
+        };
+        fresh().try_publish(&dir, &path).unwrap();
+        let first = Status::read(&path).unwrap();
+        assert_eq!(first.seq, 1);
+        assert_eq!(first.start_ticks, start_ticks(pid).unwrap());
+        assert!(first.started_at > 1_600_000_000 && first.updated_at >= first.started_at);
+        fresh().try_publish(&dir, &path).unwrap();
+        let second = Status::read(&path).unwrap();
+        assert_eq!((second.seq, second.started_at), (2, first.started_at));
+        // A file another process of this PID left (another start time):
+        // the sequence starts again.
+        let stale = Status {
+            start_ticks: first.start_ticks + 1,
+            seq: 9,
+            started_at: 5,
+            ..second.clone()
+        };
+        std::fs::write(&path, stale.render()).unwrap();
+        fresh().try_publish(&dir, &path).unwrap();
+        let third = Status::read(&path).unwrap();
+        assert_eq!(third.seq, 1);
+        assert_ne!(third.started_at, 5);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn root_writes_under_run_unless_told_otherwise() {
+        // The other branches depend on the environment the tests run in.
+        if std::env::var_os(STATUS_DIR_VAR).is_none() && crate::sys::real_uid() == 0 {
+            assert_eq!(status_dir(), Path::new("/run/copyover"));
+        }
+    }
+
+    #[test]
     fn a_symlink_at_the_temporary_name_is_not_followed() {
         let (dir, victim) = planted("tmp-link");
         let (tmp, path) = (dir.join(".s.tmp"), dir.join("s"));

@@ -155,6 +155,13 @@ impl Claims {
         (!CLAIMS_TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst)).then_some(Claims(()))
     }
 
+    /// A token for a unit test, which claims numbers it made inheritable
+    /// itself (tests share one process under `cargo test`).
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Claims {
+        Claims(())
+    }
+
     /// Takes ownership of inherited number `fd` (see [`Claims`]).
     pub(crate) fn inherit(&self, fd: RawFd) -> io::Result<OwnedFd> {
         let mut claimed = CLAIMED.lock().unwrap_or_else(|p| p.into_inner());

@@ -320,17 +320,23 @@ fn measure(p: &Point, upgrades: usize) -> Result<Row, BoxError> {
             std::thread::sleep(Duration::from_micros(200));
         }
         let lines = server.lines_since(mark);
-        let f = |marker: &str, key: &str| field(&lines, marker, key).unwrap_or(0.0);
-        let snapshot = f("snapshot sealed", "encode_ms");
-        let known = |v: Option<f64>| v.unwrap_or(0.0);
+        // A figure the runtime did not report is an error, never a zero.
+        let f = |marker: &str, key: &str| {
+            field(&lines, marker, key)
+                .ok_or_else(|| format!("no {key}= in the server's '{marker}' line"))
+        };
+        let known = |v: Option<f64>, key: &str| {
+            v.ok_or_else(|| format!("the status file has no {key} for this upgrade"))
+        };
+        let snapshot = f("snapshot sealed", "encode_ms")?;
         let (exec, restore, adopt) = (
-            known(phases.exec_ms),
-            known(phases.restore_ms),
-            known(phases.adopt_ms),
+            known(phases.exec_ms, "exec_ms")?,
+            known(phases.restore_ms, "restore_ms")?,
+            known(phases.adopt_ms, "adopt_ms")?,
         );
-        let probe = f("accepted the snapshot", "probe_ms");
-        let total = known(phases.total_ms);
-        row.state_bytes = f("snapshot sealed", "bytes");
+        let probe = f("accepted the snapshot", "probe_ms")?;
+        let total = known(phases.total_ms, "total_ms")?;
+        row.state_bytes = f("snapshot sealed", "bytes")?;
         row.phases.push([
             probe,
             snapshot,
@@ -368,7 +374,8 @@ fn measure(p: &Point, upgrades: usize) -> Result<Row, BoxError> {
     for s in &mut idle {
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
     }
-    row.naive_lost = idle.iter_mut().filter_map(|s| ping(s).err()).count() + 1;
+    // The idle clients that lost their connection, each one asked.
+    row.naive_lost = idle.iter_mut().filter_map(|s| ping(s).err()).count();
     drop(restarted);
     Ok(row)
 }

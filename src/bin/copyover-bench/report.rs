@@ -16,6 +16,7 @@ pub struct Row {
     pub phases: Vec<[f64; 6]>,
     pub dropped: usize,
     pub naive_ms: f64,
+    /// Idle clients whose connection the naive restart cost (each asked).
     pub naive_lost: usize,
     pub floor_exec: f64,
     pub floor_fd: f64,

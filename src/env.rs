@@ -12,6 +12,7 @@
 //! | Variable | Set by | Read by | Value |
 //! |---|---|---|---|
 //! | [`HANDOFF_VAR`] `COPYOVER_HANDOFF` | the commit, a rollback, the holder | [`boot`](crate::boot) | the handoff, [version 1](crate::handoff#the-handoff-variable-version-1) |
+//! | [`CLAIM_VAR`] `COPYOVER_CLAIM` | the commit, a rollback | `boot` | the readiness claim and when the holder started, [version 1](crate::handoff#the-claim-variable-version-1) |
 //! | [`ROLLBACK_REASON_VAR`] `COPYOVER_ROLLBACK_REASON` | a rollback, the holder | `boot` in rollback mode | why the new image failed (the outcome's reason) |
 //! | [`PROBE_VAR`] `COPYOVER_PROBE` | the probe | `boot`, which answers and exits | a nonce the answer repeats |
 //! | [`STATUS_DIR_VAR`] `COPYOVER_STATUS_DIR` | the operator | the runtime, the `copyover` CLI | the [status](crate::status) directory |
@@ -57,6 +58,9 @@ use std::os::unix::ffi::OsStrExt;
 
 /// The environment variable that carries the handoff into the new image.
 pub const HANDOFF_VAR: &str = "COPYOVER_HANDOFF";
+/// The environment variable that carries the readiness claim (see
+/// [`crate::handoff`]'s claim variable).
+pub const CLAIM_VAR: &str = "COPYOVER_CLAIM";
 /// The environment variable that carries a rollback's reason.
 pub const ROLLBACK_REASON_VAR: &str = "COPYOVER_ROLLBACK_REASON";
 /// The environment variable that puts a copyover program into probe mode.
@@ -73,8 +77,9 @@ pub const LISTEN_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"
 pub const FDSTORE: &str = "FDSTORE";
 
 /// Variables the runtime owns: never passed on as they were.
-const STRIPPED_VARS: [&str; 6] = [
+const STRIPPED_VARS: [&str; 7] = [
     HANDOFF_VAR,
+    CLAIM_VAR,
     ROLLBACK_REASON_VAR,
     PROBE_VAR,
     LISTEN_VARS[0],
@@ -119,7 +124,7 @@ pub(crate) fn with_handoff(mut env: Vec<CString>, handoff: &str) -> io::Result<V
 /// environment, so that no child inherits them. Only with a single thread
 /// (the caller checked).
 pub(crate) fn forget_handoff_vars() {
-    for var in [HANDOFF_VAR, ROLLBACK_REASON_VAR] {
+    for var in [HANDOFF_VAR, CLAIM_VAR, ROLLBACK_REASON_VAR] {
         crate::sys::remove_env_var(var.as_ref());
     }
 }

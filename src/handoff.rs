@@ -38,13 +38,22 @@
 //! * `rescued=1`: the holder started this (old) binary under its own PID
 //!   after the new image died before it was ready, or missed the holder's
 //!   deadline.
-//! * `claim=FD`: the readiness claim, a pipe holding one byte (see
+//!
+//! # The claim variable, version 1
+//!
+//! `COPYOVER_CLAIM=1:claim=FD:held=NS`, beside the handoff variable after
+//! a commit (and a rollback of it); a variable of its own, so that an older
+//! build, whose handoff parser refuses fields it does not know, still
+//! reads the handoff variable (it ignores this one, and the holder's
+//! deadline still applies to it).
+//!
+//! * `claim`: the readiness claim, a pipe holding one byte (see
 //!   `sys::claim`). The image that becomes ready reads the byte before it
 //!   kills the holder; the holder reads it at its deadline before it kills
 //!   the server's process. Whoever gets it ends the upgrade. A rescued
 //!   image has none (there is no holder any more).
-//! * `held=NS`: when the holder started (`CLOCK_MONOTONIC`, nanoseconds),
-//!   for the outcome's `unheld_ms`.
+//! * `held`: when the holder started (`CLOCK_MONOTONIC`, nanoseconds), for
+//!   the outcome's `unheld_ms`.
 //!
 //! A rollback hands the old binary the very text the old image wrote, with
 //! `mode=rollback` and without `script=`: the old code reads its own format,
@@ -84,8 +93,38 @@ pub(crate) struct HandoffVar {
     pub nofile: Option<u64>,
     pub script: Option<RawFd>,
     pub rescued: bool,
-    pub claim: Option<RawFd>,
-    pub held_at: Option<u64>,
+}
+
+/// The parsed claim variable (see the [module docs](self#the-claim-variable-version-1)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ClaimVar {
+    pub claim: RawFd,
+    pub held_at: u64,
+}
+
+impl ClaimVar {
+    /// The variable's value.
+    pub(crate) fn format(&self) -> String {
+        format!("1:claim={}:held={}", self.claim, self.held_at)
+    }
+
+    /// Parses the value; `None` for anything else than version 1 with both
+    /// fields (an unreadable claim is no claim: see `take_claim`).
+    pub(crate) fn parse(value: &str) -> Option<ClaimVar> {
+        let rest = value.strip_prefix("1:")?;
+        let (mut claim, mut held_at) = (None, None);
+        for part in rest.split(':') {
+            match part.split_once('=')? {
+                ("claim", v) => claim = v.parse::<RawFd>().ok().filter(|fd| *fd >= 0),
+                ("held", v) => held_at = v.parse().ok(),
+                _ => return None,
+            }
+        }
+        Some(ClaimVar {
+            claim: claim?,
+            held_at: held_at?,
+        })
+    }
 }
 
 impl HandoffVar {
@@ -121,12 +160,6 @@ impl HandoffVar {
         }
         if self.rescued {
             text.push_str(":rescued=1");
-        }
-        if let Some(fd) = self.claim {
-            text.push_str(&format!(":claim={fd}"));
-        }
-        if let Some(ns) = self.held_at {
-            text.push_str(&format!(":held={ns}"));
         }
         text
     }
@@ -185,13 +218,6 @@ impl HandoffVar {
                     )
                 }
                 "rescued" => var.rescued = v == "1",
-                "claim" => var.claim = Some(num()?),
-                "held" => {
-                    var.held_at = Some(
-                        v.parse::<u64>()
-                            .map_err(|_| bad("held is not a non-negative number"))?,
-                    )
-                }
                 "mode" => {
                     mode = Some(match v {
                         "upgrade" => Mode::Upgrade,
@@ -1031,11 +1057,30 @@ mod tests {
             nofile: Some(1024),
             script: Some(7),
             rescued: true,
-            claim: Some(9),
-            held_at: Some(123_456_789),
             ..v
         };
         assert_eq!(HandoffVar::parse(&full.format()).unwrap(), full);
+    }
+
+    #[test]
+    fn the_claim_variable_round_trips_and_refuses_garbage() {
+        let v = ClaimVar {
+            claim: 9,
+            held_at: 123_456_789,
+        };
+        assert_eq!(v.format(), "1:claim=9:held=123456789");
+        assert_eq!(ClaimVar::parse(&v.format()), Some(v));
+        for bad in [
+            "",
+            "2:claim=9:held=1",
+            "1:claim=9",
+            "1:held=1",
+            "1:claim=-1:held=1",
+            "1:claim=x:held=1",
+            "1:claim=9:held=1:more=2",
+        ] {
+            assert_eq!(ClaimVar::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]

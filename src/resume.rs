@@ -10,9 +10,9 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
-use crate::env::{HANDOFF_VAR, PROBE_VAR, ROLLBACK_REASON_VAR, forget_handoff_vars};
+use crate::env::{CLAIM_VAR, HANDOFF_VAR, PROBE_VAR, ROLLBACK_REASON_VAR, forget_handoff_vars};
 use crate::error::Error;
-use crate::handoff::{HandoffVar, Inherited, Mode};
+use crate::handoff::{ClaimVar, HandoffVar, Inherited, Mode};
 use crate::notify::Activated;
 use crate::runtime::{Config, Copyover, Resume, Start, open_own_binary};
 use crate::signal::{self, Requests};
@@ -222,12 +222,32 @@ fn resume<S: AppState>(
             }
         });
     // Who ends the upgrade, this image at `ready` or the holder at its
-    // deadline (see `sys::claim`). Kept open until ready.
-    let claim = var.claim.and_then(|fd| claims.inherit(fd).ok());
+    // deadline (see `sys::claim`), in a variable of its own. Kept open
+    // until ready. One named but unreadable, or not ours to own, counts as
+    // taken by the holder: `ready` then waits for it.
+    let claim_text = std::env::var_os(CLAIM_VAR);
+    let claim_var = claim_text
+        .as_ref()
+        .map(|v| v.to_str().and_then(ClaimVar::parse));
+    let claim = claim_var.map(|parsed| {
+        let owned = parsed.and_then(|c| match claims.inherit(c.claim) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!(fd = c.claim, "the readiness claim cannot be owned ({e}): the holder ends this upgrade at its deadline");
+                None
+            }
+        });
+        (owned, parsed.map(|c| c.held_at))
+    });
     // The handoff's own fds: a rollback hands them back too.
     let mut handoff_fds = vec![var.snapshot_fd, var.binary_fd];
     handoff_fds.extend(exec_record.as_ref().map(|fd| fd.as_raw_fd()));
-    handoff_fds.extend(claim.as_ref().map(|fd| fd.as_raw_fd()));
+    handoff_fds.extend(
+        claim
+            .as_ref()
+            .and_then(|(fd, _)| fd.as_ref())
+            .map(|fd| fd.as_raw_fd()),
+    );
     let (old_argv, old_env) = match record {
         Some(r) => (r.argv, Some(r.env)),
         None => (argv.clone(), None),
@@ -237,6 +257,7 @@ fn resume<S: AppState>(
         argv: old_argv,
         env: old_env,
         var: HandoffVar::rollback_text(text),
+        claim_var: claim_text.and_then(|v| v.into_string().ok()),
         fds: handoff_fds,
         holder_pidfd: None,
         nofile: var.nofile,
@@ -375,8 +396,8 @@ fn resume<S: AppState>(
         holder,
         holder_pid: var.holder,
         rescued: var.rescued,
-        claim,
-        held_at_ns: var.held_at,
+        held_at_ns: claim.as_ref().and_then(|(_, held)| *held),
+        claim: claim.map(|(fd, _)| fd),
         boot_ns,
         restored_ns: monotonic_ns(),
         reason,

@@ -22,7 +22,7 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::sync::Once;
 use std::time::Duration;
 
-use crate::env::{ROLLBACK_REASON_VAR, env_entries, exec_env, with_handoff};
+use crate::env::{CLAIM_VAR, ROLLBACK_REASON_VAR, cstring, env_entries, exec_env, with_handoff};
 use crate::signal::HELD_SIGNALS;
 use crate::sys;
 
@@ -122,6 +122,9 @@ pub(crate) struct Back {
     pub env: Option<Vec<CString>>,
     /// The handoff variable's text for the old binary (mode rollback).
     pub var: String,
+    /// The claim variable's text, as this image got it, if any: the old
+    /// binary takes the same claim.
+    pub claim_var: Option<String>,
     /// The descriptors the old binary reads: the manifest's, the
     /// snapshot's and its own.
     pub fds: Vec<RawFd>,
@@ -138,10 +141,13 @@ pub(crate) struct Back {
 /// rolls back: a caller that gets an error here triggers the rollback.
 pub(crate) fn arm(back: &mut Back, deadline: Option<Duration>) -> io::Result<()> {
     let argv = back.argv.clone();
-    let env = match &back.env {
+    let mut env = match &back.env {
         Some(env) => with_handoff(env.clone(), &back.var)?,
         None => exec_env(&back.var)?,
     };
+    if let Some(claim) = &back.claim_var {
+        env.push(cstring(format!("{CLAIM_VAR}={claim}").as_bytes())?);
+    }
     let held = HELD_SIGNALS.to_vec();
     let nofile = back.nofile.map(|soft| {
         let hard = sys::nofile_limit().map_or(soft, |(_, hard)| hard);

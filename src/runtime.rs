@@ -141,8 +141,10 @@ pub(crate) struct Resume {
     /// The holder started this image under its own PID.
     pub(crate) rescued: bool,
     /// The readiness claim (see `sys::claim`), taken at `ready` before the
-    /// holder is killed.
-    pub(crate) claim: Option<OwnedFd>,
+    /// holder is killed: `None` without a claim variable (a first start, a
+    /// rescue, an older build's commit), `Some(None)` if one was named but
+    /// could not be owned (it counts as the holder's).
+    pub(crate) claim: Option<Option<OwnedFd>>,
     /// When the holder started (the handoff's `held=`).
     pub(crate) held_at_ns: Option<u64>,
     pub(crate) boot_ns: u64,
@@ -320,25 +322,29 @@ fn kill_holder(pidfd: Option<OwnedFd>, pid: i32) -> bool {
 /// killing this process: wait for that, serving nothing. A read that fails
 /// (twice) says nothing about who has it, and is treated the same way: the
 /// holder takes the claim at its deadline and rescues.
-fn take_claim(claim: &OwnedFd, holder: Option<&OwnedFd>) {
-    match sys::once_more(|| sys::claim::take(claim.as_fd()), |_| true) {
-        Ok(true) => return,
-        Ok(false) => tracing::warn!("the holder's deadline passed first: it ends this image"),
-        Err(e) => tracing::warn!(
+fn take_claim(claim: Option<&OwnedFd>, holder: Option<&OwnedFd>) {
+    let taken = claim.map(|c| sys::once_more(|| sys::claim::take(c.as_fd()), |_| true));
+    match taken {
+        Some(Ok(true)) => return,
+        Some(Ok(false)) => tracing::warn!("the holder's deadline passed first: it ends this image"),
+        Some(Err(e)) => tracing::warn!(
             "could not take the readiness claim ({e}): the holder ends this image at its deadline"
+        ),
+        None => tracing::warn!(
+            "the readiness claim is not this image's: the holder ends it at its deadline"
         ),
     }
     loop {
-        match holder {
+        match holder.map(|h| sys::wait_readable(h.as_fd(), Duration::from_secs(1))) {
             // The holder's end (readable pidfd), if it dies without killing
             // this process.
-            Some(h) => {
-                if let Ok(true) = sys::wait_readable(h.as_fd(), Duration::from_secs(1)) {
-                    tracing::warn!("the holder ended without ending this image: serving on");
-                    return;
-                }
+            Some(Ok(true)) => {
+                tracing::warn!("the holder ended without ending this image: serving on");
+                return;
             }
-            None => std::thread::sleep(Duration::from_secs(1)),
+            Some(Ok(false)) => {}
+            // No way to watch it: look again in a second.
+            Some(Err(_)) | None => std::thread::sleep(Duration::from_secs(1)),
         }
     }
 }
@@ -679,7 +685,7 @@ impl<S> Copyover<S> {
         let planned = rollback::disarm();
         let holder = planned.or(r.holder);
         if let Some(claim) = &r.claim {
-            take_claim(claim, holder.as_ref());
+            take_claim(claim.as_ref(), holder.as_ref());
         }
         let reap = r.holder_pid.filter(|&pid| kill_holder(holder, pid));
         drop(r.snapshot);

@@ -662,6 +662,10 @@ impl<T> Quiesce<T> {
     /// they handed back, in the order they parked. Tasks that join while
     /// the pause lasts are asked at once.
     ///
+    /// Dropping the returned future before it completes ends the pause, as
+    /// [`resume`](Self::resume) does. It needs tokio's timer ([`runtime`]
+    /// enables it).
+    ///
     /// # Errors
     ///
     /// [`Unpaused`] if some task has not reached a safe point within the
@@ -671,7 +675,11 @@ impl<T> Quiesce<T> {
     /// upgrade and spawn those tasks again.
     pub async fn pause(&self) -> Result<Vec<T>, Unpaused<T>> {
         let started = std::time::Instant::now();
-        let deadline = ::tokio::time::Instant::from_std(started + self.inner.limit);
+        let limit = self.inner.limit;
+        let mut deadline = ::tokio::time::Instant::from_std(started + limit);
+        // Dropped before the pause ends (cancelled in a `select!`, say):
+        // the pause ends as after a failed commit.
+        let mut guard = EndOnDrop(self, true);
         self.inner.tally().granting = true;
         self.inner.paused.send_replace(true);
         let mut late = false;
@@ -682,37 +690,54 @@ impl<T> Quiesce<T> {
                 if tally.live.is_empty() {
                     // Safe points are still granted until `resume`: a task
                     // that joins now parks for the next pause.
+                    guard.1 = false;
                     tracing::debug!(tasks = tally.parked.len(), "every task parked");
                     return Ok(std::mem::take(&mut tally.parked));
                 }
                 if late && tally.granted == 0 {
                     // The tasks granted a safe point have parked; the
                     // others go on as they were.
-                    let running = tally
-                        .live
-                        .iter()
-                        .map(|(id, name)| name.clone().unwrap_or_else(|| format!("task {id}")))
-                        .collect();
-                    let parked = std::mem::take(&mut tally.parked);
-                    return Err(Unpaused {
-                        parked,
-                        running,
-                        waited: started.elapsed(),
-                    });
+                    guard.1 = false;
+                    return Err(self.unpaused(&mut tally, started));
                 }
             }
-            if late {
-                changed.await;
-                continue;
-            }
             if ::tokio::time::timeout_at(deadline, changed).await.is_err() {
+                if late {
+                    // A task granted its safe point did not park within
+                    // another limit (it awaited something between
+                    // `requested` and `park`): what it hands back goes to
+                    // the next pause.
+                    tracing::warn!("a task granted its safe point did not park in time");
+                    guard.1 = false;
+                    return Err(self.unpaused(&mut self.inner.tally(), started));
+                }
                 // No safe point is granted from now on; a task that was
                 // granted one parks at once (it called `requested`).
                 late = true;
-                self.inner.tally().granting = false;
-                self.inner.paused.send_replace(false);
+                deadline += limit;
+                self.end();
             }
         }
+    }
+
+    /// What a pause that ended without every task comes to.
+    fn unpaused(&self, tally: &mut Tally<T>, started: std::time::Instant) -> Unpaused<T> {
+        let running = tally
+            .live
+            .iter()
+            .map(|(id, name)| name.clone().unwrap_or_else(|| format!("task {id}")))
+            .collect();
+        Unpaused {
+            parked: std::mem::take(&mut tally.parked),
+            running,
+            waited: started.elapsed(),
+        }
+    }
+
+    /// No safe point is granted any more, and no task is asked to stop.
+    fn end(&self) {
+        self.inner.tally().granting = false;
+        self.inner.paused.send_replace(false);
     }
 
     /// Ends the pause: tasks that join from now on run until the next one.
@@ -720,8 +745,19 @@ impl<T> Quiesce<T> {
     /// what [`pause`](Self::pause) returned. (A pause that ended with
     /// [`Unpaused`] has ended already.)
     pub fn resume(&self) {
-        self.inner.tally().granting = false;
-        self.inner.paused.send_replace(false);
+        self.end();
+    }
+}
+
+/// Ends a pause whose future is dropped before it returned (`.1`: still
+/// to do).
+struct EndOnDrop<'a, T>(&'a Quiesce<T>, bool);
+
+impl<T> Drop for EndOnDrop<'_, T> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.end();
+        }
     }
 }
 
@@ -838,7 +874,9 @@ mod tests {
     fn a_task_that_never_reaches_its_safe_point_ends_the_pause_not_the_server() {
         let rt = runtime().unwrap();
         rt.block_on(async {
-            let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_millis(100));
+            // The stuck task never parks before it is let go: the limit
+            // only bounds how long this test waits.
+            let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_secs(2));
             // A task stuck outside its safe point (a write to a client that
             // does not read), until it is let go.
             let (go, stuck_until) = ::tokio::sync::oneshot::channel::<()>();

@@ -32,12 +32,14 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-use crate::env::{HANDOFF_VAR, ROLLBACK_REASON_VAR, clean_env, cstring, env_entries, with_handoff};
+use crate::env::{
+    CLAIM_VAR, HANDOFF_VAR, ROLLBACK_REASON_VAR, clean_env, cstring, env_entries, with_handoff,
+};
 use crate::error::UpgradeError;
-use crate::handoff::{HandoffVar, Mode};
+use crate::handoff::{ClaimVar, HandoffVar, Mode};
 use crate::probe::Executable;
 use crate::rollback::ExecRecord;
 use crate::snapshot::{Draft, Header, Manifest};
@@ -186,7 +188,6 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         Ok(fd) => fd,
         Err(e) => return io("make the readiness claim")(e),
     };
-    var.claim = Some(claim.as_raw_fd());
     let holder_spec = HolderSpec {
         binary_fd: c.own_binary.as_raw_fd(),
         argv: c.argv.to_vec(),
@@ -245,8 +246,16 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         Err(e) => return io("start the holder")(e),
     };
     var.holder = Some(holder.pid());
-    var.held_at = Some(sys::monotonic_ns());
-    let env = match with_handoff(env, &var.format()) {
+    let claim_var = ClaimVar {
+        claim: claim.as_raw_fd(),
+        held_at: sys::monotonic_ns(),
+    };
+    let env = match with_handoff(env, &var.format()).and_then(|mut env| {
+        env.push(cstring(
+            format!("{CLAIM_VAR}={}", claim_var.format()).as_bytes(),
+        )?);
+        Ok(env)
+    }) {
         Ok(e) => e,
         Err(e) => {
             holder.abort();
@@ -255,7 +264,14 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
     };
     c.requests.re_raise_pending();
     let err = sys::execveat(c.exe.fd.as_raw_fd(), c.argv, &env);
-    // execveat returned: undo, and keep serving.
+    // execveat returned (after however long it took): undo, and keep
+    // serving; but the holder may have reached its deadline meanwhile. The
+    // claim decides: ours, the holder is killed; the holder's, it is
+    // killing this process to rescue it, and is waited for (it returns
+    // only if the holder died without doing so).
+    if !matches!(sys::claim::take(claim.as_fd()), Ok(true)) {
+        holder.outlive();
+    }
     holder.abort();
     drop(undo);
     // A re-raised request is pending, and is delivered now, to this image.

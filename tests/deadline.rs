@@ -32,13 +32,22 @@ fn pid_in(version: &str) -> i32 {
 }
 
 /// Deploys `bad` (approved by the probe, hung in the real run) under a v1
-/// demo with `--ready-timeout 2`, sends SIGHUP, and checks what a user
+/// demo with `--ready-timeout SECS`, sends SIGHUP, and checks what a user
 /// checks after the holder's deadline: the old server's process is gone,
 /// the old binary serves every client under the holder's PID, the status
 /// file of that PID says why, and a good upgrade still goes through.
 /// `meanwhile` runs after the SIGHUP (with the log mark before it).
-fn rescued_at_the_deadline(name: &str, bad: Deploy<'_>, meanwhile: impl FnOnce(&Server, usize)) {
-    let mut scene = Scene::start(name, "2");
+fn rescued_at_the_deadline(
+    name: &str,
+    secs: u64,
+    bad: Deploy<'_>,
+    meanwhile: impl FnOnce(&Server, usize),
+) {
+    let mut scene = Scene::start(name, &secs.to_string());
+    // The holder's deadline: the readiness deadline and half of it again
+    // (at least a second more), from the exec.
+    let deadline_ms = secs * 1000 + (secs * 500).max(1000);
+    let late = format!("did not become ready within {deadline_ms} ms");
     match bad {
         Deploy::Build(p) => scene.server.deploy(p),
         Deploy::Bytes(b) => scene.server.deploy_bytes(b),
@@ -47,13 +56,8 @@ fn rescued_at_the_deadline(name: &str, bad: Deploy<'_>, meanwhile: impl FnOnce(&
     let mark = scene.server.mark();
     scene.server.signal(Signal::SIGHUP);
     meanwhile(&scene.server, mark);
-    // The holder's deadline: 2 s and 1 s more (at least a second more
-    // than the readiness deadline), from the exec.
     let line = scene.server.wait_log(mark, "upgrade rolled back");
-    assert!(
-        line.contains("did not become ready within 3000 ms"),
-        "{line}"
-    );
+    assert!(line.contains(&late), "{line}");
     let serving = scene
         .server
         .wait_log(mark, "serving again after the rollback");
@@ -75,7 +79,7 @@ fn rescued_at_the_deadline(name: &str, bad: Deploy<'_>, meanwhile: impl FnOnce(&
     .expect("the rescued server's status file");
     match &status.outcome {
         Outcome::RolledBack { reason } => assert!(
-            reason.contains("did not become ready within 3000 ms") && reason.contains("holder"),
+            reason.contains(&late) && reason.contains("holder"),
             "{reason}"
         ),
         other => panic!("expected a rollback in the status file, got {other:?}"),
@@ -108,6 +112,7 @@ fn rescued_at_the_deadline(name: &str, bad: Deploy<'_>, meanwhile: impl FnOnce(&
 fn a_constructor_that_never_returns_is_ended_by_the_holder() {
     rescued_at_the_deadline(
         "dl-constructor",
+        2,
         Deploy::Build(&util::faulty("hang-before-main")),
         |_, _| {},
     );
@@ -122,7 +127,7 @@ fn a_wrapper_that_hangs_outside_the_probe_is_ended_by_the_holder() {
         "#!/bin/sh\n[ -n \"$COPYOVER_PROBE\" ] || exec sleep 1000\nexec {} \"$@\"\n",
         v2.display()
     );
-    rescued_at_the_deadline("dl-wrapper", Deploy::Bytes(script.as_bytes()), |_, _| {});
+    rescued_at_the_deadline("dl-wrapper", 2, Deploy::Bytes(script.as_bytes()), |_, _| {});
 }
 
 #[test]
@@ -131,6 +136,8 @@ fn a_stopped_new_image_is_ended_by_the_holder() {
     // end it: a build that hangs after claiming every socket, stopped.
     rescued_at_the_deadline(
         "dl-stopped",
+        // Stopped well before its own deadline could roll it back.
+        5,
         Deploy::Build(&util::faulty("hang-after-adopt")),
         |server, mark| {
             server.wait_log(mark, "this is a fault build");

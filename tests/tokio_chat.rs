@@ -316,10 +316,16 @@ fn a_client_that_stops_reading_costs_one_upgrade_not_the_others() {
     bob.expect("cy has joined the chat");
     let cy_addr = cy.stream.local_addr().expect("cy's address").to_string();
 
-    // ann floods the chat with 8 MB, bob reads it all, cy reads nothing:
-    // its socket (a small receive buffer, and a send buffer of at most
-    // 4 MB on the server's side) fills, and its task waits in `send`.
-    let total = 80_000;
+    // ann floods the chat with twice what the server's send buffer can
+    // hold (tcp_wmem's maximum) and more, bob reads it all, cy reads
+    // nothing: its socket (a small receive buffer) fills, and its task
+    // waits in `send`.
+    let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|v| v.split_whitespace().nth(2).and_then(|n| n.parse().ok()))
+        .unwrap_or(4 << 20);
+    // Each line is 95 bytes on the wire.
+    let total = (2 * wmem_max + (1 << 20)) / 95;
     let reader = std::thread::spawn(move || {
         for i in 0..total {
             bob.expect(&format!("ann: {i:>8} {}", "x".repeat(80)));

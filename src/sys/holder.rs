@@ -64,6 +64,10 @@ const STACK_LEN: usize = 64 * 1024;
 /// claim's read, the kill).
 const RETRY_NS: u64 = 10_000_000;
 
+/// How many times the holder tries to kill the unready image (a second's
+/// worth) before it gives up and ends.
+const KILL_TRIES: u32 = 100;
+
 /// `CLOCK_MONOTONIC` in nanoseconds, by a raw `syscall(2)` (see
 /// `holder_main`).
 fn monotonic_ns() -> u64 {
@@ -244,6 +248,30 @@ impl Holder {
         self.pid
     }
 
+    /// Waits for the holder's end, without killing it: after a failed exec
+    /// that came too late, the holder took the readiness claim and is
+    /// killing this process to rescue it. Returns only if the holder ended
+    /// some other way.
+    pub(crate) fn outlive(&self) {
+        loop {
+            // SAFETY: a zeroed siginfo_t is a valid value for waitid to fill.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `pid` is our unreaped child; WNOWAIT leaves it for
+            // `abort` to reap; `info` is a valid siginfo_t.
+            let rc = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    self.pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOWAIT,
+                )
+            };
+            if rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return;
+            }
+        }
+    }
+
     /// Kills and reaps the holder after a failed exec, then frees what it
     /// used. Its exit is cheap: it shares this image's memory.
     pub(crate) fn abort(self) {
@@ -300,6 +328,7 @@ extern "C" fn holder_main(arg: *mut c_void) -> c_int {
     let mut until = Some(monotonic_ns().saturating_add(plan.deadline_ns));
     let mut claimed = false;
     let mut late = false;
+    let mut failed_kills = 0u32;
     loop {
         let now = monotonic_ns();
         let timeout = until.map(|u| {
@@ -358,7 +387,19 @@ extern "C" fn holder_main(arg: *mut c_void) -> c_int {
         if sent {
             late = true;
             until = None;
+        } else if failed_kills >= KILL_TRIES {
+            // It cannot be killed (a new image that took other
+            // credentials, say): with the claim taken, the image waits for
+            // this holder's end to serve on; end here.
+            let msg = b"copyover: the holder could not kill the unready new image; leaving it\n";
+            // SAFETY: writes a static message; exit_group ends only the
+            // holder, a process of its own.
+            unsafe {
+                libc::syscall(libc::SYS_write, 2, msg.as_ptr(), msg.len());
+                libc::syscall(libc::SYS_exit_group, 71);
+            }
         } else {
+            failed_kills += 1;
             until = Some(monotonic_ns().saturating_add(RETRY_NS));
         }
     }

@@ -182,6 +182,14 @@ pub(crate) fn arm(spec: PlanSpec) -> io::Result<()> {
         })
         .is_err()
     {
+        // The plan is dropped unpublished: the holder's pidfd is closed with
+        // it (the plan owns it from `arm` on, see `PlanSpec`).
+        if plan.holder_pidfd >= 0 {
+            use std::os::fd::FromRawFd;
+            // SAFETY: `arm` took this pidfd's ownership above, and the plan
+            // was never published: nothing else has the number.
+            drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(plan.holder_pidfd) });
+        }
         return Err(io::Error::other(
             "a rollback is under way on another thread",
         ));

@@ -120,14 +120,23 @@ pub(crate) struct ProbeSpec {
     pub reserve: u64,
 }
 
-/// What a finished probe hands back: its verdict, and the memfd prepared
-/// for the commit's snapshot.
+/// What a finished probe hands back: its verdict, and what it prepared
+/// for the commit.
 #[derive(Debug)]
 pub(crate) struct Outcome {
     pub verdict: Verdict,
+    pub prepared: Prepared,
+}
+
+/// What the probe prepares for the commit while the new binary starts, off
+/// the commit's critical path; the approved phase owns it until the commit
+/// takes it. Either part may be missing (it failed): the commit makes it
+/// then.
+#[derive(Debug, Default)]
+pub(crate) struct Prepared {
+    /// The memfd for the commit's snapshot, allocated and mapped.
     pub draft: Option<crate::snapshot::Draft>,
-    /// How this image runs, sealed for a rollback (`rollback::ExecRecord`):
-    /// made here, off the commit's critical path.
+    /// How this image runs, sealed for a rollback (`rollback::ExecRecord`).
     pub record: Option<OwnedFd>,
 }
 
@@ -145,8 +154,7 @@ impl Probe {
             let v = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(spec, &pid)))
                 .unwrap_or_else(|_| Outcome {
                     verdict: Verdict::Refused("the probe panicked".into()),
-                    draft: None,
-                    record: None,
+                    prepared: Prepared::default(),
                 });
             // The verdict is in its slot before the loop is woken.
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
@@ -186,8 +194,7 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
     if let Some(reason) = repeated_id(&spec.manifest) {
         return Outcome {
             verdict: Verdict::Refused(reason),
-            draft: None,
-            record: None,
+            prepared: Prepared::default(),
         };
     }
     let nonce = nonce();
@@ -197,8 +204,7 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
         Err(e) => {
             return Outcome {
                 verdict: Verdict::Refused(format!("could not write the snapshot: {e}")),
-                draft: None,
-                record: None,
+                prepared: Prepared::default(),
             };
         }
     };
@@ -237,8 +243,7 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
             let verdict = Verdict::Refused(format!("could not start {:?}: {e}", spec.exe.path));
             return Outcome {
                 verdict,
-                draft: None,
-                record: None,
+                prepared: Prepared::default(),
             };
         }
     };
@@ -247,7 +252,9 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
     pid_slot.store(child.id() as i32, Ordering::SeqCst);
     // While the new binary starts: the commit's memfd, allocated and mapped.
     let draft = crate::snapshot::Draft::new(spec.reserve).ok();
-    let record = crate::rollback::ExecRecord::seal(&spec.argv, &spec.env).ok();
+    let record = crate::env::env_entries(&spec.env)
+        .ok()
+        .and_then(|env| crate::rollback::ExecRecord::seal(&spec.argv, &env).ok());
     let verdict = read_answer(&mut child, &nonce, spec.timeout, started + spec.timeout);
     let verdict = match (verdict, finish(&mut child, started + spec.timeout)) {
         (Verdict::Accepted(v), Ok(status)) if status.success() => Verdict::Accepted(v),
@@ -265,8 +272,7 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
     );
     Outcome {
         verdict,
-        draft,
-        record,
+        prepared: Prepared { draft, record },
     }
 }
 

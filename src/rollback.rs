@@ -16,13 +16,13 @@
 //! A process killed by SIGKILL cannot be helped by anyone but its
 //! supervisor. The async-signal-safe machinery is in `sys::rollback`.
 
-use std::ffi::{CString, OsString};
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::Once;
 use std::time::Duration;
 
-use crate::env::{CLAIM_VAR, ROLLBACK_REASON_VAR, cstring, env_entries, exec_env, with_handoff};
+use crate::env::{CLAIM_VAR, ROLLBACK_REASON_VAR, cstring, exec_env, with_handoff};
 use crate::signal::HELD_SIGNALS;
 use crate::sys;
 
@@ -78,12 +78,14 @@ impl ExecRecord {
         })
     }
 
-    /// Encodes the record of `argv` and `env` (`NAME`, `value` pairs) into a
-    /// new sealed memfd.
-    pub(crate) fn seal(argv: &[CString], env: &[(OsString, OsString)]) -> io::Result<OwnedFd> {
-        let env = env_entries(env)?;
-        crate::snapshot::seal_bytes(c"copyover-exec", &ExecRecord::encode(argv, &env))
-            .map_err(io::Error::other)
+    /// Encodes the record of `argv` and `env` (`NAME=value` entries) into a
+    /// new sealed memfd: the one way a record is made (the probe makes it
+    /// ahead; the commit, if the probe could not).
+    pub(crate) fn seal(
+        argv: &[CString],
+        env: &[CString],
+    ) -> Result<OwnedFd, crate::snapshot::SnapshotError> {
+        crate::snapshot::seal_bytes(c"copyover-exec", &ExecRecord::encode(argv, env))
     }
 
     /// Reads the record from its sealed memfd.
@@ -244,7 +246,7 @@ mod tests {
     fn an_exec_record_is_read_back_from_its_sealed_memfd() {
         use std::os::fd::AsFd;
         let argv = vec![cstring(b"/srv/chat").unwrap(), cstring(b"-v").unwrap()];
-        let env = [(OsString::from("A"), OsString::from("1"))];
+        let env = [cstring(b"A=1").unwrap()];
         let fd = ExecRecord::seal(&argv, &env).unwrap();
         let back = ExecRecord::read(fd.as_fd()).unwrap();
         assert_eq!(back.argv, argv);

@@ -18,7 +18,7 @@ use crate::error::{Error, UpgradeError};
 use crate::handoff::{Handoff, Inherited, Mode, SocketKind};
 use crate::notify::Activated;
 use crate::probe::Executable;
-use crate::probe::{Probe, ProbeSpec, Verdict};
+use crate::probe::{Prepared, Probe, ProbeSpec, Verdict};
 use crate::signal::{self, Requests};
 use crate::snapshot::{FORMAT_VERSION, Header};
 use crate::state::{AppState, restore};
@@ -162,6 +162,8 @@ enum Phase {
     Approved {
         to_version: String,
         exe: Arc<crate::probe::Executable>,
+        /// What the probe prepared, for the commit to take.
+        prepared: Prepared,
     },
 }
 
@@ -207,10 +209,6 @@ pub struct Copyover<S> {
     phase: Phase,
     requested_at_ns: u64,
     ready: bool,
-    /// The commit's memfd, made while the probe runs.
-    draft: Option<crate::snapshot::Draft>,
-    /// The exec record sealed while the probe ran.
-    record: Option<OwnedFd>,
     /// The last payload's size: the commit encodes into a buffer this big.
     payload_hint: usize,
     /// Listeners from systemd socket activation, on a first start.
@@ -259,8 +257,6 @@ impl<S> Copyover<S> {
             phase: Phase::Idle,
             requested_at_ns: 0,
             ready: false,
-            draft: None,
-            record: None,
             payload_hint: 0,
             activated: Activated::default(),
             worker,
@@ -400,12 +396,8 @@ impl<S> Copyover<S> {
             return Some(Event::Shutdown);
         }
         if let Phase::Probing(probe, exe) = std::mem::replace(&mut self.phase, Phase::Idle) {
-            let verdict = match probe.try_verdict() {
-                Ok(outcome) => {
-                    self.draft = outcome.draft;
-                    self.record = outcome.record;
-                    outcome.verdict
-                }
+            let (verdict, prepared) = match probe.try_verdict() {
+                Ok(outcome) => (outcome.verdict, outcome.prepared),
                 // The probe kills its child at its own time limit; one that
                 // never reports (its job never ran) is refused here, so that
                 // an upgrade can never stay under way for good.
@@ -414,10 +406,9 @@ impl<S> Copyover<S> {
                         > 2 * self.config.probe_timeout.as_nanos() as u64 + 5_000_000_000 =>
                 {
                     stuck.kill();
-                    Verdict::Refused(
-                        "the probe never reported: the runtime's helper thread did not run it"
-                            .into(),
-                    )
+                    let reason =
+                        "the probe never reported: the runtime's helper thread did not run it";
+                    (Verdict::Refused(reason.into()), Prepared::default())
                 }
                 Err(still_running) => {
                     self.phase = Phase::Probing(still_running, exe);
@@ -428,12 +419,14 @@ impl<S> Copyover<S> {
             match verdict {
                 Verdict::Accepted(to_version) => {
                     tracing::debug!(phase = "probe", probe_ms, %to_version, "the new binary accepted the snapshot");
-                    self.phase = Phase::Approved { to_version, exe };
+                    self.phase = Phase::Approved {
+                        to_version,
+                        exe,
+                        prepared,
+                    };
                     return Some(Event::UpgradeApproved);
                 }
                 Verdict::Refused(reason) => {
-                    self.draft = None;
-                    self.record = None;
                     let reason = UpgradeError::Probe { reason }.to_string();
                     self.log_refused(&reason);
                     return Some(Event::UpgradeRefused { reason });
@@ -545,8 +538,6 @@ impl<S> Copyover<S> {
         let result = self.advance(state, keep);
         if let Err(e) = &result {
             self.phase = Phase::Idle;
-            self.draft = None;
-            self.record = None;
             self.log_refused(&e.to_string());
         }
         result
@@ -579,8 +570,13 @@ impl<S> Copyover<S> {
             })?;
         let mut header = self.header(monotonic_ns());
         header.state_version = S::VERSION;
-        match &self.phase {
-            Phase::Probing(..) => Ok(Progress::Probing),
+        // Taken: the commit takes what the probe prepared; every other way
+        // out puts a phase back (`upgrade` makes an error Idle).
+        match std::mem::replace(&mut self.phase, Phase::Idle) {
+            probing @ Phase::Probing(..) => {
+                self.phase = probing;
+                Ok(Progress::Probing)
+            }
             Phase::Idle => {
                 let exe = Arc::new(Executable::open(&self.binary)?);
                 // Only the encoding happens in the event loop; the probe's
@@ -610,7 +606,11 @@ impl<S> Copyover<S> {
                 self.phase = Phase::Probing(probe, exe);
                 Ok(Progress::Probing)
             }
-            Phase::Approved { to_version, exe } => {
+            Phase::Approved {
+                to_version,
+                exe,
+                prepared,
+            } => {
                 tracing::debug!(%to_version, fds = manifest.len(), "committing the upgrade");
                 Err(commit(
                     state,
@@ -618,11 +618,10 @@ impl<S> Copyover<S> {
                         header,
                         manifest,
                         own_binary,
-                        exe,
+                        exe: &exe,
                         argv: &self.argv,
                         requests: &self.requests,
-                        draft: self.draft.take(),
-                        record: self.record.take(),
+                        prepared,
                         payload_hint: self.payload_hint,
                         worker: &self.worker,
                         ready_timeout: self.config.ready_timeout,
@@ -646,8 +645,6 @@ impl<S> Copyover<S> {
             Phase::Probing(probe, _) => probe.kill(),
             Phase::Approved { .. } => {}
         }
-        self.draft = None;
-        self.record = None;
         let reason = UpgradeError::Abandoned {
             reason: reason.into(),
         };

@@ -40,7 +40,7 @@ use crate::env::{
 };
 use crate::error::UpgradeError;
 use crate::handoff::{ClaimVar, HandoffVar, Mode};
-use crate::probe::Executable;
+use crate::probe::{Executable, Prepared};
 use crate::rollback::ExecRecord;
 use crate::snapshot::{Draft, Header, Manifest};
 use crate::sys::holder::HolderSpec;
@@ -69,10 +69,9 @@ pub(crate) struct Commit<'a> {
     pub exe: &'a Executable,
     pub argv: &'a [CString],
     pub requests: &'a signal::Requests,
-    /// A memfd prepared during the probe (pages allocated), if any.
-    pub draft: Option<Draft>,
-    /// The exec record sealed during the probe, if any.
-    pub record: Option<OwnedFd>,
+    /// What the probe prepared: the snapshot's memfd (pages allocated), the
+    /// exec record (sealed).
+    pub prepared: Prepared,
     /// How large a buffer to encode into.
     pub payload_hint: usize,
     /// The runtime's helper thread.
@@ -120,7 +119,8 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
     // every fd is close-on-exec again and the mask as it was.
     let mut undo = Undo { mask: None };
     let clearing = Clearing::start(c.worker, c.manifest);
-    let draft = match c.draft {
+    let Prepared { draft, record } = c.prepared;
+    let draft = match draft {
         Some(d) => Ok(d),
         None => Draft::new(0),
     };
@@ -139,14 +139,9 @@ pub(crate) fn commit<S: serde::Serialize>(state: &S, c: Commit<'_>) -> UpgradeEr
         Err(e) => return io("build the environment")(e),
     };
     // How this image runs, for a rollback to start it the same way.
-    let record = match c.record {
-        Some(fd) => fd,
-        None => {
-            match crate::snapshot::seal_bytes(c"copyover-exec", &ExecRecord::encode(c.argv, &env)) {
-                Ok(fd) => fd,
-                Err(e) => return e.into(),
-            }
-        }
+    let record = match record.map_or_else(|| ExecRecord::seal(c.argv, &env), Ok) {
+        Ok(fd) => fd,
+        Err(e) => return e.into(),
     };
     let mut var = HandoffVar {
         pid: std::process::id() as i32,

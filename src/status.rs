@@ -168,6 +168,27 @@ impl Outcome {
         matches!(self, Outcome::Complete { .. })
     }
 
+    /// The outcome as one sentence, as the log line, `systemctl status`
+    /// and the `copyover` CLI say it: `upgrade complete: v1 to v2,
+    /// generation 3, blackout 1.02 ms`, `upgrade refused: REASON`,
+    /// `upgrade rolled back: REASON`, or `started`.
+    pub fn sentence(&self) -> String {
+        match self {
+            Outcome::Started => "started".into(),
+            Outcome::Complete {
+                from,
+                to,
+                generation,
+                blackout_ms,
+                ..
+            } => format!(
+                "upgrade complete: {from} to {to}, generation {generation}, blackout {blackout_ms:.2} ms"
+            ),
+            Outcome::Refused { reason } => format!("upgrade refused: {reason}"),
+            Outcome::RolledBack { reason } => format!("upgrade rolled back: {reason}"),
+        }
+    }
+
     /// Why the upgrade did not go through (refused, rolled back).
     pub fn reason(&self) -> Option<&str> {
         match self {
@@ -192,6 +213,7 @@ impl PartialEq<&str> for Outcome {
 
 /// A process's status, as written to its status file.
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct Status {
     /// The process.
     pub pid: u32,
@@ -439,17 +461,7 @@ pub(crate) struct Reporter {
 pub(crate) fn report(outcome: Outcome, who: &Reporter) {
     let status_text = match &outcome {
         Outcome::Started => format!("serving {} (generation {})", who.version, who.generation),
-        Outcome::Complete {
-            from,
-            to,
-            generation,
-            blackout_ms,
-            ..
-        } => format!(
-            "upgrade complete: {from} to {to}, generation {generation}, blackout {blackout_ms:.2} ms"
-        ),
-        Outcome::Refused { reason } => format!("upgrade refused: {reason}"),
-        Outcome::RolledBack { reason } => format!("upgrade rolled back: {reason}"),
+        other => other.sentence(),
     };
     Status {
         pid: std::process::id(),

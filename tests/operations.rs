@@ -113,7 +113,7 @@ fn the_cli_upgrades_and_reports_every_outcome() {
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains(&format!(
-            "upgrade complete: {V1} -> v2, generation 1, blackout"
+            "upgrade complete: {V1} to v2, generation 1, blackout"
         )),
         "{text}"
     );

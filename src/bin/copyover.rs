@@ -185,27 +185,23 @@ fn read_status(t: &Target) -> Result<Status, Failure> {
     }
 }
 
+/// The runtime's own sentence for the outcome (`Outcome::sentence`), with
+/// what the server runs now where that is not in it.
 fn describe(s: &Status) -> String {
+    let sentence = s.outcome.sentence();
     match &s.outcome {
-        Outcome::Complete {
-            from,
-            to,
-            generation,
-            blackout_ms,
-            ..
-        } => format!(
-            "upgrade complete: {from} -> {to}, generation {generation}, blackout {blackout_ms:.2} ms"
-        ),
-        Outcome::Refused { reason } => format!(
-            "upgrade refused: {reason} (still {}, generation {})",
+        Outcome::Complete { .. } => sentence,
+        Outcome::Refused { .. } => {
+            format!(
+                "{sentence} (still {}, generation {})",
+                s.version, s.generation
+            )
+        }
+        Outcome::RolledBack { .. } => format!(
+            "{sentence} (back on {}, generation {})",
             s.version, s.generation
         ),
-        Outcome::RolledBack { reason } => format!(
-            "upgrade rolled back: {reason} (back on {}, generation {})",
-            s.version, s.generation
-        ),
-        Outcome::Started => format!("started {} (generation {})", s.version, s.generation),
-        other => format!("{other}: {}", other.reason().unwrap_or("")),
+        _ => format!("{sentence} {} (generation {})", s.version, s.generation),
     }
 }
 

@@ -17,8 +17,9 @@
 //!   [`Snapshot`]), [`encode_state`], [`decode_state`]. Pure (no
 //!   descriptor, no system call); the property test and the fuzz target
 //!   cover it.
-//! - `memfd`: the sealed memfd that crosses the exec: [`write_sealed`],
-//!   [`Draft`], [`read_sealed`], [`check_sealed`].
+//! - `memfd`: the sealed memfd that crosses the exec: written by the
+//!   runtime (`write_sealed`, or a `Draft` prepared during the probe), read
+//!   with [`read_sealed`], checked with [`check_sealed`].
 //! - `file`: snapshot files, for staging: [`read_file`].
 //! - `error`: [`SnapshotError`], for all three, and [`CodecError`], the
 //!   payload codec's error kept opaque.
@@ -73,4 +74,5 @@ pub use format::{
     encode_state_with_capacity,
 };
 pub(crate) use memfd::seal_bytes;
-pub use memfd::{Draft, check_sealed, read_sealed, write_sealed};
+pub(crate) use memfd::{Draft, write_sealed};
+pub use memfd::{check_sealed, read_sealed};

@@ -1,0 +1,350 @@
+//! Pausing every connection task at a safe point for the commit
+//! ([`Quiesce`], [`SafePoint`]), for a bounded time ([`Unpaused`]).
+
+use super::*;
+
+/// Pauses the tasks that joined it, each at a safe point of its own, and
+/// collects what they hand back: a `T` per task, typically the socket and
+/// the per-connection state (unread input, unsent output).
+///
+/// A pause is bounded: a task that does not reach a safe point in time (it
+/// waits outside one: a write to a client that stopped reading, a lock)
+/// ends the pause with [`Unpaused`], which names it; the upgrade is then
+/// abandoned ([`Copyover::abandon`]) and every task goes on from where it
+/// was. One slow client never stops the others.
+///
+/// Clone it freely; every clone is the same quiesce.
+#[derive(Debug)]
+pub struct Quiesce<T> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T> Clone for Quiesce<T> {
+    fn clone(&self) -> Self {
+        Quiesce {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+/// How long [`Quiesce::pause`] waits by default for the last task.
+pub const PAUSE_LIMIT: Duration = Duration::from_millis(500);
+
+#[derive(Debug)]
+struct Inner<T> {
+    tally: Mutex<Tally<T>>,
+    /// `true` while a pause is asked for.
+    paused: watch::Sender<bool>,
+    /// Wakes `pause` when a task parked or left.
+    changed: Notify,
+    limit: Duration,
+}
+
+#[derive(Debug)]
+struct Tally<T> {
+    /// Tasks that joined and have not parked or left, by their number.
+    live: std::collections::BTreeMap<u64, Option<String>>,
+    /// Of those, the ones whose safe point was granted (they park next).
+    granted: usize,
+    /// Whether a pause may still grant safe points: false once it ended.
+    granting: bool,
+    next: u64,
+    parked: Vec<T>,
+}
+
+impl<T> Inner<T> {
+    fn tally(&self) -> MutexGuard<'_, Tally<T>> {
+        // A panic while holding this lock leaves consistent counts.
+        self.tally.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Task `id` leaves (parked, or ended); the last one of a pause, or
+    /// the last granted one of an abandoned pause, wakes `pause` (once,
+    /// not once per task: the pausing task is on the main thread, and
+    /// waking it a thousand times costs a thousand thread switches).
+    fn leave(&self, mut tally: MutexGuard<'_, Tally<T>>, id: u64, granted: bool) {
+        tally.live.remove(&id);
+        if granted {
+            tally.granted = tally.granted.saturating_sub(1);
+        }
+        let wake = tally.live.is_empty() || (granted && tally.granted == 0);
+        drop(tally);
+        if wake {
+            self.changed.notify_one();
+        }
+    }
+}
+
+impl<T> Default for Quiesce<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A pause that ended before every task parked: the upgrade cannot go on.
+/// Spawn the tasks of [`parked`](Self::parked) again (as after a failed
+/// commit), and abandon the upgrade with this as the reason
+/// ([`Copyover::abandon`]); the other tasks never stopped.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Unpaused<T> {
+    /// What the tasks that did park handed back.
+    pub parked: Vec<T>,
+    /// The tasks that did not reach a safe point in time: their names
+    /// ([`Quiesce::join_as`]), or `task N`.
+    pub running: Vec<String>,
+    /// How long the pause waited.
+    pub waited: Duration,
+}
+
+impl<T> std::fmt::Display for Unpaused<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN: usize = 10;
+        write!(
+            f,
+            "{} task(s) did not reach a safe point within {} ms (waiting outside one: a write \
+             to a client that does not read, a lock): {}",
+            self.running.len(),
+            self.waited.as_millis(),
+            self.running[..self.running.len().min(SHOWN)].join(", ")
+        )?;
+        if self.running.len() > SHOWN {
+            write!(f, " and {} more", self.running.len() - SHOWN)?;
+        }
+        Ok(())
+    }
+}
+
+impl<T: std::fmt::Debug> std::error::Error for Unpaused<T> {}
+
+impl<T> Quiesce<T> {
+    /// A quiesce that no task has joined, whose pauses wait
+    /// [`PAUSE_LIMIT`] at most.
+    pub fn new() -> Self {
+        Self::with_limit(PAUSE_LIMIT)
+    }
+
+    /// A quiesce whose pauses wait `limit` at most for the last task.
+    pub fn with_limit(limit: Duration) -> Self {
+        Quiesce {
+            inner: Arc::new(Inner {
+                tally: Mutex::new(Tally {
+                    live: std::collections::BTreeMap::new(),
+                    granted: 0,
+                    granting: false,
+                    next: 0,
+                    parked: Vec::new(),
+                }),
+                paused: watch::Sender::new(false),
+                changed: Notify::new(),
+                limit,
+            }),
+        }
+    }
+
+    /// Enrols one more task. Call it **before** spawning the task, and move
+    /// the [`SafePoint`] into it: a task that joins only once it runs could
+    /// be missed by a pause that starts meanwhile, and then run on while
+    /// the commit hands its socket over.
+    pub fn join(&self) -> SafePoint<T> {
+        self.enrol(None)
+    }
+
+    /// [`join`](Self::join), with a name that [`Unpaused`] gives if this
+    /// task does not reach a safe point in time (a peer's address, a
+    /// user's name).
+    pub fn join_as(&self, name: impl Into<String>) -> SafePoint<T> {
+        self.enrol(Some(name.into()))
+    }
+
+    fn enrol(&self, name: Option<String>) -> SafePoint<T> {
+        let mut tally = self.inner.tally();
+        let id = tally.next;
+        tally.next += 1;
+        tally.live.insert(id, name);
+        drop(tally);
+        SafePoint {
+            inner: Arc::clone(&self.inner),
+            paused: self.inner.paused.subscribe(),
+            id,
+            granted: false,
+            left: false,
+        }
+    }
+
+    /// Tasks that joined and have neither parked nor left.
+    pub fn running(&self) -> usize {
+        self.inner.tally().live.len()
+    }
+
+    /// Asks every joined task to stop at its next safe point, waits until
+    /// each one parked (or ended: a closed connection), and returns what
+    /// they handed back, in the order they parked. Tasks that join while
+    /// the pause lasts are asked at once.
+    ///
+    /// Dropping the returned future before it completes ends the pause, as
+    /// [`resume`](Self::resume) does. It needs tokio's timer ([`runtime`]
+    /// enables it).
+    ///
+    /// # Errors
+    ///
+    /// [`Unpaused`] if some task has not reached a safe point within the
+    /// limit ([`PAUSE_LIMIT`], or [`with_limit`](Self::with_limit)'s): the
+    /// pause ends (tasks still running are no longer asked to stop), and
+    /// it holds what the tasks that parked handed back. Abandon the
+    /// upgrade and spawn those tasks again.
+    pub async fn pause(&self) -> Result<Vec<T>, Unpaused<T>> {
+        let started = std::time::Instant::now();
+        let limit = self.inner.limit;
+        let mut deadline = ::tokio::time::Instant::from_std(started + limit);
+        // Dropped before the pause ends (cancelled in a `select!`, say):
+        // the pause ends as after a failed commit.
+        let mut guard = EndOnDrop(self, true);
+        self.inner.tally().granting = true;
+        self.inner.paused.send_replace(true);
+        let mut late = false;
+        loop {
+            let changed = self.inner.changed.notified();
+            {
+                let mut tally = self.inner.tally();
+                if tally.live.is_empty() {
+                    // Safe points are still granted until `resume`: a task
+                    // that joins now parks for the next pause.
+                    guard.1 = false;
+                    tracing::debug!(tasks = tally.parked.len(), "every task parked");
+                    return Ok(std::mem::take(&mut tally.parked));
+                }
+                if late && tally.granted == 0 {
+                    // The tasks granted a safe point have parked; the
+                    // others go on as they were.
+                    guard.1 = false;
+                    return Err(self.unpaused(&mut tally, started));
+                }
+            }
+            if ::tokio::time::timeout_at(deadline, changed).await.is_err() {
+                if late {
+                    // A task granted its safe point did not park within
+                    // another limit (it awaited something between
+                    // `requested` and `park`): what it hands back goes to
+                    // the next pause.
+                    tracing::warn!("a task granted its safe point did not park in time");
+                    guard.1 = false;
+                    return Err(self.unpaused(&mut self.inner.tally(), started));
+                }
+                // No safe point is granted from now on; a task that was
+                // granted one parks at once (it called `requested`).
+                late = true;
+                deadline += limit;
+                self.end();
+            }
+        }
+    }
+
+    /// What a pause that ended without every task comes to.
+    fn unpaused(&self, tally: &mut Tally<T>, started: std::time::Instant) -> Unpaused<T> {
+        let running = tally
+            .live
+            .iter()
+            .map(|(id, name)| name.clone().unwrap_or_else(|| format!("task {id}")))
+            .collect();
+        Unpaused {
+            parked: std::mem::take(&mut tally.parked),
+            running,
+            waited: started.elapsed(),
+        }
+    }
+
+    /// No safe point is granted any more, and no task is asked to stop.
+    fn end(&self) {
+        self.inner.tally().granting = false;
+        self.inner.paused.send_replace(false);
+    }
+
+    /// Ends the pause: tasks that join from now on run until the next one.
+    /// Call it after a failed commit, before spawning the tasks again from
+    /// what [`pause`](Self::pause) returned. (A pause that ended with
+    /// [`Unpaused`] has ended already.)
+    pub fn resume(&self) {
+        self.end();
+    }
+}
+
+/// Ends a pause whose future is dropped before it returned (`.1`: still
+/// to do).
+struct EndOnDrop<'a, T>(&'a Quiesce<T>, bool);
+
+impl<T> Drop for EndOnDrop<'_, T> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.end();
+        }
+    }
+}
+
+/// One task's enrolment in a [`Quiesce`]: it learns there when to stop,
+/// and hands back its socket and state with [`park`](Self::park). Dropping
+/// it (the connection ended) takes the task out of the count.
+#[derive(Debug)]
+pub struct SafePoint<T> {
+    inner: Arc<Inner<T>>,
+    paused: watch::Receiver<bool>,
+    id: u64,
+    /// The pause granted this task its safe point: it parks next.
+    granted: bool,
+    left: bool,
+}
+
+impl<T> SafePoint<T> {
+    /// Completes when a pause is asked for (at once if one is under way),
+    /// and grants this task its safe point: [`park`](Self::park) right
+    /// after, with no `.await` in between. Cancel-safe: put it in the
+    /// task's `select!` loop, beside the reads and writes.
+    pub async fn requested(&mut self) {
+        loop {
+            if self.paused.wait_for(|p| *p).await.is_err() {
+                // Every `Quiesce` was dropped: no pause will ever come.
+                std::future::pending::<()>().await;
+            }
+            if self.grant() {
+                return;
+            }
+            // This pause ended before granting us: wait for the next one.
+            if self.paused.wait_for(|p| !*p).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Takes this task's safe point in the pause under way, if that pause
+    /// still grants them (it did not end).
+    fn grant(&mut self) -> bool {
+        let mut tally = self.inner.tally();
+        if !self.granted && tally.granting {
+            tally.granted += 1;
+            self.granted = true;
+        }
+        self.granted
+    }
+
+    /// Whether a pause is asked for now.
+    pub fn is_requested(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Hands the task's socket and state back to the pausing task. The task
+    /// should end right after: the main task owns them now.
+    pub fn park(mut self, item: T) {
+        let mut tally = self.inner.tally();
+        tally.parked.push(item);
+        self.left = true;
+        self.inner.leave(tally, self.id, self.granted);
+    }
+}
+
+impl<T> Drop for SafePoint<T> {
+    fn drop(&mut self) {
+        if !self.left {
+            self.inner.leave(self.inner.tally(), self.id, self.granted);
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The tokio module's unit tests: the bounded pause, the threads' masks.
+
+use super::*;
+
+#[test]
+fn pause_collects_every_task_and_resume_lets_new_ones_run() {
+    let rt = runtime().unwrap();
+    rt.block_on(async {
+        let q: Quiesce<u32> = Quiesce::new();
+        let mut handles = Vec::new();
+        for i in 0..50u32 {
+            let mut sp = q.join();
+            handles.push(::tokio::spawn(async move {
+                if i % 10 == 0 {
+                    // A connection that ends before the pause.
+                    return;
+                }
+                sp.requested().await;
+                sp.park(i);
+            }));
+        }
+        let mut got = q.pause().await.unwrap();
+        got.sort_unstable();
+        assert_eq!(got, (0..50).filter(|i| i % 10 != 0).collect::<Vec<_>>());
+        assert_eq!(q.running(), 0);
+        // One that joins during a pause is asked at once.
+        let mut late = q.join();
+        assert!(late.is_requested());
+        late.requested().await;
+        late.park(99);
+        assert_eq!(q.pause().await.unwrap(), [99]);
+        q.resume();
+        let sp = q.join();
+        assert!(!sp.is_requested());
+        drop(sp);
+        for h in handles {
+            h.await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn a_task_that_never_reaches_its_safe_point_ends_the_pause_not_the_server() {
+    let rt = runtime().unwrap();
+    rt.block_on(async {
+        // The stuck task never parks before it is let go: the limit
+        // only bounds how long this test waits.
+        let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_secs(2));
+        // A task stuck outside its safe point (a write to a client that
+        // does not read), until it is let go.
+        let (go, stuck_until) = ::tokio::sync::oneshot::channel::<()>();
+        let mut stuck = q.join_as("10.0.0.9:4000");
+        let stuck_task = ::tokio::spawn(async move {
+            let _ = stuck_until.await;
+            stuck.requested().await;
+            stuck.park(9);
+        });
+        let mut quick = Vec::new();
+        for i in 0..5u32 {
+            let mut sp = q.join();
+            quick.push(::tokio::spawn(async move {
+                sp.requested().await;
+                sp.park(i);
+            }));
+        }
+        let unpaused = q.pause().await.unwrap_err();
+        let mut parked = unpaused.parked.clone();
+        parked.sort_unstable();
+        assert_eq!(parked, [0, 1, 2, 3, 4]);
+        assert_eq!(unpaused.running, ["10.0.0.9:4000"]);
+        assert!(unpaused.to_string().contains("10.0.0.9:4000"), "{unpaused}");
+        // The stuck task is not asked to stop any more: once let go, it
+        // runs on, and parks only at the next pause.
+        assert!(!q.join().is_requested());
+        go.send(()).unwrap();
+        ::tokio::task::yield_now().await;
+        assert_eq!(q.running(), 1);
+        assert_eq!(q.pause().await.unwrap(), [9]);
+        stuck_task.await.unwrap();
+        for h in quick {
+            h.await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn runtime_threads_block_the_held_signals() {
+    let rt = runtime().unwrap();
+    let masks = rt.block_on(async {
+        let mut v = Vec::new();
+        for _ in 0..8 {
+            v.push(
+                ::tokio::task::spawn_blocking(|| {
+                    crate::signal::HELD_SIGNALS
+                        .iter()
+                        .all(|s| crate::sys::is_blocked(*s))
+                })
+                .await
+                .unwrap(),
+            );
+        }
+        v
+    });
+    assert!(masks.iter().all(|m| *m));
+    assert!(
+        !crate::sys::is_blocked(libc::SIGHUP),
+        "building the runtime left this thread's mask as it was"
+    );
+}

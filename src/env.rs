@@ -11,8 +11,8 @@
 //!
 //! | Variable | Set by | Read by | Value |
 //! |---|---|---|---|
-//! | [`HANDOFF_VAR`] `COPYOVER_HANDOFF` | the commit, a rollback, the holder | [`boot`](crate::boot) | the handoff, [version 1](crate::handoff#the-handoff-variable-version-1) |
-//! | [`CLAIM_VAR`] `COPYOVER_CLAIM` | the commit, a rollback | `boot` | the readiness claim and when the holder started, [version 1](crate::handoff#the-claim-variable-version-1) |
+//! | [`HANDOFF_VAR`] `COPYOVER_HANDOFF` | the commit, a rollback, the holder | [`boot`](crate::boot) | the handoff, [version 1](crate::upgrade::variable#the-handoff-variable-version-1) |
+//! | [`CLAIM_VAR`] `COPYOVER_CLAIM` | the commit, a rollback | `boot` | the readiness claim and when the holder started, [version 1](crate::upgrade::variable#the-claim-variable-version-1) |
 //! | [`ROLLBACK_REASON_VAR`] `COPYOVER_ROLLBACK_REASON` | a rollback, the holder | `boot` in rollback mode | why the new image failed (the outcome's reason) |
 //! | [`PROBE_VAR`] `COPYOVER_PROBE` | the probe | `boot`, which answers and exits | a nonce the answer repeats |
 //! | [`STATUS_DIR_VAR`] `COPYOVER_STATUS_DIR` | the operator | the runtime, the `copyover` CLI | the [status](crate::status) directory |
@@ -59,7 +59,7 @@ use std::os::unix::ffi::OsStrExt;
 /// The environment variable that carries the handoff into the new image.
 pub const HANDOFF_VAR: &str = "COPYOVER_HANDOFF";
 /// The environment variable that carries the readiness claim (see
-/// [`crate::handoff`]'s claim variable).
+/// [`crate::upgrade::variable`]).
 pub const CLAIM_VAR: &str = "COPYOVER_CLAIM";
 /// The environment variable that carries a rollback's reason.
 pub const ROLLBACK_REASON_VAR: &str = "COPYOVER_ROLLBACK_REASON";

@@ -171,7 +171,6 @@ mod error;
 pub mod fdstore;
 pub mod handoff;
 mod notify;
-pub mod probe;
 pub mod region;
 mod resume;
 mod rollback;
@@ -185,6 +184,7 @@ mod sys;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 pub mod upgrade;
+pub use upgrade::probe;
 mod worker;
 
 pub use error::{Error, UpgradeError};

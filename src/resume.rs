@@ -12,13 +12,15 @@ use std::sync::Arc;
 
 use crate::env::{CLAIM_VAR, HANDOFF_VAR, PROBE_VAR, ROLLBACK_REASON_VAR, forget_handoff_vars};
 use crate::error::Error;
-use crate::handoff::{ClaimVar, HandoffVar, Inherited, Mode};
+use crate::handoff::Inherited;
 use crate::notify::Activated;
 use crate::runtime::{Config, Copyover, Resume, Start, open_own_binary};
 use crate::signal::{self, Requests};
 use crate::snapshot::{Manifest, read_sealed};
 use crate::state::{AppState, restore};
 use crate::sys::{Claims, monotonic_ns};
+use crate::upgrade::record::ExecRecord;
+use crate::upgrade::variable::{ClaimVar, HandoffVar, Mode};
 use crate::worker::Worker;
 use crate::{rollback, sys};
 
@@ -214,7 +216,7 @@ fn resume<S: AppState>(
     let record = exec_record
         .as_ref()
         .filter(|_| upgraded)
-        .and_then(|fd| match rollback::ExecRecord::read(fd.as_fd()) {
+        .and_then(|fd| match ExecRecord::read(fd.as_fd()) {
             Ok(r) => Some(r),
             Err(e) => {
                 tracing::warn!("the old image's exec record is unreadable ({e}): a rollback uses this image's arguments and environment");
@@ -420,7 +422,7 @@ fn answer_probe<S: AppState>(config: &Config, nonce: &std::ffi::OsStr) -> ! {
     // one before `boot` (a static initializer, an LD_PRELOAD library, an
     // async runtime's main) would only roll back. Refuse it now.
     if let Err(e) = single_thread() {
-        crate::probe::answer(nonce, Err(format!("{e}")));
+        crate::upgrade::probe::answer(nonce, Err(format!("{e}")));
     }
     let stdin = std::io::stdin();
     let result = read_sealed(stdin.as_fd())
@@ -430,7 +432,7 @@ fn answer_probe<S: AppState>(config: &Config, nonce: &std::ffi::OsStr) -> ! {
         })
         .map(|_| config.version.clone())
         .map_err(|e| e.to_string());
-    crate::probe::answer(nonce, result)
+    crate::upgrade::probe::answer(nonce, result)
 }
 
 /// Reaps children of the previous image that already exited. Live ones are

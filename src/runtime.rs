@@ -15,15 +15,15 @@ use std::time::Duration;
 
 use crate::env::clean_env;
 use crate::error::{Error, UpgradeError};
-use crate::handoff::{Handoff, Inherited, Mode, SocketKind};
+use crate::handoff::{Handoff, Inherited, SocketKind};
 use crate::notify::Activated;
-use crate::probe::Executable;
-use crate::probe::{Prepared, Probe, ProbeSpec, Verdict};
 use crate::signal::{self, Requests};
 use crate::snapshot::{FORMAT_VERSION, Header};
 use crate::state::{AppState, restore};
 use crate::status::{Outcome, Phases, Reporter};
 use crate::sys::monotonic_ns;
+use crate::upgrade::probe::{Executable, Prepared, Probe, ProbeSpec, Verdict};
+use crate::upgrade::variable::Mode;
 use crate::upgrade::{Commit, Progress, commit};
 use crate::worker::Worker;
 use crate::{rollback, sys};
@@ -131,7 +131,7 @@ pub(crate) struct Resume {
     pub(crate) header: Header,
     pub(crate) snapshot: OwnedFd,
     pub(crate) old_binary: OwnedFd,
-    /// How the old image ran, for a rollback (see `rollback::ExecRecord`).
+    /// How the old image ran, for a rollback (see `upgrade::record`).
     pub(crate) exec_record: Option<OwnedFd>,
     /// A pidfd of the holder after a rollback (after an upgrade, the
     /// rollback plan owns it until `ready`), and its PID: killed and reaped
@@ -158,10 +158,10 @@ enum Phase {
     Idle,
     /// The probe runs; `exe` is the new binary, opened once, so that the
     /// commit executes exactly the file that was probed.
-    Probing(Probe, Arc<crate::probe::Executable>),
+    Probing(Probe, Arc<Executable>),
     Approved {
         to_version: String,
-        exe: Arc<crate::probe::Executable>,
+        exe: Arc<Executable>,
         /// What the probe prepared, for the commit to take.
         prepared: Prepared,
     },

@@ -136,7 +136,7 @@ pub(crate) struct Outcome {
 pub(crate) struct Prepared {
     /// The memfd for the commit's snapshot, allocated and mapped.
     pub draft: Option<crate::snapshot::Draft>,
-    /// How this image runs, sealed for a rollback (`rollback::ExecRecord`).
+    /// How this image runs, sealed for a rollback (`upgrade::record`).
     pub record: Option<OwnedFd>,
 }
 
@@ -254,7 +254,7 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
     let draft = crate::snapshot::Draft::new(spec.reserve).ok();
     let record = crate::env::env_entries(&spec.env)
         .ok()
-        .and_then(|env| crate::rollback::ExecRecord::seal(&spec.argv, &env).ok());
+        .and_then(|env| super::record::ExecRecord::seal(&spec.argv, &env).ok());
     let verdict = read_answer(&mut child, &nonce, spec.timeout, started + spec.timeout);
     let verdict = match (verdict, finish(&mut child, started + spec.timeout)) {
         (Verdict::Accepted(v), Ok(status)) if status.success() => Verdict::Accepted(v),

@@ -1,0 +1,63 @@
+//! A descriptor's close-on-exec flag, and waiting for one to be readable.
+
+use super::*;
+
+/// Marks every fd from `first` upward close-on-exec with one
+/// `close_range(first, ~0, CLOSE_RANGE_CLOEXEC)` call (Linux 5.11).
+///
+/// This is the "deny by default" step before an exec, and the way the new
+/// image makes every inherited fd close-on-exec again in one syscall.
+pub(crate) fn cloexec_from(first: RawFd) -> io::Result<()> {
+    let first =
+        libc::c_uint::try_from(first).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes fd flags; it
+    // closes nothing and touches no memory of ours.
+    unsafe {
+        syscall!(syscall(
+            libc::SYS_close_range,
+            first,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ))
+    }
+    .map(drop)
+}
+
+/// Sets or clears `FD_CLOEXEC` on a raw fd (with `F_SETFD`, never `F_SETFL`).
+///
+/// Works on raw numbers because the kept fds are borrowed from the
+/// application only for the duration of the exec.
+pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    let flag = if on { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: F_SETFD takes an int and changes only the fd's flags; an fd
+    // that is not open yields EBADF, which we report.
+    unsafe { syscall!(fcntl(fd, libc::F_SETFD, flag)) }.map(drop)
+}
+
+/// Whether the open fd `fd` is close-on-exec (`F_GETFD`); `EBADF` if it is
+/// not open.
+pub(crate) fn is_cloexec(fd: RawFd) -> io::Result<bool> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: F_GETFD only reads the fd's flags.
+    let flags = unsafe { syscall!(fcntl(fd, libc::F_GETFD)) }?;
+    Ok(flags & libc::FD_CLOEXEC != 0)
+}
+
+/// Waits until `fd` is readable, for at most `timeout` (`poll`). `Ok(false)`
+/// if the time ran out or a signal interrupted the wait: the caller checks
+/// its own deadline and asks again.
+pub(crate) fn wait_readable(
+    fd: std::os::fd::BorrowedFd<'_>,
+    timeout: std::time::Duration,
+) -> io::Result<bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(0) | Err(nix::errno::Errno::EINTR) => Ok(false),
+        Ok(_) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}

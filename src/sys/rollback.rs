@@ -14,6 +14,19 @@
 //! into the pre-allocated slot, `sigprocmask`, `execveat` and `write`, and
 //! `_exit`. They never allocate, lock or log.
 //!
+//! # Why not signal-hook here
+//!
+//! The reload and shutdown signals go through `signal-hook` (see
+//! `crate::signal`). These handlers do not, for two reasons: SIGSEGV, SIGILL
+//! and SIGFPE are in signal-hook's `FORBIDDEN` set (only its `unchecked`
+//! calls take them); and at `ready` the image must get back exactly the
+//! actions it had (Rust's own stack-overflow handler for SIGSEGV and
+//! SIGBUS, the defaults for the rest), while signal-hook, once it has put
+//! its handler on a signal, keeps it there for the life of the process
+//! (unregistering an action does not restore the previous one): every
+//! later crash would go through it. So [`arm`] saves each previous
+//! `sigaction` and [`disarm`] puts it back.
+//!
 //! [`disarm`] restores the previous signal actions and unpublishes the plan.
 //! A plan can be published again ([`arm`] a second time) once more is known
 //! (the descriptors, the holder): handlers are installed only once. A plan

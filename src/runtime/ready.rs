@@ -1,0 +1,184 @@
+//! `ready`: the end of an upgrade or a rollback in the new image (the
+//! readiness claim, the holder's end, the outcome).
+
+use super::*;
+
+/// What the new image keeps of the handoff until it is ready.
+#[derive(Debug)]
+pub(crate) struct Resume {
+    pub(crate) mode: Mode,
+    pub(crate) header: Header,
+    pub(crate) snapshot: OwnedFd,
+    pub(crate) old_binary: OwnedFd,
+    /// How the old image ran, for a rollback (see `upgrade::record`).
+    pub(crate) exec_record: Option<OwnedFd>,
+    /// A pidfd of the holder after a rollback (after an upgrade, the
+    /// rollback plan owns it until `ready`), and its PID: killed and reaped
+    /// when this image is ready.
+    pub(crate) holder: Option<OwnedFd>,
+    pub(crate) holder_pid: Option<i32>,
+    /// The holder started this image under its own PID.
+    pub(crate) rescued: bool,
+    /// The readiness claim (see `sys::claim`), taken at `ready` before the
+    /// holder is killed: `None` without a claim variable (a first start, a
+    /// rescue, an older build's commit), `Some(None)` if one was named but
+    /// could not be owned (it counts as the holder's).
+    pub(crate) claim: Option<Option<OwnedFd>>,
+    /// When the holder started (the handoff's `held=`).
+    pub(crate) held_at_ns: Option<u64>,
+    pub(crate) boot_ns: u64,
+    pub(crate) restored_ns: u64,
+    /// For a rollback: why.
+    pub(crate) reason: String,
+}
+
+/// Kills the holder (through its pidfd: never another process); returns
+/// whether it is to be reaped (see [`reap_holder`]). Its pidfd is closed
+/// here, so that the image's descriptors are final when the outcome is
+/// reported.
+///
+/// Without a pidfd (`pidfd_open` failed in `boot`), by PID: the holder is
+/// our child, unreaped unless it already died, so the number is still its.
+fn kill_holder(pidfd: Option<OwnedFd>, pid: i32) -> bool {
+    let by_pid = || sys::kill(pid);
+    let killed = match &pidfd {
+        Some(fd) => sys::pidfd_kill(fd.as_fd()).or_else(|_| by_pid()),
+        None => by_pid(),
+    };
+    if let Err(e) = killed {
+        // Not waited for: a live holder would block the helper thread.
+        tracing::warn!(holder = pid, "could not kill the holder: {e}");
+        return false;
+    }
+    // Reaped by PID, so that no descriptor lingers: the holder is our
+    // child, so its PID cannot be reused before it is reaped.
+    drop(pidfd);
+    true
+}
+
+/// Takes the readiness claim before this image kills the holder (see
+/// `sys::claim`). Returns if it is ours, or if the holder is gone (nobody
+/// else will serve). Otherwise the holder took it at its deadline and is
+/// killing this process: wait for that, serving nothing. A read that fails
+/// (twice) says nothing about who has it, and is treated the same way: the
+/// holder takes the claim at its deadline and rescues.
+fn take_claim(claim: Option<&OwnedFd>, holder: Option<&OwnedFd>) {
+    let taken = claim.map(|c| sys::once_more(|| sys::claim::take(c.as_fd()), |_| true));
+    match taken {
+        Some(Ok(true)) => return,
+        Some(Ok(false)) => tracing::warn!("the holder's deadline passed first: it ends this image"),
+        Some(Err(e)) => tracing::warn!(
+            "could not take the readiness claim ({e}): the holder ends this image at its deadline"
+        ),
+        None => tracing::warn!(
+            "the readiness claim is not this image's: the holder ends it at its deadline"
+        ),
+    }
+    loop {
+        match holder.map(|h| sys::wait_readable(h.as_fd(), Duration::from_secs(1))) {
+            // The holder's end (readable pidfd), if it dies without killing
+            // this process.
+            Some(Ok(true)) => {
+                tracing::warn!("the holder ended without ending this image: serving on");
+                return;
+            }
+            Some(Ok(false)) => {}
+            // No way to watch it: look again in a second.
+            Some(Err(_)) | None => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// Reaps the killed holder on the helper thread: its exit tears down the
+/// old image's memory, which takes time the event loop does not wait for.
+fn reap_holder(worker: &Worker, pid: i32) {
+    let reaped = worker.run(move || {
+        let _ = sys::reap(pid);
+    });
+    if let Err(e) = reaped {
+        tracing::debug!(holder = pid, "could not reap the holder: {e}");
+    }
+}
+
+impl<S> Copyover<S> {
+    /// Declares this image ready: the inherited descriptors are claimed and
+    /// registered. Disarms the rollback and the readiness deadline, and
+    /// reports the outcome (`upgrade complete` with the versions, the
+    /// generation and the blackout; after a rollback, `upgrade rolled back`
+    /// with its reason) to the log, the status file and sd_notify: from
+    /// the helper thread, so the line may follow one the application logs
+    /// right after `ready` returns. Call it once, after start-up, on every
+    /// kind of start.
+    ///
+    /// # Errors
+    ///
+    /// None today: what can fail here (opening this binary for a future
+    /// rollback, cancelling the deadline) is logged, and the next upgrade
+    /// tries again. The `Result` leaves room for checks to come; a caller
+    /// that propagates it with `?` loses nothing.
+    pub fn ready(&mut self) -> Result<(), Error> {
+        if self.ready {
+            return Ok(());
+        }
+        let now = monotonic_ns();
+        self.ready = true;
+        let Some(r) = self.resume.take() else {
+            self.report_started();
+            return Ok(());
+        };
+        // No way back is needed any more: the deadline and the plan go
+        // (the timer first), then the holder, whose exit frees the old
+        // image's memory in its own time.
+        let planned = rollback::disarm();
+        let holder = planned.or(r.holder);
+        if let Some(claim) = &r.claim {
+            take_claim(claim.as_ref(), holder.as_ref());
+        }
+        let reap = r.holder_pid.filter(|&pid| kill_holder(holder, pid));
+        drop(r.snapshot);
+        drop(r.exec_record);
+        let h = &r.header;
+        let blackout_ms = ms(now.saturating_sub(h.committed_at_ns));
+        if r.mode == Mode::Rollback {
+            self.own_binary = Some(r.old_binary);
+            let outcome = Outcome::RolledBack { reason: r.reason };
+            self.report_later(outcome, blackout_ms, r.rescued);
+            if let Some(pid) = reap {
+                reap_holder(&self.worker, pid);
+            }
+            return Ok(());
+        }
+        // The previous binary was kept for a rollback.
+        drop(r.old_binary);
+        // Opened before the outcome is logged, so that whoever reads the
+        // log sees the image's final descriptors.
+        // Tried twice: without it the next upgrade has no way back until
+        // it opens it again.
+        let own = sys::once_more(open_own_binary, |_| true);
+        let outcome = Outcome::Complete {
+            from: h.writer_version.clone(),
+            to: self.config.version.clone(),
+            generation: self.generation,
+            blackout_ms,
+            phases: Phases {
+                total_ms: Some(ms(now.saturating_sub(h.requested_at_ns))),
+                exec_ms: Some(ms(r.boot_ns.saturating_sub(h.committed_at_ns))),
+                restore_ms: Some(ms(r.restored_ns.saturating_sub(r.boot_ns))),
+                adopt_ms: Some(ms(now.saturating_sub(r.restored_ns))),
+                unheld_ms: r
+                    .held_at_ns
+                    .map(|held| ms(held.saturating_sub(h.committed_at_ns))),
+            },
+        };
+        self.report_later(outcome, 0.0, false);
+        if let Some(pid) = reap {
+            reap_holder(&self.worker, pid);
+        }
+        match own {
+            Ok(fd) => self.own_binary = Some(fd),
+            // Serving goes on; the next upgrade tries again.
+            Err(e) => tracing::warn!("{e}; the next upgrade will try again"),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,227 @@
+//! The upgrade as the handle drives it: the phases (idle, probing,
+//! approved), the events they give, the commit, an abandon.
+
+use super::*;
+
+#[derive(Debug)]
+pub(super) enum Phase {
+    Idle,
+    /// The probe runs; `exe` is the new binary, opened once, so that the
+    /// commit executes exactly the file that was probed.
+    Probing(Probe, Arc<Executable>),
+    Approved {
+        to_version: String,
+        exe: Arc<Executable>,
+        /// What the probe prepared, for the commit to take.
+        prepared: Prepared,
+    },
+}
+
+impl<S> Copyover<S> {
+    /// Returns the next event, or `None`. Call it until it returns `None`
+    /// each time [`event_fd`](Self::event_fd) is readable.
+    pub fn poll(&mut self) -> Option<Event> {
+        self.requests.drain();
+        if signal::take(&self.requests.shutdown) {
+            return Some(Event::Shutdown);
+        }
+        if let Phase::Probing(probe, exe) = std::mem::replace(&mut self.phase, Phase::Idle) {
+            let (verdict, prepared) = match probe.try_verdict() {
+                Ok(outcome) => (outcome.verdict, outcome.prepared),
+                // The probe kills its child at its own time limit; one that
+                // never reports (its job never ran) is refused here, so that
+                // an upgrade can never stay under way for good.
+                Err(stuck)
+                    if monotonic_ns().saturating_sub(self.requested_at_ns)
+                        > 2 * self.config.probe_timeout.as_nanos() as u64 + 5_000_000_000 =>
+                {
+                    stuck.kill();
+                    let reason =
+                        "the probe never reported: the runtime's helper thread did not run it";
+                    (Verdict::Refused(reason.into()), Prepared::default())
+                }
+                Err(still_running) => {
+                    self.phase = Phase::Probing(still_running, exe);
+                    return self.poll_signals();
+                }
+            };
+            let probe_ms = ms(monotonic_ns().saturating_sub(self.requested_at_ns));
+            match verdict {
+                Verdict::Accepted(to_version) => {
+                    tracing::debug!(phase = "probe", probe_ms, %to_version, "the new binary accepted the snapshot");
+                    self.phase = Phase::Approved {
+                        to_version,
+                        exe,
+                        prepared,
+                    };
+                    return Some(Event::UpgradeApproved);
+                }
+                Verdict::Refused(reason) => {
+                    let reason = UpgradeError::Probe { reason }.to_string();
+                    self.log_refused(&reason);
+                    return Some(Event::UpgradeRefused { reason });
+                }
+            }
+        }
+        self.poll_signals()
+    }
+
+    fn poll_signals(&mut self) -> Option<Event> {
+        if signal::take(&self.requests.upgrade) {
+            if matches!(self.phase, Phase::Idle) {
+                self.requested_at_ns = monotonic_ns();
+                crate::notify::notify(&format!(
+                    "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=upgrading",
+                    crate::notify::monotonic_usec()
+                ));
+                return Some(Event::Upgrade);
+            }
+            tracing::info!("an upgrade is already under way; the new request joins it");
+        }
+        if signal::take(&self.requests.save) {
+            return Some(Event::SaveSnapshot);
+        }
+        None
+    }
+
+    /// Moves the upgrade forward; call it on [`Event::Upgrade`] and on
+    /// [`Event::UpgradeApproved`] with the whole current state and every
+    /// descriptor to keep.
+    ///
+    /// * The first call checks the binary and starts the probe, then returns
+    ///   [`Progress::Probing`]: keep serving.
+    /// * Once the probe said yes, [`Event::UpgradeApproved`] comes; this call
+    ///   then commits: it writes the snapshot and executes the new binary.
+    ///   **It does not return on success**: the new image carries on.
+    ///
+    /// # Errors
+    ///
+    /// An [`UpgradeError`] saying why no upgrade happened (the binary is
+    /// missing, the handoff is inconsistent, the exec failed...). The
+    /// runtime reports `upgrade refused: REASON` (from its helper thread);
+    /// the application keeps serving, and owns all its descriptors as
+    /// before. One flag is not put back as it was: a commit that fails
+    /// leaves every fd from 3 up close-on-exec (the state in which an image
+    /// normally runs), so one the application had left inheritable on
+    /// purpose (for a child it starts later) must be made inheritable again
+    /// by the application.
+    pub fn upgrade(&mut self, state: &S, keep: &Handoff<'_>) -> Result<Progress, UpgradeError>
+    where
+        S: AppState,
+    {
+        let result = self.advance(state, keep);
+        if let Err(e) = &result {
+            self.phase = Phase::Idle;
+            self.log_refused(&e.to_string());
+        }
+        result
+    }
+
+    fn advance(&mut self, state: &S, keep: &Handoff<'_>) -> Result<Progress, UpgradeError>
+    where
+        S: AppState,
+    {
+        if !self.ready {
+            return Err(UpgradeError::Handoff {
+                reason: "this image has not called Copyover::ready yet".into(),
+            });
+        }
+        if self.requested_at_ns == 0 {
+            self.requested_at_ns = monotonic_ns();
+        }
+        let manifest = keep
+            .manifest()
+            .map_err(|reason| UpgradeError::Handoff { reason })?;
+        if self.own_binary.is_none() {
+            // `ready` could not open it: try again now.
+            self.own_binary = open_own_binary().ok();
+        }
+        let own_binary = self
+            .own_binary
+            .as_ref()
+            .ok_or_else(|| UpgradeError::Handoff {
+                reason: "the runtime has no descriptor of its own binary to roll back to (opening /proc/self/exe failed)".into(),
+            })?;
+        let mut header = self.header(monotonic_ns());
+        header.state_version = S::VERSION;
+        // Taken: the commit takes what the probe prepared; every other way
+        // out puts a phase back (`upgrade` makes an error Idle).
+        match std::mem::replace(&mut self.phase, Phase::Idle) {
+            probing @ Phase::Probing(..) => {
+                self.phase = probing;
+                Ok(Progress::Probing)
+            }
+            Phase::Idle => {
+                let exe = Arc::new(Executable::open(&self.binary)?);
+                // Only the encoding happens in the event loop; the probe's
+                // thread writes the snapshot, starts the new binary and, off
+                // the critical path, prepares the commit's memfd for a
+                // state somewhat larger than this one.
+                let payload = crate::snapshot::encode_state(state)?;
+                self.payload_hint = payload.len() + payload.len() / 8 + 4096;
+                let reserve = crate::snapshot::HEADER_LEN + 64 * manifest.len() + self.payload_hint;
+                let spec = ProbeSpec {
+                    exe: exe.clone(),
+                    argv: self.argv.clone(),
+                    env: clean_env(),
+                    header,
+                    manifest: manifest.clone(),
+                    payload,
+                    timeout: self.config.probe_timeout,
+                    reserve: reserve as u64,
+                };
+                let probe = Probe::start(spec, &self.worker, self.requests.tx.clone()).map_err(
+                    |source| UpgradeError::Io {
+                        what: "start the probe",
+                        source,
+                    },
+                )?;
+                tracing::debug!(phase = "probe", binary = ?self.binary, "probing the new binary");
+                self.phase = Phase::Probing(probe, exe);
+                Ok(Progress::Probing)
+            }
+            Phase::Approved {
+                to_version,
+                exe,
+                prepared,
+            } => {
+                tracing::debug!(%to_version, fds = manifest.len(), "committing the upgrade");
+                Err(commit(
+                    state,
+                    Commit {
+                        header,
+                        manifest,
+                        own_binary,
+                        exe: &exe,
+                        argv: &self.argv,
+                        requests: &self.requests,
+                        prepared,
+                        payload_hint: self.payload_hint,
+                        worker: &self.worker,
+                        ready_timeout: self.config.ready_timeout,
+                    },
+                ))
+            }
+        }
+    }
+
+    /// Abandons the upgrade under way, before its commit: it ends as
+    /// `upgrade refused: the server abandoned the upgrade: REASON`, reported
+    /// like any refusal (log, status file, sd_notify, the `copyover` CLI's
+    /// exit status), and the next SIGHUP starts a new one. A probe still
+    /// running is killed. Call it on [`Event::UpgradeApproved`] when the
+    /// server cannot reach a safe point (for a tokio server: when
+    /// [`Quiesce::pause`](crate::tokio::Quiesce::pause) returns
+    /// `Unpaused`). Does nothing if no upgrade is under way.
+    pub fn abandon(&mut self, reason: &str) {
+        match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Idle => return,
+            Phase::Probing(probe, _) => probe.kill(),
+            Phase::Approved { .. } => {}
+        }
+        let reason = UpgradeError::Abandoned {
+            reason: reason.into(),
+        };
+        self.log_refused(&reason.to_string());
+    }
+}

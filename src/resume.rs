@@ -231,15 +231,13 @@ fn resume<S: AppState>(
     let claim_var = claim_text
         .as_ref()
         .map(|v| v.to_str().and_then(ClaimVar::parse));
-    let claim = claim_var.map(|parsed| {
-        let owned = parsed.and_then(|c| match claims.inherit(c.claim) {
-            Ok(fd) => Some(fd),
-            Err(e) => {
-                tracing::warn!(fd = c.claim, "the readiness claim cannot be owned ({e}): the holder ends this upgrade at its deadline");
-                None
-            }
-        });
-        (owned, parsed.map(|c| c.held_at))
+    let held_at_ns = claim_var.flatten().map(|c| c.held_at);
+    let claim: Option<Option<OwnedFd>> = claim_var.map(|parsed| {
+        let c = parsed?;
+        claims
+            .inherit(c.claim)
+            .inspect_err(|e| tracing::warn!(fd = c.claim, "the readiness claim cannot be owned ({e}): the holder ends this upgrade at its deadline"))
+            .ok()
     });
     // The handoff's own fds: a rollback hands them back too.
     let mut handoff_fds = vec![var.snapshot_fd, var.binary_fd];
@@ -247,7 +245,7 @@ fn resume<S: AppState>(
     handoff_fds.extend(
         claim
             .as_ref()
-            .and_then(|(fd, _)| fd.as_ref())
+            .and_then(Option::as_ref)
             .map(|fd| fd.as_raw_fd()),
     );
     let (old_argv, old_env) = match record {
@@ -398,8 +396,8 @@ fn resume<S: AppState>(
         holder,
         holder_pid: var.holder,
         rescued: var.rescued,
-        held_at_ns: claim.as_ref().and_then(|(_, held)| *held),
-        claim: claim.map(|(fd, _)| fd),
+        held_at_ns,
+        claim,
         boot_ns,
         restored_ns: monotonic_ns(),
         reason,

@@ -603,6 +603,11 @@ impl Scene {
         server.deploy(&v1);
         assert!(server.upgrade().contains("upgrade complete"));
         bob.send("par");
+        // The baseline once the holder is gone (its end is reaped on the
+        // runtime's helper thread, after the outcome is reported).
+        wait_for("the holder to be reaped", || {
+            (server.children() == 0).then_some(())
+        });
         let fds = server.fd_count();
         Scene {
             server,

@@ -59,6 +59,40 @@ fn a_script_that_echoes_its_input_is_refused() {
     );
 }
 
+/// A program whose argument parser rejects the server's arguments (here the
+/// operator CLI, built with clap, which exits with EX_USAGE): the refusal
+/// says how it ended and quotes its standard error, instead of only "not a
+/// copyover program".
+#[test]
+fn a_program_that_rejects_the_arguments_is_refused_with_its_own_words() {
+    let cli = std::fs::read(env!("CARGO_BIN_EXE_copyover")).unwrap();
+    let line = survive(
+        "rb-args",
+        Deploy::Bytes(&cli),
+        "upgrade refused",
+        "gave no probe answer",
+    );
+    assert!(line.contains("it exited with status 64"), "{line}");
+    assert!(
+        line.contains("its last words on standard error: \"error: unexpected argument"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_crashing_program_is_refused_with_its_signal() {
+    let line = survive(
+        "rb-segv",
+        Deploy::Bytes(b"#!/bin/sh\necho 'about to crash' >&2\nkill -SEGV $$\n"),
+        "upgrade refused",
+        "gave no probe answer",
+    );
+    assert!(
+        line.contains("it was killed by signal 11 (SIGSEGV); its last words on standard error: \"about to crash\""),
+        "{line}"
+    );
+}
+
 #[test]
 fn a_garbage_file_is_refused() {
     survive(

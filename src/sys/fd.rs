@@ -1,4 +1,4 @@
-//! A descriptor's close-on-exec flag, and waiting for one to be readable.
+//! A descriptor's close-on-exec flag, and waiting for descriptors to be readable.
 
 use super::*;
 
@@ -58,6 +58,35 @@ pub(crate) fn wait_readable(
     match poll(&mut fds, PollTimeout::from(ms)) {
         Ok(0) | Err(nix::errno::Errno::EINTR) => Ok(false),
         Ok(_) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Waits until at least one of `fds` is readable or at its end, for at most
+/// `timeout` (`poll`); says which. All `false` if the time ran out or a
+/// signal interrupted the wait: the caller checks its own deadline and asks
+/// again. A pipe whose writers are gone counts as readable (its read returns
+/// 0), so a caller that stops reading an ended pipe stops passing it.
+pub(crate) fn readable_among(
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    timeout: std::time::Duration,
+) -> io::Result<Vec<bool>> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut polled: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .collect();
+    match poll(&mut polled, PollTimeout::from(ms)) {
+        Ok(0) | Err(nix::errno::Errno::EINTR) => Ok(vec![false; fds.len()]),
+        Ok(_) => Ok(polled
+            .iter()
+            .map(|p| {
+                p.revents().is_some_and(|r| {
+                    !(r & (PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)).is_empty()
+                })
+            })
+            .collect()),
         Err(e) => Err(e.into()),
     }
 }

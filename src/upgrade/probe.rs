@@ -9,7 +9,10 @@
 //!   the same way it did), its environment without the handoff variable and
 //!   with `COPYOVER_PROBE=NONCE`;
 //! * the sealed snapshot on its standard input (fd 0);
-//! * a pipe on its standard output; standard error is the server's.
+//! * a pipe on its standard output, and one on its standard error that the
+//!   probe passes on to the server's standard error as it comes, keeping
+//!   its last lines: a refusal that is not the new binary's own says how it
+//!   ended (exit status or signal) and quotes them.
 //!
 //! A copyover program's [`boot`](crate::boot) sees the variable, reads and
 //! checks the snapshot exactly as a real restore would (seals, header, app,
@@ -35,7 +38,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::io::{BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -236,7 +239,7 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
         .env(PROBE_VAR, &nonce)
         .stdin(Stdio::from(snapshot))
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(Stdio::piped());
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -255,15 +258,15 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
     let record = crate::env::env_entries(&spec.env)
         .ok()
         .and_then(|env| super::record::ExecRecord::seal(&spec.argv, &env).ok());
-    let verdict = read_answer(&mut child, &nonce, spec.timeout, started + spec.timeout);
-    let verdict = match (verdict, finish(&mut child, started + spec.timeout)) {
-        (Verdict::Accepted(v), Ok(status)) if status.success() => Verdict::Accepted(v),
-        (Verdict::Accepted(_), Ok(status)) => {
-            Verdict::Refused(format!("it answered ok but then exited with {status}"))
-        }
-        (Verdict::Accepted(_), Err(e)) => Verdict::Refused(e),
-        (refused, _) => refused,
+    let mut stderr = Stderr {
+        pipe: child.stderr.take(),
+        tail: Vec::new(),
     };
+    let deadline = started + spec.timeout;
+    let answer = read_answer(&mut child, &mut stderr, &nonce, spec.timeout, deadline);
+    let ended = finish(&mut child, &mut stderr, deadline);
+    stderr.pump_ready();
+    let verdict = judge(answer, ended, &stderr);
     pid_slot.store(0, Ordering::SeqCst);
     tracing::debug!(
         elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
@@ -311,25 +314,168 @@ fn repeated_id(manifest: &crate::snapshot::Manifest) -> Option<String> {
     })
 }
 
-/// Reads the one answer line, up to the deadline.
-fn read_answer(child: &mut Child, nonce: &str, timeout: Duration, deadline: Instant) -> Verdict {
+/// What the probe's standard output said.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    /// `ok`, with the new binary's version label.
+    Ok(String),
+    /// `refuse`, with the new binary's own reason.
+    Refuse(String),
+    /// No valid answer line, and why it is not one.
+    Invalid(String),
+}
+
+/// The verdict from the answer and how the child ended. A refusal the new
+/// binary did not word itself says how it ended (exit status or signal) and
+/// what it last wrote on its standard error: "it is not a copyover program"
+/// alone leaves the operator guessing whether it is another program, a
+/// build that rejects the server's arguments, or one that crashed.
+fn judge(answer: Answer, ended: Result<ExitStatus, String>, stderr: &Stderr) -> Verdict {
+    let (reason, ended) = match (answer, ended) {
+        (Answer::Ok(version), Ok(status)) if status.success() => {
+            return Verdict::Accepted(version);
+        }
+        (Answer::Refuse(reason), _) => return Verdict::Refused(reason),
+        (Answer::Ok(_), ended) => ("it answered ok".to_owned(), ended),
+        (Answer::Invalid(reason), ended) => (reason, ended),
+    };
+    let how = match ended {
+        Ok(status) => describe(status),
+        Err(e) => e,
+    };
+    let words = match stderr.last_words() {
+        Some(words) => format!("; its last words on standard error: {words:?}"),
+        None => "; it wrote nothing on standard error".to_owned(),
+    };
+    Verdict::Refused(format!("{reason}; {how}{words}"))
+}
+
+/// How a child ended, in words.
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("it exited with status {code}"),
+        (None, Some(signal)) => match nix::sys::signal::Signal::try_from(signal) {
+            Ok(name) => format!("it was killed by signal {signal} ({name})"),
+            Err(_) => format!("it was killed by signal {signal}"),
+        },
+        (None, None) => format!("it ended with {status}"),
+    }
+}
+
+/// The probe's standard error: passed on to the server's as it comes (the
+/// new binary's log lines stay where the operator reads the server's), its
+/// last bytes kept for a refusal's reason.
+#[derive(Debug)]
+struct Stderr {
+    /// `None` once it reached its end (or failed).
+    pipe: Option<std::process::ChildStderr>,
+    tail: Vec<u8>,
+}
+
+/// How much of the probe's standard error is kept for its last words.
+const STDERR_TAIL: usize = 4096;
+/// How many of its last lines a refusal quotes, and at most how many chars.
+const LAST_LINES: usize = 3;
+const LAST_CHARS: usize = 400;
+
+impl Stderr {
+    fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.pipe.as_ref().map(|p| p.as_fd())
+    }
+
+    /// One read, once the pipe polled readable (so it does not wait).
+    fn pump(&mut self) {
+        let Some(pipe) = self.pipe.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        match pipe.read(&mut buf) {
+            Ok(0) => self.pipe = None,
+            Ok(n) => {
+                let _ = std::io::stderr().write_all(&buf[..n]);
+                self.tail.extend_from_slice(&buf[..n]);
+                let over = self.tail.len().saturating_sub(STDERR_TAIL);
+                self.tail.drain(..over);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => self.pipe = None,
+        }
+    }
+
+    /// Reads what is in the pipe now, without waiting (bounded: a child
+    /// that writes without end does not hold the probe here).
+    fn pump_ready(&mut self) {
+        for _ in 0..32 {
+            let ready = match self.fd() {
+                Some(fd) => crate::sys::readable_among(&[fd], Duration::ZERO),
+                None => return,
+            };
+            match ready.as_deref() {
+                Ok([true]) => self.pump(),
+                _ => return,
+            }
+        }
+    }
+
+    /// Its last few non-empty lines, joined into one line.
+    fn last_words(&self) -> Option<String> {
+        let text = String::from_utf8_lossy(&self.tail);
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let last = &lines[lines.len().saturating_sub(LAST_LINES)..];
+        if last.is_empty() {
+            return None;
+        }
+        let joined = last.join(" | ");
+        let count = joined.chars().count();
+        Some(
+            joined
+                .chars()
+                .skip(count.saturating_sub(LAST_CHARS))
+                .collect(),
+        )
+    }
+}
+
+/// Reads the one answer line, up to the deadline, passing the child's
+/// standard error on meanwhile.
+fn read_answer(
+    child: &mut Child,
+    stderr: &mut Stderr,
+    nonce: &str,
+    timeout: Duration,
+    deadline: Instant,
+) -> Answer {
     let Some(stdout) = child.stdout.take() else {
-        return Verdict::Refused("no pipe to the probe".into());
+        return Answer::Invalid("no pipe to the probe".into());
     };
     let mut line = Vec::new();
     let mut reader = BufReader::new(stdout);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Verdict::Refused(format!(
+            return Answer::Invalid(format!(
                 "no answer within {timeout:?}: not a copyover program, or it hangs"
             ));
         }
         if reader.buffer().is_empty() {
-            match crate::sys::wait_readable(reader.get_ref().as_fd(), left) {
-                Ok(false) => continue,
-                Ok(true) => {}
-                Err(e) => return Verdict::Refused(format!("polling the probe failed: {e}")),
+            let ready = {
+                let mut fds = vec![reader.get_ref().as_fd()];
+                fds.extend(stderr.fd());
+                match crate::sys::readable_among(&fds, left) {
+                    Ok(ready) => ready,
+                    Err(e) => return Answer::Invalid(format!("polling the probe failed: {e}")),
+                }
+            };
+            if ready.get(1) == Some(&true) {
+                stderr.pump();
+            }
+            if ready.first() != Some(&true) {
+                continue;
             }
         }
         let mut byte = [0u8; 1];
@@ -337,21 +483,20 @@ fn read_answer(child: &mut Child, nonce: &str, timeout: Duration, deadline: Inst
             Ok(0) => break,
             Ok(_) if byte[0] == b'\n' => break,
             Ok(_) if line.len() < 4096 => line.push(byte[0]),
-            Ok(_) => return Verdict::Refused("the probe answered with an overlong line".into()),
+            Ok(_) => return Answer::Invalid("the probe answered with an overlong line".into()),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Verdict::Refused(format!("reading the probe's answer failed: {e}")),
+            Err(e) => return Answer::Invalid(format!("reading the probe's answer failed: {e}")),
         }
     }
     parse_answer(&String::from_utf8_lossy(&line), nonce)
 }
-
-fn parse_answer(line: &str, nonce: &str) -> Verdict {
+fn parse_answer(line: &str, nonce: &str) -> Answer {
     let Some(rest) = line
         .strip_prefix(ANSWER_PREFIX)
         .and_then(|r| r.strip_prefix(' '))
     else {
         let shown: String = line.chars().take(80).collect();
-        return Verdict::Refused(if line.is_empty() {
+        return Answer::Invalid(if line.is_empty() {
             "the new binary gave no probe answer: it is not a copyover program".into()
         } else {
             format!(
@@ -362,19 +507,20 @@ fn parse_answer(line: &str, nonce: &str) -> Verdict {
     let (verb, rest) = rest.split_once(' ').unwrap_or((rest, ""));
     let (their_nonce, detail) = rest.split_once(' ').unwrap_or((rest, ""));
     if their_nonce != nonce {
-        return Verdict::Refused("the probe answer carries another nonce".into());
+        return Answer::Invalid("the probe answer carries another nonce".into());
     }
     match verb {
-        "ok" => Verdict::Accepted(detail.to_owned()),
-        "refuse" => Verdict::Refused(detail.to_owned()),
-        other => Verdict::Refused(format!("unknown probe verdict {other:?}")),
+        "ok" => Answer::Ok(detail.to_owned()),
+        "refuse" => Answer::Refuse(detail.to_owned()),
+        other => Answer::Invalid(format!("unknown probe verdict {other:?}")),
     }
 }
 
-/// Waits for the child to exit, killing it at the deadline; either way,
-/// whatever it left running in its process group is killed before it is
-/// reaped (while it is unreaped, its group's number cannot be reused).
-fn finish(child: &mut Child, deadline: Instant) -> Result<std::process::ExitStatus, String> {
+/// Waits for the child to exit, killing it at the deadline, and passes its
+/// standard error on meanwhile; either way, whatever it left running in its
+/// process group is killed before it is reaped (while it is unreaped, its
+/// group's number cannot be reused).
+fn finish(child: &mut Child, stderr: &mut Stderr, deadline: Instant) -> Result<ExitStatus, String> {
     let pid = child.id() as i32;
     loop {
         match crate::sys::has_exited(pid) {
@@ -389,9 +535,19 @@ fn finish(child: &mut Child, deadline: Instant) -> Result<std::process::ExitStat
                     let _ = child.kill();
                 }
                 let _ = child.wait();
-                return Err("the probe did not exit in time and was killed".into());
+                return Err("it did not exit in time and was killed".into());
             }
-            Ok(false) => std::thread::sleep(Duration::from_millis(1)),
+            Ok(false) => match stderr.fd() {
+                // A millisecond's wait, cut short by the child's output.
+                Some(fd) => {
+                    if let Ok([true]) =
+                        crate::sys::readable_among(&[fd], Duration::from_millis(1)).as_deref()
+                    {
+                        stderr.pump();
+                    }
+                }
+                None => std::thread::sleep(Duration::from_millis(1)),
+            },
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(format!("waiting for the probe failed: {e}")),
         }
@@ -444,20 +600,96 @@ mod tests {
     fn answers_are_parsed_strictly() {
         assert_eq!(
             parse_answer("copyover-probe 1 ok N v2", "N"),
-            Verdict::Accepted("v2".into())
+            Answer::Ok("v2".into())
         );
         assert_eq!(
             parse_answer("copyover-probe 1 refuse N cannot read v3", "N"),
-            Verdict::Refused("cannot read v3".into())
+            Answer::Refuse("cannot read v3".into())
         );
         assert!(
-            matches!(parse_answer("copyover-probe 1 ok M v2", "N"), Verdict::Refused(r) if r.contains("nonce"))
+            matches!(parse_answer("copyover-probe 1 ok M v2", "N"), Answer::Invalid(r) if r.contains("nonce"))
         );
         assert!(
-            matches!(parse_answer("", "N"), Verdict::Refused(r) if r.contains("no probe answer"))
+            matches!(parse_answer("", "N"), Answer::Invalid(r) if r.contains("no probe answer"))
         );
         assert!(
-            matches!(parse_answer("hello", "N"), Verdict::Refused(r) if r.contains("not a copyover program"))
+            matches!(parse_answer("hello", "N"), Answer::Invalid(r) if r.contains("not a copyover program"))
         );
+        assert!(
+            matches!(parse_answer("copyover-probe 1 maybe N", "N"), Answer::Invalid(r) if r.contains("\"maybe\""))
+        );
+    }
+
+    fn stderr_of(text: &str) -> Stderr {
+        Stderr {
+            pipe: None,
+            tail: text.as_bytes().to_vec(),
+        }
+    }
+
+    fn exited(code: i32) -> Result<ExitStatus, String> {
+        use std::os::unix::process::ExitStatusExt;
+        Ok(ExitStatus::from_raw(code << 8))
+    }
+
+    #[test]
+    fn a_refusal_says_how_the_binary_ended_and_its_last_words() {
+        let invalid = || Answer::Invalid("the new binary gave no probe answer".into());
+        let words =
+            stderr_of("starting\n\nerror: unexpected argument '--port' found\n  \nUsage: x\n");
+        let Verdict::Refused(r) = judge(invalid(), exited(2), &words) else {
+            panic!("accepted")
+        };
+        assert_eq!(
+            r,
+            "the new binary gave no probe answer; it exited with status 2; its last words on \
+             standard error: \"starting | error: unexpected argument '--port' found | Usage: x\""
+        );
+        use std::os::unix::process::ExitStatusExt;
+        let killed = Ok(ExitStatus::from_raw(libc::SIGSEGV));
+        let Verdict::Refused(r) = judge(invalid(), killed, &stderr_of("")) else {
+            panic!("accepted")
+        };
+        assert!(
+            r.ends_with("it was killed by signal 11 (SIGSEGV); it wrote nothing on standard error"),
+            "{r}"
+        );
+        let late = Err("it did not exit in time and was killed".into());
+        let Verdict::Refused(r) = judge(Answer::Ok("v2".into()), late, &stderr_of("")) else {
+            panic!("accepted")
+        };
+        assert!(
+            r.starts_with("it answered ok; it did not exit in time"),
+            "{r}"
+        );
+        let Verdict::Refused(r) = judge(Answer::Ok("v2".into()), exited(3), &stderr_of("")) else {
+            panic!("accepted")
+        };
+        assert!(
+            r.starts_with("it answered ok; it exited with status 3"),
+            "{r}"
+        );
+        // The binary's own refusal is its own words, nothing added.
+        let own = judge(
+            Answer::Refuse("no migration from v9".into()),
+            exited(1),
+            &words,
+        );
+        assert_eq!(own, Verdict::Refused("no migration from v9".into()));
+        assert_eq!(
+            judge(Answer::Ok("v2".into()), exited(0), &words),
+            Verdict::Accepted("v2".into())
+        );
+    }
+
+    #[test]
+    fn last_words_are_bounded() {
+        let long = format!("{}\n", "x".repeat(1000));
+        let words = stderr_of(&long).last_words().unwrap();
+        assert_eq!(words.chars().count(), LAST_CHARS);
+        let mut stderr = stderr_of("");
+        assert_eq!(stderr.last_words(), None);
+        stderr.tail = vec![b'a'; STDERR_TAIL];
+        assert!(stderr.last_words().is_some());
     }
 }

@@ -547,19 +547,22 @@ pub enum Deploy<'a> {
 }
 
 /// Deploys `bad` under a v1 server and checks the outcome line contains
-/// `outcome` and `reason`.
-pub fn survive(name: &str, bad: Deploy<'_>, outcome: &str, reason: &str) {
+/// `outcome` and `reason`; returns that line.
+pub fn survive(name: &str, bad: Deploy<'_>, outcome: &str, reason: &str) -> String {
     let v2 = labelled("v2");
     let mut scene = Scene::start(name, "2");
     match bad {
         Deploy::Build(p) => scene.server.deploy(p),
         Deploy::Bytes(b) => scene.server.deploy_bytes(b),
     }
-    let line = scene.server.upgrade();
-    assert!(line.contains(outcome), "expected {outcome:?}, got: {line}");
+    let refused = scene.server.upgrade();
     assert!(
-        line.contains(reason),
-        "expected the reason to mention {reason:?}, got: {line}"
+        refused.contains(outcome),
+        "expected {outcome:?}, got: {refused}"
+    );
+    assert!(
+        refused.contains(reason),
+        "expected the reason to mention {reason:?}, got: {refused}"
     );
 
     // The old image serves, at the same PID, with everything.
@@ -579,6 +582,7 @@ pub fn survive(name: &str, bad: Deploy<'_>, outcome: &str, reason: &str) {
     assert_eq!(bob.ask("/version"), version_line("v2", server.pid, 2));
     assert_eq!(ann.ask("/get color"), "color = green");
     ann.assert_quiet();
+    refused
 }
 
 /// A v1 demo with ann (`color = green`) and bob logged in, after a first

@@ -86,19 +86,19 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover<S>, Start<S>), Erro
     })?;
     match read_handoff_var()? {
         None => boot_fresh(config, argv, &claims),
-        Some((var, text)) => resume::<S>(config, argv, var, &text, boot_ns, claims),
+        Some(var) => resume::<S>(config, argv, var, boot_ns, claims),
     }
 }
 
 /// Reads the handoff variable, if it is set and meant for this process.
-fn read_handoff_var() -> Result<Option<(HandoffVar, String)>, Error> {
+fn read_handoff_var() -> Result<Option<HandoffVar>, Error> {
     let Some(value) = std::env::var_os(HANDOFF_VAR) else {
         return Ok(None);
     };
     let text = value.to_string_lossy().into_owned();
     let var = HandoffVar::parse(&text)?;
     if var.pid == std::process::id() as i32 {
-        return Ok(Some((var, text)));
+        return Ok(Some(var));
     }
     tracing::warn!(
         handoff_pid = var.pid,
@@ -135,7 +135,9 @@ fn claim_on(
     manifest: Manifest,
     claims: Arc<Claims>,
 ) -> impl FnOnce() -> Result<Inherited, Error> {
-    let offer = worker.offer((manifest, claims), |(m, c)| Inherited::check(m, false, &c));
+    let offer = worker.offer((manifest, claims), |(m, c)| {
+        Inherited::check(m, false, &c).inspect_err(roll_back_now)
+    });
     move || {
         // `None`: the thread panicked halfway (the panic hook rolls back).
         offer.wait().unwrap_or_else(|| {
@@ -145,6 +147,14 @@ fn claim_on(
             })
         })
     }
+}
+
+/// After an upgrade, before `ready`: an inherited descriptor that fails its
+/// check rolls back where that happens, with every descriptor still open
+/// (`fire` does not return while the rollback is armed; after `ready` it
+/// does nothing).
+fn roll_back_now(err: &Error) {
+    let _ = rollback::trigger(&err.to_string());
 }
 
 fn install_requests() -> Result<Requests, Error> {
@@ -191,7 +201,6 @@ fn resume<S: AppState>(
     config: Config,
     argv: Vec<CString>,
     var: HandoffVar,
-    text: &str,
     boot_ns: u64,
     claims: Claims,
 ) -> Result<(Copyover<S>, Start<S>), Error> {
@@ -256,7 +265,7 @@ fn resume<S: AppState>(
         binary_fd: var.binary_fd,
         argv: old_argv,
         env: old_env,
-        var: HandoffVar::rollback_text(text),
+        var: var.for_rollback().format(),
         claim_var: claim_text.and_then(|v| v.into_string().ok()),
         fds: handoff_fds,
         holder_pidfd: None,
@@ -320,8 +329,11 @@ fn resume<S: AppState>(
         let claimed = claim_on(&worker, manifest, Arc::new(claims));
         let state = restore::<S>(&config.app, snap.header.state_version, snap.payload())
             .map_err(|e| or_roll_back(e.into()));
-        // An adoption error has already rolled back.
-        (claimed()?, state?)
+        // An adoption error has already rolled back; a take that fails its
+        // check will, where it happens.
+        let mut fds = claimed()?;
+        fds.on_failed_check = Some(roll_back_now);
+        (fds, state?)
     } else {
         let fds = Inherited::check(manifest, true, &claims)?;
         let state = restore::<S>(&config.app, snap.header.state_version, snap.payload())?;

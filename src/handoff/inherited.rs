@@ -61,6 +61,11 @@ pub struct Inherited {
     pub(super) fds: HashMap<String, (OwnedFd, FdKind)>,
     /// Groups of connections ([`Handoff::streams`]), by name.
     pub(super) groups: HashMap<String, Vec<(u64, OwnedFd)>>,
+    /// What a failed check does before its error is returned: the owner's
+    /// answer to it. `boot` sets the rollback here after an upgrade (it
+    /// does not return while the image is not ready); the set itself knows
+    /// nothing of rollbacks.
+    pub(crate) on_failed_check: Option<fn(&Error)>,
 }
 
 impl Inherited {
@@ -168,6 +173,7 @@ impl Inherited {
                 .map(|(name, fd, kind)| (name, (fd, kind)))
                 .collect(),
             groups: HashMap::new(),
+            on_failed_check: None,
         }
     }
 
@@ -226,7 +232,8 @@ impl Inherited {
             return Ok(None);
         };
         let (raw, kind) = (fd.as_raw_fd(), *kind);
-        let fail = |reason: String| refuse(name, raw, "a region", reason);
+        let on_failed_check = self.on_failed_check;
+        let fail = |reason: String| failed(on_failed_check, refuse(name, raw, "a region", reason));
         if kind != FdKind::Region {
             return Err(fail(format!("the manifest says it is {kind:?}")));
         }
@@ -312,6 +319,7 @@ impl Inherited {
                 let (id, first) = members.remove(0);
                 let name = format!("{prefix}:{id}");
                 let mut one = Inherited::default();
+                one.on_failed_check = self.on_failed_check;
                 one.fds.insert(name.clone(), (first, FdKind::Stream));
                 match take(&mut one, &name) {
                     Ok(Some(s)) => out.push((id, s)),
@@ -341,6 +349,7 @@ impl Inherited {
         while let Some((name, entry)) = named.next() {
             let id = member(&name).unwrap_or_default();
             let mut one = Inherited::default();
+            one.on_failed_check = self.on_failed_check;
             one.fds.insert(name.clone(), entry);
             match take(&mut one, &name) {
                 Ok(Some(s)) => out.push((id, s)),
@@ -391,7 +400,12 @@ impl Inherited {
             return Ok(None);
         };
         let (fd, kind) = (owned.as_raw_fd(), *kind);
-        let fail = |reason: String| refuse(name, fd, want.wanted(), reason);
+        let fail = |reason: String| {
+            failed(
+                self.on_failed_check,
+                refuse(name, fd, want.wanted(), reason),
+            )
+        };
         if !want.kept_as(kind) {
             return Err(fail(format!("the manifest says it is {kind:?}")));
         }
@@ -425,6 +439,15 @@ impl Inherited {
         self.take_socket(name, SocketKind::UnixDatagram)
             .map(|o| o.map(UnixDatagram::from))
     }
+}
+
+/// A failed check's error, after the owner's answer to it (see
+/// `Inherited::on_failed_check`).
+pub(crate) fn failed(on_failed_check: Option<fn(&Error)>, err: Error) -> Error {
+    if let Some(answer) = on_failed_check {
+        answer(&err);
+    }
+    err
 }
 
 impl Drop for Inherited {

@@ -120,16 +120,12 @@ fn check_datagram(fd: RawFd, udp: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// An adoption error. While an upgraded image is not ready, it rolls back
-/// at once, where it happens, with every inherited descriptor still open;
-/// otherwise it is just returned.
+/// An adoption error: descriptor `fd` under `name` is not `wanted`.
 pub(crate) fn refuse(name: &str, fd: RawFd, wanted: &'static str, reason: String) -> Error {
-    let err = Error::Adopt {
+    Error::Adopt {
         name: name.to_owned(),
         fd,
         wanted,
         reason,
-    };
-    let _ = crate::rollback::trigger(&err.to_string());
-    err
+    }
 }

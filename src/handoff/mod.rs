@@ -30,5 +30,7 @@ mod kind;
 mod tests;
 
 pub use inherited::Inherited;
+#[cfg(feature = "tokio")]
+pub(crate) use inherited::failed;
 pub use keep::{Handoff, StreamSocket};
 pub(crate) use kind::{SocketKind, refuse};

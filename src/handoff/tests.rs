@@ -408,3 +408,32 @@ fn a_unix_datagram_or_seqpacket_socket_is_not_a_stream() {
         assert!(err.contains("not a stream"), "{name}: {err}");
     }
 }
+
+#[test]
+fn a_failed_check_is_answered_by_the_owner_before_it_returns() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static ANSWERED: AtomicUsize = AtomicUsize::new(0);
+    fn count(err: &Error) {
+        assert!(matches!(err, Error::Adopt { .. }), "{err}");
+        ANSWERED.fetch_add(1, Ordering::SeqCst);
+    }
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dup = |s: &dyn AsFd| s.as_fd().try_clone_to_owned().unwrap();
+    let mut set = Inherited::from_owned([
+        ("udp".to_string(), dup(&udp), FdKind::Datagram),
+        ("l".to_string(), dup(&l), FdKind::Listener),
+        ("region".to_string(), dup(&l), FdKind::Listener),
+    ]);
+    set.groups.insert("conn".into(), vec![(1, dup(&udp))]);
+    // No owner's answer: the error is only returned.
+    assert!(set.take_tcp_listener("udp").is_err());
+    assert_eq!(ANSWERED.load(Ordering::SeqCst), 0);
+    set.on_failed_check = Some(count);
+    assert!(set.take_tcp_listener("l").unwrap().is_some());
+    assert_eq!(ANSWERED.load(Ordering::SeqCst), 0, "a check that passed");
+    assert!(set.take_tcp_listener("udp").is_err());
+    assert!(set.take_region("region").is_err());
+    assert!(set.take_tcp_streams("conn").is_err());
+    assert_eq!(ANSWERED.load(Ordering::SeqCst), 3);
+}

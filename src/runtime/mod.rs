@@ -24,7 +24,8 @@ use crate::snapshot::{FORMAT_VERSION, Header};
 use crate::state::{AppState, restore};
 use crate::status::{Outcome, Phases, Reporter};
 use crate::sys::monotonic_ns;
-use crate::upgrade::probe::{Executable, Prepared, Probe, ProbeSpec, Verdict};
+use crate::upgrade::phase::{Phase, Settled};
+use crate::upgrade::probe::{Executable, Probe, ProbeSpec};
 use crate::upgrade::variable::Mode;
 use crate::upgrade::{Commit, Progress, commit};
 use crate::worker::Worker;
@@ -37,7 +38,6 @@ mod upgrading;
 
 pub use config::Config;
 pub(crate) use ready::Resume;
-use upgrading::Phase;
 
 /// How this process image started.
 #[derive(Debug)]

@@ -1,21 +1,8 @@
-//! The upgrade as the handle drives it: the phases (idle, probing,
-//! approved), the events they give, the commit, an abandon.
+//! The upgrade as the handle drives it: the events its phases give
+//! (`upgrade::phase`), the request, the probe's start, the commit, an
+//! abandon.
 
 use super::*;
-
-#[derive(Debug)]
-pub(super) enum Phase {
-    Idle,
-    /// The probe runs; `exe` is the new binary, opened once, so that the
-    /// commit executes exactly the file that was probed.
-    Probing(Probe, Arc<Executable>),
-    Approved {
-        to_version: String,
-        exe: Arc<Executable>,
-        /// What the probe prepared, for the commit to take.
-        prepared: Prepared,
-    },
-}
 
 impl<S> Copyover<S> {
     /// Returns the next event, or `None`. Call it until it returns `None`
@@ -25,43 +12,20 @@ impl<S> Copyover<S> {
         if signal::take(&self.requests.shutdown) {
             return Some(Event::Shutdown);
         }
-        if let Phase::Probing(probe, exe) = std::mem::replace(&mut self.phase, Phase::Idle) {
-            let (verdict, prepared) = match probe.try_verdict() {
-                Ok(outcome) => (outcome.verdict, outcome.prepared),
-                // The probe kills its child at its own time limit; one that
-                // never reports (its job never ran) is refused here, so that
-                // an upgrade can never stay under way for good.
-                Err(stuck)
-                    if monotonic_ns().saturating_sub(self.requested_at_ns)
-                        > 2 * self.config.probe_timeout.as_nanos() as u64 + 5_000_000_000 =>
-                {
-                    stuck.kill();
-                    let reason =
-                        "the probe never reported: the runtime's helper thread did not run it";
-                    (Verdict::Refused(reason.into()), Prepared::default())
-                }
-                Err(still_running) => {
-                    self.phase = Phase::Probing(still_running, exe);
-                    return self.poll_signals();
-                }
-            };
-            let probe_ms = ms(monotonic_ns().saturating_sub(self.requested_at_ns));
-            match verdict {
-                Verdict::Accepted(to_version) => {
-                    tracing::debug!(phase = "probe", probe_ms, %to_version, "the new binary accepted the snapshot");
-                    self.phase = Phase::Approved {
-                        to_version,
-                        exe,
-                        prepared,
-                    };
-                    return Some(Event::UpgradeApproved);
-                }
-                Verdict::Refused(reason) => {
-                    let reason = UpgradeError::Probe { reason }.to_string();
-                    self.log_refused(&reason);
-                    return Some(Event::UpgradeRefused { reason });
-                }
+        let since_request =
+            Duration::from_nanos(monotonic_ns().saturating_sub(self.requested_at_ns));
+        match self.phase.settle(since_request, self.config.probe_timeout) {
+            Some(Settled::Approved { to_version }) => {
+                let probe_ms = ms(since_request.as_nanos() as u64);
+                tracing::debug!(phase = "probe", probe_ms, %to_version, "the new binary accepted the snapshot");
+                return Some(Event::UpgradeApproved);
             }
+            Some(Settled::Refused { reason }) => {
+                let reason = UpgradeError::Probe { reason }.to_string();
+                self.log_refused(&reason);
+                return Some(Event::UpgradeRefused { reason });
+            }
+            None => {}
         }
         self.poll_signals()
     }
@@ -214,10 +178,8 @@ impl<S> Copyover<S> {
     /// [`Quiesce::pause`](crate::tokio::Quiesce::pause) returns
     /// `Unpaused`). Does nothing if no upgrade is under way.
     pub fn abandon(&mut self, reason: &str) {
-        match std::mem::replace(&mut self.phase, Phase::Idle) {
-            Phase::Idle => return,
-            Phase::Probing(probe, _) => probe.kill(),
-            Phase::Approved { .. } => {}
+        if !self.phase.abandon() {
+            return;
         }
         let reason = UpgradeError::Abandoned {
             reason: reason.into(),

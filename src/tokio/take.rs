@@ -50,6 +50,7 @@ pub trait TakeTokio {
 
 /// Makes a checked std socket non-blocking and hands it to tokio.
 fn to_tokio<S, T>(
+    on_failed_check: Option<fn(&Error)>,
     name: &str,
     wanted: &'static str,
     taken: Result<Option<S>, Error>,
@@ -65,11 +66,10 @@ where
         .and_then(|()| register(s))
         .map(Some)
         .map_err(|e| {
-            crate::handoff::refuse(
-                name,
-                fd,
-                wanted,
-                format!("it cannot be registered with tokio ({e})"),
+            let reason = format!("it cannot be registered with tokio ({e})");
+            crate::handoff::failed(
+                on_failed_check,
+                crate::handoff::refuse(name, fd, wanted, reason),
             )
         })
 }
@@ -80,6 +80,7 @@ impl TakeTokio for Inherited {
         name: &str,
     ) -> Result<Option<::tokio::net::TcpListener>, Error> {
         to_tokio(
+            self.on_failed_check,
             name,
             SocketKind::TcpListener.wanted(),
             self.take_tcp_listener(name),
@@ -93,6 +94,7 @@ impl TakeTokio for Inherited {
         name: &str,
     ) -> Result<Option<::tokio::net::TcpStream>, Error> {
         to_tokio(
+            self.on_failed_check,
             name,
             SocketKind::TcpStream.wanted(),
             self.take_tcp_stream(name),
@@ -106,6 +108,7 @@ impl TakeTokio for Inherited {
         name: &str,
     ) -> Result<Option<::tokio::net::UdpSocket>, Error> {
         to_tokio(
+            self.on_failed_check,
             name,
             SocketKind::Udp.wanted(),
             self.take_udp_socket(name),
@@ -119,6 +122,7 @@ impl TakeTokio for Inherited {
         name: &str,
     ) -> Result<Option<::tokio::net::UnixListener>, Error> {
         to_tokio(
+            self.on_failed_check,
             name,
             SocketKind::UnixListener.wanted(),
             self.take_unix_listener(name),
@@ -132,6 +136,7 @@ impl TakeTokio for Inherited {
         name: &str,
     ) -> Result<Option<::tokio::net::UnixStream>, Error> {
         to_tokio(
+            self.on_failed_check,
             name,
             SocketKind::UnixStream.wanted(),
             self.take_unix_stream(name),
@@ -145,6 +150,7 @@ impl TakeTokio for Inherited {
         name: &str,
     ) -> Result<Option<::tokio::net::UnixDatagram>, Error> {
         to_tokio(
+            self.on_failed_check,
             name,
             SocketKind::UnixDatagram.wanted(),
             self.take_unix_datagram(name),

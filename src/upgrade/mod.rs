@@ -30,11 +30,13 @@
 //!
 //! [`HELD_SIGNALS`]: crate::signal::HELD_SIGNALS
 //!
-//! Where things are: the probe and what it prepares in [`probe`], the commit
-//! in `commit`, and what crosses the exec beside the snapshot: the exec
+//! Where things are: where an upgrade stands (idle, probing, approved) in
+//! `phase`, the probe and what it prepares in [`probe`], the commit in
+//! `commit`, and what crosses the exec beside the snapshot: the exec
 //! record (`record`) and the environment variables ([`variable`]).
 
 mod commit;
+pub(crate) mod phase;
 pub mod probe;
 pub(crate) mod record;
 pub mod variable;

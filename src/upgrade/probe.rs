@@ -166,6 +166,16 @@ impl Probe {
         Ok(Probe { verdict, child_pid })
     }
 
+    /// A probe whose verdict is `outcome` (`None`: still running), for tests
+    /// of what the phases do with it.
+    #[cfg(test)]
+    pub(crate) fn with_verdict(outcome: Option<Outcome>) -> Probe {
+        Probe {
+            verdict: Arc::new(Mutex::new(outcome)),
+            child_pid: Arc::new(AtomicI32::new(0)),
+        }
+    }
+
     /// The verdict, once it is in; `Err(self)` while the probe runs.
     pub(crate) fn try_verdict(self) -> Result<Outcome, Probe> {
         let taken = self

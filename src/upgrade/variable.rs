@@ -50,9 +50,10 @@
 //! * `held`: when the holder started (`CLOCK_MONOTONIC`, nanoseconds), for
 //!   the outcome's `unheld_ms`.
 //!
-//! A rollback hands the old binary the very text the old image wrote, with
-//! `mode=rollback` and without `script=`: the old code reads its own format,
-//! whatever fields a newer binary knows.
+//! A rollback hands the old binary the variable the old image wrote, with
+//! `mode=rollback` and without `script=`. A build refuses a field it does
+//! not know, so whatever an image could read it can write back whole: the
+//! old code gets every field it wrote.
 //!
 //! The runtime removes both variables from the environment as soon as it has
 //! read them, so they never reach a child process.
@@ -153,22 +154,16 @@ impl HandoffVar {
         text
     }
 
-    /// The text of the variable a rollback hands the old binary: `value`
-    /// (as the old image wrote it) with `mode=rollback` and without the
-    /// `script=` field, every other field kept as written.
-    pub(crate) fn rollback_text(value: &str) -> String {
-        value
-            .split(':')
-            .filter(|f| !f.starts_with("script="))
-            .map(|f| {
-                if f == "mode=upgrade" {
-                    "mode=rollback"
-                } else {
-                    f
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(":")
+    /// The variable a rollback hands the old binary: this one with
+    /// `mode=rollback` and without `script=` (the new binary's, closed by
+    /// now). The parser refuses fields it does not know, so a variable this
+    /// image could read is rendered back whole.
+    pub(crate) fn for_rollback(&self) -> HandoffVar {
+        HandoffVar {
+            mode: Mode::Rollback,
+            script: None,
+            ..self.clone()
+        }
     }
 
     pub(crate) fn parse(value: &str) -> Result<Self, Error> {
@@ -291,10 +286,19 @@ mod tests {
 
     #[test]
     fn a_rollback_keeps_the_old_images_text() {
-        let text = "1:pid=42:snapshot=5:binary=6:mode=upgrade:holder=43:nofile=99:script=7";
+        let text = "1:pid=42:snapshot=5:binary=6:mode=upgrade:holder=43:exec=8:nofile=99:script=7";
+        let back = HandoffVar::parse(text).unwrap().for_rollback();
         assert_eq!(
-            HandoffVar::rollback_text(text),
-            "1:pid=42:snapshot=5:binary=6:mode=rollback:holder=43:nofile=99"
+            back.format(),
+            "1:pid=42:snapshot=5:binary=6:mode=rollback:holder=43:exec=8:nofile=99"
+        );
+        // Every field the old image can write comes back as it wrote it
+        // (but the new binary's script fd and the mode).
+        let rescued =
+            "1:pid=42:snapshot=5:binary=6:mode=rollback:holder=43:exec=8:nofile=99:rescued=1";
+        assert_eq!(
+            HandoffVar::parse(rescued).unwrap().for_rollback().format(),
+            rescued
         );
     }
 

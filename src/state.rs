@@ -50,6 +50,14 @@ pub trait AppState: Serialize + DeserializeOwned {
         let _ = (from, payload);
         None
     }
+
+    /// Checks the state once it is decoded (and migrated), before anything
+    /// uses it: an `Err` with a reason refuses it like a decoding error (the
+    /// probe refuses the upgrade; after the exec, it rolls back). Accepts
+    /// every state by default.
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Decodes a payload of state version `version` as `S`, migrating if needed.
@@ -58,16 +66,21 @@ pub(crate) fn restore<S: AppState>(
     version: u32,
     payload: &[u8],
 ) -> Result<S, SnapshotError> {
-    if version == S::VERSION {
-        return decode_state(payload, version);
-    }
-    S::migrate(version, payload).unwrap_or_else(|| {
-        Err(SnapshotError::StateVersion {
-            app: app.to_owned(),
-            found: version,
-            supported: S::VERSION,
+    let state = if version == S::VERSION {
+        decode_state(payload, version)
+    } else {
+        S::migrate(version, payload).unwrap_or_else(|| {
+            Err(SnapshotError::StateVersion {
+                app: app.to_owned(),
+                found: version,
+                supported: S::VERSION,
+            })
         })
-    })
+    }?;
+    state
+        .check()
+        .map_err(|reason| SnapshotError::Refused { version, reason })?;
+    Ok(state)
 }
 
 /// Decodes a map field in bulk: every entry is read into a vector first,
@@ -213,6 +226,26 @@ mod tests {
         assert_eq!(
             err,
             "snapshot was written by app 't' state v3; this binary reads v2 and has no migration from v3"
+        );
+    }
+
+    #[test]
+    fn a_state_that_refuses_itself_is_refused_with_its_reason() {
+        #[derive(Debug, Serialize, Deserialize)]
+        struct Picky(u32);
+        impl AppState for Picky {
+            const VERSION: u32 = 1;
+            fn check(&self) -> Result<(), String> {
+                (self.0 < 10)
+                    .then_some(())
+                    .ok_or(format!("{} is too many", self.0))
+            }
+        }
+        assert!(restore::<Picky>("t", 1, &encode_state(&Picky(3)).unwrap()).is_ok());
+        let err = restore::<Picky>("t", 1, &encode_state(&Picky(12)).unwrap()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the state (v1) decoded but is refused: 12 is too many"
         );
     }
 }

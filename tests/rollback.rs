@@ -103,6 +103,19 @@ fn a_garbage_file_is_refused() {
     );
 }
 
+/// A take that fails its type check rolls back where it happens, before
+/// `ready`, even in a build that ignores the error (and would otherwise
+/// serve on with the listener taken again as the right type).
+#[test]
+fn a_failed_take_rolls_back_even_if_the_build_ignores_it() {
+    survive(
+        "rb-take",
+        Deploy::Build(&faulty("ignore-a-failed-take")),
+        "upgrade rolled back",
+        "inherited fd",
+    );
+}
+
 #[test]
 fn a_panic_after_adopting_rolls_back() {
     survive(

@@ -83,6 +83,16 @@ pub enum SnapshotError {
         /// The state version this binary writes.
         supported: u32,
     },
+    /// The state decoded, and then refused itself ([`AppState::check`]).
+    ///
+    /// [`AppState::check`]: crate::AppState::check
+    #[error("the state (v{version}) decoded but is refused: {reason}")]
+    Refused {
+        /// The state version it was decoded as.
+        version: u32,
+        /// What its check said.
+        reason: String,
+    },
     /// The state payload does not decode as the application's type.
     #[error("the state payload (state v{version}) could not be decoded: {source}")]
     Payload {

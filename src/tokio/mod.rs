@@ -150,6 +150,8 @@ use crate::upgrade::Progress;
 
 mod events;
 mod quiesce;
+mod server;
+mod session;
 mod take;
 #[cfg(test)]
 mod tests;
@@ -157,6 +159,8 @@ mod threads;
 
 pub use events::AsyncCopyover;
 pub use quiesce::{PAUSE_LIMIT, Quiesce, SafePoint, Unpaused};
+pub use server::{Accepted, Handled, Server, serve};
+pub use session::{Buffers, Session, Sessions, Transport};
 pub use take::TakeTokio;
 use threads::Masked;
 pub use threads::{build_runtime, mask_held_signals, runtime, runtime_builder};

@@ -646,7 +646,7 @@ impl Scene {
     }
 }
 
-/// A build of one of the crate's examples, with `--features tokio` and
+/// A build of one of the crate's examples, with `--features tokio-util` and
 /// compile-time settings such as `[("COPYOVER_CHAT_LABEL", "v2")]`, into
 /// target/demo-builds like [`build`]. Built again when the test binary or
 /// the example's source is newer than the copy.
@@ -679,7 +679,7 @@ pub fn example(name: &str, settings: &[(&str, &str)]) -> PathBuf {
     }
     cargo_build(
         &target,
-        &["--features", "tokio", "--example", name],
+        &["--features", "tokio-util", "--example", name],
         &[
             "COPYOVER_CHAT_LABEL",
             "COPYOVER_CHAT_FAULT",

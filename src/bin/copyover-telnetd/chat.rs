@@ -39,7 +39,7 @@ pub const FAULT: Option<&str> = match option_env!("COPYOVER_DEMO_FAULT") {
 };
 
 /// The faults `COPYOVER_DEMO_FAULT` may name.
-const FAULTS: [&str; 9] = [
+const FAULTS: [&str; 10] = [
     "reject-state",
     "wrong-app",
     "panic-after-adopt",
@@ -49,6 +49,7 @@ const FAULTS: [&str; 9] = [
     "error-after-adopt",
     "thread-before-boot",
     "hang-before-main",
+    "ignore-a-failed-take",
 ];
 
 const fn known_fault(fault: Option<&str>) -> bool {
@@ -66,7 +67,7 @@ const fn known_fault(fault: Option<&str>) -> bool {
 // A misspelt fault fails the build instead of making a silent good build.
 const _: () = assert!(
     known_fault(FAULT),
-    "COPYOVER_DEMO_FAULT must be one of: reject-state, wrong-app, panic-after-adopt, abort-after-adopt, hang-after-adopt, exit-before-ready, error-after-adopt, thread-before-boot, hang-before-main"
+    "COPYOVER_DEMO_FAULT must be one of: reject-state, wrong-app, panic-after-adopt, abort-after-adopt, hang-after-adopt, exit-before-ready, error-after-adopt, thread-before-boot, hang-before-main, ignore-a-failed-take"
 );
 
 /// The state version this build writes: 2, or 1 for a build made with

@@ -197,6 +197,11 @@ fn run(args: Args) -> Result<(), BoxError> {
             (chat, listener, HashMap::new(), None)
         }
         Start::Resumed { mut state, mut fds } => {
+            if FAULT == Some("ignore-a-failed-take") {
+                // A take of the wrong type whose error the build ignores:
+                // before `ready`, the take itself rolls back.
+                let _ = fds.take_udp_socket(LISTENER);
+            }
             // After a crash, a socket unit's listener comes back as such.
             let listener = match fds.take_tcp_listener(LISTENER)? {
                 Some(l) => l,

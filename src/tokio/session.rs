@@ -1,0 +1,326 @@
+//! One connection as it crosses an upgrade ([`Session`]): its transport
+//! with its buffered bytes ([`Transport`], [`Buffers`]) and a record of
+//! the application's; every session of a server, the state a
+//! [`Server`](super::Server) hands over ([`Sessions`]).
+
+use ::tokio::net::TcpStream;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::snapshot::SnapshotError;
+use crate::state::AppState;
+
+/// The bytes a connection's transport holds besides its socket: what it
+/// read and has not decoded yet, what it was given and has not sent yet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Buffers {
+    /// Read from the socket, not handed to the application yet (a
+    /// half-typed line).
+    pub unread: Vec<u8>,
+    /// Handed to the transport, not written to the socket yet.
+    pub unsent: Vec<u8>,
+}
+
+/// A connection's transport: its socket, perhaps wrapped with buffers.
+///
+/// Implemented for tokio's `TcpStream` (no buffers) and, with the
+/// `tokio-util` feature, for `Framed<TcpStream, C>` for every codec `C`
+/// that has a `Default`. (tokio's `BufReader` and `BufWriter` cannot be
+/// given their bytes back, so they have no implementation: keep their
+/// `buffer()` in the session's record, or use a `Framed`.)
+pub trait Transport: Sized + Send + 'static {
+    /// The socket, for the handoff.
+    fn socket(&self) -> &TcpStream;
+    /// Its buffered bytes, once its task is parked.
+    fn buffers(&self) -> Buffers;
+    /// The transport built again around the inherited socket, with its
+    /// bytes back where they were.
+    fn rebuild(socket: TcpStream, buffers: Buffers) -> Self;
+}
+
+impl Transport for TcpStream {
+    fn socket(&self) -> &TcpStream {
+        self
+    }
+
+    fn buffers(&self) -> Buffers {
+        Buffers::default()
+    }
+
+    fn rebuild(socket: TcpStream, buffers: Buffers) -> Self {
+        if buffers != Buffers::default() {
+            tracing::warn!(
+                unread = buffers.unread.len(),
+                unsent = buffers.unsent.len(),
+                "a bare TcpStream cannot take buffered bytes back: they are dropped"
+            );
+        }
+        socket
+    }
+}
+
+#[cfg(feature = "tokio-util")]
+impl<C: Default + Send + 'static> Transport for tokio_util::codec::Framed<TcpStream, C> {
+    fn socket(&self) -> &TcpStream {
+        self.get_ref()
+    }
+
+    fn buffers(&self) -> Buffers {
+        Buffers {
+            unread: self.read_buffer().to_vec(),
+            unsent: self.write_buffer().to_vec(),
+        }
+    }
+
+    fn rebuild(socket: TcpStream, buffers: Buffers) -> Self {
+        // From parts: a non-empty read buffer is decoded before the socket
+        // is read again.
+        let mut parts = tokio_util::codec::Framed::new(socket, C::default()).into_parts();
+        parts.read_buf = buffers.unread[..].into();
+        parts.write_buf = buffers.unsent[..].into();
+        tokio_util::codec::Framed::from_parts(parts)
+    }
+}
+
+/// One connection as the application keeps it in its task: a transport and
+/// whatever else (a name, an inbox), saved to a record at an upgrade and
+/// built again from it.
+///
+/// The record is versioned like the application's state ([`AppState`]):
+/// bump [`VERSION`](Self::VERSION) when its layout changes, and teach
+/// [`migrate`](Self::migrate) the old one; a build that cannot read the
+/// records it is handed is refused by the probe.
+pub trait Session: Sized + Send + 'static {
+    /// Its socket and buffers.
+    type Transport: Transport;
+    /// What crosses the upgrade besides the transport (a name, a room).
+    type Record: Serialize + DeserializeOwned + Send + 'static;
+    /// The version of the record's layout.
+    const VERSION: u32 = 1;
+
+    /// Reads a record written by version `from` (not
+    /// [`VERSION`](Self::VERSION)); `None` if this build cannot (the
+    /// default).
+    fn migrate(from: u32, payload: &[u8]) -> Option<Result<Self::Record, SnapshotError>> {
+        let _ = (from, payload);
+        None
+    }
+
+    /// Its transport.
+    fn transport(&self) -> &Self::Transport;
+    /// Its record, taken on the main task once every task is parked (a
+    /// message still in its inbox goes into its output here).
+    fn save(&mut self) -> Self::Record;
+    /// It, built again from its record and transport: in the new image, or
+    /// the old one after a rollback.
+    fn restore(record: Self::Record, transport: Self::Transport) -> Self;
+}
+
+/// The state a [`Server`](super::Server) hands over: every session's
+/// record and buffers, in handoff order ([`serve`](super::serve) boots
+/// with it).
+///
+/// Each record is encoded on its own, with the session's
+/// [`VERSION`](Session::VERSION), so that a new build whose records have
+/// another layout reads the old ones through [`Session::migrate`].
+pub struct Sessions<T: Session> {
+    pub(super) entries: Vec<(Buffers, T::Record)>,
+    /// Why a record could not be read ([`AppState::check`] says it).
+    unreadable: Option<String>,
+}
+
+impl<T: Session> std::fmt::Debug for Sessions<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions")
+            .field("len", &self.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Session> Default for Sessions<T> {
+    fn default() -> Self {
+        Sessions::new(Vec::new())
+    }
+}
+
+impl<T: Session> Sessions<T> {
+    pub(super) fn new(entries: Vec<(Buffers, T::Record)>) -> Self {
+        Sessions {
+            entries,
+            unreadable: None,
+        }
+    }
+
+    /// How many sessions it holds.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The encoded form: the records' version, then each session's buffers
+/// and encoded record.
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    record_version: u32,
+    entries: Vec<(Buffers, Vec<u8>)>,
+}
+
+impl<T: Session> Serialize for Sessions<T> {
+    fn serialize<Ser: Serializer>(&self, serializer: Ser) -> Result<Ser::Ok, Ser::Error> {
+        use serde::ser::Error as _;
+        let entries = self
+            .entries
+            .iter()
+            .map(|(buffers, record)| {
+                postcard::to_allocvec(record)
+                    .map(|bytes| (buffers.clone(), bytes))
+                    .map_err(|e| Ser::Error::custom(format!("encoding a session's record: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Wire {
+            record_version: T::VERSION,
+            entries,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de, T: Session> Deserialize<'de> for Sessions<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // A record this build cannot read is not a decoding error (the
+        // codec would drop the reason): `check` refuses the state with it.
+        let wire = Wire::deserialize(deserializer)?;
+        let mut sessions = Sessions::new(Vec::with_capacity(wire.entries.len()));
+        for (i, (buffers, bytes)) in wire.entries.into_iter().enumerate() {
+            match record::<T>(wire.record_version, &bytes) {
+                Ok(record) => sessions.entries.push((buffers, record)),
+                Err(e) => {
+                    sessions.unreadable = Some(format!("session {i}'s record: {e}"));
+                    break;
+                }
+            }
+        }
+        Ok(sessions)
+    }
+}
+
+/// One record of version `version`, migrated if need be.
+fn record<T: Session>(version: u32, bytes: &[u8]) -> Result<T::Record, String> {
+    if version == T::VERSION {
+        return crate::snapshot::decode_state(bytes, version).map_err(|e| e.to_string());
+    }
+    match T::migrate(version, bytes) {
+        Some(migrated) => migrated.map_err(|e| e.to_string()),
+        None => Err(format!(
+            "it is version {version}; this build reads version {} and has no migration from {version}",
+            T::VERSION
+        )),
+    }
+}
+
+impl<T: Session> AppState for Sessions<T> {
+    /// The wrapper's own layout; the records carry their own version.
+    const VERSION: u32 = 1;
+
+    fn check(&self) -> Result<(), String> {
+        self.unreadable.clone().map_or(Ok(()), Err)
+    }
+}
+
+// Only the records' decoding is generic here; the rest is tested with a
+// real server (`tests/tokio_chat.rs`).
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session whose record is `R`, version `V`, migrating from 1 to 2.
+    struct Fake<R, const V: u32>(TcpStream, std::marker::PhantomData<R>);
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct V1 {
+        name: String,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct V2 {
+        name: String,
+        room: String,
+    }
+
+    impl<R: Serialize + DeserializeOwned + Send + 'static, const V: u32> Session for Fake<R, V>
+    where
+        R: From<V1>,
+    {
+        type Transport = TcpStream;
+        type Record = R;
+        const VERSION: u32 = V;
+        fn migrate(from: u32, payload: &[u8]) -> Option<Result<R, SnapshotError>> {
+            (from == 1).then(|| crate::snapshot::decode_state::<V1>(payload, 1).map(R::from))
+        }
+        fn transport(&self) -> &TcpStream {
+            &self.0
+        }
+        fn save(&mut self) -> R {
+            unreachable!("not saved in these tests")
+        }
+        fn restore(_: R, _: TcpStream) -> Self {
+            unreachable!("not restored in these tests")
+        }
+    }
+
+    impl From<V1> for V2 {
+        fn from(v1: V1) -> V2 {
+            V2 {
+                name: v1.name,
+                room: "lobby".into(),
+            }
+        }
+    }
+
+    type Old = Fake<V1, 1>;
+    type New = Fake<V2, 2>;
+
+    fn buffers(unread: &[u8]) -> Buffers {
+        Buffers {
+            unread: unread.to_vec(),
+            unsent: b"hi\n".to_vec(),
+        }
+    }
+
+    #[test]
+    fn sessions_round_trip_and_migrate_each_record() {
+        let old = Sessions::<Old>::new(vec![
+            (buffers(b"par"), V1 { name: "ann".into() }),
+            (buffers(b""), V1 { name: "bob".into() }),
+        ]);
+        let bytes = postcard::to_allocvec(&old).unwrap();
+        let same: Sessions<Old> = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(same.entries, old.entries);
+        let new: Sessions<New> = postcard::from_bytes(&bytes).unwrap();
+        let lobby = |name: &str| V2 {
+            name: name.into(),
+            room: "lobby".into(),
+        };
+        assert_eq!(
+            new.entries,
+            [
+                (buffers(b"par"), lobby("ann")),
+                (buffers(b""), lobby("bob"))
+            ]
+        );
+        // An older build cannot read newer records: the whole state is
+        // refused (by the probe, before anything happens).
+        let newer = postcard::to_allocvec(&new).unwrap();
+        let err = crate::state::restore::<Sessions<Old>>("app", 1, &newer).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the state (v1) decoded but is refused: session 0's record: it is version 2; \
+             this build reads version 1 and has no migration from 2"
+        );
+    }
+}

@@ -11,9 +11,10 @@ use serde::Serialize;
 
 use super::error::{SnapshotError, encode_err, io_err};
 use super::format::{
-    HEADER_LEN, Header, Manifest, Payload, Prefix, Snapshot, encode_prefix,
-    encode_state_with_capacity, finish_head, parse,
+    HEADER_LEN, Header, Payload, Prefix, Snapshot, encode_prefix, encode_state_with_capacity,
+    finish_head, parse,
 };
+use super::manifest::Manifest;
 use crate::sys;
 
 /// Writes a snapshot into a new memfd and seals it.

@@ -64,15 +64,16 @@
 mod error;
 mod file;
 mod format;
+mod manifest;
 mod memfd;
 
 pub use error::{CodecError, SnapshotError};
 pub use file::read_file;
 pub use format::{
-    FORMAT_VERSION, FdKind, GroupMember, HEADER_LEN, Header, MAGIC, Manifest, ManifestEntry,
-    ManifestGroup, Snapshot, decode, decode_state, encode, encode_state,
-    encode_state_with_capacity,
+    FORMAT_VERSION, HEADER_LEN, Header, MAGIC, Snapshot, decode, decode_state, encode,
+    encode_state, encode_state_with_capacity,
 };
+pub use manifest::{FdKind, GroupMember, Manifest, ManifestEntry, ManifestGroup};
 pub(crate) use memfd::seal_bytes;
 pub(crate) use memfd::{Draft, write_sealed};
 pub use memfd::{check_sealed, read_sealed};

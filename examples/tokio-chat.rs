@@ -10,14 +10,14 @@ use std::error::Error;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use copyover::tokio::{Accepted, SafePoint, Server, Session};
+use copyover::tokio::{Server, Session, hold, pause_requested};
 use futures::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::codec::{Encoder, Framed, LinesCodec};
 use tracing_subscriber::EnvFilter;
 
-/// Test builds: a label (`v2`, or `bad`: it panics), and sends as tokio's chat.
+// Test builds: a label (`bad` panics), and no safe point in a write.
 const LABEL: Option<&str> = option_env!("COPYOVER_CHAT_LABEL");
 const NAIVE: bool = option_env!("COPYOVER_CHAT_NAIVE").is_some();
 
@@ -105,45 +105,35 @@ async fn run(mut server: Server<Client>) -> Result<(), Box<dyn Error>> {
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:6142".into());
     let shared = Arc::new(Mutex::new(Shared::default()));
-    let listener = server.tcp_listener("listener", &addr).await?;
+    let listener: TcpListener = server.tcp_listener("listener", &addr).await?;
     assert!(LABEL != Some("bad"), "a bad build");
     spawn_all(server.ready()?, &shared, &server).await;
     tracing::info!(addr = %listener.local_addr()?, "listening");
     loop {
-        let (stream, addr) = match server.accept(&listener).await? {
-            Accepted::Connection(stream, addr) => (stream, addr),
-            Accepted::Respawn(clients) => {
-                spawn_all(clients, &shared, &server).await;
-                continue;
-            }
-            Accepted::Shutdown => return Ok(()),
+        let Some((stream, addr)) = server.accept(&listener).await? else {
+            return Ok(());
         };
         let mut client = Client::new(addr, Framed::new(stream, LinesCodec::new()));
         client.queue("Please enter your username:".into());
-        let safe = server.safe_point(addr.to_string());
-        tokio::spawn(process(Arc::clone(&shared), client, safe));
+        server.spawn(addr, process(Arc::clone(&shared), client));
     }
 }
 
-/// Starts a task per client (resumed, or back from an upgrade that did not
-/// happen), every one in the peers' map before any task runs.
+/// A task per restored client, every one in the map before any task runs.
 async fn spawn_all(clients: Vec<Client>, shared: &Arc<Mutex<Shared>>, server: &Server<Client>) {
     let mut peers = shared.lock().await;
     for client in clients {
         if client.name.is_some() {
             peers.peers.insert(client.addr, client.tx.clone());
         }
-        let safe = server.safe_point(client.addr.to_string());
-        tokio::spawn(process(Arc::clone(shared), client, safe));
+        server.spawn(client.addr, process(Arc::clone(shared), client));
     }
 }
 
-/// Serves one client until it leaves, or parks it for an upgrade.
-async fn process(shared: Arc<Mutex<Shared>>, mut client: Client, mut safe: SafePoint<Client>) {
-    match serve(&shared, &mut client, &mut safe).await {
-        Ok(true) => return safe.park(client),
-        Ok(false) => {}
-        Err(e) => tracing::warn!(addr = %client.addr, "connection failed: {e}"),
+/// Serves one client until it leaves.
+async fn process(shared: Arc<Mutex<Shared>>, mut client: Client) {
+    if let Err(e) = serve(&shared, &mut client).await {
+        tracing::warn!(addr = %client.addr, "connection failed: {e}");
     }
     if let Some(name) = &client.name {
         let mut shared = shared.lock().await;
@@ -152,23 +142,15 @@ async fn process(shared: Arc<Mutex<Shared>>, mut client: Client, mut safe: SafeP
     }
 }
 
-/// `Ok(true)`: paused at a safe point.
-async fn serve(
-    shared: &Mutex<Shared>,
-    client: &mut Client,
-    safe: &mut SafePoint<Client>,
-) -> Result<bool, Box<dyn Error>> {
+async fn serve(shared: &Mutex<Shared>, client: &mut Client) -> Result<(), Box<dyn Error>> {
     loop {
         tokio::select! {
             flushed = SinkExt::<String>::flush(&mut client.lines) => flushed?,
-            () = safe.requested() => return Ok(true),
+            () = pause_requested(), if !NAIVE => hold(client).await,
         }
         tokio::select! {
-            () = safe.requested() => return Ok(true),
-            Some(message) = client.rx.recv() => match NAIVE {
-                true => client.lines.send(message).await?,
-                false => client.queue(message),
-            },
+            () = pause_requested() => hold(client).await,
+            Some(message) = client.rx.recv() => client.queue(message),
             line = client.lines.next() => match line {
                 Some(Ok(line)) => {
                     let mut shared = shared.lock().await;
@@ -183,7 +165,7 @@ async fn serve(
                     }
                 }
                 Some(Err(e)) => return Err(e.into()),
-                None => return Ok(false),
+                None => return Ok(()),
             },
         }
     }

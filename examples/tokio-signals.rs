@@ -72,7 +72,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     runtime.block_on(run(co, start, pending, no_mask))
 }
 
-async fn busy(mut safe: SafePoint<()>) {
+async fn busy(safe: SafePoint<()>) {
     loop {
         tokio::select! {
             () = safe.requested() => return safe.park(()),

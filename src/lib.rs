@@ -154,9 +154,32 @@
 //!
 //! With the `tokio` feature, the module `copyover::tokio` awaits the events,
 //! takes inherited sockets as tokio sockets, pauses every connection task
-//! at a safe point for the commit (and restarts them if it fails), and
+//! at a safe point for the commit (and lets them go on if it fails), and
 //! builds a multi-threaded runtime whose threads leave the reload signals
-//! to the main thread. `boot` still comes first, before the runtime.
+//! to the main thread. `boot` still comes first, before the runtime. For
+//! the common shape (a listener, a task per connection) its `Server` does
+//! the whole upgrade: each connection says what it carries (`Session`: a
+//! socket or a `Framed` with its buffers, and a record of its own).
+//!
+//! # Where things are
+//!
+//! For a reader of the source, one idea per module:
+//!
+//! * `upgrade`: the old image's side of one upgrade: where it stands
+//!   (`upgrade::phase`), the probe, the commit and its exec, and what
+//!   crosses the exec besides the snapshot (the exec record, the
+//!   environment variables);
+//! * `resume` ([`boot`]): the new image's side: the variables read, the
+//!   descriptors claimed, the rollback armed, the state restored;
+//! * `rollback` and `sys::rollback`: the old binary run again after any
+//!   failure before `ready`; `sys::holder`: the child that keeps the
+//!   deadline from outside and rescues a new image that died;
+//! * [`handoff`]: what crosses by name ([`Handoff`] kept, [`Inherited`]
+//!   taken and checked); [`snapshot`]: the bytes (format, manifest, memfd);
+//! * `runtime`: the handle a server holds ([`Copyover`]: events, upgrade,
+//!   ready); [`status`]: how each outcome is reported;
+//! * `sys`: every system call and every `unsafe` block, one kernel object
+//!   a file.
 //!
 //! # Specifications
 //!

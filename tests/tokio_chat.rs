@@ -231,13 +231,13 @@ fn tokio_chat_delivers_every_message_once_across_upgrades() {
 }
 
 #[test]
-fn a_failed_commit_restarts_every_task_from_what_it_handed_back() {
+fn a_failed_commit_lets_every_task_go_on_from_where_it_held() {
     let v1 = chat("v1");
     let v2 = chat("v2");
     let server = start("tokio-chat-failed-commit", &v1);
     let (mut ann, mut bob, mut cy) = three(server.addr);
     // A "build" that answers the probe, then removes its own interpreter:
-    // the commit's execve fails after every task parked.
+    // the commit's execve fails after every task held in place.
     let interp = std::env::temp_dir().join(format!(
         "copyover-tokio-vanishing-sh-{}",
         std::process::id()
@@ -258,8 +258,8 @@ fn a_failed_commit_restarts_every_task_from_what_it_handed_back() {
         "{outcome}"
     );
     server.wait_log(mark, "every task parked");
-    // The tasks run again from what they handed back: the half line, the
-    // names, the inboxes.
+    // The tasks go on from where they held, with everything they had: the
+    // half line, the names, the inboxes.
     bob.send("and half\n");
     ann.expect("bob: half and half");
     cy.expect("bob: half and half");

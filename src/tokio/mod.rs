@@ -61,7 +61,7 @@
 //!             tokio::select! {
 //!                 accepted = listener.accept() => {
 //!                     let (stream, _) = accepted?;
-//!                     let mut safe_point = quiesce.join();
+//!                     let safe_point = quiesce.join();
 //!                     tokio::spawn(async move {
 //!                         // ... serve, and at a safe point:
 //!                         safe_point.requested().await;
@@ -159,7 +159,7 @@ mod threads;
 
 pub use events::AsyncCopyover;
 pub use quiesce::{PAUSE_LIMIT, Quiesce, SafePoint, Unpaused};
-pub use server::{Accepted, Handled, Server, serve};
+pub use server::{Handled, Server, hold, pause_requested, serve};
 pub use session::{Buffers, Session, Sessions, Transport};
 pub use take::TakeTokio;
 use threads::Masked;

@@ -1,6 +1,8 @@
 //! Pausing every connection task at a safe point for the commit
 //! ([`Quiesce`], [`SafePoint`]), for a bounded time ([`Unpaused`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use super::*;
 
 /// Pauses the tasks that joined it, each at a safe point of its own, and
@@ -35,6 +37,9 @@ struct Inner<T> {
     tally: Mutex<Tally<T>>,
     /// `true` while a pause is asked for.
     paused: watch::Sender<bool>,
+    /// How many pauses have ended: a task that holds in place
+    /// ([`SafePoint::hold`]) waits for the next end.
+    ended: watch::Sender<u64>,
     /// Wakes `pause` when a task parked or left.
     changed: Notify,
     limit: Duration,
@@ -44,6 +49,9 @@ struct Inner<T> {
 struct Tally<T> {
     /// Tasks that joined and have not parked or left, by their number.
     live: std::collections::BTreeMap<u64, Option<String>>,
+    /// Tasks that handed a copy of their state over and wait, in place,
+    /// for the pause to end ([`SafePoint::hold`]); live again when it does.
+    held: std::collections::BTreeMap<u64, Option<String>>,
     /// Of those, the ones whose safe point was granted (they park next).
     granted: usize,
     /// Whether a pause may still grant safe points: false once it ended.
@@ -64,6 +72,7 @@ impl<T> Inner<T> {
     /// waking it a thousand times costs a thousand thread switches).
     fn leave(&self, mut tally: MutexGuard<'_, Tally<T>>, id: u64, granted: bool) {
         tally.live.remove(&id);
+        tally.held.remove(&id);
         if granted {
             tally.granted = tally.granted.saturating_sub(1);
         }
@@ -130,12 +139,14 @@ impl<T> Quiesce<T> {
             inner: Arc::new(Inner {
                 tally: Mutex::new(Tally {
                     live: std::collections::BTreeMap::new(),
+                    held: std::collections::BTreeMap::new(),
                     granted: 0,
                     granting: false,
                     next: 0,
                     parked: Vec::new(),
                 }),
                 paused: watch::Sender::new(false),
+                ended: watch::Sender::new(0),
                 changed: Notify::new(),
                 limit,
             }),
@@ -167,7 +178,7 @@ impl<T> Quiesce<T> {
             inner: Arc::clone(&self.inner),
             paused: self.inner.paused.subscribe(),
             id,
-            granted: false,
+            granted: AtomicBool::new(false),
             left: false,
         }
     }
@@ -254,16 +265,24 @@ impl<T> Quiesce<T> {
         }
     }
 
-    /// No safe point is granted any more, and no task is asked to stop.
+    /// No safe point is granted any more, no task is asked to stop, and
+    /// the tasks that hold in place are live again and go on.
     fn end(&self) {
-        self.inner.tally().granting = false;
+        let mut tally = self.inner.tally();
+        tally.granting = false;
+        let held = std::mem::take(&mut tally.held);
+        tally.live.extend(held);
+        // Under the tally's lock: a task that holds reads the count there.
+        self.inner.ended.send_modify(|n| *n += 1);
+        drop(tally);
         self.inner.paused.send_replace(false);
     }
 
-    /// Ends the pause: tasks that join from now on run until the next one.
-    /// Call it after a failed commit, before spawning the tasks again from
-    /// what [`pause`](Self::pause) returned. (A pause that ended with
-    /// [`Unpaused`] has ended already.)
+    /// Ends the pause: tasks that join from now on run until the next one,
+    /// and the tasks that hold in place ([`SafePoint::hold`]) go on. Call
+    /// it after a failed commit (then spawn again the tasks that parked,
+    /// from what [`pause`](Self::pause) returned). A pause that ended with
+    /// [`Unpaused`] has ended already.
     pub fn resume(&self) {
         self.end();
     }
@@ -290,7 +309,7 @@ pub struct SafePoint<T> {
     paused: watch::Receiver<bool>,
     id: u64,
     /// The pause granted this task its safe point: it parks next.
-    granted: bool,
+    granted: AtomicBool,
     left: bool,
 }
 
@@ -299,9 +318,10 @@ impl<T> SafePoint<T> {
     /// and grants this task its safe point: [`park`](Self::park) right
     /// after, with no `.await` in between. Cancel-safe: put it in the
     /// task's `select!` loop, beside the reads and writes.
-    pub async fn requested(&mut self) {
+    pub async fn requested(&self) {
+        let mut paused = self.paused.clone();
         loop {
-            if self.paused.wait_for(|p| *p).await.is_err() {
+            if paused.wait_for(|p| *p).await.is_err() {
                 // Every `Quiesce` was dropped: no pause will ever come.
                 std::future::pending::<()>().await;
             }
@@ -309,7 +329,7 @@ impl<T> SafePoint<T> {
                 return;
             }
             // This pause ended before granting us: wait for the next one.
-            if self.paused.wait_for(|p| !*p).await.is_err() {
+            if paused.wait_for(|p| !*p).await.is_err() {
                 std::future::pending::<()>().await;
             }
         }
@@ -317,18 +337,74 @@ impl<T> SafePoint<T> {
 
     /// Takes this task's safe point in the pause under way, if that pause
     /// still grants them (it did not end).
-    fn grant(&mut self) -> bool {
+    fn grant(&self) -> bool {
         let mut tally = self.inner.tally();
-        if !self.granted && tally.granting {
+        // Under the tally's lock, as every change of it.
+        let granted = self.granted.load(Ordering::SeqCst);
+        if !granted && tally.granting {
             tally.granted += 1;
-            self.granted = true;
+            self.granted.store(true, Ordering::SeqCst);
+            return true;
         }
-        self.granted
+        granted
     }
 
     /// Whether a pause is asked for now.
     pub fn is_requested(&self) -> bool {
         *self.paused.borrow()
+    }
+
+    /// Hands `item` (a copy of the task's state: its record, its buffered
+    /// bytes, a duplicate of its socket) to the pausing task and waits, in
+    /// place, until the pause ends: if the commit happens, it never does;
+    /// if not, the task goes on from where it was, with everything it had.
+    /// Call it right after [`requested`](Self::requested), and await it to
+    /// its end (do not race it in a `select!`: while it waits, the main
+    /// task may hand the socket to a new image).
+    pub async fn hold(&self, item: T) {
+        let mut ended = self.inner.ended.subscribe();
+        let seen = {
+            let mut tally = self.inner.tally();
+            tally.parked.push(item);
+            let name = tally.live.remove(&self.id).flatten();
+            tally.held.insert(self.id, name);
+            let granted = self.granted.swap(false, Ordering::SeqCst);
+            if granted {
+                tally.granted = tally.granted.saturating_sub(1);
+            }
+            let wake = tally.live.is_empty() || (granted && tally.granted == 0);
+            // Read under the lock `end` takes: no end is missed.
+            let seen = *ended.borrow_and_update();
+            drop(tally);
+            if wake {
+                self.inner.changed.notify_one();
+            }
+            seen
+        };
+        if ended.wait_for(|n| *n != seen).await.is_err() {
+            // Every `Quiesce` is gone: no pause will end, nor come.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Gives up the safe point this task was granted (it cannot hand its
+    /// state over) and waits for the pause to end: the pause counts it as
+    /// a task that did not reach a safe point, and ends at its limit with
+    /// [`Unpaused`].
+    pub(crate) async fn decline(&self) {
+        let mut paused = self.paused.clone();
+        if self.granted.swap(false, Ordering::SeqCst) {
+            let mut tally = self.inner.tally();
+            tally.granted = tally.granted.saturating_sub(1);
+            let wake = tally.granted == 0;
+            drop(tally);
+            if wake {
+                self.inner.changed.notify_one();
+            }
+        }
+        if paused.wait_for(|p| !*p).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Hands the task's socket and state back to the pausing task. The task
@@ -337,14 +413,16 @@ impl<T> SafePoint<T> {
         let mut tally = self.inner.tally();
         tally.parked.push(item);
         self.left = true;
-        self.inner.leave(tally, self.id, self.granted);
+        self.inner
+            .leave(tally, self.id, self.granted.load(Ordering::SeqCst));
     }
 }
 
 impl<T> Drop for SafePoint<T> {
     fn drop(&mut self) {
         if !self.left {
-            self.inner.leave(self.inner.tally(), self.id, self.granted);
+            let granted = self.granted.load(Ordering::SeqCst);
+            self.inner.leave(self.inner.tally(), self.id, granted);
         }
     }
 }

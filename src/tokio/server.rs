@@ -1,5 +1,6 @@
 //! A tokio server's whole upgrade in one handle ([`Server`]).
 
+use std::any::Any;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,6 +13,65 @@ use crate::runtime::{Config, Start};
 
 /// The handoff group the sessions' sockets are kept under.
 const GROUP: &str = "copyover-session";
+
+/// What a session's task hands over while it holds in place: a copy of its
+/// state, and a duplicate of its socket for the handoff.
+pub(super) struct Held {
+    record: Box<dyn Any + Send>,
+    buffers: Buffers,
+    socket: std::net::TcpStream,
+}
+
+::tokio::task_local! {
+    /// The safe point of a task that [`Server::spawn`] started.
+    static POINT: Arc<SafePoint<Held>>;
+}
+
+/// Completes when an upgrade asks this task to pause (at once if a pause is
+/// under way); then call [`hold`] with the task's session. Cancel-safe: put
+/// it in the task's `select!`, beside the reads and the pending writes. In
+/// a task that [`Server::spawn`] did not start, it never completes.
+pub async fn pause_requested() {
+    match POINT.try_with(Arc::clone) {
+        Ok(point) => point.requested().await,
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// Holds this task in place for the upgrade: hands a copy of `session`
+/// over (its [`Session::save`] record, its transport's buffered bytes, a
+/// duplicate of its socket) and waits until the pause ends. If the commit
+/// happens, it never returns (the new image has the session); if not (the
+/// exec failed, another task did not pause in time), it returns and the
+/// task goes on from where it was, with everything it had. Call it right
+/// after [`pause_requested`] completed, and await it to its end.
+///
+/// A socket that cannot be duplicated (the process is out of descriptors)
+/// cannot be handed over: the task gives its safe point up, and the pause
+/// ends at its limit without an upgrade (logged), the task serving on.
+pub async fn hold<T: Session>(session: &mut T) {
+    let Ok(point) = POINT.try_with(Arc::clone) else {
+        return;
+    };
+    let record = session.save();
+    let transport = session.transport();
+    match transport.socket().as_fd().try_clone_to_owned() {
+        Ok(fd) => {
+            let held = Held {
+                record: Box::new(record),
+                buffers: transport.buffers(),
+                socket: std::net::TcpStream::from(fd),
+            };
+            point.hold(held).await;
+        }
+        Err(e) => {
+            tracing::warn!(
+                "a session cannot be handed over for the upgrade ({e}): the pause ends at its limit"
+            );
+            point.decline().await;
+        }
+    }
+}
 
 /// Boots copyover (before any thread), builds the runtime ([`runtime`]) and
 /// runs `server` on it with a [`Server`] of sessions `T`: what
@@ -33,7 +93,7 @@ const GROUP: &str = "copyover-session";
 ///
 /// async fn run(mut server: Server<Client>) -> Result<(), Box<dyn std::error::Error>> {
 ///     let listener = server.tcp_listener("listener", "127.0.0.1:7000").await?;
-///     for client in server.ready()? { /* spawn its task */ }
+///     for client in server.ready()? { /* server.spawn(its task) */ }
 ///     // ... the accept loop, with `server.accept(&listener)`
 ///     # Ok(())
 /// }
@@ -58,39 +118,24 @@ where
     runtime.block_on(async move { server(Server::new(co, start)?).await })
 }
 
-/// The listeners, and the parked sessions' sockets by their order.
-fn keep<'a, T: Session>(listeners: &'a [(String, OwnedFd)], parked: &'a [T]) -> Handoff<'a> {
+/// The listeners, and the sessions' sockets by their order.
+fn keep<'a>(listeners: &'a [(String, OwnedFd)], sockets: &'a [std::net::TcpStream]) -> Handoff<'a> {
     let mut keep = Handoff::new();
     for (name, fd) in listeners {
         keep.listener(name.clone(), fd);
     }
-    let sockets = parked.iter().map(|s| s.transport().socket());
     keep.streams(GROUP, (0u64..).zip(sockets));
     keep
 }
 
 /// What [`Server::handle`] asks of the application.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
-pub enum Handled<T> {
-    /// Nothing to do: serve on.
+#[non_exhaustive]
+pub enum Handled {
+    /// Serve on: nothing happened, or an upgrade did not (the runtime
+    /// reported why) and every task went on from where it held.
     Serving,
-    /// The commit did not happen (it failed, or a task did not reach its
-    /// safe point in time; the runtime reported why): spawn a task again
-    /// for each of these, as for the sessions [`Server::ready`] returned.
-    Respawn(Vec<T>),
-    /// SIGTERM or SIGINT: shut down.
-    Shutdown,
-}
-
-/// What [`Server::accept`] returns.
-#[derive(Debug)]
-#[must_use]
-pub enum Accepted<T> {
-    /// A new connection.
-    Connection(TcpStream, SocketAddr),
-    /// As [`Handled::Respawn`]: spawn a task again for each.
-    Respawn(Vec<T>),
     /// SIGTERM or SIGINT: shut down.
     Shutdown,
 }
@@ -106,15 +151,18 @@ type Resumed<T> = (VecDeque<(Buffers, <T as Session>::Record)>, Inherited);
 /// * [`Server::tcp_listener`]: the listener, inherited or bound;
 /// * [`Server::ready`]: every session of the previous image, restored, all
 ///   of them before any task runs (a first broadcast reaches everyone);
-/// * each task joins with [`Server::safe_point`] and parks there;
+/// * [`Server::spawn`] starts each session's task, which has a safe point:
+///   [`pause_requested`] in its `select!`, then [`hold`], where it waits in
+///   place;
 /// * [`Server::accept`] (or [`next_event`](Server::next_event) and
 ///   [`handle`](Server::handle) in a `select!` of your own): the probe on a
-///   SIGHUP, then the pause, the records, the handoff and the commit; what
-///   comes back to spawn again if the commit did not happen (a failed
-///   exec, a task that did not reach its safe point in time).
+///   SIGHUP, then the pause, the records, the handoff and the commit. If
+///   the commit does not happen (a failed exec, a task that did not reach
+///   its safe point in time) every task simply goes on: nothing to spawn
+///   again.
 pub struct Server<T: Session> {
     co: AsyncCopyover<Sessions<T>>,
-    quiesce: Quiesce<T>,
+    quiesce: Quiesce<Held>,
     /// What the previous image handed over, until `ready`.
     resumed: Option<Resumed<T>>,
     /// The listeners to keep, by name (a duplicate of each: the handoff
@@ -241,33 +289,38 @@ impl<T: Session> Server<T> {
         Ok(sessions)
     }
 
-    /// A safe point for one connection's task, named for the refusal if it
-    /// does not reach it in time (its peer's address, say).
-    pub fn safe_point(&self, name: impl Into<String>) -> SafePoint<T> {
-        self.quiesce.join_as(name)
+    /// Spawns a session's task: like `tokio::spawn`, with a safe point the
+    /// task reaches through [`pause_requested`] and [`hold`]. `name` (the
+    /// peer's address, say) names the task in a refusal if it does not
+    /// reach its safe point in time.
+    pub fn spawn<F>(&self, name: impl std::fmt::Display, task: F) -> ::tokio::task::JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let point = Arc::new(self.quiesce.join_as(name.to_string()));
+        ::tokio::spawn(POINT.scope(point, task))
     }
 
     /// The next connection on `listener`, handling the runtime's events
-    /// meanwhile (see [`handle`](Self::handle)). Not cancel-safe while it
-    /// handles an upgrade: await it to its end, do not race it in a
-    /// `select!` (use [`next_event`](Self::next_event) there).
+    /// meanwhile (see [`handle`](Self::handle)); `None` on SIGTERM or
+    /// SIGINT. Not cancel-safe while it handles an upgrade: await it to its
+    /// end, do not race it in a `select!` (use
+    /// [`next_event`](Self::next_event) there).
     ///
     /// # Errors
     ///
     /// The listener's `accept` error.
-    pub async fn accept(&mut self, listener: &TcpListener) -> std::io::Result<Accepted<T>> {
+    pub async fn accept(
+        &mut self,
+        listener: &TcpListener,
+    ) -> std::io::Result<Option<(TcpStream, SocketAddr)>> {
         loop {
             let event = ::tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, addr) = accepted?;
-                    return Ok(Accepted::Connection(stream, addr));
-                }
+                accepted = listener.accept() => return accepted.map(Some),
                 event = self.co.next_event() => event,
             };
-            match self.handle(event).await {
-                Handled::Serving => {}
-                Handled::Respawn(sessions) => return Ok(Accepted::Respawn(sessions)),
-                Handled::Shutdown => return Ok(Accepted::Shutdown),
+            if self.handle(event).await == Handled::Shutdown {
+                return Ok(None);
             }
         }
     }
@@ -279,42 +332,50 @@ impl<T: Session> Server<T> {
     }
 
     /// Handles an event: on [`Event::Upgrade`] starts the probe; on
-    /// [`Event::UpgradeApproved`] pauses every task, saves each session and
-    /// commits (which, on success, never returns). Call it in the body of
-    /// a `select!` arm, not in a future `select!` may drop: it awaits the
-    /// pause.
-    pub async fn handle(&mut self, event: Event) -> Handled<T> {
+    /// [`Event::UpgradeApproved`] pauses every session's task (each holds
+    /// in place, see [`hold`]) and commits with what they handed over
+    /// (which, on success, never returns; otherwise every task goes on).
+    /// Call it in the body of a `select!` arm, not in a future `select!`
+    /// may drop: it awaits the pause.
+    pub async fn handle(&mut self, event: Event) -> Handled {
         match event {
             Event::Upgrade => {
                 // The probe checks that the new build reads this state.
-                let _ = self
-                    .co
-                    .upgrade(&Sessions::default(), &keep::<T>(&self.listeners, &[]));
-                Handled::Serving
+                let kept = keep(&self.listeners, &[]);
+                let _ = self.co.upgrade(&Sessions::default(), &kept);
             }
             Event::UpgradeApproved => match self.quiesce.pause().await {
-                Ok(mut parked) => {
-                    let entries = parked
-                        .iter_mut()
-                        .map(|s| {
-                            let record = s.save();
-                            (s.transport().buffers(), record)
-                        })
-                        .collect();
-                    // Returns only if the commit failed: serve on.
-                    let kept = keep(&self.listeners, &parked);
-                    let _ = self.co.upgrade(&Sessions::new(entries), &kept);
+                Ok(held) => {
+                    self.commit(held);
+                    // Back only if the commit did not happen: every task
+                    // goes on, and the copies it handed over are closed.
                     self.quiesce.resume();
-                    Handled::Respawn(parked)
                 }
-                Err(unpaused) => {
-                    self.co.abandon(&unpaused.to_string());
-                    Handled::Respawn(unpaused.parked)
-                }
+                Err(unpaused) => self.co.abandon(&unpaused.to_string()),
             },
-            Event::Shutdown => Handled::Shutdown,
-            _ => Handled::Serving,
+            Event::Shutdown => return Handled::Shutdown,
+            _ => {}
         }
+        Handled::Serving
+    }
+
+    /// The commit, with what every task handed over; returns only if it
+    /// did not happen.
+    fn commit(&mut self, held: Vec<Held>) {
+        let mut entries = Vec::with_capacity(held.len());
+        let mut sockets = Vec::with_capacity(held.len());
+        for h in held {
+            match h.record.downcast::<T::Record>() {
+                Ok(record) => entries.push((h.buffers, *record)),
+                Err(_) => {
+                    let reason = "a task held a record of another type than the server's sessions";
+                    return self.co.abandon(reason);
+                }
+            }
+            sockets.push(h.socket);
+        }
+        let kept = keep(&self.listeners, &sockets);
+        let _ = self.co.upgrade(&Sessions::new(entries), &kept);
     }
 
     /// The [`AsyncCopyover`], for everything else ([`generation`](Copyover::generation), ...).

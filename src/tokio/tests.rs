@@ -9,7 +9,7 @@ fn pause_collects_every_task_and_resume_lets_new_ones_run() {
         let q: Quiesce<u32> = Quiesce::new();
         let mut handles = Vec::new();
         for i in 0..50u32 {
-            let mut sp = q.join();
+            let sp = q.join();
             handles.push(::tokio::spawn(async move {
                 if i % 10 == 0 {
                     // A connection that ends before the pause.
@@ -24,7 +24,7 @@ fn pause_collects_every_task_and_resume_lets_new_ones_run() {
         assert_eq!(got, (0..50).filter(|i| i % 10 != 0).collect::<Vec<_>>());
         assert_eq!(q.running(), 0);
         // One that joins during a pause is asked at once.
-        let mut late = q.join();
+        let late = q.join();
         assert!(late.is_requested());
         late.requested().await;
         late.park(99);
@@ -49,7 +49,7 @@ fn a_task_that_never_reaches_its_safe_point_ends_the_pause_not_the_server() {
         // A task stuck outside its safe point (a write to a client that
         // does not read), until it is let go.
         let (go, stuck_until) = ::tokio::sync::oneshot::channel::<()>();
-        let mut stuck = q.join_as("10.0.0.9:4000");
+        let stuck = q.join_as("10.0.0.9:4000");
         let stuck_task = ::tokio::spawn(async move {
             let _ = stuck_until.await;
             stuck.requested().await;
@@ -57,7 +57,7 @@ fn a_task_that_never_reaches_its_safe_point_ends_the_pause_not_the_server() {
         });
         let mut quick = Vec::new();
         for i in 0..5u32 {
-            let mut sp = q.join();
+            let sp = q.join();
             quick.push(::tokio::spawn(async move {
                 sp.requested().await;
                 sp.park(i);
@@ -80,6 +80,69 @@ fn a_task_that_never_reaches_its_safe_point_ends_the_pause_not_the_server() {
         for h in quick {
             h.await.unwrap();
         }
+    });
+}
+
+#[test]
+fn tasks_that_hold_go_on_from_where_they_were_when_the_pause_ends() {
+    let rt = runtime().unwrap();
+    rt.block_on(async {
+        let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_secs(5));
+        let (done, mut finished) = ::tokio::sync::mpsc::unbounded_channel();
+        for i in 0..20u32 {
+            let sp = q.join();
+            let done = done.clone();
+            ::tokio::spawn(async move {
+                // Two pauses, each held in place with a copy of the count.
+                let mut count = i;
+                for _ in 0..2 {
+                    sp.requested().await;
+                    sp.hold(count).await;
+                    count += 100;
+                }
+                done.send(count).unwrap();
+            });
+        }
+        drop(done);
+        let mut first = q.pause().await.unwrap();
+        first.sort_unstable();
+        assert_eq!(first, (0..20).collect::<Vec<_>>());
+        // Held, not gone: until the pause ends, nobody went on.
+        assert!(finished.try_recv().is_err());
+        q.resume();
+        let mut second = q.pause().await.unwrap();
+        second.sort_unstable();
+        assert_eq!(second, (100..120).collect::<Vec<_>>());
+        q.resume();
+        let mut last = Vec::new();
+        while let Some(n) = finished.recv().await {
+            last.push(n);
+        }
+        last.sort_unstable();
+        assert_eq!(last, (200..220).collect::<Vec<_>>());
+        assert_eq!(q.running(), 0);
+    });
+}
+
+#[test]
+fn a_pause_that_ends_unpaused_lets_the_held_tasks_go_on() {
+    let rt = runtime().unwrap();
+    rt.block_on(async {
+        let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_millis(200));
+        let stuck = q.join_as("stuck");
+        let holder = q.join();
+        let (went_on, mut gone) = ::tokio::sync::oneshot::channel();
+        ::tokio::spawn(async move {
+            holder.requested().await;
+            holder.hold(7).await;
+            went_on.send(()).unwrap();
+        });
+        let unpaused = q.pause().await.unwrap_err();
+        assert_eq!(unpaused.parked, [7]);
+        assert_eq!(unpaused.running, ["stuck"]);
+        // The pause ended at its limit: the holding task goes on by itself.
+        (&mut gone).await.unwrap();
+        drop(stuck);
     });
 }
 

@@ -107,7 +107,7 @@ async fn run(mut server: Server<Client>) -> Result<(), Box<dyn Error>> {
     let shared = Arc::new(Mutex::new(Shared::default()));
     let listener: TcpListener = server.tcp_listener("listener", &addr).await?;
     assert!(LABEL != Some("bad"), "a bad build");
-    spawn_all(server.ready()?, &shared, &server).await;
+    spawn_all(server.ready().await?, &shared, &server).await;
     tracing::info!(addr = %listener.local_addr()?, "listening");
     loop {
         let Some((stream, addr)) = server.accept(&listener).await? else {

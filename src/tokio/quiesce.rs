@@ -29,14 +29,24 @@ impl<T> Clone for Quiesce<T> {
     }
 }
 
+/// Whether a pause is asked for, and its number: a task that a pause did
+/// not grant its safe point waits for the next pause by its number (a
+/// pause that ends and the next that starts at once could be missed by
+/// watching for the end).
+#[derive(Debug, Clone, Copy, Default)]
+struct Pause {
+    on: bool,
+    number: u64,
+}
+
 /// How long [`Quiesce::pause`] waits by default for the last task.
 pub const PAUSE_LIMIT: Duration = Duration::from_millis(500);
 
 #[derive(Debug)]
 struct Inner<T> {
     tally: Mutex<Tally<T>>,
-    /// `true` while a pause is asked for.
-    paused: watch::Sender<bool>,
+    /// Whether a pause is asked for, and which.
+    paused: watch::Sender<Pause>,
     /// How many pauses have ended: a task that holds in place
     /// ([`SafePoint::hold`]) waits for the next end.
     ended: watch::Sender<u64>,
@@ -145,7 +155,7 @@ impl<T> Quiesce<T> {
                     next: 0,
                     parked: Vec::new(),
                 }),
-                paused: watch::Sender::new(false),
+                paused: watch::Sender::new(Pause::default()),
                 ended: watch::Sender::new(0),
                 changed: Notify::new(),
                 limit,
@@ -212,8 +222,14 @@ impl<T> Quiesce<T> {
         // the pause ends as after a failed commit.
         let mut guard = EndOnDrop(self, true);
         self.inner.tally().granting = true;
-        self.inner.paused.send_replace(true);
+        self.inner.paused.send_modify(|p| {
+            p.on = true;
+            p.number += 1;
+        });
         let mut late = false;
+        // The tasks that had not reached a safe point at the limit (the
+        // held ones, released by `end` then, are live again but not these).
+        let mut at_limit = std::collections::BTreeSet::new();
         loop {
             let changed = self.inner.changed.notified();
             {
@@ -229,7 +245,7 @@ impl<T> Quiesce<T> {
                     // The tasks granted a safe point have parked; the
                     // others go on as they were.
                     guard.1 = false;
-                    return Err(self.unpaused(&mut tally, started));
+                    return Err(self.unpaused(&mut tally, started, &at_limit));
                 }
             }
             if ::tokio::time::timeout_at(deadline, changed).await.is_err() {
@@ -240,22 +256,29 @@ impl<T> Quiesce<T> {
                     // the next pause.
                     tracing::warn!("a task granted its safe point did not park in time");
                     guard.1 = false;
-                    return Err(self.unpaused(&mut self.inner.tally(), started));
+                    return Err(self.unpaused(&mut self.inner.tally(), started, &at_limit));
                 }
                 // No safe point is granted from now on; a task that was
                 // granted one parks at once (it called `requested`).
                 late = true;
                 deadline += limit;
+                at_limit = self.inner.tally().live.keys().copied().collect();
                 self.end();
             }
         }
     }
 
     /// What a pause that ended without every task comes to.
-    fn unpaused(&self, tally: &mut Tally<T>, started: std::time::Instant) -> Unpaused<T> {
+    fn unpaused(
+        &self,
+        tally: &mut Tally<T>,
+        started: std::time::Instant,
+        at_limit: &std::collections::BTreeSet<u64>,
+    ) -> Unpaused<T> {
         let running = tally
             .live
             .iter()
+            .filter(|(id, _)| at_limit.contains(id))
             .map(|(id, name)| name.clone().unwrap_or_else(|| format!("task {id}")))
             .collect();
         Unpaused {
@@ -275,7 +298,7 @@ impl<T> Quiesce<T> {
         // Under the tally's lock: a task that holds reads the count there.
         self.inner.ended.send_modify(|n| *n += 1);
         drop(tally);
-        self.inner.paused.send_replace(false);
+        self.inner.paused.send_modify(|p| p.on = false);
     }
 
     /// Ends the pause: tasks that join from now on run until the next one,
@@ -306,7 +329,7 @@ impl<T> Drop for EndOnDrop<'_, T> {
 #[derive(Debug)]
 pub struct SafePoint<T> {
     inner: Arc<Inner<T>>,
-    paused: watch::Receiver<bool>,
+    paused: watch::Receiver<Pause>,
     id: u64,
     /// The pause granted this task its safe point: it parks next.
     granted: AtomicBool,
@@ -320,18 +343,23 @@ impl<T> SafePoint<T> {
     /// task's `select!` loop, beside the reads and writes.
     pub async fn requested(&self) {
         let mut paused = self.paused.clone();
+        let mut missed = None;
         loop {
-            if paused.wait_for(|p| *p).await.is_err() {
+            // The value's guard is dropped with this statement: the
+            // future stays `Send`.
+            let waited = paused
+                .wait_for(|p| p.on && Some(p.number) != missed)
+                .await
+                .map(|p| p.number);
+            let Ok(number) = waited else {
                 // Every `Quiesce` was dropped: no pause will ever come.
-                std::future::pending::<()>().await;
-            }
+                return std::future::pending().await;
+            };
             if self.grant() {
                 return;
             }
             // This pause ended before granting us: wait for the next one.
-            if paused.wait_for(|p| !*p).await.is_err() {
-                std::future::pending::<()>().await;
-            }
+            missed = Some(number);
         }
     }
 
@@ -351,7 +379,7 @@ impl<T> SafePoint<T> {
 
     /// Whether a pause is asked for now.
     pub fn is_requested(&self) -> bool {
-        *self.paused.borrow()
+        self.paused.borrow().on
     }
 
     /// Hands `item` (a copy of the task's state: its record, its buffered
@@ -393,6 +421,7 @@ impl<T> SafePoint<T> {
     /// [`Unpaused`].
     pub(crate) async fn decline(&self) {
         let mut paused = self.paused.clone();
+        let number = paused.borrow().number;
         if self.granted.swap(false, Ordering::SeqCst) {
             let mut tally = self.inner.tally();
             tally.granted = tally.granted.saturating_sub(1);
@@ -402,7 +431,12 @@ impl<T> SafePoint<T> {
                 self.inner.changed.notify_one();
             }
         }
-        if paused.wait_for(|p| !*p).await.is_err() {
+        // This pause's end (another one may have started since).
+        if paused
+            .wait_for(|p| !p.on || p.number != number)
+            .await
+            .is_err()
+        {
             std::future::pending::<()>().await;
         }
     }

@@ -93,7 +93,7 @@ pub async fn hold<T: Session>(session: &mut T) {
 ///
 /// async fn run(mut server: Server<Client>) -> Result<(), Box<dyn std::error::Error>> {
 ///     let listener = server.tcp_listener("listener", "127.0.0.1:7000").await?;
-///     for client in server.ready()? { /* server.spawn(its task) */ }
+///     for client in server.ready().await? { /* server.spawn(its task) */ }
 ///     // ... the accept loop, with `server.accept(&listener)`
 ///     # Ok(())
 /// }
@@ -116,6 +116,27 @@ where
         source,
     })?;
     runtime.block_on(async move { server(Server::new(co, start)?).await })
+}
+
+/// Into how many tasks `ready` splits the sessions' registration.
+const WORKER_SHARES: usize = 4;
+
+/// One session built again around its socket, registered with tokio.
+fn restore<T: Session>(
+    buffers: Buffers,
+    record: T::Record,
+    socket: std::net::TcpStream,
+) -> Option<T> {
+    let socket = socket
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(socket));
+    match socket {
+        Ok(socket) => Some(T::restore(record, T::Transport::rebuild(socket, buffers))),
+        Err(e) => {
+            tracing::warn!("lost a session: its socket cannot be registered with tokio ({e})");
+            None
+        }
+    }
 }
 
 /// The listeners, and the sessions' sockets by their order.
@@ -257,7 +278,7 @@ impl<T: Session> Server<T> {
     /// [`Error::Adopt`] if a session's descriptor is not a TCP stream
     /// (before `ready`: a rollback, which does not return), or an error of
     /// [`Copyover::ready`].
-    pub fn ready(&mut self) -> Result<Vec<T>, Error> {
+    pub async fn ready(&mut self) -> Result<Vec<T>, Error> {
         let (mut records, sockets) = match self.resumed.take() {
             Some((records, mut fds)) => {
                 let sockets = fds.take_tcp_streams(GROUP)?;
@@ -266,26 +287,45 @@ impl<T: Session> Server<T> {
             None => (VecDeque::new(), Vec::new()),
         };
         self.co.ready()?;
+        let started = std::time::Instant::now();
         let mut sockets: std::collections::HashMap<u64, std::net::TcpStream> =
             sockets.into_iter().collect();
-        let mut sessions = Vec::with_capacity(sockets.len());
+        let mut pairs = Vec::with_capacity(records.len());
         let mut id = 0u64;
         while let Some((buffers, record)) = records.pop_front() {
-            let socket = sockets.remove(&id).ok_or_else(|| {
-                std::io::Error::other(format!("session {id}'s socket was not handed over"))
-            });
+            match sockets.remove(&id) {
+                Some(socket) => pairs.push((buffers, record, socket)),
+                None => tracing::warn!("lost a session: session {id}'s socket was not handed over"),
+            }
             id += 1;
-            let socket = socket.and_then(|s| {
-                s.set_nonblocking(true)?;
-                TcpStream::from_std(s)
-            });
-            match socket {
-                Ok(socket) => {
-                    sessions.push(T::restore(record, T::Transport::rebuild(socket, buffers)));
-                }
-                Err(e) => tracing::warn!("lost a session: {e}"),
+        }
+        // Registered with tokio on the runtime's workers, a share each: from
+        // this thread, each registration would wake the worker that waits
+        // for events, a thread switch per session.
+        let count = pairs.len();
+        let share = count.div_ceil(WORKER_SHARES).max(1);
+        let mut restoring = Vec::with_capacity(WORKER_SHARES);
+        while !pairs.is_empty() {
+            let rest = pairs.split_off(share.min(pairs.len()));
+            let part = std::mem::replace(&mut pairs, rest);
+            restoring.push(::tokio::spawn(async move {
+                part.into_iter()
+                    .filter_map(|(buffers, record, socket)| restore::<T>(buffers, record, socket))
+                    .collect::<Vec<T>>()
+            }));
+        }
+        let mut sessions = Vec::with_capacity(count);
+        for part in restoring {
+            match part.await {
+                Ok(part) => sessions.extend(part),
+                Err(e) => tracing::warn!("lost sessions: their restoring task failed ({e})"),
             }
         }
+        tracing::debug!(
+            sessions = sessions.len(),
+            restore_ms = started.elapsed().as_secs_f64() * 1e3,
+            "sessions restored"
+        );
         Ok(sessions)
     }
 

@@ -173,16 +173,22 @@ struct Wire {
 impl<T: Session> Serialize for Sessions<T> {
     fn serialize<Ser: Serializer>(&self, serializer: Ser) -> Result<Ser::Ok, Ser::Error> {
         use serde::ser::Error as _;
+        /// [`Wire`], borrowing the buffers.
+        #[derive(Serialize)]
+        struct WireRef<'a> {
+            record_version: u32,
+            entries: Vec<(&'a Buffers, Vec<u8>)>,
+        }
         let entries = self
             .entries
             .iter()
             .map(|(buffers, record)| {
                 postcard::to_allocvec(record)
-                    .map(|bytes| (buffers.clone(), bytes))
+                    .map(|bytes| (buffers, bytes))
                     .map_err(|e| Ser::Error::custom(format!("encoding a session's record: {e}")))
             })
             .collect::<Result<_, _>>()?;
-        Wire {
+        WireRef {
             record_version: T::VERSION,
             entries,
         }

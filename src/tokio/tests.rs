@@ -128,7 +128,9 @@ fn tasks_that_hold_go_on_from_where_they_were_when_the_pause_ends() {
 fn a_pause_that_ends_unpaused_lets_the_held_tasks_go_on() {
     let rt = runtime().unwrap();
     rt.block_on(async {
-        let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_millis(200));
+        // The limit leaves the holding task ample time to hold (the stuck
+        // one never does: the pause always lasts the limit).
+        let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_secs(1));
         let stuck = q.join_as("stuck");
         let holder = q.join();
         let (went_on, mut gone) = ::tokio::sync::oneshot::channel();

@@ -50,6 +50,10 @@ struct Inner<T> {
     /// How many pauses have ended: a task that holds in place
     /// ([`SafePoint::hold`]) waits for the next end.
     ended: watch::Sender<u64>,
+    /// The number of the last pause in which every task stopped: the tasks
+    /// that hold make their copies then, and not before (a task still
+    /// running could write to one that copied itself already).
+    sealed: watch::Sender<u64>,
     /// Wakes `pause` when a task parked or left.
     changed: Notify,
     limit: Duration,
@@ -59,9 +63,15 @@ struct Inner<T> {
 struct Tally<T> {
     /// Tasks that joined and have not parked or left, by their number.
     live: std::collections::BTreeMap<u64, Option<String>>,
-    /// Tasks that handed a copy of their state over and wait, in place,
-    /// for the pause to end ([`SafePoint::hold`]); live again when it does.
+    /// Tasks that hold in place ([`SafePoint::hold`]) until the pause
+    /// ends; live again when it does.
     held: std::collections::BTreeMap<u64, Option<String>>,
+    /// The copies the holding tasks made once the pause was sealed, and
+    /// how many of them answered (a copy, or a refusal in `declined`).
+    copies: Vec<T>,
+    answered: usize,
+    /// The holding tasks that could not make their copy.
+    declined: Vec<String>,
     /// Of those, the ones whose safe point was granted (they park next).
     granted: usize,
     /// Whether a pause may still grant safe points: false once it ended.
@@ -150,6 +160,9 @@ impl<T> Quiesce<T> {
                 tally: Mutex::new(Tally {
                     live: std::collections::BTreeMap::new(),
                     held: std::collections::BTreeMap::new(),
+                    copies: Vec::new(),
+                    answered: 0,
+                    declined: Vec::new(),
                     granted: 0,
                     granting: false,
                     next: 0,
@@ -157,6 +170,7 @@ impl<T> Quiesce<T> {
                 }),
                 paused: watch::Sender::new(Pause::default()),
                 ended: watch::Sender::new(0),
+                sealed: watch::Sender::new(0),
                 changed: Notify::new(),
                 limit,
             }),
@@ -226,7 +240,9 @@ impl<T> Quiesce<T> {
             p.on = true;
             p.number += 1;
         });
+        let number = self.inner.paused.borrow().number;
         let mut late = false;
+        let mut sealed = false;
         // The tasks that had not reached a safe point at the limit (the
         // held ones, released by `end` then, are live again but not these).
         let mut at_limit = std::collections::BTreeSet::new();
@@ -234,12 +250,33 @@ impl<T> Quiesce<T> {
             let changed = self.inner.changed.notified();
             {
                 let mut tally = self.inner.tally();
-                if tally.live.is_empty() {
+                if tally.live.is_empty() && !late && !sealed {
+                    // Every task stopped: the holding ones copy themselves
+                    // now, none of them can be written to any more.
+                    sealed = true;
+                    self.inner.sealed.send_replace(number);
+                }
+                // (`>=`: a holding task that answered may have ended since.)
+                if sealed && tally.answered >= tally.held.len() {
+                    if !tally.declined.is_empty() {
+                        let declined = std::mem::take(&mut tally.declined);
+                        let mut unpaused = self.unpaused(&mut tally, started, &at_limit);
+                        unpaused.running = declined;
+                        drop(tally);
+                        // `guard` ends the pause: the holders go on.
+                        return Err(unpaused);
+                    }
                     // Safe points are still granted until `resume`: a task
                     // that joins now parks for the next pause.
                     guard.1 = false;
-                    tracing::debug!(tasks = tally.parked.len(), "every task parked");
-                    return Ok(std::mem::take(&mut tally.parked));
+                    tracing::debug!(
+                        parked = tally.parked.len(),
+                        held = tally.copies.len(),
+                        "every task parked or held"
+                    );
+                    let mut items = std::mem::take(&mut tally.parked);
+                    items.append(&mut tally.copies);
+                    return Ok(items);
                 }
                 if late && tally.granted == 0 {
                     // The tasks granted a safe point have parked; the
@@ -289,12 +326,16 @@ impl<T> Quiesce<T> {
     }
 
     /// No safe point is granted any more, no task is asked to stop, and
-    /// the tasks that hold in place are live again and go on.
+    /// the tasks that hold in place are live again and go on (their copies,
+    /// not taken by a `pause` that returned, are dropped: stale).
     fn end(&self) {
         let mut tally = self.inner.tally();
         tally.granting = false;
         let held = std::mem::take(&mut tally.held);
         tally.live.extend(held);
+        tally.copies.clear();
+        tally.answered = 0;
+        tally.declined.clear();
         // Under the tally's lock: a task that holds reads the count there.
         self.inner.ended.send_modify(|n| *n += 1);
         drop(tally);
@@ -382,24 +423,42 @@ impl<T> SafePoint<T> {
         self.paused.borrow().on
     }
 
-    /// Hands `item` (a copy of the task's state: its record, its buffered
-    /// bytes, a duplicate of its socket) to the pausing task and waits, in
-    /// place, until the pause ends: if the commit happens, it never does;
-    /// if not, the task goes on from where it was, with everything it had.
-    /// Call it right after [`requested`](Self::requested), and await it to
-    /// its end (do not race it in a `select!`: while it waits, the main
-    /// task may hand the socket to a new image).
-    pub async fn hold(&self, item: T) {
+    /// Holds this task in place for the pause under way: once every task
+    /// has stopped (parked, held, or ended), calls `copy` (a copy of the
+    /// task's state: its record, its buffered bytes, a duplicate of its
+    /// socket; `None` if it cannot make one, which ends the pause without
+    /// an upgrade) and hands it to the pausing task, then waits until the
+    /// pause ends. If the commit happens, it never does; if not, the task
+    /// goes on from where it was, with everything it had. Call it right
+    /// after [`requested`](Self::requested), and await it to its end (do not
+    /// race it in a `select!`: while it waits, the main task may hand the
+    /// socket to a new image). If the pause ended before this task held
+    /// (its limit passed), it returns at once and `copy` is not called.
+    ///
+    /// The copy is made only once no task runs: a task still running could
+    /// write into this one's inbox after it copied itself, and that write
+    /// would not cross the upgrade.
+    pub async fn hold(&self, copy: impl FnOnce() -> Option<T>) {
         let mut ended = self.inner.ended.subscribe();
-        let seen = {
+        let mut sealed = self.inner.sealed.subscribe();
+        let number = self.paused.borrow().number;
+        let (seen, name) = {
             let mut tally = self.inner.tally();
-            tally.parked.push(item);
-            let name = tally.live.remove(&self.id).flatten();
-            tally.held.insert(self.id, name);
             let granted = self.granted.swap(false, Ordering::SeqCst);
             if granted {
                 tally.granted = tally.granted.saturating_sub(1);
             }
+            if !tally.granting {
+                // The pause ended before this task held: go on.
+                let wake = granted && tally.granted == 0;
+                drop(tally);
+                if wake {
+                    self.inner.changed.notify_one();
+                }
+                return;
+            }
+            let name = tally.live.remove(&self.id).flatten();
+            tally.held.insert(self.id, name.clone());
             let wake = tally.live.is_empty() || (granted && tally.granted == 0);
             // Read under the lock `end` takes: no end is missed.
             let seen = *ended.borrow_and_update();
@@ -407,36 +466,37 @@ impl<T> SafePoint<T> {
             if wake {
                 self.inner.changed.notify_one();
             }
-            seen
+            (seen, name)
         };
-        if ended.wait_for(|n| *n != seen).await.is_err() {
-            // Every `Quiesce` is gone: no pause will end, nor come.
-            std::future::pending::<()>().await;
+        let sealed_now = ::tokio::select! {
+            _ = sealed.wait_for(|n| *n == number) => true,
+            _ = ended.wait_for(|n| *n != seen) => false,
+        };
+        if !sealed_now {
+            return;
         }
-    }
-
-    /// Gives up the safe point this task was granted (it cannot hand its
-    /// state over) and waits for the pause to end: the pause counts it as
-    /// a task that did not reach a safe point, and ends at its limit with
-    /// [`Unpaused`].
-    pub(crate) async fn decline(&self) {
-        let mut paused = self.paused.clone();
-        let number = paused.borrow().number;
-        if self.granted.swap(false, Ordering::SeqCst) {
+        let item = copy();
+        {
             let mut tally = self.inner.tally();
-            tally.granted = tally.granted.saturating_sub(1);
-            let wake = tally.granted == 0;
+            if *ended.borrow() != seen {
+                // The pause ended while the copy was made: it is stale.
+                return;
+            }
+            match item {
+                Some(item) => tally.copies.push(item),
+                None => tally
+                    .declined
+                    .push(name.unwrap_or_else(|| format!("task {}", self.id))),
+            }
+            tally.answered += 1;
+            let wake = tally.answered >= tally.held.len();
             drop(tally);
             if wake {
                 self.inner.changed.notify_one();
             }
         }
-        // This pause's end (another one may have started since).
-        if paused
-            .wait_for(|p| !p.on || p.number != number)
-            .await
-            .is_err()
-        {
+        if ended.wait_for(|n| *n != seen).await.is_err() {
+            // Every `Quiesce` is gone: no pause will end, nor come.
             std::future::pending::<()>().await;
         }
     }

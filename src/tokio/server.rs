@@ -38,39 +38,39 @@ pub async fn pause_requested() {
     }
 }
 
-/// Holds this task in place for the upgrade: hands a copy of `session`
-/// over (its [`Session::save`] record, its transport's buffered bytes, a
-/// duplicate of its socket) and waits until the pause ends. If the commit
-/// happens, it never returns (the new image has the session); if not (the
-/// exec failed, another task did not pause in time), it returns and the
-/// task goes on from where it was, with everything it had. Call it right
-/// after [`pause_requested`] completed, and await it to its end.
+/// Holds this task in place for the upgrade: once every session's task has
+/// stopped, hands a copy of `session` over (its [`Session::save`] record,
+/// its transport's buffered bytes, a duplicate of its socket) and waits
+/// until the pause ends. If the commit happens, it never returns (the new
+/// image has the session); if not (the exec failed, another task did not
+/// pause in time), it returns and the task goes on from where it was, with
+/// everything it had. Call it right after [`pause_requested`] completed,
+/// and await it to its end.
 ///
 /// A socket that cannot be duplicated (the process is out of descriptors)
-/// cannot be handed over: the task gives its safe point up, and the pause
-/// ends at its limit without an upgrade (logged), the task serving on.
+/// cannot be handed over: the upgrade is abandoned (logged, naming the
+/// task), and every task serves on.
 pub async fn hold<T: Session>(session: &mut T) {
     let Ok(point) = POINT.try_with(Arc::clone) else {
         return;
     };
-    let record = session.save();
-    let transport = session.transport();
-    match transport.socket().as_fd().try_clone_to_owned() {
-        Ok(fd) => {
-            let held = Held {
-                record: Box::new(record),
-                buffers: transport.buffers(),
-                socket: std::net::TcpStream::from(fd),
-            };
-            point.hold(held).await;
-        }
-        Err(e) => {
-            tracing::warn!(
-                "a session cannot be handed over for the upgrade ({e}): the pause ends at its limit"
-            );
-            point.decline().await;
-        }
-    }
+    point
+        .hold(|| {
+            let record = session.save();
+            let transport = session.transport();
+            match transport.socket().as_fd().try_clone_to_owned() {
+                Ok(fd) => Some(Held {
+                    record: Box::new(record),
+                    buffers: transport.buffers(),
+                    socket: std::net::TcpStream::from(fd),
+                }),
+                Err(e) => {
+                    tracing::warn!("a session cannot be handed over for the upgrade: {e}");
+                    None
+                }
+            }
+        })
+        .await;
 }
 
 /// Boots copyover (before any thread), builds the runtime ([`runtime`]) and
@@ -126,17 +126,15 @@ fn restore<T: Session>(
     buffers: Buffers,
     record: T::Record,
     socket: std::net::TcpStream,
-) -> Option<T> {
+) -> Result<T, Error> {
     let socket = socket
         .set_nonblocking(true)
-        .and_then(|()| TcpStream::from_std(socket));
-    match socket {
-        Ok(socket) => Some(T::restore(record, T::Transport::rebuild(socket, buffers))),
-        Err(e) => {
-            tracing::warn!("lost a session: its socket cannot be registered with tokio ({e})");
-            None
-        }
-    }
+        .and_then(|()| TcpStream::from_std(socket))
+        .map_err(|source| Error::Setup {
+            what: "register a session's socket with tokio",
+            source,
+        })?;
+    Ok(T::restore(record, T::Transport::rebuild(socket, buffers)))
 }
 
 /// The listeners, and the sessions' sockets by their order.
@@ -225,12 +223,6 @@ impl<T: Session> Server<T> {
         })
     }
 
-    /// The pause's limit (default [`PAUSE_LIMIT`]). Call it before any task
-    /// joins.
-    pub fn set_pause_limit(&mut self, limit: Duration) {
-        self.quiesce = Quiesce::with_limit(limit);
-    }
-
     /// The listener kept under `name`: inherited from the previous image,
     /// or bound to `addr` on a first start. It is kept at every upgrade.
     ///
@@ -276,8 +268,11 @@ impl<T: Session> Server<T> {
     /// # Errors
     ///
     /// [`Error::Adopt`] if a session's descriptor is not a TCP stream
-    /// (before `ready`: a rollback, which does not return), or an error of
-    /// [`Copyover::ready`].
+    /// (before `ready`: a rollback, which does not return); [`Error::Setup`]
+    /// if a session's socket cannot be registered with tokio or its
+    /// [`Session::restore`] panicked (this is before `ready`: return it from
+    /// `main`, and the rollback brings the old image back with every
+    /// client); or an error of [`Copyover::ready`].
     pub async fn ready(&mut self) -> Result<Vec<T>, Error> {
         let (mut records, sockets) = match self.resumed.take() {
             Some((records, mut fds)) => {
@@ -286,7 +281,6 @@ impl<T: Session> Server<T> {
             }
             None => (VecDeque::new(), Vec::new()),
         };
-        self.co.ready()?;
         let started = std::time::Instant::now();
         let mut sockets: std::collections::HashMap<u64, std::net::TcpStream> =
             sockets.into_iter().collect();
@@ -310,17 +304,21 @@ impl<T: Session> Server<T> {
             let part = std::mem::replace(&mut pairs, rest);
             restoring.push(::tokio::spawn(async move {
                 part.into_iter()
-                    .filter_map(|(buffers, record, socket)| restore::<T>(buffers, record, socket))
-                    .collect::<Vec<T>>()
+                    .map(|(buffers, record, socket)| restore::<T>(buffers, record, socket))
+                    .collect::<Result<Vec<T>, Error>>()
             }));
         }
         let mut sessions = Vec::with_capacity(count);
         for part in restoring {
-            match part.await {
-                Ok(part) => sessions.extend(part),
-                Err(e) => tracing::warn!("lost sessions: their restoring task failed ({e})"),
-            }
+            // Before `ready`: an error (or a panic in `Session::restore`)
+            // rolls back, every client kept.
+            let part = part.await.map_err(|e| Error::Setup {
+                what: "restore the sessions",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            sessions.extend(part?);
         }
+        self.co.ready()?;
         tracing::debug!(
             sessions = sessions.len(),
             restore_ms = started.elapsed().as_secs_f64() * 1e3,
@@ -343,20 +341,29 @@ impl<T: Session> Server<T> {
 
     /// The next connection on `listener`, handling the runtime's events
     /// meanwhile (see [`handle`](Self::handle)); `None` on SIGTERM or
-    /// SIGINT. Not cancel-safe while it handles an upgrade: await it to its
-    /// end, do not race it in a `select!` (use
+    /// SIGINT. A failed `accept` (out of descriptors, a connection reset
+    /// before it was accepted) is logged and tried again 10 ms later: it
+    /// never ends the server. Not cancel-safe while it handles an upgrade:
+    /// await it to its end, do not race it in a `select!` (use
     /// [`next_event`](Self::next_event) there).
     ///
     /// # Errors
     ///
-    /// The listener's `accept` error.
+    /// None today; the `Result` leaves room (the server's `?` stays).
     pub async fn accept(
         &mut self,
         listener: &TcpListener,
     ) -> std::io::Result<Option<(TcpStream, SocketAddr)>> {
         loop {
             let event = ::tokio::select! {
-                accepted = listener.accept() => return accepted.map(Some),
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => return Ok(Some(accepted)),
+                    Err(e) => {
+                        tracing::warn!("accepting a connection failed: {e}; trying again");
+                        ::tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
                 event = self.co.next_event() => event,
             };
             if self.handle(event).await == Handled::Shutdown {

@@ -97,10 +97,15 @@ pub trait Session: Sized + Send + 'static {
     type Record: Serialize + DeserializeOwned + Send + 'static;
     /// The version of the record's layout.
     const VERSION: u32 = 1;
+    /// The older versions [`migrate`](Self::migrate) reads. The probe
+    /// checks a new build against it before anything pauses: a build
+    /// whose `VERSION` and list miss the running records' version is
+    /// refused.
+    const MIGRATES_FROM: &'static [u32] = &[];
 
-    /// Reads a record written by version `from` (not
-    /// [`VERSION`](Self::VERSION)); `None` if this build cannot (the
-    /// default).
+    /// Reads a record written by version `from`, one of
+    /// [`MIGRATES_FROM`](Self::MIGRATES_FROM); `None` if this build cannot
+    /// (the default).
     fn migrate(from: u32, payload: &[u8]) -> Option<Result<Self::Record, SnapshotError>> {
         let _ = (from, payload);
         None
@@ -202,6 +207,11 @@ impl<'de, T: Session> Deserialize<'de> for Sessions<T> {
         // codec would drop the reason): `check` refuses the state with it.
         let wire = Wire::deserialize(deserializer)?;
         let mut sessions = Sessions::new(Vec::with_capacity(wire.entries.len()));
+        // Checked with no session too: the probe's state has none.
+        if let Err(why) = readable::<T>(wire.record_version) {
+            sessions.unreadable = Some(why);
+            return Ok(sessions);
+        }
         for (i, (buffers, bytes)) in wire.entries.into_iter().enumerate() {
             match record::<T>(wire.record_version, &bytes) {
                 Ok(record) => sessions.entries.push((buffers, record)),
@@ -215,7 +225,20 @@ impl<'de, T: Session> Deserialize<'de> for Sessions<T> {
     }
 }
 
-/// One record of version `version`, migrated if need be.
+/// Whether this build reads records of `version`, and if not, why.
+fn readable<T: Session>(version: u32) -> Result<(), String> {
+    if version == T::VERSION || T::MIGRATES_FROM.contains(&version) {
+        return Ok(());
+    }
+    Err(format!(
+        "the sessions' records are version {version}; this build reads version {} and migrates \
+         from {:?}",
+        T::VERSION,
+        T::MIGRATES_FROM
+    ))
+}
+
+/// One record of version `version` (readable), migrated if need be.
 fn record<T: Session>(version: u32, bytes: &[u8]) -> Result<T::Record, String> {
     if version == T::VERSION {
         return crate::snapshot::decode_state(bytes, version).map_err(|e| e.to_string());
@@ -223,8 +246,7 @@ fn record<T: Session>(version: u32, bytes: &[u8]) -> Result<T::Record, String> {
     match T::migrate(version, bytes) {
         Some(migrated) => migrated.map_err(|e| e.to_string()),
         None => Err(format!(
-            "it is version {version}; this build reads version {} and has no migration from {version}",
-            T::VERSION
+            "version {version} is in MIGRATES_FROM but migrate gave nothing for it"
         )),
     }
 }
@@ -265,6 +287,7 @@ mod tests {
         type Transport = TcpStream;
         type Record = R;
         const VERSION: u32 = V;
+        const MIGRATES_FROM: &'static [u32] = if V == 2 { &[1] } else { &[] };
         fn migrate(from: u32, payload: &[u8]) -> Option<Result<R, SnapshotError>> {
             (from == 1).then(|| crate::snapshot::decode_state::<V1>(payload, 1).map(R::from))
         }
@@ -325,8 +348,14 @@ mod tests {
         let err = crate::state::restore::<Sessions<Old>>("app", 1, &newer).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "the state (v1) decoded but is refused: session 0's record: it is version 2; \
-             this build reads version 1 and has no migration from 2"
+            "the state (v1) decoded but is refused: the sessions' records are version 2; \
+             this build reads version 1 and migrates from []"
         );
+        // The same with no session at all: what the probe sends.
+        let none = postcard::to_allocvec(&Sessions::<New>::default()).unwrap();
+        assert!(crate::state::restore::<Sessions<Old>>("app", 1, &none).is_err());
+        assert!(crate::state::restore::<Sessions<New>>("app", 1, &none).is_ok());
+        let old_none = postcard::to_allocvec(&Sessions::<Old>::default()).unwrap();
+        assert!(crate::state::restore::<Sessions<New>>("app", 1, &old_none).is_ok());
     }
 }

@@ -88,39 +88,107 @@ fn tasks_that_hold_go_on_from_where_they_were_when_the_pause_ends() {
     let rt = runtime().unwrap();
     rt.block_on(async {
         let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_secs(5));
-        let (done, mut finished) = ::tokio::sync::mpsc::unbounded_channel();
+        let (went_on, mut released) = ::tokio::sync::mpsc::unbounded_channel();
         for i in 0..20u32 {
             let sp = q.join();
-            let done = done.clone();
+            let went_on = went_on.clone();
             ::tokio::spawn(async move {
-                // Two pauses, each held in place with a copy of the count.
+                // Two pauses, each held in place with a copy of the count;
+                // the task says when it goes on.
                 let mut count = i;
                 for _ in 0..2 {
                     sp.requested().await;
-                    sp.hold(count).await;
+                    sp.hold(|| Some(count)).await;
+                    went_on.send(count).unwrap();
                     count += 100;
                 }
-                done.send(count).unwrap();
             });
         }
-        drop(done);
+        drop(went_on);
+        let mut released_by = |n| {
+            let mut got = Vec::new();
+            for _ in 0..n {
+                got.push(released.try_recv().ok());
+            }
+            got
+        };
         let mut first = q.pause().await.unwrap();
         first.sort_unstable();
         assert_eq!(first, (0..20).collect::<Vec<_>>());
         // Held, not gone: until the pause ends, nobody went on.
-        assert!(finished.try_recv().is_err());
+        ::tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(released_by(1), [None]);
         q.resume();
         let mut second = q.pause().await.unwrap();
         second.sort_unstable();
         assert_eq!(second, (100..120).collect::<Vec<_>>());
         q.resume();
-        let mut last = Vec::new();
-        while let Some(n) = finished.recv().await {
-            last.push(n);
+        let mut all = Vec::new();
+        while let Some(n) = released.recv().await {
+            all.push(n);
         }
-        last.sort_unstable();
-        assert_eq!(last, (200..220).collect::<Vec<_>>());
+        all.sort_unstable();
+        let want: Vec<u32> = (0..20).chain(100..120).collect();
+        assert_eq!(all, want);
         assert_eq!(q.running(), 0);
+    });
+}
+
+#[test]
+fn a_copy_is_made_only_once_every_task_has_stopped() {
+    let rt = runtime().unwrap();
+    rt.block_on(async {
+        let q: Quiesce<usize> = Quiesce::with_limit(Duration::from_secs(5));
+        let inbox = Arc::new(Mutex::new(Vec::<u32>::new()));
+        let (holding, about_to_hold) = ::tokio::sync::oneshot::channel::<()>();
+        let ann = q.join();
+        let ann_inbox = Arc::clone(&inbox);
+        ::tokio::spawn(async move {
+            ann.requested().await;
+            holding.send(()).unwrap();
+            ann.hold(|| Some(ann_inbox.lock().unwrap().len())).await;
+        });
+        let bob = q.join();
+        let bob_writes_to = Arc::clone(&inbox);
+        ::tokio::spawn(async move {
+            // Still running while ann holds: five messages to her inbox,
+            // then bob stops too.
+            about_to_hold.await.unwrap();
+            ::tokio::time::sleep(Duration::from_millis(20)).await;
+            bob_writes_to.lock().unwrap().extend(1..=5);
+            bob.requested().await;
+            bob.hold(|| Some(99)).await;
+        });
+        let mut copies = q.pause().await.unwrap();
+        copies.sort_unstable();
+        // Ann's copy holds bob's five messages: it was made after he
+        // stopped.
+        assert_eq!(copies, [5, 99]);
+        q.resume();
+    });
+}
+
+#[test]
+fn a_task_granted_its_safe_point_after_the_limit_goes_on_and_holds_next_time() {
+    let rt = runtime().unwrap();
+    rt.block_on(async {
+        let limit = Duration::from_millis(100);
+        let q: Quiesce<u32> = Quiesce::with_limit(limit);
+        let late = q.join_as("late");
+        ::tokio::spawn(async move {
+            // Granted at once, but holds only after the limit passed.
+            late.requested().await;
+            ::tokio::time::sleep(limit * 3 / 2).await;
+            late.hold(|| Some(1)).await;
+            // The pause had ended: it went on; the next pause gets it.
+            late.requested().await;
+            late.hold(|| Some(2)).await;
+        });
+        let unpaused = q.pause().await.unwrap_err();
+        assert!(unpaused.parked.is_empty());
+        assert_eq!(unpaused.running, ["late"]);
+        assert_eq!(q.pause().await.unwrap(), [2]);
+        q.resume();
     });
 }
 
@@ -136,11 +204,12 @@ fn a_pause_that_ends_unpaused_lets_the_held_tasks_go_on() {
         let (went_on, mut gone) = ::tokio::sync::oneshot::channel();
         ::tokio::spawn(async move {
             holder.requested().await;
-            holder.hold(7).await;
+            holder.hold(|| Some(7)).await;
             went_on.send(()).unwrap();
         });
         let unpaused = q.pause().await.unwrap_err();
-        assert_eq!(unpaused.parked, [7]);
+        // The pause never sealed (the stuck task runs): no copy was made.
+        assert!(unpaused.parked.is_empty());
         assert_eq!(unpaused.running, ["stuck"]);
         // The pause ended at its limit: the holding task goes on by itself.
         (&mut gone).await.unwrap();

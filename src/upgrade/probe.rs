@@ -549,13 +549,12 @@ fn finish(child: &mut Child, stderr: &mut Stderr, deadline: Instant) -> Result<E
             }
             Ok(false) => match stderr.fd() {
                 // A millisecond's wait, cut short by the child's output.
-                Some(fd) => {
-                    if let Ok([true]) =
-                        crate::sys::readable_among(&[fd], Duration::from_millis(1)).as_deref()
-                    {
-                        stderr.pump();
-                    }
-                }
+                Some(fd) => match crate::sys::readable_among(&[fd], Duration::from_millis(1)) {
+                    Ok(ready) if ready == [true] => stderr.pump(),
+                    Ok(_) => {}
+                    // Not a wait: one, so as not to spin.
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                },
                 None => std::thread::sleep(Duration::from_millis(1)),
             },
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

@@ -488,3 +488,44 @@ fn a_new_image_killed_before_ready_is_rescued_by_the_holder() {
     server.wait_log(mark, "upgrade complete");
     assert_eq!(ann.ask("/version"), version_line("v2", rescued, 1));
 }
+
+/// The signals `pid` catches (`SigCgt` in `/proc/PID/status`), as a mask.
+fn caught_signals(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .expect("a SigCgt line")
+}
+
+/// Once ready, the runtime gives SIGALRM back as the application had it
+/// (here: not caught): the readiness deadline's handler is gone, so an
+/// application's own `alarm` is its own again.
+#[test]
+fn after_ready_sigalrm_is_the_applications_again() {
+    let scene = Scene::start("hd-sigalrm", "5");
+    let alarm = 1u64 << (Signal::SIGALRM as i32 - 1);
+    assert_eq!(
+        caught_signals(scene.server.pid) & alarm,
+        0,
+        "SIGALRM still caught after ready"
+    );
+}
+
+#[test]
+fn a_server_that_shuts_down_removes_its_status_file() {
+    let mut server = Server::start("hd-status-gone", &labelled("v1"));
+    let path = status_file(&server);
+    let status = copyover::status::Status::read(&path).expect("a status file");
+    assert_eq!(
+        (status.pid, status.app.as_str(), status.version.as_str()),
+        (server.pid as u32, "copyover-telnetd", "v1")
+    );
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_exit().success());
+    assert!(
+        !path.exists(),
+        "the status file of a stopped server is left"
+    );
+}

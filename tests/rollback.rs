@@ -116,6 +116,56 @@ fn a_failed_take_rolls_back_even_if_the_build_ignores_it() {
     );
 }
 
+/// The rollback's reason crosses the exec in a fixed slot: a long one is
+/// cut at 159 bytes, never written past it.
+#[test]
+fn a_long_panic_message_is_cut_to_the_reason_slot() {
+    let line = survive(
+        "rb-long",
+        Deploy::Build(&faulty("panic-with-a-long-message")),
+        "upgrade rolled back",
+        "panicked",
+    );
+    let reason = line
+        .split("upgrade rolled back: ")
+        .nth(1)
+        .and_then(|r| r.split(" version=").next())
+        .expect("a reason in the outcome line");
+    assert!(
+        reason.starts_with("the new image panicked: fault build: xxx"),
+        "{reason}"
+    );
+    assert_eq!(reason.len(), 159, "{reason}");
+}
+
+/// A SIGALRM pending (and blocked) when the failed image rolls back must
+/// not reach the old image's next upgrade: its deadline handler would
+/// roll a good build back at once. `survive` upgrades to v2 afterwards.
+#[test]
+fn a_pending_alarm_does_not_follow_the_rollback() {
+    survive(
+        "rb-alarm",
+        Deploy::Build(&faulty("pending-alarm-then-panic")),
+        "upgrade rolled back",
+        "panicked: fault build: panic with SIGALRM pending",
+    );
+}
+
+/// A child of the failed image that exited is the old image's after the
+/// rollback: reaped at once, no zombie left.
+#[test]
+fn the_old_image_reaps_the_failed_images_dead_child() {
+    let mut scene = util::Scene::start("rb-zombie", "2");
+    scene.server.deploy(&faulty("zombie-then-panic"));
+    let line = scene.server.upgrade();
+    assert!(
+        line.contains("upgrade rolled back") && line.contains("zombie"),
+        "{line}"
+    );
+    scene.everyone_kept("v1", 1, "after the rollback");
+    assert_eq!(scene.server.children(), 0, "a zombie left");
+}
+
 #[test]
 fn a_panic_after_adopting_rolls_back() {
     survive(

@@ -243,3 +243,37 @@ fn a_status_file_is_read_from_disk() {
     assert_eq!(Status::read(&path).unwrap(), s);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_process_that_is_not_the_one_that_wrote_the_status_is_never_signalled() {
+    // SIGHUP's default action would kill it: a reused PID, or a status
+    // without a start time, is refused before any signal.
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let actual = start_ticks(pid).unwrap();
+    for ticks in [actual + 1, 0] {
+        let mut wrote = status(Outcome::Started);
+        (wrote.pid, wrote.start_ticks) = (pid, ticks);
+        let err = request_upgrade(&wrote).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the process was signalled"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn a_file_where_the_status_directory_should_be_is_refused_as_such() {
+    let (dir, victim) = planted("notadir");
+    let err = super::safe_io::check_dir(&victim).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    assert!(err.to_string().contains("is not a directory"), "{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -333,6 +333,25 @@ fn inject_fault(fault: &str) -> Result<(), BoxError> {
             std::thread::sleep(Duration::from_secs(3600));
         },
         "exit-before-ready" => std::process::exit(3),
+        "panic-with-a-long-message" => panic!("fault build: {}", "x".repeat(1000)),
+        "pending-alarm-then-panic" => {
+            // SIGALRM pending and blocked across the rollback's exec, as
+            // when the deadline fires while the rollback runs.
+            use nix::sys::signal::{SigSet, SigmaskHow, Signal, raise, sigprocmask};
+            let alarm = SigSet::from(Signal::SIGALRM);
+            sigprocmask(SigmaskHow::SIG_BLOCK, Some(&alarm), None)?;
+            raise(Signal::SIGALRM)?;
+            panic!("fault build: panic with SIGALRM pending")
+        }
+        "zombie-then-panic" => {
+            // A child that exits unreaped: the old image inherits it.
+            let child = std::process::Command::new("/bin/true").spawn()?;
+            let status = format!("/proc/{}/stat", child.id());
+            while !std::fs::read_to_string(&status).is_ok_and(|s| s.contains(") Z ")) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            panic!("fault build: panic with a zombie child")
+        }
         _ => Ok(()),
     }
 }

@@ -118,6 +118,40 @@ where
     runtime.block_on(async move { server(Server::new(co, start)?).await })
 }
 
+/// Abandons the upgrade if dropped while it still holds the handle.
+struct AbandonOnDrop<'a, T: Session>(Option<&'a mut AsyncCopyover<Sessions<T>>>);
+
+impl<T: Session> Drop for AbandonOnDrop<'_, T> {
+    fn drop(&mut self) {
+        if let Some(co) = self.0.take() {
+            co.abandon("the server stopped awaiting the pause (its future was dropped)");
+        }
+    }
+}
+
+/// The commit, with what every task handed over; returns only if it did
+/// not happen.
+fn commit<T: Session>(
+    co: &mut AsyncCopyover<Sessions<T>>,
+    listeners: &[(String, OwnedFd)],
+    held: Vec<Held>,
+) {
+    let mut entries = Vec::with_capacity(held.len());
+    let mut sockets = Vec::with_capacity(held.len());
+    for h in held {
+        match h.record.downcast::<T::Record>() {
+            Ok(record) => entries.push((h.buffers, *record)),
+            Err(_) => {
+                let reason = "a task held a record of another type than the server's sessions";
+                return co.abandon(reason);
+            }
+        }
+        sockets.push(h.socket);
+    }
+    let kept = keep(listeners, &sockets);
+    let _ = co.upgrade(&Sessions::new(entries), &kept);
+}
+
 /// Into how many tasks `ready` splits the sessions' registration.
 const WORKER_SHARES: usize = 4;
 
@@ -383,7 +417,8 @@ impl<T: Session> Server<T> {
     /// in place, see [`hold`]) and commits with what they handed over
     /// (which, on success, never returns; otherwise every task goes on).
     /// Call it in the body of a `select!` arm, not in a future `select!`
-    /// may drop: it awaits the pause.
+    /// may drop: it awaits the pause. (Dropped during the pause, it
+    /// abandons the upgrade: refused, every task goes on.)
     pub async fn handle(&mut self, event: Event) -> Handled {
         match event {
             Event::Upgrade => {
@@ -391,38 +426,29 @@ impl<T: Session> Server<T> {
                 let kept = keep(&self.listeners, &[]);
                 let _ = self.co.upgrade(&Sessions::default(), &kept);
             }
-            Event::UpgradeApproved => match self.quiesce.pause().await {
-                Ok(held) => {
-                    self.commit(held);
-                    // Back only if the commit did not happen: every task
-                    // goes on, and the copies it handed over are closed.
-                    self.quiesce.resume();
+            Event::UpgradeApproved => {
+                // Dropped during the pause (the caller raced this future):
+                // the upgrade is abandoned, not left under way for good.
+                let mut guard = AbandonOnDrop(Some(&mut self.co));
+                let paused = self.quiesce.pause().await;
+                let Some(co) = guard.0.take() else {
+                    return Handled::Serving;
+                };
+                match paused {
+                    Ok(held) => {
+                        commit(co, &self.listeners, held);
+                        // Back only if the commit did not happen: every
+                        // task goes on, and the copies it handed over are
+                        // closed.
+                        self.quiesce.resume();
+                    }
+                    Err(unpaused) => co.abandon(&unpaused.to_string()),
                 }
-                Err(unpaused) => self.co.abandon(&unpaused.to_string()),
-            },
+            }
             Event::Shutdown => return Handled::Shutdown,
             _ => {}
         }
         Handled::Serving
-    }
-
-    /// The commit, with what every task handed over; returns only if it
-    /// did not happen.
-    fn commit(&mut self, held: Vec<Held>) {
-        let mut entries = Vec::with_capacity(held.len());
-        let mut sockets = Vec::with_capacity(held.len());
-        for h in held {
-            match h.record.downcast::<T::Record>() {
-                Ok(record) => entries.push((h.buffers, *record)),
-                Err(_) => {
-                    let reason = "a task held a record of another type than the server's sessions";
-                    return self.co.abandon(reason);
-                }
-            }
-            sockets.push(h.socket);
-        }
-        let kept = keep(&self.listeners, &sockets);
-        let _ = self.co.upgrade(&Sessions::new(entries), &kept);
     }
 
     /// The [`AsyncCopyover`], for everything else ([`generation`](Copyover::generation), ...).

@@ -9,27 +9,7 @@ mod util;
 use copyover::status::{Outcome, Status, status_path};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use util::{Deploy, Scene, Server, labelled, version_line, wait_for};
-
-/// The rescued server is nobody's child here: killed when the test ends,
-/// whatever happens.
-struct Reaper(i32);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
-    }
-}
-
-/// The PID a `/version` answer names.
-fn pid_in(version: &str) -> i32 {
-    version
-        .split("pid=")
-        .nth(1)
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("a pid in /version")
-}
+use util::{Deploy, Reaper, Scene, Server, labelled, pid_in, version_line, wait_for};
 
 /// Deploys `bad` (approved by the probe, hung in the real run) under a v1
 /// demo with `--ready-timeout SECS`, sends SIGHUP, and checks what a user

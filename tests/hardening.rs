@@ -13,7 +13,8 @@ use std::process::Command;
 
 use nix::sys::signal::Signal;
 use util::{
-    Client, Deploy, Scene, Scratch, Server, faulty, labelled, survive, version_line, wait_for,
+    Client, Deploy, Reaper, Scene, Scratch, Server, faulty, labelled, pid_in, survive,
+    version_line, wait_for,
 };
 
 const THREADS: &str = "before any thread starts";
@@ -167,12 +168,7 @@ fn a_new_image_with_fewer_descriptors_allowed_is_rescued_or_rolled_back_with_the
             }
             _ => {
                 let version = scene.ann.ask("/version");
-                let rescued: i32 = version
-                    .split("pid=")
-                    .nth(1)
-                    .and_then(|v| v.split_whitespace().next())
-                    .and_then(|v| v.parse().ok())
-                    .expect("a pid in /version");
+                let rescued = pid_in(&version);
                 let _reaper = Reaper(rescued);
                 assert_ne!(rescued, scene.server.pid, "{context}: a new PID");
                 assert!(
@@ -192,16 +188,6 @@ fn a_new_image_with_fewer_descriptors_allowed_is_rescued_or_rolled_back_with_the
     // the rollback's branch above ran (the old limit back, same PID).
     assert!(seen.iter().any(|(_, o)| *o == "rolled back"), "{seen:?}");
     eprintln!("outcomes by soft limit: {seen:?}");
-}
-
-/// Kills a rescued server when the test ends, whatever happens: it is
-/// nobody's child here.
-struct Reaper(i32);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), Signal::SIGKILL);
-    }
 }
 
 #[test]
@@ -468,12 +454,7 @@ fn a_new_image_killed_before_ready_is_rescued_by_the_holder() {
     let line = server.wait_log(mark, "upgrade rolled back");
     assert!(line.contains("holder"), "{line}");
     let version = ann.ask("/version");
-    let rescued: i32 = version
-        .split("pid=")
-        .nth(1)
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("a pid in /version");
+    let rescued = pid_in(&version);
     let _reaper = Reaper(rescued);
     assert_ne!(rescued, server.pid, "a new PID: the old one was killed");
     assert_eq!(version, version_line("v1", rescued, 0));

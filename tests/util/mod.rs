@@ -536,6 +536,26 @@ pub fn strip_telnet(raw: &[u8]) -> Vec<u8> {
 }
 
 /// The `/version` line expected from a server.
+/// A rescued server is nobody's child here: killed when the test ends,
+/// whatever happens.
+pub struct Reaper(pub i32);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
+    }
+}
+
+/// The PID a `/version` answer names.
+pub fn pid_in(version: &str) -> i32 {
+    version
+        .split("pid=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("a pid in /version")
+}
+
 pub fn version_line(label: &str, pid: i32, generation: u64) -> String {
     format!("copyover-telnetd {label} pid={pid} generation={generation}")
 }

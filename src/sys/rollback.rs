@@ -496,14 +496,20 @@ mod tests {
             ])
             .env(CHILD, "1")
             .stdin(Stdio::piped())
-            .status()
+            .output()
             .unwrap();
         // 1: `fire` returned with fd 0 naming the holder's /dev/zero, not
         // this process's pipe.
         assert_eq!(
-            status.code(),
+            status.status.code(),
             Some(70),
             "a failed rollback exec after a swap must end the process: {status:?}"
+        );
+        // And it says why, for the operator reading the server's log.
+        let said = String::from_utf8_lossy(&status.stderr);
+        assert!(
+            said.contains("the rollback's exec failed after its descriptors were put back"),
+            "{said}"
         );
     }
 

@@ -513,6 +513,50 @@ mod tests {
         );
     }
 
+    /// Set in the re-executed test binary that arms a plan with no holder.
+    const NO_HOLDER: &str = "COPYOVER_TEST_PLAN_WITHOUT_HOLDER";
+
+    #[test]
+    fn a_plan_without_a_holder_gives_no_holder_back() {
+        if std::env::var_os(NO_HOLDER).is_some() {
+            image_without_a_holder();
+        }
+        let status = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "sys::rollback::tests::a_plan_without_a_holder_gives_no_holder_back",
+                "--test-threads=1",
+            ])
+            .env(NO_HOLDER, "1")
+            .status()
+            .unwrap();
+        // 1: `disarm` handed back a "holder pidfd" that was another fd.
+        assert_eq!(status.code(), Some(0), "{status:?}");
+    }
+
+    /// Arms a plan whose holder pidfd is unknown (the new image could not
+    /// open one), disarms it, and says whether it got no pidfd back.
+    fn image_without_a_holder() -> ! {
+        let binary = std::fs::File::open("/dev/null").unwrap();
+        use std::os::fd::AsRawFd;
+        arm(PlanSpec {
+            binary_fd: binary.as_raw_fd(),
+            argv: vec![CString::new("old").unwrap()],
+            env: Vec::new(),
+            reason_var: "COPYOVER_ROLLBACK_REASON",
+            blocked: Vec::new(),
+            fds: Vec::new(),
+            holder_pidfd: None,
+            nofile: None,
+        })
+        .unwrap();
+        let back = disarm(true);
+        let code = i32::from(back.is_some());
+        std::mem::forget(back);
+        // SAFETY: ends this test process at once, without the atexit hook.
+        unsafe { libc::_exit(code) }
+    }
+
     /// fd 0 is a pipe here; the "holder" (a `sleep`) has /dev/zero at 0;
     /// the "old binary" is /dev/null, which cannot be executed.
     fn failing_image() -> ! {

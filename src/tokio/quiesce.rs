@@ -256,8 +256,9 @@ impl<T> Quiesce<T> {
                     sealed = true;
                     self.inner.sealed.send_replace(number);
                 }
-                // (`>=`: a holding task that answered may have ended since.)
-                if sealed && tally.answered >= tally.held.len() {
+                // (`>=`: a holding task that answered may have ended since;
+                // `live`: a task that joined since holds too before this.)
+                if sealed && tally.live.is_empty() && tally.answered >= tally.held.len() {
                     if !tally.declined.is_empty() {
                         let declined = std::mem::take(&mut tally.declined);
                         let mut unpaused = self.unpaused(&mut tally, started, &at_limit);

@@ -113,8 +113,11 @@ pub trait Session: Sized + Send + 'static {
 
     /// Its transport.
     fn transport(&self) -> &Self::Transport;
-    /// Its record, taken on the main task once every task is parked (a
-    /// message still in its inbox goes into its output here).
+    /// Its record, taken in its own task (in [`hold`](super::hold)) once
+    /// every session's task has stopped, so that no other task writes to
+    /// it afterwards (a message still in its inbox goes into its output
+    /// here). If the upgrade does not happen, the session goes on as `save`
+    /// left it.
     fn save(&mut self) -> Self::Record;
     /// It, built again from its record and transport: in the new image, or
     /// the old one after a rollback.

@@ -271,7 +271,6 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
     let mut stderr = Stderr {
         pipe: child.stderr.take(),
         tail: Vec::new(),
-        forward: forwarder(),
     };
     let deadline = started + spec.timeout;
     let answer = read_answer(&mut child, &mut stderr, &nonce, spec.timeout, deadline);
@@ -382,30 +381,6 @@ struct Stderr {
     /// `None` once it reached its end (or failed).
     pipe: Option<std::process::ChildStderr>,
     tail: Vec<u8>,
-    /// To the thread that writes it on the server's standard error (see
-    /// [`forwarder`]); `None` if it could not be started.
-    forward: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
-}
-
-/// A thread that writes the probe's standard error on the server's, so
-/// that a write that blocks (whatever reads the server's standard error
-/// stalls) blocks it, never the probe: the probe hands it chunks without
-/// waiting and drops them when 64 are queued. It ends once the probe drops
-/// its end and the queue is written. It starts with the helper thread's
-/// signal mask (every held signal blocked), like every thread of the
-/// runtime but the main one.
-fn forwarder() -> Option<std::sync::mpsc::SyncSender<Vec<u8>>> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(64);
-    std::thread::Builder::new()
-        .name("copyover-probe-stderr".into())
-        .spawn(move || {
-            let mut err = std::io::stderr();
-            for chunk in rx {
-                let _ = err.write_all(&chunk);
-            }
-        })
-        .ok()?;
-    Some(tx)
 }
 
 /// How much of the probe's standard error is kept for its last words.
@@ -428,10 +403,7 @@ impl Stderr {
         match pipe.read(&mut buf) {
             Ok(0) => self.pipe = None,
             Ok(n) => {
-                if let Some(forward) = &self.forward {
-                    // Full (the server's standard error is stuck): dropped.
-                    let _ = forward.try_send(buf[..n].to_vec());
-                }
+                let _ = std::io::stderr().write_all(&buf[..n]);
                 self.tail.extend_from_slice(&buf[..n]);
                 let over = self.tail.len().saturating_sub(STDERR_TAIL);
                 self.tail.drain(..over);
@@ -661,7 +633,6 @@ mod tests {
         Stderr {
             pipe: None,
             tail: text.as_bytes().to_vec(),
-            forward: None,
         }
     }
 

@@ -481,23 +481,27 @@ mod tests {
     /// Set in the re-executed test binary that plays the failing image.
     const CHILD: &str = "COPYOVER_TEST_FAILED_ROLLBACK_EXEC";
 
+    /// Runs test `name` again in a process of its own, with `var` set (the
+    /// rollback installs handlers and ends the process), and returns how it
+    /// ended and what it wrote.
+    fn in_own_process(name: &str, var: &str) -> std::process::Output {
+        Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--test-threads=1"])
+            .env(var, "1")
+            .stdin(Stdio::piped())
+            .output()
+            .unwrap()
+    }
+
     #[test]
     fn a_failed_exec_after_a_swap_never_returns() {
         if std::env::var_os(CHILD).is_some() {
             failing_image();
         }
-        // A process of its own: the rollback installs handlers and ends
-        // the process.
-        let status = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "sys::rollback::tests::a_failed_exec_after_a_swap_never_returns",
-                "--test-threads=1",
-            ])
-            .env(CHILD, "1")
-            .stdin(Stdio::piped())
-            .output()
-            .unwrap();
+        let status = in_own_process(
+            "sys::rollback::tests::a_failed_exec_after_a_swap_never_returns",
+            CHILD,
+        );
         // 1: `fire` returned with fd 0 naming the holder's /dev/zero, not
         // this process's pipe.
         assert_eq!(
@@ -521,15 +525,11 @@ mod tests {
         if std::env::var_os(NO_HOLDER).is_some() {
             image_without_a_holder();
         }
-        let status = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "sys::rollback::tests::a_plan_without_a_holder_gives_no_holder_back",
-                "--test-threads=1",
-            ])
-            .env(NO_HOLDER, "1")
-            .status()
-            .unwrap();
+        let status = in_own_process(
+            "sys::rollback::tests::a_plan_without_a_holder_gives_no_holder_back",
+            NO_HOLDER,
+        )
+        .status;
         // 1: `disarm` handed back a "holder pidfd" that was another fd.
         assert_eq!(status.code(), Some(0), "{status:?}");
     }

@@ -204,6 +204,8 @@ pub mod state;
 pub mod status;
 #[allow(unsafe_code)]
 mod sys;
+#[cfg(feature = "tls")]
+pub mod tls;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 pub mod upgrade;

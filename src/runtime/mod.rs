@@ -37,7 +37,7 @@ mod staging;
 mod upgrading;
 
 pub use config::Config;
-pub(crate) use ready::Resume;
+pub(crate) use ready::{Resume, image_is_ready};
 
 /// How this process image started.
 #[derive(Debug)]

@@ -3,6 +3,20 @@
 
 use super::*;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set when this image calls `ready`, never cleared. A TLS session restored
+/// from the handoff (`crate::tls`) seals and opens no record before it: a
+/// rollback then finds the peer at the sequence numbers the untouched
+/// snapshot holds, and no nonce is used twice.
+static IMAGE_READY: AtomicBool = AtomicBool::new(false);
+
+/// Whether this image has called [`Copyover::ready`].
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
+pub(crate) fn image_is_ready() -> bool {
+    IMAGE_READY.load(Ordering::Acquire)
+}
+
 /// What the new image keeps of the handoff until it is ready.
 #[derive(Debug)]
 pub(crate) struct Resume {
@@ -122,6 +136,7 @@ impl<S> Copyover<S> {
         }
         let now = monotonic_ns();
         self.ready = true;
+        IMAGE_READY.store(true, Ordering::Release);
         let Some(r) = self.resume.take() else {
             self.report_started();
             return Ok(());

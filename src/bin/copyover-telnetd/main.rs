@@ -5,6 +5,7 @@
 
 mod chat;
 mod telnet;
+mod tls;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{ErrorKind, Read, Write};
@@ -38,6 +39,7 @@ const CONN: &str = "conn";
 const EPOLL: &str = "epoll";
 const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_EVENTS: u64 = u64::MAX - 1;
+const TOKEN_TLS_LISTENER: u64 = u64::MAX - 2;
 
 const USAGE: &str = "\
 copyover-telnetd: a telnet chat that upgrades in place without dropping anyone
@@ -48,6 +50,11 @@ USAGE:
 OPTIONS:
     --listen ADDR           address to listen on [default: 127.0.0.1:2323];
                             a socket passed by systemd (LISTEN_FDS) wins
+    --tls-listen ADDR       also serve the chat over TLS 1.3 on ADDR (with
+                            --tls-cert and --tls-key); TLS sessions cross
+                            upgrades too, with no new handshake
+    --tls-cert FILE         the TLS certificate chain, PEM, leaf first
+    --tls-key FILE          its private key, PEM
     --ready-timeout SECS    how long a new build may take to resume before it
                             is rolled back [default: 10]
     --snapshot-file PATH    where SIGUSR1 saves a snapshot [default:
@@ -70,15 +77,24 @@ Logs go to stderr; RUST_LOG filters them (default: info).
 
 struct Args {
     listen: SocketAddr,
+    tls: Option<TlsArgs>,
     ready_timeout: Duration,
     snapshot_file: PathBuf,
     restore_from: Option<PathBuf>,
     fdstore: bool,
 }
 
+struct TlsArgs {
+    listen: SocketAddr,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
 fn parse_args() -> Result<Option<Args>, String> {
+    let (mut tls_listen, mut tls_cert, mut tls_key) = (None, None, None);
     let mut args = Args {
         listen: "127.0.0.1:2323".parse().map_err(|e| format!("{e}"))?,
+        tls: None,
         ready_timeout: Duration::from_secs(10),
         snapshot_file: PathBuf::from("copyover-telnetd.snapshot"),
         restore_from: None,
@@ -109,9 +125,22 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--snapshot-file" => args.snapshot_file = PathBuf::from(value("--snapshot-file")?),
             "--restore-from" => args.restore_from = Some(PathBuf::from(value("--restore-from")?)),
             "--fdstore" => args.fdstore = true,
+            "--tls-listen" => {
+                let v = value("--tls-listen")?;
+                tls_listen = Some(v.parse().map_err(|_| {
+                    format!("--tls-listen: {v:?} is not an address such as 127.0.0.1:2324")
+                })?);
+            }
+            "--tls-cert" => tls_cert = Some(PathBuf::from(value("--tls-cert")?)),
+            "--tls-key" => tls_key = Some(PathBuf::from(value("--tls-key")?)),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
+    args.tls = match (tls_listen, tls_cert, tls_key) {
+        (None, None, None) => None,
+        (Some(listen), Some(cert), Some(key)) => Some(TlsArgs { listen, cert, key }),
+        _ => return Err("--tls-listen, --tls-cert and --tls-key go together".into()),
+    };
     Ok(Some(args))
 }
 
@@ -159,9 +188,36 @@ struct Server {
     co: Copyover<Chat>,
     epoll: Epoll,
     listener: TcpListener,
+    /// Every connection's socket, plain or TLS, and whether it is
+    /// registered for EPOLLOUT.
     streams: HashMap<u64, (TcpStream, bool)>,
+    /// The TLS side, with `--tls-listen`.
+    tls: Option<tls::Tls>,
     chat: Chat,
     args: Args,
+}
+
+/// Every descriptor to keep across an upgrade.
+fn handoff<'a>(
+    listener: &'a TcpListener,
+    epoll: &'a Epoll,
+    streams: &'a HashMap<u64, (TcpStream, bool)>,
+    tls: Option<&'a tls::Tls>,
+) -> Handoff<'a> {
+    let mut keep = Handoff::new();
+    keep.listener(LISTENER, listener)
+        .other(EPOLL, &epoll.0)
+        .streams(
+            CONN,
+            streams
+                .iter()
+                .filter(|(id, _)| tls.is_none_or(|t| !t.conns.contains_key(id)))
+                .map(|(id, (s, _))| (*id, s)),
+        );
+    if let Some(t) = tls {
+        t.keep(&mut keep, streams);
+    }
+    keep
 }
 
 fn run(args: Args) -> Result<(), BoxError> {
@@ -175,7 +231,7 @@ fn run(args: Args) -> Result<(), BoxError> {
     // The epoll instance crosses the exec with the sockets: its
     // registrations (and their tokens, the connection ids) survive, so a
     // resumed image re-registers nothing but the runtime's new event fd.
-    let (chat, listener, streams, epoll) = match start {
+    let (chat, listener, mut streams, epoll, mut fds) = match start {
         Start::Fresh => {
             let mut chat = Chat::default();
             if let Some(path) = &args.restore_from {
@@ -194,7 +250,7 @@ fn run(args: Args) -> Result<(), BoxError> {
                     l
                 }
             };
-            (chat, listener, HashMap::new(), None)
+            (chat, listener, HashMap::new(), None, None)
         }
         Start::Resumed { mut state, mut fds } => {
             if FAULT == Some("ignore-a-failed-take") {
@@ -221,10 +277,13 @@ fn run(args: Args) -> Result<(), BoxError> {
                     None => newer.push((id, s)),
                 }
             }
+            // TLS connections come with their sessions (`resume_tls`).
+            let tls_streams = fds.take_tcp_streams(tls::CONN)?;
+            let tls_ids: BTreeSet<u64> = tls_streams.iter().map(|(id, _)| *id).collect();
             let lost: Vec<u64> = state
                 .conns
                 .keys()
-                .filter(|id| !streams.contains_key(id))
+                .filter(|id| !streams.contains_key(id) && !tls_ids.contains(id))
                 .copied()
                 .collect();
             for id in lost {
@@ -244,12 +303,29 @@ fn run(args: Args) -> Result<(), BoxError> {
                 streams.insert(id, (s, false));
             }
             let epoll = fds.take_fd(EPOLL)?.map(Epoll);
-            if let Some(fault) = FAULT {
-                inject_fault(fault)?;
-            }
-            (state, listener, streams, epoll)
+            (state, listener, streams, epoll, Some((fds, tls_streams)))
         }
     };
+    let mut chat = chat;
+    let tls = match (&args.tls, fds.as_mut()) {
+        (None, Some((fds, tls_streams)))
+            if !tls_streams.is_empty()
+                || fds
+                    .names()
+                    .any(|n| n == tls::SESSIONS || n == tls::LISTENER) =>
+        {
+            // Every TLS client would be lost: roll back instead.
+            return Err("the previous image served TLS clients; start this build with --tls-listen, --tls-cert and --tls-key".into());
+        }
+        (None, _) => None,
+        (Some(t), fds) => Some(resume_tls(&mut co, t, fds, &mut chat, &mut streams)?),
+    };
+    let mut tls = tls;
+    if let Some(fault) = FAULT
+        && fds.is_some()
+    {
+        inject_fault(fault, tls.as_mut(), &mut streams)?;
+    }
     let kept = epoll.is_some();
     let epoll = match epoll {
         Some(e) => e,
@@ -260,6 +336,7 @@ fn run(args: Args) -> Result<(), BoxError> {
         epoll,
         listener,
         streams,
+        tls,
         chat,
         args,
     };
@@ -287,15 +364,67 @@ fn run(args: Args) -> Result<(), BoxError> {
         .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
     tracing::info!(addr = %addr, clients = server.streams.len(), "listening");
     // Output that was pending at the upgrade goes out now.
-    let pending = server
+    let mut pending: BTreeSet<u64> = server
         .chat
         .conns
         .iter()
         .filter(|(_, c)| !c.out.is_empty())
         .map(|(id, _)| *id)
         .collect();
+    if let Some(tls) = &server.tls {
+        pending.extend(
+            tls.conns
+                .iter()
+                .filter(|(_, c)| c.wants_write())
+                .map(|(id, _)| *id),
+        );
+    }
     server.flush(pending);
     server.serve()
+}
+
+/// The TLS side: a new listener on a fresh start, or the previous image's
+/// listener, connections and sessions.
+fn resume_tls(
+    co: &mut Copyover<Chat>,
+    args: &TlsArgs,
+    fds: Option<&mut (copyover::Inherited, Vec<(u64, TcpStream)>)>,
+    chat: &mut Chat,
+    streams: &mut HashMap<u64, (TcpStream, bool)>,
+) -> Result<tls::Tls, BoxError> {
+    let config = copyover::tls::Config::from_pem_files(&args.cert, &args.key)?;
+    let bind = || -> Result<TcpListener, BoxError> {
+        let l = TcpListener::bind(args.listen)
+            .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        co.store_fd(tls::LISTENER, l.as_fd())?;
+        Ok(l)
+    };
+    let Some((fds, tls_streams)) = fds else {
+        return tls::Tls::resume(config, bind()?, &mut Default::default(), &[]);
+    };
+    let listener = match fds.take_tcp_listener(tls::LISTENER)? {
+        Some(l) => l,
+        None => bind()?,
+    };
+    let mut carried = copyover::tls::Carried::take(fds, tls::SESSIONS)?;
+    let mut ids = Vec::new();
+    for (id, s) in std::mem::take(tls_streams) {
+        if chat.conns.contains_key(&id) {
+            ids.push(id);
+            streams.insert(id, (s, false));
+        } else {
+            tracing::warn!(conn = id, "a TLS connection without a record; closing it");
+        }
+    }
+    let tls = tls::Tls::resume(config, listener, &mut carried, &ids)?;
+    // Registered for EPOLLOUT in the kept epoll instance exactly when
+    // ciphertext was pending.
+    for (id, conn) in &tls.conns {
+        if let Some(entry) = streams.get_mut(id) {
+            entry.1 = conn.wants_write();
+        }
+    }
+    Ok(tls)
 }
 
 /// The `hang-before-main` fault: a constructor (what a library's, a static
@@ -321,9 +450,25 @@ static HANG_BEFORE_MAIN: extern "C" fn() = hang_before_main;
 
 /// The bad releases of `COPYOVER_DEMO_FAULT`, for tests and demonstrations.
 /// `thread-before-boot` acts in `main`, before `boot`.
-fn inject_fault(fault: &str) -> Result<(), BoxError> {
+fn inject_fault(
+    fault: &str,
+    tls: Option<&mut tls::Tls>,
+    streams: &mut HashMap<u64, (TcpStream, bool)>,
+) -> Result<(), BoxError> {
     tracing::warn!(fault, "this is a fault build");
     match fault {
+        "write-tls-then-panic" => {
+            // Writes to every TLS client before `ready`, then fails: the
+            // restored sessions seal nothing before `ready`, so the old
+            // image finds every peer at the sequence numbers it saved.
+            for (id, conn) in tls.into_iter().flat_map(|t| t.conns.iter_mut()) {
+                let _ = conn.write(b"fault build: written before ready\r\n");
+                if let Some((stream, _)) = streams.get_mut(id) {
+                    let _ = conn.write_tls(stream);
+                }
+            }
+            panic!("fault build: panic after writing to the TLS clients")
+        }
         // Every descriptor is claimed (and owned by locals that the error
         // drops, closing them) when `main` returns the error.
         "error-after-adopt" => Err("fault build: an error after adopting every descriptor".into()),
@@ -363,6 +508,15 @@ impl Server {
     fn register(&self, kept: bool) -> Result<(), BoxError> {
         let ev = |token| EpollEvent::new(EpollFlags::EPOLLIN, token);
         self.epoll.add(self.co.event_fd(), ev(TOKEN_EVENTS))?;
+        if let Some(tls) = &self.tls {
+            tls.listener.set_nonblocking(true)?;
+            // Already there if the kept epoll instance had it (an image
+            // that served TLS before).
+            match self.epoll.add(&tls.listener, ev(TOKEN_TLS_LISTENER)) {
+                Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         if kept {
             return Ok(());
         }
@@ -390,7 +544,15 @@ impl Server {
         // are a broken loop.
         let mut failures = 0;
         loop {
-            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+            // An approved upgrade waiting for TLS handshakes looks again
+            // every 10 ms.
+            let waiting = self.tls.as_ref().is_some_and(|t| t.commit_by.is_some());
+            let timeout = if waiting {
+                EpollTimeout::from(10u16)
+            } else {
+                EpollTimeout::NONE
+            };
+            let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => {
                     failures = 0;
                     n
@@ -412,6 +574,10 @@ impl Server {
                     TOKEN_LISTENER => {
                         changed = true;
                         self.accept(&mut dirty);
+                    }
+                    TOKEN_TLS_LISTENER => {
+                        changed = true;
+                        self.accept_tls(&mut dirty);
                     }
                     TOKEN_EVENTS => runtime_events = true,
                     id => {
@@ -438,6 +604,9 @@ impl Server {
             if runtime_events && self.copyover_events()? {
                 return Ok(());
             }
+            if waiting {
+                self.commit();
+            }
         }
     }
 
@@ -445,14 +614,21 @@ impl Server {
     fn copyover_events(&mut self) -> Result<bool, BoxError> {
         while let Some(event) = self.co.poll() {
             match event {
-                Event::Upgrade | Event::UpgradeApproved => {
-                    let mut keep = Handoff::new();
-                    keep.listener(LISTENER, &self.listener)
-                        .other(EPOLL, &self.epoll.0)
-                        .streams(CONN, self.streams.iter().map(|(id, (s, _))| (*id, s)));
-                    // Returns while probing, never on success; a refusal is
-                    // logged by the runtime and we keep serving.
+                Event::Upgrade => {
+                    let keep = handoff(
+                        &self.listener,
+                        &self.epoll,
+                        &self.streams,
+                        self.tls.as_ref(),
+                    );
+                    // Starts the probe and returns; a refusal is logged by
+                    // the runtime and we keep serving.
                     let _ = self.co.upgrade(&self.chat, &keep);
+                }
+                // Commits (never returns on success), or waits for TLS
+                // handshakes under way to end (see `tls`).
+                Event::UpgradeApproved => {
+                    self.commit();
                 }
                 Event::SaveSnapshot => {
                     if let Err(e) = self.co.save_snapshot(&self.chat, &self.args.snapshot_file) {
@@ -508,6 +684,19 @@ impl Server {
 
     fn read(&mut self, id: u64, buf: &mut [u8], dirty: &mut BTreeSet<u64>) {
         let version = self.version_line();
+        if self.tls.as_ref().is_some_and(|t| t.conns.contains_key(&id)) {
+            let mut plain = Vec::new();
+            let open = self.read_tls(id, &mut plain);
+            // The handshake may have something to send, a key update too.
+            dirty.insert(id);
+            if !plain.is_empty() {
+                self.chat.input(id, &plain, &version, dirty);
+            }
+            if !open {
+                self.close(id);
+            }
+            return;
+        }
         let Some((stream, _)) = self.streams.get_mut(&id) else {
             return;
         };
@@ -533,6 +722,9 @@ impl Server {
     }
 
     fn close(&mut self, id: u64) {
+        if let Some(tls) = self.tls.as_mut() {
+            tls.conns.remove(&id);
+        }
         if let Some((s, _)) = self.streams.remove(&id) {
             let _ = self.epoll.delete(&s);
             // systemd's copy in the fd store would keep it open: shut it
@@ -547,41 +739,60 @@ impl Server {
     /// where the socket is full, closes those that said `/quit`.
     fn flush(&mut self, dirty: BTreeSet<u64>) {
         for id in dirty {
-            let (Some(conn), Some((stream, want_out))) =
-                (self.chat.conns.get_mut(&id), self.streams.get_mut(&id))
-            else {
+            let is_tls = self.tls.as_ref().is_some_and(|t| t.conns.contains_key(&id));
+            let Some(conn) = self.chat.conns.get_mut(&id) else {
                 continue;
             };
-            let mut failed = false;
-            while !conn.out.is_empty() {
-                match stream.write(&conn.out) {
-                    Ok(n) => {
-                        conn.out.drain(..n);
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        failed = true;
-                        break;
-                    }
-                }
-            }
-            if failed || (conn.closing && conn.out.is_empty()) {
-                self.close(id);
-                continue;
-            }
-            let need_out = !conn.out.is_empty();
-            if need_out != *want_out {
-                let flags = if need_out {
-                    EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT
-                } else {
-                    EpollFlags::EPOLLIN
+            let closing = conn.closing;
+            let need_out = if is_tls {
+                let mut out = std::mem::take(&mut conn.out);
+                self.flush_tls(id, &mut out, closing)
+            } else {
+                let Some((stream, _)) = self.streams.get_mut(&id) else {
+                    continue;
                 };
-                let _ = self
-                    .epoll
-                    .modify(stream.as_fd(), &mut EpollEvent::new(flags, id));
-                *want_out = need_out;
+                write_plain(stream, &mut conn.out)
+            };
+            match need_out {
+                Some(need_out) if !(closing && !need_out) => self.want_out(id, need_out),
+                // Failed, or said `/quit` and everything is written.
+                _ => self.close(id),
             }
         }
     }
+
+    /// Registers connection `id` for EPOLLOUT exactly while it has output
+    /// pending.
+    fn want_out(&mut self, id: u64, need_out: bool) {
+        let Some((stream, want_out)) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if need_out != *want_out {
+            let flags = if need_out {
+                EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT
+            } else {
+                EpollFlags::EPOLLIN
+            };
+            let _ = self
+                .epoll
+                .modify(stream.as_fd(), &mut EpollEvent::new(flags, id));
+            *want_out = need_out;
+        }
+    }
+}
+
+/// Writes what `out` holds to a plain connection: whether some is still
+/// pending, or `None` if the connection failed.
+fn write_plain(stream: &mut TcpStream, out: &mut Vec<u8>) -> Option<bool> {
+    while !out.is_empty() {
+        match stream.write(out) {
+            Ok(n) => {
+                out.drain(..n);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    Some(!out.is_empty())
 }

@@ -3,16 +3,16 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{CipherSuite, ServerConfig};
 
 use super::TlsError;
 
 /// A rustls server configuration whose sessions can cross an upgrade.
 ///
 /// [`Config::new`] and [`Config::from_pem_files`] build one with what that
-/// takes, on rustls's default provider (aws-lc-rs):
+/// takes:
 ///
 /// * **TLS 1.3 only.** A TLS 1.2 session's records are framed and numbered
 ///   differently; this layer carries TLS 1.3 sessions.
@@ -21,6 +21,9 @@ use super::TlsError;
 ///   bytes, which leaves out TLS_AES_128_GCM_SHA256.
 /// * **Secret extraction on** (`enable_secret_extraction`), which rustls's
 ///   `kernel` API needs to hand the session's keys over.
+/// * **Record ciphers from rustls's ring provider**, the rest (key exchange
+///   with post-quantum hybrids, signatures) from its default, aws-lc-rs:
+///   aws-lc-rs's AES-GCM cannot resume at a sequence number other than 0.
 /// * **No session tickets**: a resumption would need the ticket keys of an
 ///   earlier image.
 #[derive(Clone, Debug)]
@@ -38,17 +41,11 @@ impl Config {
         certs: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<Config, TlsError> {
-        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-        provider.cipher_suites.retain(|s| {
-            matches!(
-                s.suite(),
-                CipherSuite::TLS13_AES_256_GCM_SHA384 | CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
-            )
-        });
+        let provider = Arc::new(provider());
         let refused = |e: rustls::Error| TlsError::Config {
             reason: e.to_string(),
         };
-        let mut server = ServerConfig::builder_with_provider(Arc::new(provider))
+        let mut server = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(refused)?
             .with_no_client_auth()
@@ -107,5 +104,22 @@ impl Config {
     /// The rustls configuration.
     pub fn rustls(&self) -> &Arc<ServerConfig> {
         &self.server
+    }
+}
+
+/// rustls's default provider (aws-lc-rs: post-quantum hybrid key exchange,
+/// signatures, randomness) with the record ciphers of its ring provider.
+///
+/// aws-lc-rs seals TLS 1.3 AES-GCM records with a key that takes the nonce
+/// of its first record for sequence number 0 and refuses any nonce that
+/// does not grow from there: a session resumed at sequence number 1,000
+/// would fail on its second record. ring's AEADs take each nonce as given.
+fn provider() -> rustls::crypto::CryptoProvider {
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    rustls::crypto::CryptoProvider {
+        cipher_suites: vec![TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256],
+        ..rustls::crypto::aws_lc_rs::default_provider()
     }
 }

@@ -636,9 +636,21 @@ mod tests {
     }
 
     fn client_config(der: CertificateDer<'static>) -> Arc<ClientConfig> {
+        client_config_for(der, None)
+    }
+
+    /// A client that offers only `suite`, if given.
+    fn client_config_for(
+        der: CertificateDer<'static>,
+        suite: Option<rustls::CipherSuite>,
+    ) -> Arc<ClientConfig> {
         let mut roots = RootCertStore::empty();
         roots.add(der).unwrap();
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        if let Some(suite) = suite {
+            provider.cipher_suites.retain(|s| s.suite() == suite);
+        }
+        let provider = Arc::new(provider);
         let client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
@@ -738,6 +750,36 @@ mod tests {
         s.write(b"!").unwrap();
         pump(&mut c, &mut s);
         assert_eq!(client_reads(&mut c), b"!");
+        c.writer().write_all(b"twice").unwrap();
+        assert_eq!(pump(&mut c, &mut s), b"twice");
+    }
+
+    #[test]
+    fn each_suite_carries_on_at_any_sequence_number() {
+        for suite in [
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+        ] {
+            let (der, key) = certificate();
+            let config = Config::new(vec![der.clone()], key).unwrap();
+            let mut c = client(&client_config_for(der, Some(suite)));
+            let mut s = Connection::accept(&config).unwrap();
+            pump(&mut c, &mut s);
+            assert_eq!(s.cipher_suite(), Some(suite));
+            for crossing in 0..3 {
+                // Records at sequence numbers well away from 0 on both
+                // sides, and several after each crossing.
+                for i in 0..7 {
+                    s.write(format!("{crossing}.{i} ").as_bytes()).unwrap();
+                    pump(&mut c, &mut s);
+                    c.writer().write_all(b"x").unwrap();
+                    assert_eq!(pump(&mut c, &mut s), b"x", "{suite:?}");
+                }
+                s = cross(&s, &config);
+            }
+            let got = String::from_utf8(client_reads(&mut c)).unwrap();
+            assert!(got.ends_with("2.6 "), "{suite:?}: {got}");
+        }
     }
 
     #[test]

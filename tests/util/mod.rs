@@ -403,7 +403,7 @@ impl Drop for Server {
 /// Reads from `stream` into `buf` until `buf` holds `end`, and returns the
 /// bytes before it (taken out of `buf` with `end`). Panics, naming `name`,
 /// on end of file, a read error, or no line within the tests' bound.
-pub fn read_line(stream: &mut TcpStream, buf: &mut Vec<u8>, name: &str, end: &[u8]) -> Vec<u8> {
+pub fn read_line(stream: &mut impl Read, buf: &mut Vec<u8>, name: &str, end: &[u8]) -> Vec<u8> {
     let deadline = Instant::now() + WAIT;
     loop {
         if let Some(pos) = buf.windows(end.len()).position(|w| w == end) {

@@ -362,7 +362,16 @@ fn run(args: Args) -> Result<(), BoxError> {
         .listener
         .local_addr()
         .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
-    tracing::info!(addr = %addr, clients = server.streams.len(), "listening");
+    match &server.tls {
+        Some(tls) => {
+            let tls_addr = tls
+                .listener
+                .local_addr()
+                .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
+            tracing::info!(addr = %addr, tls_addr = %tls_addr, clients = server.streams.len(), "listening");
+        }
+        None => tracing::info!(addr = %addr, clients = server.streams.len(), "listening"),
+    }
     // Output that was pending at the upgrade goes out now.
     let mut pending: BTreeSet<u64> = server
         .chat
@@ -754,7 +763,7 @@ impl Server {
                 write_plain(stream, &mut conn.out)
             };
             match need_out {
-                Some(need_out) if !(closing && !need_out) => self.want_out(id, need_out),
+                Some(need_out) if !closing || need_out => self.want_out(id, need_out),
                 // Failed, or said `/quit` and everything is written.
                 _ => self.close(id),
             }

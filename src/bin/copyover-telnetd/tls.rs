@@ -127,11 +127,17 @@ impl Server {
         };
         for _ in 0..16 {
             match conn.read_tls(stream) {
-                Ok(0) => return false,
+                Ok(0) => {
+                    tracing::debug!(conn = id, "a TLS client hung up");
+                    return false;
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return false,
+                Err(e) => {
+                    tracing::info!(conn = id, "closing a TLS connection: {e}");
+                    return false;
+                }
             }
             if let Err(e) = conn.process(plain) {
                 tracing::info!(conn = id, "closing a TLS connection: {e}");
@@ -151,7 +157,10 @@ impl Server {
         let conn = tls.conns.get_mut(&id)?;
         let (stream, _) = self.streams.get_mut(&id)?;
         if !out.is_empty() {
-            conn.write(out).ok()?;
+            if let Err(e) = conn.write(out) {
+                tracing::info!(conn = id, "closing a TLS connection: {e}");
+                return None;
+            }
             out.clear();
         }
         if closing {
@@ -162,7 +171,10 @@ impl Server {
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Some(true),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return None,
+                Err(e) => {
+                    tracing::debug!(conn = id, "writing to a TLS client failed: {e}");
+                    return None;
+                }
             }
         }
         Some(false)

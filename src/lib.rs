@@ -178,6 +178,8 @@
 //!   taken and checked); [`snapshot`]: the bytes (format, manifest, memfd);
 //! * `runtime`: the handle a server holds ([`Copyover`]: events, upgrade,
 //!   ready); [`status`]: how each outcome is reported;
+//! * `tokio` (feature `tokio`): the same for tokio servers; `tls` (feature
+//!   `tls`): TLS 1.3 sessions that cross with their keys and numbers;
 //! * `sys`: every system call and every `unsafe` block, one kernel object
 //!   a file.
 //!

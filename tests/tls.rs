@@ -331,6 +331,32 @@ fn tls_and_plain_clients_chat_across_upgrades() {
 }
 
 #[test]
+fn a_record_cut_in_two_by_the_upgrade_arrives_once() {
+    let cert = Certificate::new("tls-cut");
+    let (server, tls_addr) = start("tls-cut", &cert);
+    let mut tina = TlsClient::login(tls_addr, &cert, "tina");
+    let mut paul = Client::login(server.addr, "paul");
+    // One record, its first half on the wire before the commit, the rest
+    // after it: the old image keeps the half it read with the session.
+    tina.stream
+        .conn
+        .writer()
+        .write_all(b"one record\r\n")
+        .unwrap();
+    let mut record = Vec::new();
+    tina.stream.conn.write_tls(&mut record).unwrap();
+    let (first, second) = record.split_at(record.len() / 2);
+    tina.stream.sock.write_all(first).unwrap();
+    let outcome = server.upgrade();
+    assert!(outcome.contains("upgrade complete"), "{outcome}");
+    tina.stream.sock.write_all(second).unwrap();
+    paul.expect_line("tina: one record");
+    paul.send("got it\r\n");
+    tina.expect_line("paul: got it");
+    paul.assert_quiet();
+}
+
+#[test]
 fn a_new_image_that_wrote_to_tls_clients_and_failed_reuses_no_nonce() {
     let cert = Certificate::new("tls-rollback");
     let (server, tls_addr) = start("tls-rollback", &cert);

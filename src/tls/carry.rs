@@ -44,7 +44,9 @@ pub(crate) struct SavedSession {
 /// The TLS sessions of an upgrade, collected at its commit.
 ///
 /// ```no_run
-/// # fn f(co: &mut copyover::Copyover<()>, conns: &[(u64, std::net::TcpStream, copyover::tls::Connection)]) -> Result<(), Box<dyn std::error::Error>> {
+/// # #[derive(serde::Serialize, serde::Deserialize)] struct State;
+/// # impl copyover::AppState for State { const VERSION: u32 = 1; }
+/// # fn f(co: &mut copyover::Copyover<State>, state: &State, conns: &[(u64, std::net::TcpStream, copyover::tls::Connection)]) -> Result<(), Box<dyn std::error::Error>> {
 /// use copyover::Handoff;
 /// use copyover::tls::Carry;
 ///
@@ -56,7 +58,7 @@ pub(crate) struct SavedSession {
 /// let mut keep = Handoff::new();
 /// keep.streams("tls", conns.iter().map(|(id, s, _)| (*id, s)))
 ///     .other("tls-sessions", &sessions);
-/// co.upgrade(&(), &keep)?;
+/// co.upgrade(state, &keep)?;
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Default)]

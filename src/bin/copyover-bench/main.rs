@@ -12,6 +12,7 @@ mod harness;
 mod report;
 mod server;
 mod soak;
+mod tls;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -55,6 +56,9 @@ enum BenchCommand {
     Soak(soak::SoakArgs),
     /// The bench server: answers every line with `pong`; upgraded by SIGHUP.
     Serve(server::ServeArgs),
+    /// Times copyover::tls's record layer beside rustls's own, sealing and
+    /// opening the same messages in memory (prints a table).
+    TlsRecords(tls::TlsArgs),
     /// Executes itself COPYOVER_BENCH_EXECS times and prints the total
     /// nanoseconds (what `run` calls the exec floor).
     #[command(hide = true)]
@@ -89,6 +93,7 @@ fn main() {
         }
         BenchCommand::Run(args) => run(args),
         BenchCommand::Soak(args) => soak::soak(args),
+        BenchCommand::TlsRecords(args) => tls::tls_records(args),
         BenchCommand::ExecFloor => floor::exec_floor(),
     };
     if let Err(e) = result {

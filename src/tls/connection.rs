@@ -515,9 +515,10 @@ fn open_all(
             return Ok(());
         };
         let opened = opened?;
+        let payload = &received[opened.payload.clone()];
         match opened.typ {
-            ContentType::ApplicationData => plain.extend_from_slice(&opened.payload),
-            ContentType::Alert => match opened.payload.as_slice() {
+            ContentType::ApplicationData => plain.extend_from_slice(payload),
+            ContentType::Alert => match payload {
                 [_, CLOSE_NOTIFY] => *peer_closed = true,
                 [_, d] => {
                     return Err(TlsError::Alert {
@@ -526,13 +527,14 @@ fn open_all(
                 }
                 _ => return Err(cut()),
             },
-            ContentType::Handshake => est.post_handshake(&opened.payload, unsent)?,
+            ContentType::Handshake => est.post_handshake(payload, unsent)?,
             other => {
                 return Err(TlsError::Protocol {
                     reason: format!("a {other:?} record after the handshake"),
                 });
             }
         }
+        received.drain(..opened.consumed);
     }
     Ok(())
 }

@@ -128,9 +128,14 @@ impl<C: ?Sized> Direction<C> {
 }
 
 /// What one opened record holds.
+///
+/// It is opened in place: its plaintext is `received[payload]`, and the
+/// record is the first `consumed` bytes of `received`, to drain once the
+/// plaintext is used.
 pub(crate) struct Opened {
     pub(crate) typ: ContentType,
-    pub(crate) payload: Vec<u8>,
+    pub(crate) payload: std::ops::Range<usize>,
+    pub(crate) consumed: usize,
 }
 
 /// The record layer of one established session.
@@ -261,19 +266,25 @@ impl Records {
                         reason: format!("sealing a record failed: {e}"),
                     })?;
             self.tx.seq += 1;
-            out.extend_from_slice(&sealed.encode());
+            let record = sealed.encode();
+            if out.is_empty() {
+                // Nothing pending: the record's own buffer, not a copy.
+                *out = record;
+            } else {
+                out.extend_from_slice(&record);
+            }
         }
         Ok(())
     }
 
-    /// Opens the first whole record at the front of `received` and removes
-    /// it; `None` while only part of one has arrived.
-    pub(crate) fn open(&mut self, received: &mut Vec<u8>) -> Option<Result<Opened, TlsError>> {
+    /// Opens the first whole record at the front of `received`, in place;
+    /// `None` while only part of one has arrived.
+    pub(crate) fn open(&mut self, received: &mut [u8]) -> Option<Result<Opened, TlsError>> {
         let len = whole_record(received)?;
         Some(self.open_record(received, len))
     }
 
-    fn open_record(&mut self, received: &mut Vec<u8>, len: usize) -> Result<Opened, TlsError> {
+    fn open_record(&mut self, received: &mut [u8], len: usize) -> Result<Opened, TlsError> {
         if len > MAX_CIPHERTEXT {
             return Err(protocol(format!(
                 "a record of {len} bytes, over the limit of {MAX_CIPHERTEXT}"
@@ -289,17 +300,20 @@ impl Records {
             )));
         }
         let version = ProtocolVersion::from(u16::from_be_bytes([received[1], received[2]]));
-        let mut payload: Vec<u8> = received.drain(..HEADER + len).skip(HEADER).collect();
-        let msg = InboundOpaqueMessage::new(typ, version, &mut payload);
+        let base = received.as_ptr() as usize;
+        let msg = InboundOpaqueMessage::new(typ, version, &mut received[HEADER..HEADER + len]);
         let plain = self
             .rx
             .cipher
             .decrypt(msg, self.rx.seq)
             .map_err(|e| protocol(format!("a record did not open ({e})")))?;
         self.rx.seq += 1;
+        // Decrypted in place: the plaintext is a part of `received`.
+        let start = plain.payload.as_ptr() as usize - base;
         Ok(Opened {
             typ: plain.typ,
-            payload: plain.payload.to_vec(),
+            payload: start..start + plain.payload.len(),
+            consumed: HEADER + len,
         })
     }
 }

@@ -89,10 +89,21 @@ struct TlsClient {
     stream: StreamOwned<ClientConnection, TcpStream>,
     buf: Vec<u8>,
     name: String,
+    /// `\r\n` for the telnet demo, `\n` for the tokio chat.
+    end: &'static [u8],
 }
 
 impl TlsClient {
     fn login(addr: SocketAddr, cert: &Certificate, name: &str) -> TlsClient {
+        let mut c = TlsClient::connect(addr, cert, name, b"\r\n");
+        c.expect_line_containing("copyover-telnetd");
+        c.send(&format!("{name}\r\n"));
+        c.expect_line(&format!("welcome, {name}"));
+        c
+    }
+
+    /// Connected (the handshake starts with the first read or write).
+    fn connect(addr: SocketAddr, cert: &Certificate, name: &str, end: &'static [u8]) -> TlsClient {
         let tcp = TcpStream::connect(addr).expect("connect");
         tcp.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
@@ -101,15 +112,12 @@ impl TlsClient {
             ServerName::try_from("localhost").unwrap(),
         )
         .unwrap();
-        let mut c = TlsClient {
+        TlsClient {
             stream: StreamOwned::new(conn, tcp),
             buf: Vec::new(),
             name: name.into(),
-        };
-        c.expect_line_containing("copyover-telnetd");
-        c.send(&format!("{name}\r\n"));
-        c.expect_line(&format!("welcome, {name}"));
-        c
+            end,
+        }
     }
 
     fn send(&mut self, text: &str) {
@@ -120,7 +128,7 @@ impl TlsClient {
     }
 
     fn line(&mut self) -> String {
-        let raw = read_line(&mut self.stream, &mut self.buf, &self.name, b"\r\n");
+        let raw = read_line(&mut self.stream, &mut self.buf, &self.name, self.end);
         String::from_utf8_lossy(&strip_telnet(&raw)).into_owned()
     }
 
@@ -480,4 +488,55 @@ fn no_key_is_in_the_snapshot_file_the_environment_or_inspect() {
             );
         }
     }
+}
+
+/// The tokio chat over TLS (examples/tokio-chat-tls.rs): its sessions'
+/// TLS sessions cross with copyover::tokio::Server, a line typed across
+/// the upgrade arrives once, and a failed build rolls back with everyone.
+#[test]
+fn tokio_chat_over_tls_keeps_its_clients_across_upgrades() {
+    let cert = Certificate::new("tls-tokio");
+    let build = |label| example("tokio-chat-tls", &[("COPYOVER_CHAT_LABEL", label)]);
+    let (v1, bad) = (build("v1"), build("bad"));
+    let server = Server::spawn("tls-tokio", &v1, |binary| {
+        let mut cmd = Command::new(binary);
+        cmd.arg("127.0.0.1:0").arg(&cert.cert).arg(&cert.key);
+        cmd
+    });
+    let login = |name: &str| {
+        let mut c = TlsClient::connect(server.addr, &cert, name, b"\n");
+        assert_eq!(c.line(), "Please enter your username:");
+        c.send(&format!("{name}\n"));
+        c.expect_line(&format!("Welcome, {name}!"));
+        c
+    };
+    let mut ann = login("ann");
+    let mut bob = login("bob");
+    ann.expect_line("bob has joined the chat");
+
+    ann.send("half a li");
+    let outcome = server.upgrade();
+    assert!(outcome.contains("upgrade complete"), "{outcome}");
+    ann.send("ne\n");
+    bob.expect_line("ann: half a line");
+    bob.send("and back\n");
+    ann.expect_line("bob: and back");
+
+    server.deploy(&bad);
+    let outcome = server.upgrade();
+    assert!(outcome.contains("upgrade rolled back"), "{outcome}");
+    ann.send("after the rollback\n");
+    bob.expect_line("ann: after the rollback");
+
+    server.deploy(&v1);
+    let outcome = server.upgrade();
+    assert!(outcome.contains("upgrade complete"), "{outcome}");
+    let mut cy = login("cy");
+    ann.expect_line("cy has joined the chat");
+    bob.expect_line("cy has joined the chat");
+    bob.send("three of us\n");
+    ann.expect_line("bob: three of us");
+    cy.expect_line("bob: three of us");
+    ann.assert_quiet();
+    bob.assert_quiet();
 }

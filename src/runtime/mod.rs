@@ -37,7 +37,9 @@ mod staging;
 mod upgrading;
 
 pub use config::Config;
-pub(crate) use ready::{Resume, image_is_ready};
+pub(crate) use ready::Resume;
+#[cfg(feature = "tls")]
+pub(crate) use ready::image_is_ready;
 
 /// How this process image started.
 #[derive(Debug)]

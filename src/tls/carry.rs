@@ -85,6 +85,12 @@ impl Carry {
         Ok(())
     }
 
+    /// Adds a session saved earlier (a tokio task's, at its safe point).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn push(&mut self, id: u64, saved: Saved) {
+        self.sessions.push((id, saved));
+    }
+
     /// How many sessions were added.
     pub fn len(&self) -> usize {
         self.sessions.len()

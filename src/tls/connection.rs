@@ -116,6 +116,22 @@ impl Connection {
         })
     }
 
+    /// A connection that failed: what a transport rebuilt without its TLS
+    /// session holds (its reads and writes fail, and the client goes).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn failed() -> Connection {
+        Connection {
+            phase: Phase::Failed,
+            received: Vec::new(),
+            unsent: Vec::new(),
+            queued: Vec::new(),
+            restored: false,
+            peer_closed: false,
+            closing: false,
+            close_sent: false,
+        }
+    }
+
     /// Reads once from `socket` into the connection: `Ok(0)` at the end
     /// of the stream, `WouldBlock` when nothing is there. Call
     /// [`process`](Self::process) after each read.

@@ -55,16 +55,25 @@
 //!
 //! The telnet demo (`src/bin/copyover-telnetd`) serves TLS beside plain
 //! telnet with this module; its `tls.rs` is a complete example for an epoll
-//! loop.
+//! loop. With tokio (the `tokio` feature too), [`TlsStream`] is the
+//! connection as an `AsyncRead + AsyncWrite` stream, and a
+//! [`copyover::tokio::Server`](crate::tokio::Server) carries its sessions
+//! itself (`examples/tokio-chat-tls.rs`).
 
 mod carry;
 mod config;
 mod connection;
 mod record;
+#[cfg(feature = "tokio")]
+mod stream;
 
+#[cfg(feature = "tokio")]
+pub(crate) use carry::Saved;
 pub use carry::{Carried, Carry, Sessions};
 pub use config::Config;
 pub use connection::Connection;
+#[cfg(feature = "tokio")]
+pub use stream::TlsStream;
 
 /// Why a TLS connection cannot go on, or cannot cross an upgrade.
 #[derive(Debug, thiserror::Error)]

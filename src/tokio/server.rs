@@ -13,6 +13,9 @@ use crate::runtime::{Config, Start};
 
 /// The handoff group the sessions' sockets are kept under.
 const GROUP: &str = "copyover-session";
+/// The sealed memfd of the sessions' TLS sessions, by the same ids.
+#[cfg(feature = "tls")]
+const TLS_SESSIONS: &str = "copyover-tls-sessions";
 
 /// What a session's task hands over while it holds in place: a copy of its
 /// state, and a duplicate of its socket for the handoff.
@@ -20,6 +23,9 @@ pub(super) struct Held {
     record: Box<dyn Any + Send>,
     buffers: Buffers,
     socket: std::net::TcpStream,
+    /// The transport's TLS session (keys, numbers, buffered records).
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::Saved>,
 }
 
 ::tokio::task_local! {
@@ -48,8 +54,10 @@ pub async fn pause_requested() {
 /// and await it to its end.
 ///
 /// A socket that cannot be duplicated (the process is out of descriptors)
-/// cannot be handed over: the upgrade is abandoned (logged, naming the
-/// task), and every task serves on.
+/// cannot be handed over, nor can a TLS session in the middle of its
+/// handshake (between the server's answer and the client's `Finished`):
+/// the upgrade is abandoned (logged, naming the task), and every task
+/// serves on.
 pub async fn hold<T: Session>(session: &mut T) {
     let Ok(point) = POINT.try_with(Arc::clone) else {
         return;
@@ -58,11 +66,22 @@ pub async fn hold<T: Session>(session: &mut T) {
         .hold(|| {
             let record = session.save();
             let transport = session.transport();
+            #[cfg(feature = "tls")]
+            let tls = match transport.tls().map(|c| c.save()) {
+                None => None,
+                Some(Ok(saved)) => Some(saved),
+                Some(Err(e)) => {
+                    tracing::warn!("a session cannot be handed over for the upgrade: {e}");
+                    return None;
+                }
+            };
             match transport.socket().as_fd().try_clone_to_owned() {
                 Ok(fd) => Some(Held {
                     record: Box::new(record),
                     buffers: transport.buffers(),
                     socket: std::net::TcpStream::from(fd),
+                    #[cfg(feature = "tls")]
+                    tls,
                 }),
                 Err(e) => {
                     tracing::warn!("a session cannot be handed over for the upgrade: {e}");
@@ -138,6 +157,8 @@ fn commit<T: Session>(
 ) {
     let mut entries = Vec::with_capacity(held.len());
     let mut sockets = Vec::with_capacity(held.len());
+    #[cfg(feature = "tls")]
+    let mut carry = crate::tls::Carry::new();
     for h in held {
         match h.record.downcast::<T::Record>() {
             Ok(record) => entries.push((h.buffers, *record)),
@@ -146,9 +167,28 @@ fn commit<T: Session>(
                 return co.abandon(reason);
             }
         }
+        #[cfg(feature = "tls")]
+        if let Some(saved) = h.tls {
+            // The sockets' ids in the handoff are their order.
+            carry.push(sockets.len() as u64, saved);
+        }
         sockets.push(h.socket);
     }
-    let kept = keep(listeners, &sockets);
+    #[allow(unused_mut)]
+    let mut kept = keep(listeners, &sockets);
+    #[cfg(feature = "tls")]
+    let sessions = if carry.is_empty() {
+        None
+    } else {
+        match carry.seal() {
+            Ok(sessions) => Some(sessions),
+            Err(e) => return co.abandon(&e.to_string()),
+        }
+    };
+    #[cfg(feature = "tls")]
+    if let Some(sessions) = &sessions {
+        kept.other(TLS_SESSIONS, sessions);
+    }
     let _ = co.upgrade(&Sessions::new(entries), &kept);
 }
 
@@ -156,11 +196,7 @@ fn commit<T: Session>(
 const WORKER_SHARES: usize = 4;
 
 /// One session built again around its socket, registered with tokio.
-fn restore<T: Session>(
-    buffers: Buffers,
-    record: T::Record,
-    socket: std::net::TcpStream,
-) -> Result<T, Error> {
+fn restore<T: Session>((buffers, record, socket, tls): Pair<T>) -> Result<T, Error> {
     let socket = socket
         .set_nonblocking(true)
         .and_then(|()| TcpStream::from_std(socket))
@@ -168,7 +204,40 @@ fn restore<T: Session>(
             what: "register a session's socket with tokio",
             source,
         })?;
+    #[cfg(feature = "tls")]
+    if let Some(tls) = tls {
+        let transport =
+            T::Transport::rebuild_tls(socket, buffers, tls).ok_or_else(|| Error::Setup {
+                what: "restore a TLS session",
+                source: std::io::Error::other(
+                    "the session's transport has no TLS: Session::Transport changed between builds",
+                ),
+            })?;
+        return Ok(T::restore(record, transport));
+    }
+    #[cfg(not(feature = "tls"))]
+    let () = tls;
     Ok(T::restore(record, T::Transport::rebuild(socket, buffers)))
+}
+
+/// A session's buffers, record and socket, and its TLS connection.
+#[cfg(feature = "tls")]
+type Pair<T> = (
+    Buffers,
+    <T as Session>::Record,
+    std::net::TcpStream,
+    Option<crate::tls::Connection>,
+);
+#[cfg(not(feature = "tls"))]
+type Pair<T> = (Buffers, <T as Session>::Record, std::net::TcpStream, ());
+
+/// A TLS session that cannot be restored: before `ready`, a rollback.
+#[cfg(feature = "tls")]
+fn tls_setup(e: impl std::fmt::Display) -> Error {
+    Error::Setup {
+        what: "restore the TLS sessions",
+        source: std::io::Error::other(e.to_string()),
+    }
 }
 
 /// The listeners, and the sessions' sockets by their order.
@@ -218,6 +287,9 @@ pub struct Server<T: Session> {
     quiesce: Quiesce<Held>,
     /// What the previous image handed over, until `ready`.
     resumed: Option<Resumed<T>>,
+    /// The TLS configuration the sessions' TLS streams are restored with.
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::Config>,
     /// The listeners to keep, by name (a duplicate of each: the handoff
     /// keeps the same socket).
     listeners: Vec<(String, OwnedFd)>,
@@ -253,8 +325,20 @@ impl<T: Session> Server<T> {
             co,
             quiesce: Quiesce::new(),
             resumed,
+            #[cfg(feature = "tls")]
+            tls: None,
             listeners: Vec::new(),
         })
+    }
+
+    /// The TLS configuration of the sessions whose transport is a
+    /// [`TlsStream`](crate::tls::TlsStream) (or a `Framed` of one): set it
+    /// before [`ready`](Self::ready), which restores their TLS sessions with
+    /// it (the `tls` feature).
+    #[cfg(feature = "tls")]
+    pub fn tls(&mut self, config: crate::tls::Config) -> &mut Self {
+        self.tls = Some(config);
+        self
     }
 
     /// The listener kept under `name`: inherited from the previous image,
@@ -308,8 +392,15 @@ impl<T: Session> Server<T> {
     /// `main`, and the rollback brings the old image back with every
     /// client); or an error of [`Copyover::ready`].
     pub async fn ready(&mut self) -> Result<Vec<T>, Error> {
+        #[cfg(feature = "tls")]
+        let mut carried = crate::tls::Carried::default();
         let (mut records, sockets) = match self.resumed.take() {
             Some((records, mut fds)) => {
+                #[cfg(feature = "tls")]
+                {
+                    carried =
+                        crate::tls::Carried::take(&mut fds, TLS_SESSIONS).map_err(tls_setup)?;
+                }
                 let sockets = fds.take_tcp_streams(GROUP)?;
                 (records, sockets)
             }
@@ -322,7 +413,21 @@ impl<T: Session> Server<T> {
         let mut id = 0u64;
         while let Some((buffers, record)) = records.pop_front() {
             match sockets.remove(&id) {
-                Some(socket) => pairs.push((buffers, record, socket)),
+                Some(socket) => {
+                    #[cfg(feature = "tls")]
+                    let tls = match (carried.is_empty(), &self.tls) {
+                        (true, _) => None,
+                        (false, Some(config)) => carried.restore(id, config).map_err(tls_setup)?,
+                        (false, None) => {
+                            return Err(tls_setup(
+                                "TLS sessions were handed over and this image has no TLS configuration: call Server::tls before ready",
+                            ));
+                        }
+                    };
+                    #[cfg(not(feature = "tls"))]
+                    let tls = ();
+                    pairs.push((buffers, record, socket, tls));
+                }
                 None => tracing::warn!("lost a session: session {id}'s socket was not handed over"),
             }
             id += 1;
@@ -338,7 +443,7 @@ impl<T: Session> Server<T> {
             let part = std::mem::replace(&mut pairs, rest);
             restoring.push(::tokio::spawn(async move {
                 part.into_iter()
-                    .map(|(buffers, record, socket)| restore::<T>(buffers, record, socket))
+                    .map(restore::<T>)
                     .collect::<Result<Vec<T>, Error>>()
             }));
         }

@@ -36,6 +36,116 @@ pub trait Transport: Sized + Send + 'static {
     /// The transport built again around the inherited socket, with its
     /// bytes back where they were.
     fn rebuild(socket: TcpStream, buffers: Buffers) -> Self;
+
+    /// The TLS connection this transport carries, if any (the `tls`
+    /// feature): its session crosses the upgrade beside the buffers, in a
+    /// sealed memfd of its own, never in the snapshot.
+    #[cfg(feature = "tls")]
+    fn tls(&self) -> Option<&crate::tls::Connection> {
+        None
+    }
+
+    /// The transport built again with its TLS connection; `None` for a
+    /// transport that has no TLS.
+    #[cfg(feature = "tls")]
+    fn rebuild_tls(
+        socket: TcpStream,
+        buffers: Buffers,
+        tls: crate::tls::Connection,
+    ) -> Option<Self> {
+        let _ = (socket, buffers, tls);
+        None
+    }
+}
+
+#[cfg(all(feature = "tls", feature = "tokio"))]
+impl Transport for crate::tls::TlsStream {
+    fn socket(&self) -> &TcpStream {
+        self.get_ref()
+    }
+
+    /// Opened plaintext the application has not read; the ciphertext and
+    /// the session cross with [`tls`](Transport::tls).
+    fn buffers(&self) -> Buffers {
+        Buffers {
+            unread: self.unread().to_vec(),
+            unsent: Vec::new(),
+        }
+    }
+
+    /// Without its session (a previous image that had no TLS on this
+    /// connection), the stream cannot read what comes: it fails, and the
+    /// client goes.
+    fn rebuild(socket: TcpStream, _: Buffers) -> Self {
+        tracing::warn!("a TLS stream came without its session: it fails at once");
+        crate::tls::TlsStream::new(socket, crate::tls::Connection::failed())
+    }
+
+    fn tls(&self) -> Option<&crate::tls::Connection> {
+        Some(self.connection())
+    }
+
+    fn rebuild_tls(
+        socket: TcpStream,
+        buffers: Buffers,
+        tls: crate::tls::Connection,
+    ) -> Option<Self> {
+        Some(crate::tls::TlsStream::with_unread(
+            socket,
+            tls,
+            buffers.unread,
+        ))
+    }
+}
+
+#[cfg(all(feature = "tls", feature = "tokio-util"))]
+impl<C: Default + Send + 'static> Transport
+    for tokio_util::codec::Framed<crate::tls::TlsStream, C>
+{
+    fn socket(&self) -> &TcpStream {
+        self.get_ref().get_ref()
+    }
+
+    /// The codec's unread bytes, then the stream's opened plaintext; the
+    /// codec's unsent bytes.
+    fn buffers(&self) -> Buffers {
+        let mut unread = self.read_buffer().to_vec();
+        unread.extend_from_slice(self.get_ref().unread());
+        Buffers {
+            unread,
+            unsent: self.write_buffer().to_vec(),
+        }
+    }
+
+    fn rebuild(socket: TcpStream, buffers: Buffers) -> Self {
+        let stream = <crate::tls::TlsStream as Transport>::rebuild(socket, Buffers::default());
+        framed_from(stream, buffers)
+    }
+
+    fn tls(&self) -> Option<&crate::tls::Connection> {
+        Some(self.get_ref().connection())
+    }
+
+    fn rebuild_tls(
+        socket: TcpStream,
+        buffers: Buffers,
+        tls: crate::tls::Connection,
+    ) -> Option<Self> {
+        Some(framed_from(
+            crate::tls::TlsStream::new(socket, tls),
+            buffers,
+        ))
+    }
+}
+
+/// A `Framed` around `io` with its bytes back where they were: a non-empty
+/// read buffer is decoded before the stream is read again.
+#[cfg(feature = "tokio-util")]
+fn framed_from<T, C: Default>(io: T, buffers: Buffers) -> tokio_util::codec::Framed<T, C> {
+    let mut parts = tokio_util::codec::Framed::new(io, C::default()).into_parts();
+    parts.read_buf = buffers.unread[..].into();
+    parts.write_buf = buffers.unsent[..].into();
+    tokio_util::codec::Framed::from_parts(parts)
 }
 
 impl Transport for TcpStream {
@@ -73,12 +183,7 @@ impl<C: Default + Send + 'static> Transport for tokio_util::codec::Framed<TcpStr
     }
 
     fn rebuild(socket: TcpStream, buffers: Buffers) -> Self {
-        // From parts: a non-empty read buffer is decoded before the socket
-        // is read again.
-        let mut parts = tokio_util::codec::Framed::new(socket, C::default()).into_parts();
-        parts.read_buf = buffers.unread[..].into();
-        parts.write_buf = buffers.unsent[..].into();
-        tokio_util::codec::Framed::from_parts(parts)
+        framed_from(socket, buffers)
     }
 }
 

@@ -697,9 +697,15 @@ pub fn example(name: &str, settings: &[(&str, &str)]) -> PathBuf {
     if fresh.is_some() && fresh >= reference {
         return out;
     }
+    // The TLS variants need the `tls` feature too.
+    let features = if name.ends_with("-tls") {
+        "tokio-util,tls"
+    } else {
+        "tokio-util"
+    };
     cargo_build(
         &target,
-        &["--features", "tokio-util", "--example", name],
+        &["--features", features, "--example", name],
         &[
             "COPYOVER_CHAT_LABEL",
             "COPYOVER_CHAT_FAULT",

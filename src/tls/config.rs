@@ -91,8 +91,23 @@ impl Config {
     ///
     /// # Errors
     ///
-    /// [`TlsError::Config`] if `enable_secret_extraction` is off.
+    /// [`TlsError::Config`] if `enable_secret_extraction` is off, or if the
+    /// provider has TLS 1.2 suites (a TLS 1.2 session cannot cross: better
+    /// refused here than a client dropped after its handshake).
     pub fn from_rustls(server: Arc<ServerConfig>) -> Result<Config, TlsError> {
+        if let Some(suite) = server
+            .crypto_provider()
+            .cipher_suites
+            .iter()
+            .find(|s| s.version().version != rustls::ProtocolVersion::TLSv1_3)
+        {
+            return Err(TlsError::Config {
+                reason: format!(
+                    "the provider offers {:?}, a TLS 1.2 suite; only TLS 1.3 sessions cross an upgrade, so offer TLS 1.3 suites only",
+                    suite.suite()
+                ),
+            });
+        }
         if !server.enable_secret_extraction {
             return Err(TlsError::Config {
                 reason: "enable_secret_extraction is off; set it to true so that the session's keys can cross an upgrade".into(),

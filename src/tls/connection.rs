@@ -629,7 +629,7 @@ fn drive(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::Arc;
 
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -639,7 +639,7 @@ mod tests {
     use crate::tls::carry::Saved;
 
     /// A throwaway certificate for `localhost`, and its key.
-    fn certificate() -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+    pub(crate) fn certificate() -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let der = CertificateDer::from(cert.cert.der().to_vec());
         let key = PrivateKeyDer::try_from(cert.key_pair.serialize_der()).unwrap();
@@ -653,7 +653,7 @@ mod tests {
         (server, client_config(der))
     }
 
-    fn client_config(der: CertificateDer<'static>) -> Arc<ClientConfig> {
+    pub(crate) fn client_config(der: CertificateDer<'static>) -> Arc<ClientConfig> {
         client_config_for(der, None)
     }
 
@@ -677,7 +677,7 @@ mod tests {
         Arc::new(client)
     }
 
-    fn client(config: &Arc<ClientConfig>) -> ClientConnection {
+    pub(crate) fn client(config: &Arc<ClientConfig>) -> ClientConnection {
         ClientConnection::new(config.clone(), ServerName::try_from("localhost").unwrap()).unwrap()
     }
 

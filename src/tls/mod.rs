@@ -60,6 +60,7 @@
 //! [`copyover::tokio::Server`](crate::tokio::Server) carries its sessions
 //! itself (`examples/tokio-chat-tls.rs`).
 
+mod blocking;
 mod carry;
 mod config;
 mod connection;
@@ -67,6 +68,7 @@ mod record;
 #[cfg(feature = "tokio")]
 mod stream;
 
+pub use blocking::Stream;
 #[cfg(feature = "tokio")]
 pub(crate) use carry::Saved;
 pub use carry::{Carried, Carry, Sessions};

@@ -189,7 +189,7 @@ impl Carried {
         let Some(saved) = self.sessions.remove(&id) else {
             return Ok(None);
         };
-        Connection::restore(&saved, config).map(Some)
+        Connection::restore(saved, config).map(Some)
     }
 
     /// The ids of the sessions not restored yet.

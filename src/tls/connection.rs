@@ -117,8 +117,8 @@ impl Connection {
     }
 
     /// A connection that failed: what a transport rebuilt without its TLS
-    /// session holds (its reads and writes fail, and the client goes).
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    /// session holds (its reads and writes fail, and the client goes); also
+    /// the start of a restored session, before its phase is set.
     pub(crate) fn failed() -> Connection {
         Connection {
             phase: Phase::Failed,
@@ -312,15 +312,19 @@ impl Connection {
     }
 
     /// A connection as a previous image saved it: dormant until `ready`.
-    pub(crate) fn restore(saved: &Saved, config: &Config) -> Result<Connection, TlsError> {
-        let mut conn = Connection::accept(config)?;
+    pub(crate) fn restore(saved: Saved, config: &Config) -> Result<Connection, TlsError> {
+        // A session needs no rustls connection: only a hello does.
+        let mut conn = match saved {
+            Saved::Hello { .. } => Connection::accept(config)?,
+            Saved::Session(_) => Connection::failed(),
+        };
         conn.restored = true;
         match saved {
             Saved::Hello { received } => {
-                conn.received = received.clone();
                 if let Phase::Handshaking(hs) = &mut conn.phase {
                     hs.hello = received.clone();
                 }
+                conn.received = received;
             }
             Saved::Session(s) => {
                 let suite = config
@@ -341,12 +345,12 @@ impl Connection {
                         ),
                     })?;
                 conn.phase = Phase::Established(Box::new(Established {
-                    records: Records::restore(suite, &s.tx, &s.rx)?,
+                    records: Records::restore(suite, s.tx, s.rx)?,
                     kernel: None,
                 }));
-                conn.received = s.received.clone();
-                conn.unsent = s.unsent.clone();
-                conn.queued = s.queued.clone();
+                conn.received = s.received;
+                conn.unsent = s.unsent;
+                conn.queued = s.queued;
                 conn.peer_closed = s.peer_closed;
                 conn.closing = s.closing;
                 conn.close_sent = s.close_sent;
@@ -732,7 +736,7 @@ pub(super) mod tests {
     fn cross(s: &Connection, config: &Config) -> Connection {
         let bytes = postcard::to_allocvec(&s.save().unwrap()).unwrap();
         let saved: Saved = postcard::from_bytes(&bytes).unwrap();
-        let mut restored = Connection::restore(&saved, config).unwrap();
+        let mut restored = Connection::restore(saved, config).unwrap();
         assert!(restored.dormant(), "a restored session waits for ready");
         restored.restored = false;
         restored
@@ -804,7 +808,7 @@ pub(super) mod tests {
     fn a_restored_session_moves_nothing_before_ready() {
         let (config, mut c, s) = established();
         let saved = s.save().unwrap();
-        let mut restored = Connection::restore(&saved, &config).unwrap();
+        let mut restored = Connection::restore(saved, &config).unwrap();
         c.writer().write_all(b"typed").unwrap();
         let mut wire = Vec::new();
         c.write_tls(&mut wire).unwrap();

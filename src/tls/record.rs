@@ -172,16 +172,16 @@ impl Records {
     /// The record layer a previous image saved.
     pub(crate) fn restore(
         suite: &'static Tls13CipherSuite,
-        tx: &SavedDirection,
-        rx: &SavedDirection,
+        tx: SavedDirection,
+        rx: SavedDirection,
     ) -> Result<Records, TlsError> {
         let keys_tx = Keys {
-            key: Secret(tx.key.0.clone()),
-            iv: Secret(tx.iv.0.clone()),
+            key: tx.key,
+            iv: tx.iv,
         };
         let keys_rx = Keys {
-            key: Secret(rx.key.0.clone()),
-            iv: Secret(rx.iv.0.clone()),
+            key: rx.key,
+            iv: rx.iv,
         };
         let (tx_key, tx_iv) = keys_tx.to_rustls(suite)?;
         let (rx_key, rx_iv) = keys_rx.to_rustls(suite)?;

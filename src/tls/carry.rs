@@ -207,3 +207,82 @@ impl Carried {
         self.sessions.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::snapshot::FdKind;
+    use crate::tls::connection::tests::{certificate, client, client_config};
+
+    /// Sessions through the sealed memfd, as the exec carries them.
+    #[test]
+    fn sessions_cross_in_a_sealed_memfd_and_come_back_by_id() {
+        let (der, key) = certificate();
+        let config = Config::new(vec![der.clone()], key).unwrap();
+        let cc = client_config(der);
+        let mut c = client(&cc);
+        let mut s = Connection::accept(&config).unwrap();
+        // The handshake, by hand: client hello, server flight, finished.
+        for _ in 0..4 {
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            s.read_tls(&mut wire.as_slice()).unwrap();
+            s.process(&mut Vec::new()).unwrap();
+            let mut back = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut back).unwrap();
+            }
+            let mut rd = back.as_slice();
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+                c.process_new_packets().unwrap();
+            }
+        }
+        assert!(!s.is_handshaking());
+        let waiting = Connection::accept(&config).unwrap();
+
+        let mut carry = Carry::new();
+        carry.add(7, &s).unwrap();
+        carry.add(9, &waiting).unwrap();
+        assert_eq!(carry.len(), 2);
+        let sessions = carry.seal().unwrap();
+        crate::sys::check_sealed(sessions.as_fd()).expect("the memfd is sealed");
+        let fd = sessions.as_fd().try_clone_to_owned().unwrap();
+        let mut fds = Inherited::from_owned([("tls".to_string(), fd, FdKind::Other)]);
+        let mut carried = Carried::take(&mut fds, "tls").unwrap();
+        assert_eq!(carried.len(), 2);
+        assert!(carried.restore(8, &config).unwrap().is_none());
+        let hello = carried.restore(9, &config).unwrap().unwrap();
+        assert!(hello.is_handshaking() && hello.can_cross());
+        let restored = carried.restore(7, &config).unwrap().unwrap();
+        assert_eq!(restored.cipher_suite(), s.cipher_suite());
+        assert!(carried.is_empty());
+
+        // Nothing under the name: an empty set, not an error.
+        let none = Carried::take(&mut fds, "tls").unwrap();
+        assert!(none.is_empty());
+        // A descriptor that is not a sealed memfd is refused.
+        let mut file = tempfile_in_target();
+        file.write_all(b"not sessions").unwrap();
+        let mut fds = Inherited::from_owned([("tls".to_string(), file.into(), FdKind::Other)]);
+        let err = Carried::take(&mut fds, "tls").unwrap_err();
+        assert!(err.to_string().contains("seals"), "{err}");
+    }
+
+    fn tempfile_in_target() -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("copyover-tls-test-{}", std::process::id()));
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
+}

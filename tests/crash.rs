@@ -13,7 +13,7 @@ use std::process::Command;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use util::{Client, Server, default_build, version_line, wait_for};
+use util::{Client, Lines, Server, default_build, version_line, wait_for};
 
 /// A minimal service manager: one service, an fd store, restart on a crash.
 /// Its own lines go to stderr (the test's log) as `fake-systemd: ...`.

@@ -9,7 +9,7 @@ mod util;
 use copyover::status::{Outcome, Status, status_path};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use util::{Deploy, Reaper, Scene, Server, labelled, pid_in, version_line, wait_for};
+use util::{Deploy, Lines, Reaper, Scene, Server, labelled, pid_in, version_line, wait_for};
 
 /// Deploys `bad` (approved by the probe, hung in the real run) under a v1
 /// demo with `--ready-timeout SECS`, sends SIGHUP, and checks what a user

@@ -13,7 +13,7 @@ use std::process::Command;
 
 use nix::sys::signal::Signal;
 use util::{
-    Client, Deploy, Reaper, Scene, Scratch, Server, faulty, labelled, pid_in, survive,
+    Client, Deploy, Lines, Reaper, Scene, Scratch, Server, faulty, labelled, pid_in, survive,
     version_line, wait_for,
 };
 

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use util::{Client, Server, default_build, labelled, version_line, wait_for};
+use util::{Client, Lines, Server, default_build, labelled, version_line, wait_for};
 
 const V1: &str = env!("CARGO_PKG_VERSION");
 

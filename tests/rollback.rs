@@ -6,7 +6,7 @@
 
 mod util;
 
-use util::{Client, Deploy, Server, faulty, labelled, survive, version_line};
+use util::{Client, Deploy, Lines, Server, faulty, labelled, survive, version_line};
 
 #[test]
 fn a_build_that_cannot_read_the_state_is_refused() {

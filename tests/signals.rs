@@ -5,7 +5,7 @@ mod util;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use util::{Client, Server, default_build, labelled, version_line};
+use util::{Client, Lines, Server, default_build, labelled, version_line};
 
 #[test]
 fn a_sighup_storm_during_an_upgrade_neither_kills_nor_loses_anything() {

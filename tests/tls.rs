@@ -120,43 +120,6 @@ impl TlsClient {
         }
     }
 
-    fn send(&mut self, text: &str) {
-        self.stream
-            .write_all(text.as_bytes())
-            .expect("send over TLS");
-        self.stream.flush().expect("send over TLS");
-    }
-
-    fn line(&mut self) -> String {
-        let raw = read_line(&mut self.stream, &mut self.buf, &self.name, self.end);
-        String::from_utf8_lossy(&strip_telnet(&raw)).into_owned()
-    }
-
-    fn expect_line(&mut self, want: &str) -> Vec<String> {
-        let mut skipped = Vec::new();
-        loop {
-            let l = self.line();
-            if l == want {
-                return skipped;
-            }
-            skipped.push(l);
-        }
-    }
-
-    fn expect_line_containing(&mut self, want: &str) -> String {
-        loop {
-            let l = self.line();
-            if l.contains(want) {
-                return l;
-            }
-        }
-    }
-
-    fn ask(&mut self, command: &str) -> String {
-        self.send(&format!("{command}\r\n"));
-        self.line()
-    }
-
     /// Nothing more arrives in a short read, and the session is sound.
     fn assert_quiet(&mut self) {
         let mut chunk = [0u8; 4096];
@@ -201,6 +164,20 @@ impl TlsClient {
                 Err(e) => Some(e.to_string()),
             }
         })
+    }
+}
+
+impl Lines for TlsClient {
+    fn send(&mut self, text: &str) {
+        self.stream
+            .write_all(text.as_bytes())
+            .expect("send over TLS");
+        self.stream.flush().expect("send over TLS");
+    }
+
+    fn line(&mut self) -> String {
+        let raw = read_line(&mut self.stream, &mut self.buf, &self.name, self.end);
+        String::from_utf8_lossy(&strip_telnet(&raw)).into_owned()
     }
 }
 
@@ -252,7 +229,9 @@ impl OpensslClient {
         c.expect_line(&format!("welcome, {name}"));
         c
     }
+}
 
+impl Lines for OpensslClient {
     fn send(&mut self, text: &str) {
         self.stdin
             .write_all(text.as_bytes())
@@ -264,26 +243,6 @@ impl OpensslClient {
         self.lines
             .recv_timeout(WAIT)
             .unwrap_or_else(|_| panic!("{}: no line from openssl s_client", self.name))
-    }
-
-    fn expect_line(&mut self, want: &str) -> Vec<String> {
-        let mut skipped = Vec::new();
-        loop {
-            let l = self.line();
-            if l == want {
-                return skipped;
-            }
-            skipped.push(l);
-        }
-    }
-
-    fn expect_line_containing(&mut self, want: &str) -> String {
-        loop {
-            let l = self.line();
-            if l.contains(want) {
-                return l;
-            }
-        }
     }
 }
 

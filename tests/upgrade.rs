@@ -4,7 +4,7 @@
 mod util;
 
 use nix::sys::signal::Signal;
-use util::{Client, Server, default_build, labelled, version_line, wait_for};
+use util::{Client, Lines, Server, default_build, labelled, version_line, wait_for};
 
 const V1: &str = env!("CARGO_PKG_VERSION");
 

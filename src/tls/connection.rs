@@ -99,29 +99,27 @@ impl Connection {
                 reason: e.to_string(),
             }
         })?;
-        Ok(Connection {
-            phase: Phase::Handshaking(Box::new(Handshake {
+        Ok(Connection::in_phase(Phase::Handshaking(Box::new(
+            Handshake {
                 conn,
                 hello: Vec::new(),
                 answered: false,
                 held: false,
-            })),
-            received: Vec::new(),
-            unsent: Vec::new(),
-            queued: Vec::new(),
-            restored: false,
-            peer_closed: false,
-            closing: false,
-            close_sent: false,
-        })
+            },
+        ))))
     }
 
     /// A connection that failed: what a transport rebuilt without its TLS
     /// session holds (its reads and writes fail, and the client goes); also
     /// the start of a restored session, before its phase is set.
     pub(crate) fn failed() -> Connection {
+        Connection::in_phase(Phase::Failed)
+    }
+
+    /// A connection in `phase`, with nothing buffered.
+    fn in_phase(phase: Phase) -> Connection {
         Connection {
-            phase: Phase::Failed,
+            phase,
             received: Vec::new(),
             unsent: Vec::new(),
             queued: Vec::new(),

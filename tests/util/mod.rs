@@ -428,6 +428,58 @@ pub fn read_line(stream: &mut impl Read, buf: &mut Vec<u8>, name: &str, end: &[u
     }
 }
 
+/// What the tests' chat clients share, plain or over TLS: lines out,
+/// lines in.
+pub trait Lines {
+    /// Sends `text` as it is.
+    fn send(&mut self, text: &str);
+
+    /// The next whole line, without its end and without telnet commands.
+    /// Panics on EOF or after [`WAIT`].
+    fn line(&mut self) -> String;
+
+    /// Reads lines until one equals `want`; returns the lines skipped.
+    fn expect_line(&mut self, want: &str) -> Vec<String> {
+        let mut skipped = Vec::new();
+        loop {
+            let l = self.line();
+            if l == want {
+                return skipped;
+            }
+            skipped.push(l);
+        }
+    }
+
+    /// Reads lines until one contains `want`; returns it.
+    fn expect_line_containing(&mut self, want: &str) -> String {
+        loop {
+            let l = self.line();
+            if l.contains(want) {
+                return l;
+            }
+        }
+    }
+
+    /// Sends a command and returns the next line.
+    fn ask(&mut self, command: &str) -> String {
+        self.send(&format!("{command}\r\n"));
+        self.line()
+    }
+}
+
+impl Lines for Client {
+    fn send(&mut self, text: &str) {
+        self.stream
+            .write_all(text.as_bytes())
+            .expect("send to the server");
+    }
+
+    fn line(&mut self) -> String {
+        let raw = read_line(&mut self.stream, &mut self.buf, &self.name, b"\r\n");
+        String::from_utf8_lossy(&strip_telnet(&raw)).into_owned()
+    }
+}
+
 pub struct Client {
     pub stream: TcpStream,
     buf: Vec<u8>,
@@ -450,46 +502,6 @@ impl Client {
         c.send(&format!("{name}\r\n"));
         c.expect_line(&format!("welcome, {name}"));
         c
-    }
-
-    pub fn send(&mut self, text: &str) {
-        self.stream
-            .write_all(text.as_bytes())
-            .expect("send to the server");
-    }
-
-    /// Reads until a whole line is buffered; returns it without `\r\n` and
-    /// without telnet commands. Panics on EOF or after [`WAIT`].
-    pub fn line(&mut self) -> String {
-        let raw = read_line(&mut self.stream, &mut self.buf, &self.name, b"\r\n");
-        String::from_utf8_lossy(&strip_telnet(&raw)).into_owned()
-    }
-
-    /// Reads lines until one equals `want`; returns the lines skipped.
-    pub fn expect_line(&mut self, want: &str) -> Vec<String> {
-        let mut skipped = Vec::new();
-        loop {
-            let l = self.line();
-            if l == want {
-                return skipped;
-            }
-            skipped.push(l);
-        }
-    }
-
-    pub fn expect_line_containing(&mut self, want: &str) -> String {
-        loop {
-            let l = self.line();
-            if l.contains(want) {
-                return l;
-            }
-        }
-    }
-
-    /// Sends a command and returns the next line.
-    pub fn ask(&mut self, command: &str) -> String {
-        self.send(&format!("{command}\r\n"));
-        self.line()
     }
 
     /// Checks that nothing more is buffered or arriving now (no unexpected

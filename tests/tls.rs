@@ -499,3 +499,117 @@ fn tokio_chat_over_tls_keeps_its_clients_across_upgrades() {
     ann.assert_quiet();
     bob.assert_quiet();
 }
+
+/// Records the old image sealed and could not send (a client that reads
+/// slowly) cross with the session; a new image that fails before `ready`
+/// sends none of them, so they go out once, from the old image.
+#[test]
+fn records_sealed_and_unsent_at_a_failed_upgrade_go_out_once() {
+    let cert = Certificate::new("tls-unsent");
+    let (server, tls_addr) = start("tls-unsent", &cert);
+    let mut slow = TlsClient::login(tls_addr, &cert, "slow");
+    // slow reads nothing for now: past what the kernel's buffers hold (a
+    // few MiB), what paul says piles up in the server, sealed.
+    let mut paul = Client::login(server.addr, "paul");
+    let filler = "x".repeat(1000);
+    let lines = 8000;
+    for i in 0..lines {
+        paul.send(&format!("{i} {filler}\r\n"));
+    }
+    // Answered once every line before it was read and broadcast.
+    assert!(paul.ask("/version").starts_with("copyover-telnetd"));
+    server.deploy(&faulty("write-tls-then-panic"));
+    let outcome = server.upgrade();
+    assert!(outcome.contains("upgrade rolled back"), "{outcome}");
+    for i in 0..lines {
+        let skipped = slow.expect_line(&format!("paul: {i} {filler}"));
+        assert!(
+            skipped.is_empty(),
+            "line {i}: lost or repeated lines before it: {skipped:?}"
+        );
+    }
+    assert_eq!(
+        slow.ask("/version"),
+        version_line(env!("CARGO_PKG_VERSION"), server.pid, 0)
+    );
+}
+
+/// An upgrade waits for a handshake under way, holds a hello that comes
+/// meanwhile (the next image answers it, greeting and all), and closes a
+/// handshake that never ends rather than wait for it for good.
+#[test]
+fn handshakes_under_way_at_an_upgrade_are_waited_for_held_or_closed() {
+    let cert = Certificate::new("tls-handshakes");
+    let (server, tls_addr) = start("tls-handshakes", &cert);
+    let mut paul = Client::login(server.addr, "paul");
+    // A client that sends its hello and never its Finished.
+    let mut stuck = TcpStream::connect(tls_addr).unwrap();
+    let mut hello = Vec::new();
+    ClientConnection::new(
+        cert.client.clone(),
+        ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap()
+    .write_tls(&mut hello)
+    .unwrap();
+    stuck.write_all(&hello).unwrap();
+    stuck
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    // The server's answer: its handshake is under way.
+    let mut answer = [0u8; 1];
+    wait_for("the server's answer to the stuck hello", || {
+        stuck.read(&mut answer).ok().filter(|&n| n > 0)
+    });
+
+    let mark = server.mark();
+    server.signal(Signal::SIGHUP);
+    server.wait_log(mark, "waits for TLS handshakes");
+    // A client that comes during the wait: its hello is held, crosses,
+    // and is answered by the new image.
+    let late = {
+        let cert_client = cert.client.clone();
+        std::thread::spawn(move || {
+            let tcp = TcpStream::connect(tls_addr).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            let conn =
+                ClientConnection::new(cert_client, ServerName::try_from("localhost").unwrap())
+                    .unwrap();
+            let mut c = TlsClient {
+                stream: StreamOwned::new(conn, tcp),
+                buf: Vec::new(),
+                name: "late".into(),
+                end: b"\r\n",
+            };
+            c.expect_line_containing("copyover-telnetd");
+            c.send("late\r\n");
+            c.expect_line("welcome, late");
+            c
+        })
+    };
+    let outcome = server.wait_log(mark, "upgrade complete");
+    assert!(outcome.contains("generation=1"), "{outcome}");
+    server.wait_log(mark, "closing TLS connections whose handshake did not end");
+    let mut late = late.join().expect("the late client logged in");
+    assert_eq!(late.ask("/who"), "online: paul, late");
+    assert_eq!(
+        paul.ask("/version"),
+        version_line(env!("CARGO_PKG_VERSION"), server.pid, 1)
+    );
+    // The stuck one was closed.
+    let end = wait_for("the stuck client's end", || match stuck.read(&mut answer) {
+        Ok(0) => Some("EOF".to_string()),
+        Ok(_) => None,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            None
+        }
+        Err(e) => Some(e.to_string()),
+    });
+    assert!(!end.is_empty());
+}

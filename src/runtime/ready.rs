@@ -136,8 +136,8 @@ impl<S> Copyover<S> {
         }
         let now = monotonic_ns();
         self.ready = true;
-        IMAGE_READY.store(true, Ordering::Release);
         let Some(r) = self.resume.take() else {
+            IMAGE_READY.store(true, Ordering::Release);
             self.report_started();
             return Ok(());
         };
@@ -149,6 +149,10 @@ impl<S> Copyover<S> {
         if let Some(claim) = &r.claim {
             take_claim(claim.as_ref(), holder.as_ref());
         }
+        // Only now, with the rollback disarmed and the claim ours (a holder
+        // that won it kills this image first): a restored TLS session seals
+        // nothing that a rollback or a rescue could seal again.
+        IMAGE_READY.store(true, Ordering::Release);
         let reap = r.holder_pid.filter(|&pid| kill_holder(holder, pid));
         drop(r.snapshot);
         drop(r.exec_record);

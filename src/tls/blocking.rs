@@ -59,6 +59,17 @@ impl<S: Read + Write> Stream<S> {
         &self.plain[self.at..]
     }
 
+    /// A restored connection's first use after `ready`: what crossed (a
+    /// hello to answer, queued plaintext) is processed once.
+    fn wake(&mut self) -> io::Result<()> {
+        if self.conn.awaits_processing() {
+            let processed = self.conn.process(&mut self.plain).map_err(io::Error::other);
+            self.send()?;
+            processed?;
+        }
+        Ok(())
+    }
+
     fn send(&mut self) -> io::Result<()> {
         while self.conn.wants_write() {
             self.conn.write_tls(&mut self.io)?;
@@ -77,12 +88,13 @@ impl<S: Read + Write> Stream<S> {
             self.at = 0;
         }
         let processed = self.conn.process(&mut self.plain).map_err(io::Error::other);
-        // A handshake flight, a key update's answer, an alert.
+        // A handshake flight, a key update's answer, a failure's alert.
         self.send()?;
         processed
     }
 
     fn handshake(&mut self) -> io::Result<()> {
+        self.wake()?;
         while self.conn.is_handshaking() {
             self.send()?;
             if self.eof || self.conn.peer_closed() {
@@ -96,6 +108,7 @@ impl<S: Read + Write> Stream<S> {
 
 impl<S: Read + Write> Read for Stream<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.wake()?;
         loop {
             if self.at < self.plain.len() {
                 let n = buf.len().min(self.plain.len() - self.at);
@@ -103,8 +116,12 @@ impl<S: Read + Write> Read for Stream<S> {
                 self.at += n;
                 return Ok(n);
             }
-            if self.eof || self.conn.peer_closed() {
+            if self.conn.peer_closed() {
                 return Ok(0);
+            }
+            if self.eof {
+                // The socket ended without close_notify: possibly cut short.
+                return Err(io::ErrorKind::UnexpectedEof.into());
             }
             self.send()?;
             self.receive()?;

@@ -15,16 +15,21 @@ use crate::Inherited;
 use crate::sys;
 
 /// One connection as it crosses.
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize)]
 pub(crate) enum Saved {
-    /// A hello not answered yet: the next image answers it.
-    Hello { received: Vec<u8> },
+    /// A hello not answered yet: the next image answers it; with what was
+    /// written meanwhile (sealed once the handshake ends).
+    Hello {
+        received: Vec<u8>,
+        queued: Vec<u8>,
+        closing: bool,
+    },
     /// An established session.
     Session(SavedSession),
 }
 
 /// An established session: its keys, sequence numbers and buffered bytes.
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize)]
 pub(crate) struct SavedSession {
     /// The IANA number of the cipher suite.
     pub(crate) suite: u16,
@@ -39,6 +44,48 @@ pub(crate) struct SavedSession {
     pub(crate) peer_closed: bool,
     pub(crate) closing: bool,
     pub(crate) close_sent: bool,
+}
+
+/// Sizes only: the buffers hold the application's plaintext, the keys are
+/// secret ([`SavedDirection`] shows their length).
+impl std::fmt::Debug for Saved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Saved::Hello {
+                received,
+                queued,
+                closing,
+            } => f
+                .debug_struct("Hello")
+                .field("received", &received.len())
+                .field("queued", &queued.len())
+                .field("closing", closing)
+                .finish(),
+            Saved::Session(s) => f
+                .debug_struct("Session")
+                .field("suite", &format_args!("0x{:04x}", s.suite))
+                .field("tx", &s.tx)
+                .field("rx", &s.rx)
+                .field("received", &s.received.len())
+                .field("unsent", &s.unsent.len())
+                .field("queued", &s.queued.len())
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl Saved {
+    /// At least the bytes it takes encoded (postcard: a varint is at most
+    /// 10 bytes), so that encoding never grows its buffer (a grown buffer
+    /// would leave a copy of the keys in the memory it freed).
+    fn encoded_bound(&self) -> usize {
+        match self {
+            Saved::Hello {
+                received, queued, ..
+            } => 32 + received.len() + queued.len(),
+            Saved::Session(s) => 256 + s.received.len() + s.unsent.len() + s.queued.len(),
+        }
+    }
 }
 
 /// The TLS sessions of an upgrade, collected at its commit.
@@ -109,9 +156,19 @@ impl Carry {
     /// [`TlsError::Carry`] if the memfd cannot be made (out of memory or of
     /// descriptors): the upgrade cannot carry these sessions.
     pub fn seal(self) -> Result<Sessions, TlsError> {
-        let mut bytes = postcard::to_allocvec(&self.sessions).map_err(|e| TlsError::Carry {
-            reason: format!("encoding the sessions: {e}"),
-        })?;
+        let bound = 16
+            + self
+                .sessions
+                .iter()
+                .map(|(_, s)| 10 + s.encoded_bound())
+                .sum::<usize>();
+        let mut bytes =
+            postcard::to_extend(&self.sessions, Vec::with_capacity(bound)).map_err(|e| {
+                TlsError::Carry {
+                    reason: format!("encoding the sessions: {e}"),
+                }
+            })?;
+        debug_assert!(bytes.len() <= bound, "the bound was too low");
         let sealed = crate::snapshot::seal_bytes(c"copyover-tls", &bytes);
         bytes.fill(0);
         std::hint::black_box(&bytes);

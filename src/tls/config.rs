@@ -86,15 +86,30 @@ impl Config {
         Config::new(certs, key)
     }
 
-    /// A configuration the application built itself. Its sessions cross
-    /// only if they are TLS 1.3 with a 32-byte key (see [`Config`]).
+    /// A configuration the application built itself, checked for what a
+    /// crossing session needs (see [`Config`]): better refused here than a
+    /// client dropped after its handshake or at an upgrade.
     ///
     /// # Errors
     ///
-    /// [`TlsError::Config`] if `enable_secret_extraction` is off, or if the
-    /// provider has TLS 1.2 suites (a TLS 1.2 session cannot cross: better
-    /// refused here than a client dropped after its handshake).
+    /// [`TlsError::Config`] if `enable_secret_extraction` is off, if the
+    /// provider has a TLS 1.2 suite, a suite whose key is not 32 bytes, or
+    /// a cipher that cannot seal a record at any sequence number (each is
+    /// tried from 1,000 on: aws-lc-rs's AES-GCM fails this), or if early
+    /// data is on.
     pub fn from_rustls(server: Arc<ServerConfig>) -> Result<Config, TlsError> {
+        for suite in &server.crypto_provider().cipher_suites {
+            // Refutable when some crate enables rustls's `tls12` feature.
+            #[allow(irrefutable_let_patterns)]
+            if let rustls::SupportedCipherSuite::Tls13(suite) = suite {
+                crosses(suite).map_err(|reason| TlsError::Config { reason })?;
+            }
+        }
+        if server.max_early_data_size > 0 {
+            return Err(TlsError::Config {
+                reason: "early data (max_early_data_size) is on; a session's early data cannot cross an upgrade, so set it to 0".into(),
+            });
+        }
         if let Some(suite) = server
             .crypto_provider()
             .cipher_suites
@@ -120,6 +135,37 @@ impl Config {
     pub fn rustls(&self) -> &Arc<ServerConfig> {
         &self.server
     }
+}
+
+/// Whether records of `suite` can be sealed at any sequence number, as a
+/// session carried on after an upgrade needs: a 32-byte key (the only
+/// length rustls rebuilds a key at from outside), and a cipher that seals
+/// from sequence number 1,000 on as well as from 0.
+fn crosses(suite: &rustls::Tls13CipherSuite) -> Result<(), String> {
+    use rustls::crypto::cipher::{AeadKey, Iv, OutboundChunks, OutboundPlainMessage};
+    let name = suite.common.suite;
+    let len = suite.aead_alg.key_len();
+    if len != 32 {
+        return Err(format!(
+            "{name:?} has a {len}-byte key, and rustls rebuilds only 32-byte keys from outside: offer TLS13_AES_256_GCM_SHA384 or TLS13_CHACHA20_POLY1305_SHA256"
+        ));
+    }
+    let mut sealer = suite
+        .aead_alg
+        .encrypter(AeadKey::from([0x5a; 32]), Iv::from([0xa5; 12]));
+    for seq in 1000..1064 {
+        let msg = OutboundPlainMessage {
+            typ: rustls::ContentType::ApplicationData,
+            version: rustls::ProtocolVersion::TLSv1_2,
+            payload: OutboundChunks::Single(b"copyover"),
+        };
+        sealer.encrypt(msg, seq).map_err(|e| {
+            format!(
+                "{name:?}'s cipher in this provider cannot seal at sequence number {seq} after starting at 1000 ({e}), so a session cannot carry on after an upgrade; use rustls's ring provider's cipher suites (copyover::tls::Config::new does)"
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// rustls's default provider (aws-lc-rs: post-quantum hybrid key exchange,

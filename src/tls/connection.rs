@@ -21,6 +21,7 @@ const MAX_HELLO: usize = 64 * 1024;
 const CLOSE_NOTIFY: u8 = 0;
 const UNEXPECTED_MESSAGE: u8 = 10;
 const BAD_RECORD_MAC: u8 = 20;
+const USER_CANCELED: u8 = 90;
 const INTERNAL_ERROR: u8 = 80;
 /// The handshake message type of a key update (RFC 8446, 4.6.3).
 const KEY_UPDATE: u8 = 24;
@@ -52,11 +53,17 @@ pub struct Connection {
     received: Vec<u8>,
     /// Ciphertext not yet written to the socket.
     unsent: Vec<u8>,
+    /// How much of `unsent` the socket has taken (moved out in bulk, not
+    /// at every write: a slow reader's backlog is not copied again and
+    /// again).
+    sent: usize,
     /// Plaintext waiting for records to be sealed (during the handshake,
     /// or before `ready` in a new image).
     queued: Vec<u8>,
     /// Restored from a previous image: dormant until `ready`.
     restored: bool,
+    /// `process` ran since `ready` (see `awaits_processing`).
+    processed: bool,
     peer_closed: bool,
     /// `close` was called; `close_sent` once its close_notify is sealed.
     closing: bool,
@@ -122,8 +129,10 @@ impl Connection {
             phase,
             received: Vec::new(),
             unsent: Vec::new(),
+            sent: 0,
             queued: Vec::new(),
             restored: false,
+            processed: false,
             peer_closed: false,
             closing: false,
             close_sent: false,
@@ -133,7 +142,14 @@ impl Connection {
     /// Reads once from `socket` into the connection: `Ok(0)` at the end
     /// of the stream, `WouldBlock` when nothing is there. Call
     /// [`process`](Self::process) after each read.
+    ///
+    /// A restored connection reads nothing before `ready` (`WouldBlock`):
+    /// bytes taken from the socket by an image that then fails would be
+    /// lost to the old one.
     pub fn read_tls(&mut self, socket: &mut impl Read) -> io::Result<usize> {
+        if self.dormant() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         let start = self.received.len();
         self.received.resize(start + MAX_CIPHERTEXT + 5, 0);
         let n = match socket.read(&mut self.received[start..]) {
@@ -172,6 +188,7 @@ impl Connection {
         if self.dormant() {
             return Ok(());
         }
+        self.processed = true;
         if let Phase::Handshaking(hs) = &mut self.phase {
             match drive(hs, &mut self.received, &mut self.unsent, plain) {
                 Ok(Driven::Waiting) => return Ok(()),
@@ -226,22 +243,49 @@ impl Connection {
 
     /// Writes pending ciphertext to `socket` once; `Ok(0)` if there was
     /// none.
+    ///
+    /// A restored connection writes nothing before `ready`: records the
+    /// previous image sealed and did not send would go out twice if this
+    /// image failed and the old one sent them again.
     pub fn write_tls(&mut self, socket: &mut impl Write) -> io::Result<usize> {
-        if self.settle().is_err() && self.unsent.is_empty() {
-            return Err(io::Error::other("the TLS connection failed"));
-        }
-        if self.unsent.is_empty() {
+        if self.dormant() {
             return Ok(0);
         }
-        let n = socket.write(&self.unsent)?;
-        self.unsent.drain(..n);
+        if self.settle().is_err() && self.pending() == 0 {
+            return Err(io::Error::other("the TLS connection failed"));
+        }
+        if self.pending() == 0 {
+            return Ok(0);
+        }
+        let n = socket.write(&self.unsent[self.sent..])?;
+        self.sent += n;
+        if self.sent == self.unsent.len() {
+            self.unsent.clear();
+            self.sent = 0;
+        } else if self.sent >= 64 * 1024 && self.sent * 2 >= self.unsent.len() {
+            self.unsent.drain(..self.sent);
+            self.sent = 0;
+        }
         Ok(n)
     }
 
     /// Whether ciphertext waits for [`write_tls`](Self::write_tls).
+    /// Nothing before `ready` in a restored connection.
     pub fn wants_write(&self) -> bool {
-        !self.unsent.is_empty()
+        if self.dormant() {
+            return false;
+        }
+        self.pending() > 0
             || (self.may_seal() && (!self.queued.is_empty() || self.closing && !self.close_sent))
+    }
+
+    /// Whether a restored connection has not been processed since this
+    /// image became ready: what crossed (a hello to answer, whole records,
+    /// queued plaintext) waits for one [`process`](Self::process), which no
+    /// socket event will prompt. The streams do it on first use; an event
+    /// loop calls `process` for every restored connection after `ready`.
+    pub fn awaits_processing(&self) -> bool {
+        self.restored && !self.processed && !self.dormant()
     }
 
     /// Whether the handshake is still under way.
@@ -272,6 +316,11 @@ impl Connection {
         }
     }
 
+    /// Whether [`hold`](Self::hold) holds its hello.
+    pub fn is_held(&self) -> bool {
+        matches!(&self.phase, Phase::Handshaking(hs) if hs.held)
+    }
+
     /// Whether the connection can cross an upgrade now: established, or a
     /// handshake that has not answered. A handshake between its answer and
     /// its end cannot (its ephemeral keys live in rustls); it ends within
@@ -289,6 +338,8 @@ impl Connection {
         match &self.phase {
             Phase::Handshaking(hs) if !hs.answered => Ok(Saved::Hello {
                 received: hs.hello.clone(),
+                queued: self.queued.clone(),
+                closing: self.closing,
             }),
             Phase::Handshaking(_) => Err(TlsError::InHandshake),
             Phase::Failed => Err(TlsError::Failed),
@@ -299,7 +350,7 @@ impl Connection {
                     tx,
                     rx,
                     received: self.received.clone(),
-                    unsent: self.unsent.clone(),
+                    unsent: self.unsent[self.sent..].to_vec(),
                     queued: self.queued.clone(),
                     peer_closed: self.peer_closed,
                     closing: self.closing,
@@ -318,11 +369,17 @@ impl Connection {
         };
         conn.restored = true;
         match saved {
-            Saved::Hello { received } => {
+            Saved::Hello {
+                received,
+                queued,
+                closing,
+            } => {
                 if let Phase::Handshaking(hs) = &mut conn.phase {
                     hs.hello = received.clone();
                 }
                 conn.received = received;
+                conn.queued = queued;
+                conn.closing = closing;
             }
             Saved::Session(s) => {
                 let suite = config
@@ -355,6 +412,11 @@ impl Connection {
             }
         }
         Ok(conn)
+    }
+
+    /// Bytes sealed and not yet written.
+    fn pending(&self) -> usize {
+        self.unsent.len() - self.sent
     }
 
     /// Restored and this image not ready yet: nothing may move.
@@ -449,7 +511,7 @@ impl std::fmt::Debug for Connection {
             .field("phase", &phase)
             .field("suite", &self.cipher_suite())
             .field("received", &self.received.len())
-            .field("unsent", &self.unsent.len())
+            .field("unsent", &self.pending())
             .field("restored", &self.restored)
             .finish_non_exhaustive()
     }
@@ -482,6 +544,9 @@ impl Established {
     /// Handshake messages after the handshake: a key update is the only
     /// one a client sends in TLS 1.3.
     fn post_handshake(&mut self, payload: &[u8], unsent: &mut Vec<u8>) -> Result<(), TlsError> {
+        if payload.is_empty() {
+            return Err(cut());
+        }
         let mut rest = payload;
         while !rest.is_empty() {
             let (typ, len) = match rest {
@@ -491,7 +556,7 @@ impl Established {
             let body = rest.get(4..4 + len).ok_or_else(cut)?;
             rest = &rest[4 + len..];
             match (typ, body) {
-                (KEY_UPDATE, [request @ (0 | 1)]) => {
+                (KEY_UPDATE, [request @ (0 | 1)]) if rest.is_empty() => {
                     let Some(kernel) = self.kernel.as_mut() else {
                         return Err(TlsError::KeyUpdateAfterUpgrade);
                     };
@@ -538,6 +603,8 @@ fn open_all(
             ContentType::ApplicationData => plain.extend_from_slice(payload),
             ContentType::Alert => match payload {
                 [_, CLOSE_NOTIFY] => *peer_closed = true,
+                // A warning the peer follows with close_notify (RFC 8446, 6.1).
+                [_, USER_CANCELED] => {}
                 [_, d] => {
                     return Err(TlsError::Alert {
                         description: format!("{:?}", rustls::AlertDescription::from(*d)),
@@ -810,14 +877,19 @@ pub(super) mod tests {
         c.writer().write_all(b"typed").unwrap();
         let mut wire = Vec::new();
         c.write_tls(&mut wire).unwrap();
-        restored.read_tls(&mut wire.as_slice()).unwrap();
+        let read = restored.read_tls(&mut wire.as_slice()).unwrap_err();
+        assert_eq!(
+            read.kind(),
+            io::ErrorKind::WouldBlock,
+            "a dormant session reads nothing"
+        );
         let mut plain = Vec::new();
         restored.process(&mut plain).unwrap();
         restored.write(b"queued").unwrap();
-        assert!(plain.is_empty(), "a dormant session opens no record");
         assert!(!restored.wants_write(), "a dormant session seals nothing");
         // Awake (as after `ready`): the record opens, the queue is sealed.
         restored.restored = false;
+        restored.read_tls(&mut wire.as_slice()).unwrap();
         assert_eq!(pump(&mut c, &mut restored), b"typed");
         assert_eq!(client_reads(&mut c), b"queued");
     }
@@ -912,26 +984,79 @@ pub(super) mod tests {
         assert!(matches!(s.save(), Err(TlsError::InHandshake)));
     }
 
-    #[test]
-    fn a_suite_with_a_short_key_is_refused_at_the_save() {
+    /// A configuration of the application's own, with a suite of
+    /// `provider`'s.
+    fn own_config(
+        provider: rustls::crypto::CryptoProvider,
+        suite: rustls::CipherSuite,
+    ) -> Result<Config, TlsError> {
         let (der, key) = certificate();
-        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-        provider
-            .cipher_suites
-            .retain(|s| s.suite() == rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let mut provider = provider;
+        provider.cipher_suites.retain(|s| s.suite() == suite);
         let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .with_no_client_auth()
-            .with_single_cert(vec![der.clone()], key)
+            .with_single_cert(vec![der], key)
             .unwrap();
         server.enable_secret_extraction = true;
-        let config = Config::from_rustls(Arc::new(server)).unwrap();
-        let mut c = client(&client_config(der));
-        let mut s = Connection::accept(&config).unwrap();
-        pump(&mut c, &mut s);
-        let err = s.save().unwrap_err();
+        Config::from_rustls(Arc::new(server))
+    }
+
+    #[test]
+    fn a_configuration_whose_sessions_could_not_cross_is_refused() {
+        use rustls::CipherSuite::*;
+        use rustls::crypto::{aws_lc_rs, ring};
+        let err = own_config(aws_lc_rs::default_provider(), TLS13_AES_128_GCM_SHA256).unwrap_err();
         assert!(err.to_string().contains("32-byte"), "{err}");
+        // aws-lc-rs's AES-GCM cannot seal from the middle of a sequence.
+        let err = own_config(aws_lc_rs::default_provider(), TLS13_AES_256_GCM_SHA384).unwrap_err();
+        assert!(err.to_string().contains("sequence number"), "{err}");
+        own_config(
+            aws_lc_rs::default_provider(),
+            TLS13_CHACHA20_POLY1305_SHA256,
+        )
+        .unwrap();
+        #[allow(deprecated)]
+        own_config(ring::default_provider(), TLS13_AES_256_GCM_SHA384).unwrap();
+    }
+
+    #[test]
+    fn a_restored_session_writes_nothing_before_ready_not_even_what_was_sealed() {
+        let (config, mut c, mut s) = established();
+        s.write(b"sealed, not sent").unwrap();
+        let mut restored = Connection::restore(s.save().unwrap(), &config).unwrap();
+        assert!(!restored.wants_write());
+        let mut wire = Vec::new();
+        assert_eq!(restored.write_tls(&mut wire).unwrap(), 0);
+        assert!(
+            wire.is_empty(),
+            "a dormant session wrote {} bytes",
+            wire.len()
+        );
+        let mut socket: &[u8] = b"ciphertext";
+        let read = restored.read_tls(&mut socket).unwrap_err();
+        assert_eq!(read.kind(), io::ErrorKind::WouldBlock);
+        // Awake (as after `ready`): it goes out, once.
+        restored.restored = false;
+        pump(&mut c, &mut restored);
+        assert_eq!(client_reads(&mut c), b"sealed, not sent");
+    }
+
+    #[test]
+    fn a_hello_crosses_with_what_was_written_meanwhile() {
+        let (config, cc) = configs();
+        let mut c = client(&cc);
+        let mut s = Connection::accept(&config).unwrap();
+        s.hold(true);
+        s.write(b"What is your name?").unwrap();
+        let mut wire = Vec::new();
+        c.write_tls(&mut wire).unwrap();
+        s.read_tls(&mut wire.as_slice()).unwrap();
+        s.process(&mut Vec::new()).unwrap();
+        let mut s = cross(&s, &config);
+        pump(&mut c, &mut s);
+        assert_eq!(client_reads(&mut c), b"What is your name?");
     }
 
     #[test]

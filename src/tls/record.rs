@@ -308,11 +308,17 @@ impl Records {
             .decrypt(msg, self.rx.seq)
             .map_err(|e| protocol(format!("a record did not open ({e})")))?;
         self.rx.seq += 1;
-        // Decrypted in place: the plaintext is a part of `received`.
-        let start = plain.payload.as_ptr() as usize - base;
+        // Decrypted in place: the plaintext is a part of the record.
+        let start = (plain.payload.as_ptr() as usize).wrapping_sub(base);
+        let end = start.wrapping_add(plain.payload.len());
+        if start < HEADER || end > HEADER + len || start > end {
+            return Err(protocol(
+                "the provider's decrypter did not open the record in place".into(),
+            ));
+        }
         Ok(Opened {
             typ: plain.typ,
-            payload: start..start + plain.payload.len(),
+            payload: start..end,
             consumed: HEADER + len,
         })
     }

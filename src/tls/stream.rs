@@ -86,6 +86,30 @@ impl TlsStream {
         Poll::Ready(Ok(()))
     }
 
+    /// Writes what the socket takes now, without waiting for room (the
+    /// read side must not wait on the write side's readiness).
+    fn try_send(&mut self) -> io::Result<()> {
+        while self.conn.wants_write() {
+            match self.conn.write_tls(&mut Try(&self.io)) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// A restored connection's first use after `ready`: what crossed (a
+    /// hello to answer, queued plaintext) is processed once.
+    fn wake(&mut self) -> io::Result<()> {
+        if self.conn.awaits_processing() {
+            let processed = self.conn.process(&mut self.plain).map_err(io::Error::other);
+            self.try_send()?;
+            processed?;
+        }
+        Ok(())
+    }
+
     /// Reads and processes once: more plaintext, the handshake moved on,
     /// or the end of the stream.
     fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -119,6 +143,7 @@ impl TlsStream {
     /// Drives the handshake to its end (writes need it: until then they
     /// are only queued).
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.wake()?;
         while self.conn.is_handshaking() {
             ready!(self.poll_send(cx))?;
             if self.eof || self.conn.peer_closed() {
@@ -146,6 +171,7 @@ impl AsyncRead for TlsStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.wake()?;
         loop {
             if this.at < this.plain.len() {
                 let n = buf.remaining().min(this.plain.len() - this.at);
@@ -153,10 +179,19 @@ impl AsyncRead for TlsStream {
                 this.at += n;
                 return Poll::Ready(Ok(()));
             }
-            if this.eof || this.conn.peer_closed() {
+            if this.conn.peer_closed() {
                 return Poll::Ready(Ok(()));
             }
-            ready!(this.poll_send(cx))?;
+            if this.eof {
+                // The socket ended without close_notify: possibly cut short.
+                return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
+            if this.conn.is_handshaking() {
+                // One task drives the handshake: it may wait for room.
+                ready!(this.poll_send(cx))?;
+            } else {
+                this.try_send()?;
+            }
             ready!(this.poll_receive(cx))?;
         }
     }
@@ -189,6 +224,7 @@ impl AsyncWrite for TlsStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.wake()?;
         this.conn.close();
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)

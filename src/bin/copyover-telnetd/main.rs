@@ -380,14 +380,9 @@ fn run(args: Args) -> Result<(), BoxError> {
         .filter(|(_, c)| !c.out.is_empty())
         .map(|(id, _)| *id)
         .collect();
-    if let Some(tls) = &server.tls {
-        pending.extend(
-            tls.conns
-                .iter()
-                .filter(|(_, c)| c.wants_write())
-                .map(|(id, _)| *id),
-        );
-    }
+    // Restored TLS connections: what crossed (a hello to answer, queued
+    // output, sealed records) moves now, not at their next socket event.
+    pending.extend(server.process_tls(copyover::tls::Connection::awaits_processing));
     server.flush(pending);
     server.serve()
 }

@@ -180,28 +180,81 @@ impl Server {
         Some(false)
     }
 
+    /// Processes the TLS connections `which` picks without a socket event:
+    /// a restored one after `ready` (a hello to answer, queued output), a
+    /// held hello once released. Returns the connections with output.
+    pub fn process_tls(&mut self, which: fn(&Connection) -> bool) -> BTreeSet<u64> {
+        let mut dirty = BTreeSet::new();
+        let Some(tls) = self.tls.as_mut() else {
+            return dirty;
+        };
+        let ids: Vec<u64> = tls
+            .conns
+            .iter()
+            .filter(|(_, c)| which(c))
+            .map(|(id, _)| *id)
+            .collect();
+        let version = self.version_line();
+        let mut failed = Vec::new();
+        for id in ids {
+            let Some(conn) = self.tls.as_mut().and_then(|t| t.conns.get_mut(&id)) else {
+                continue;
+            };
+            let mut plain = Vec::new();
+            if let Err(e) = conn.process(&mut plain) {
+                tracing::info!(conn = id, "closing a TLS connection: {e}");
+                failed.push(id);
+            }
+            dirty.insert(id);
+            if !plain.is_empty() {
+                self.chat.input(id, &plain, &version, &mut dirty);
+            }
+        }
+        for id in failed {
+            self.close(id);
+        }
+        dirty
+    }
+
     /// Commits an approved upgrade once every TLS connection can cross:
     /// returns false while it waits for handshakes under way (new ones are
-    /// held meanwhile), true once the upgrade was tried or abandoned.
+    /// held meanwhile), true once the upgrade was tried or abandoned. A
+    /// handshake still under way at the deadline is closed (its client is
+    /// not in the chat yet, and reconnects): one client that never ends
+    /// its handshake must not hold every upgrade off.
     pub fn commit(&mut self) -> bool {
         if let Some(tls) = self.tls.as_mut() {
-            let busy = tls.conns.values().filter(|c| !c.can_cross()).count();
-            if busy > 0 {
+            let busy: Vec<u64> = tls
+                .conns
+                .iter()
+                .filter(|(_, c)| !c.can_cross())
+                .map(|(id, _)| *id)
+                .collect();
+            if !busy.is_empty() {
                 let by = *tls
                     .commit_by
                     .get_or_insert_with(|| Instant::now() + HANDSHAKE_WAIT);
                 if Instant::now() < by {
+                    let first = !tls.conns.values().any(|c| c.is_held());
                     for conn in tls.conns.values_mut() {
                         conn.hold(true);
                     }
+                    if first {
+                        tracing::info!(
+                            handshakes = busy.len(),
+                            "the upgrade waits for TLS handshakes under way to end; new ones are held"
+                        );
+                    }
                     return false;
                 }
-                self.co.abandon(&format!(
-                    "{busy} TLS handshakes did not end within {} s",
+                tracing::warn!(
+                    connections = busy.len(),
+                    "closing TLS connections whose handshake did not end within {} s, so that the upgrade can go on",
                     HANDSHAKE_WAIT.as_secs()
-                ));
-                self.release_tls();
-                return true;
+                );
+                for id in busy {
+                    self.close(id);
+                }
             }
         }
         let mut carry = Carry::new();
@@ -237,12 +290,15 @@ impl Server {
         true
     }
 
+    /// Ends the wait: held hellos are answered now (their clients, waiting
+    /// for the answer, send nothing that would wake the loop).
     fn release_tls(&mut self) {
-        if let Some(tls) = self.tls.as_mut() {
-            tls.commit_by = None;
-            for conn in tls.conns.values_mut() {
-                conn.hold(false);
-            }
+        let Some(tls) = self.tls.as_mut() else { return };
+        tls.commit_by = None;
+        for conn in tls.conns.values_mut() {
+            conn.hold(false);
         }
+        let dirty = self.process_tls(Connection::is_handshaking);
+        self.flush(dirty);
     }
 }

@@ -37,6 +37,8 @@ mod staging;
 mod upgrading;
 
 pub use config::Config;
+#[cfg(all(test, feature = "tls"))]
+pub(crate) use ready::READY_IN_THIS_TEST;
 pub(crate) use ready::Resume;
 #[cfg(feature = "tls")]
 pub(crate) use ready::image_is_ready;

@@ -11,9 +11,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// snapshot holds, and no nonce is used twice.
 static IMAGE_READY: AtomicBool = AtomicBool::new(false);
 
+#[cfg(all(test, feature = "tls"))]
+thread_local! {
+    /// Unit tests: the image counts as ready on this test's thread (tests
+    /// run in parallel threads of one process that never calls `ready`).
+    pub(crate) static READY_IN_THIS_TEST: std::cell::Cell<bool> =
+        const { std::cell::Cell::new(false) };
+}
+
 /// Whether this image has called [`Copyover::ready`].
 #[cfg_attr(not(feature = "tls"), allow(dead_code))]
 pub(crate) fn image_is_ready() -> bool {
+    #[cfg(all(test, feature = "tls"))]
+    if READY_IN_THIS_TEST.with(|r| r.get()) {
+        return true;
+    }
     IMAGE_READY.load(Ordering::Acquire)
 }
 

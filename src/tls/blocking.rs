@@ -148,7 +148,7 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     use super::*;
-    use crate::tls::connection::tests::{certificate, client, client_config};
+    use crate::tls::connection::tests::{become_ready, certificate, client, client_config};
 
     #[test]
     fn a_blocking_stream_talks_to_a_rustls_client() {
@@ -164,10 +164,72 @@ mod tests {
             got
         });
         let mut s = Stream::accept(ours, &config).unwrap();
-        let mut got = [0; 5];
+        let mut got = [0; 2];
         s.read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"ping\n");
+        assert_eq!(&got, b"pi");
+        assert_eq!(s.unread(), b"ng\n", "what was opened and not read yet");
+        let mut rest = [0; 3];
+        s.read_exact(&mut rest).unwrap();
+        assert_eq!(&rest, b"ng\n");
         s.write_all(b"pong\n").unwrap();
         assert_eq!(&peer.join().unwrap(), b"pong\n");
+    }
+
+    /// A hello held at the upgrade, with a greeting written meanwhile: the
+    /// stream over the restored connection answers it on its first use.
+    #[test]
+    fn a_restored_hello_is_answered_on_first_use() {
+        let (der, key) = certificate();
+        let config = Config::new(vec![der.clone()], key).unwrap();
+        let mut c = client(&client_config(der));
+        let mut conn = Connection::accept(&config).unwrap();
+        conn.hold(true);
+        conn.write(b"hello?").unwrap();
+        let mut hello = Vec::new();
+        c.write_tls(&mut hello).unwrap();
+        conn.read_tls(&mut hello.as_slice()).unwrap();
+        let restored = Connection::restore(conn.save().unwrap(), &config).unwrap();
+        become_ready();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let peer = std::thread::spawn(move || {
+            let mut c = rustls::StreamOwned::new(c, theirs);
+            let mut got = [0; 6];
+            c.read_exact(&mut got).unwrap();
+            c.write_all(b"yes").unwrap();
+            got
+        });
+        let mut s = Stream::new(ours, restored);
+        let mut got = [0; 3];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"yes");
+        assert_eq!(&peer.join().unwrap(), b"hello?");
+    }
+
+    #[test]
+    fn a_server_that_speaks_first_finishes_the_handshake_before_writing() {
+        let (der, key) = certificate();
+        let config = Config::new(vec![der.clone()], key).unwrap();
+        let cc = client_config(der);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let peer = std::thread::spawn(move || {
+            let mut c = rustls::StreamOwned::new(client(&cc), theirs);
+            let mut got = Vec::new();
+            // Byte by byte, across several records.
+            let mut one = [0; 1];
+            while got.len() < 12 {
+                c.read_exact(&mut one).unwrap();
+                got.push(one[0]);
+            }
+            c.write_all(b"bye").unwrap();
+            got
+        });
+        let mut s = Stream::accept(ours, &config).unwrap();
+        s.write_all(b"greeting").unwrap();
+        s.flush().unwrap();
+        s.write_all(b"more").unwrap();
+        let mut got = [0; 3];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"bye");
+        assert_eq!(&peer.join().unwrap(), b"greetingmore");
     }
 }

@@ -302,16 +302,32 @@ mod tests {
         assert!(!s.is_handshaking());
         let waiting = Connection::accept(&config).unwrap();
 
+        // Buffered bytes of every kind: the encoding's buffer is sized
+        // beforehand (a debug assertion checks the bound).
+        s.write(&[b'q'; 5000]).unwrap();
+        let mut waiting = waiting;
+        waiting.write(&[b'w'; 3000]).unwrap();
+        let mut hello = Vec::new();
+        client(&cc).write_tls(&mut hello).unwrap();
+        waiting.hold(true);
+        waiting.read_tls(&mut hello.as_slice()).unwrap();
+
         let mut carry = Carry::new();
+        assert!(carry.is_empty());
         carry.add(7, &s).unwrap();
         carry.add(9, &waiting).unwrap();
         assert_eq!(carry.len(), 2);
+        assert!(!carry.is_empty());
         let sessions = carry.seal().unwrap();
         crate::sys::check_sealed(sessions.as_fd()).expect("the memfd is sealed");
         let fd = sessions.as_fd().try_clone_to_owned().unwrap();
         let mut fds = Inherited::from_owned([("tls".to_string(), fd, FdKind::Other)]);
         let mut carried = Carried::take(&mut fds, "tls").unwrap();
         assert_eq!(carried.len(), 2);
+        assert!(!carried.is_empty());
+        let mut ids: Vec<u64> = carried.ids().collect();
+        ids.sort();
+        assert_eq!(ids, [7, 9]);
         assert!(carried.restore(8, &config).unwrap().is_none());
         let hello = carried.restore(9, &config).unwrap().unwrap();
         assert!(hello.is_handshaking() && hello.can_cross());

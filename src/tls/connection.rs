@@ -807,6 +807,11 @@ pub(super) mod tests {
         restored
     }
 
+    /// As after `Copyover::ready`, on this test's thread.
+    pub(crate) fn become_ready() {
+        crate::runtime::READY_IN_THIS_TEST.with(|r| r.set(true));
+    }
+
     fn established() -> (Config, ClientConnection, Connection) {
         let (config, cc) = configs();
         let mut c = client(&cc);
@@ -1019,6 +1024,107 @@ pub(super) mod tests {
         .unwrap();
         #[allow(deprecated)]
         own_config(ring::default_provider(), TLS13_AES_256_GCM_SHA384).unwrap();
+    }
+
+    #[test]
+    fn a_restored_session_asks_to_be_processed_once_the_image_is_ready() {
+        let (config, mut c, mut s) = established();
+        s.write(b"queued before the exec").unwrap();
+        let mut restored = Connection::restore(s.save().unwrap(), &config).unwrap();
+        assert!(!restored.awaits_processing(), "dormant: nothing to do yet");
+        become_ready();
+        assert!(restored.awaits_processing());
+        restored.process(&mut Vec::new()).unwrap();
+        assert!(!restored.awaits_processing(), "once is enough");
+        pump(&mut c, &mut restored);
+        assert_eq!(client_reads(&mut c), b"queued before the exec");
+        // A connection that was never restored never asks.
+        assert!(!Connection::accept(&config).unwrap().awaits_processing());
+    }
+
+    #[test]
+    fn close_sends_close_notify_and_refuses_further_writes() {
+        let (_, mut c, mut s) = established();
+        s.write(b"last words").unwrap();
+        s.close();
+        assert!(s.wants_write());
+        assert!(matches!(s.write(b"more"), Err(TlsError::Failed)));
+        pump(&mut c, &mut s);
+        let mut buf = [0; 64];
+        let n = c.reader().read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"last words");
+        assert_eq!(
+            c.reader().read(&mut buf).unwrap(),
+            0,
+            "close_notify: a clean end"
+        );
+        // And the server sees the client's close_notify.
+        c.send_close_notify();
+        pump(&mut c, &mut s);
+        assert!(s.peer_closed());
+    }
+
+    /// A socket that takes at most 999 bytes a write.
+    struct Trickle(Vec<u8>);
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(999);
+            self.0.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_backlog_written_in_small_pieces_goes_out_whole_and_once() {
+        let (_, mut c, mut s) = established();
+        let text: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        s.write(&text).unwrap();
+        let mut socket = Trickle(Vec::new());
+        while s.wants_write() {
+            s.write_tls(&mut socket).unwrap();
+        }
+        assert_eq!(s.write_tls(&mut socket).unwrap(), 0);
+        let mut rd = socket.0.as_slice();
+        let mut got = Vec::new();
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).unwrap();
+            c.process_new_packets().unwrap();
+            got.extend(client_reads(&mut c));
+        }
+        assert_eq!(got, text);
+    }
+
+    #[test]
+    fn early_data_is_refused_and_a_hello_may_not_grow_past_64_kib() {
+        let (der, key) = certificate();
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider
+            .cipher_suites
+            .retain(|s| s.suite() == rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![der], key)
+            .unwrap();
+        server.enable_secret_extraction = true;
+        server.max_early_data_size = 1024;
+        let err = Config::from_rustls(Arc::new(server)).unwrap_err();
+        assert!(err.to_string().contains("early data"), "{err}");
+
+        let (config, _) = configs();
+        let mut s = Connection::accept(&config).unwrap();
+        s.hold(true);
+        let chunk = vec![0x16; 16 * 1024];
+        for _ in 0..4 {
+            s.read_tls(&mut chunk.as_slice()).unwrap();
+        }
+        let err = s.read_tls(&mut chunk.as_slice()).unwrap_err();
+        assert!(err.to_string().contains("64 KiB"), "{err}");
     }
 
     #[test]

@@ -279,6 +279,14 @@ impl Connection {
             || (self.may_seal() && (!self.queued.is_empty() || self.closing && !self.close_sent))
     }
 
+    /// Whether sealed records wait to be written, even in a restored
+    /// connection that may not write them yet: what an event loop whose
+    /// registrations crossed the exec had asked for (EPOLLOUT) at the
+    /// commit.
+    pub fn has_unsent(&self) -> bool {
+        self.pending() > 0
+    }
+
     /// Whether a restored connection has not been processed since this
     /// image became ready: what crossed (a hello to answer, whole records,
     /// queued plaintext) waits for one [`process`](Self::process), which no
@@ -420,7 +428,7 @@ impl Connection {
     }
 
     /// Restored and this image not ready yet: nothing may move.
-    fn dormant(&self) -> bool {
+    pub(crate) fn dormant(&self) -> bool {
         self.restored && !crate::runtime::image_is_ready()
     }
 
@@ -1167,8 +1175,17 @@ pub(super) mod tests {
 
     #[test]
     fn the_saved_form_shows_no_key_in_debug() {
-        let (_, _, s) = established();
+        let (config, _, s) = established();
         let shown = format!("{:?}", s.save().unwrap());
         assert!(shown.contains("Secret(32 bytes)"), "{shown}");
+        // Queued plaintext (a hello's greeting) shows as a length.
+        let mut hello = Connection::accept(&config).unwrap();
+        hello.write(b"private words").unwrap();
+        let shown = format!("{:?}", hello.save().unwrap());
+        assert!(shown.contains("queued: 13"), "{shown}");
+        assert!(
+            !shown.contains("112, 114, 105"),
+            "buffered bytes shown: {shown}"
+        );
     }
 }

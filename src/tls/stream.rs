@@ -113,6 +113,13 @@ impl TlsStream {
     /// Reads and processes once: more plaintext, the handshake moved on,
     /// or the end of the stream.
     fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.conn.dormant() {
+            // It would read nothing (and clear no readiness): polled again
+            // and again. A restored stream waits for `ready`.
+            return Poll::Ready(Err(io::Error::other(
+                "a restored TLS stream was used before Copyover::ready",
+            )));
+        }
         loop {
             ready!(self.io.poll_read_ready(cx))?;
             match self.conn.read_tls(&mut Try(&self.io)) {
@@ -189,8 +196,13 @@ impl AsyncRead for TlsStream {
             if this.conn.is_handshaking() {
                 // One task drives the handshake: it may wait for room.
                 ready!(this.poll_send(cx))?;
-            } else {
-                this.try_send()?;
+            } else if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+                // What waits to be sent (a backlog that crossed the
+                // upgrade, a key update's answer) goes out as room comes,
+                // even in a task that only reads: the write readiness
+                // wakes it too. (Split into halves, the read half takes
+                // the write half's waker meanwhile.)
+                return Poll::Ready(Err(e));
             }
             ready!(this.poll_receive(cx))?;
         }

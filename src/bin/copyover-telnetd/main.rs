@@ -422,10 +422,10 @@ fn resume_tls(
     }
     let tls = tls::Tls::resume(config, listener, &mut carried, &ids)?;
     // Registered for EPOLLOUT in the kept epoll instance exactly when
-    // ciphertext was pending.
+    // ciphertext was pending (`wants_write` says no until `ready`).
     for (id, conn) in &tls.conns {
         if let Some(entry) = streams.get_mut(id) {
-            entry.1 = conn.wants_write();
+            entry.1 = conn.has_unsent();
         }
     }
     Ok(tls)

@@ -148,22 +148,7 @@ impl TlsClient {
 
     /// Reads until the session ends; returns how it ended.
     fn read_to_end(&mut self) -> String {
-        let mut chunk = [0u8; 4096];
-        wait_for("the end of the TLS session", || {
-            match self.stream.read(&mut chunk) {
-                Ok(0) => Some("EOF".to_string()),
-                Ok(_) => None,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    None
-                }
-                Err(e) => Some(e.to_string()),
-            }
-        })
+        how_it_ends(&mut self.stream)
     }
 }
 
@@ -179,6 +164,26 @@ impl Lines for TlsClient {
         let raw = read_line(&mut self.stream, &mut self.buf, &self.name, self.end);
         String::from_utf8_lossy(&strip_telnet(&raw)).into_owned()
     }
+}
+
+/// Reads `stream` until it ends: "EOF", or the error that ended it.
+fn how_it_ends(stream: &mut impl Read) -> String {
+    let mut chunk = [0u8; 4096];
+    wait_for("the end of the connection", || {
+        match stream.read(&mut chunk) {
+            Ok(0) => Some("EOF".to_string()),
+            Ok(_) => None,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(e) => Some(e.to_string()),
+        }
+    })
 }
 
 /// A chat client over TLS with Debian's `openssl s_client`.
@@ -598,18 +603,6 @@ fn handshakes_under_way_at_an_upgrade_are_waited_for_held_or_closed() {
         version_line(env!("CARGO_PKG_VERSION"), server.pid, 1)
     );
     // The stuck one was closed.
-    let end = wait_for("the stuck client's end", || match stuck.read(&mut answer) {
-        Ok(0) => Some("EOF".to_string()),
-        Ok(_) => None,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            None
-        }
-        Err(e) => Some(e.to_string()),
-    });
+    let end = how_it_ends(&mut stuck);
     assert!(!end.is_empty());
 }

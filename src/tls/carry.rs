@@ -212,22 +212,16 @@ impl Carried {
         let fail = |what: &str, e: &dyn std::fmt::Display| TlsError::Carry {
             reason: format!("{what} {name:?}: {e}"),
         };
-        sys::check_sealed(fd.as_fd()).map_err(|e| fail("checking the seals of", &e))?;
+        // Mapped as the snapshot is (no copy of the keys to overwrite).
+        let sealed =
+            sys::check_sealed(fd.as_fd()).map_err(|e| fail("checking the seals of", &e))?;
         let size = sys::file_size(fd.as_fd()).map_err(|e| fail("measuring", &e))?;
-        let size = usize::try_from(size).map_err(|e| fail("measuring", &e))?;
-        let mut bytes = vec![0; size];
-        let mut at = 0;
-        while at < size {
-            match sys::read_at(fd.as_fd(), &mut bytes[at..], at as u64) {
-                Ok(0) => return Err(fail("reading", &"the memfd ended early")),
-                Ok(n) => at += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(fail("reading", &e)),
-            }
-        }
-        let decoded: Result<Vec<(u64, Saved)>, _> = postcard::from_bytes(&bytes);
-        bytes.fill(0);
-        std::hint::black_box(&bytes);
+        let size = usize::try_from(size)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| fail("measuring", &"empty or too large"))?;
+        let bytes = sys::map_sealed(sealed, size).map_err(|e| fail("mapping", &e))?;
+        let decoded: Result<Vec<(u64, Saved)>, _> = postcard::from_bytes(bytes.as_slice());
         let sessions = decoded.map_err(|e| fail("decoding", &e))?;
         Ok(Carried {
             sessions: sessions.into_iter().collect(),

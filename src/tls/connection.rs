@@ -997,14 +997,13 @@ pub(super) mod tests {
         assert!(matches!(s.save(), Err(TlsError::InHandshake)));
     }
 
-    /// A configuration of the application's own, with a suite of
-    /// `provider`'s.
-    fn own_config(
-        provider: rustls::crypto::CryptoProvider,
+    /// A rustls configuration of the application's own, with one suite of
+    /// `provider`'s, secret extraction on.
+    fn own_server(
+        mut provider: rustls::crypto::CryptoProvider,
         suite: rustls::CipherSuite,
-    ) -> Result<Config, TlsError> {
+    ) -> rustls::ServerConfig {
         let (der, key) = certificate();
-        let mut provider = provider;
         provider.cipher_suites.retain(|s| s.suite() == suite);
         let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -1013,7 +1012,14 @@ pub(super) mod tests {
             .with_single_cert(vec![der], key)
             .unwrap();
         server.enable_secret_extraction = true;
-        Config::from_rustls(Arc::new(server))
+        server
+    }
+
+    fn own_config(
+        provider: rustls::crypto::CryptoProvider,
+        suite: rustls::CipherSuite,
+    ) -> Result<Config, TlsError> {
+        Config::from_rustls(Arc::new(own_server(provider, suite)))
     }
 
     #[test]
@@ -1108,18 +1114,10 @@ pub(super) mod tests {
 
     #[test]
     fn early_data_is_refused_and_a_hello_may_not_grow_past_64_kib() {
-        let (der, key) = certificate();
-        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-        provider
-            .cipher_suites
-            .retain(|s| s.suite() == rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
-        let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![der], key)
-            .unwrap();
-        server.enable_secret_extraction = true;
+        let mut server = own_server(
+            rustls::crypto::aws_lc_rs::default_provider(),
+            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+        );
         server.max_early_data_size = 1024;
         let err = Config::from_rustls(Arc::new(server)).unwrap_err();
         assert!(err.to_string().contains("early data"), "{err}");

@@ -14,6 +14,7 @@
 //! | [`HANDOFF_VAR`] `COPYOVER_HANDOFF` | the commit, a rollback, the holder | [`boot`](crate::boot) | the handoff, [version 1](crate::upgrade::variable#the-handoff-variable-version-1) |
 //! | [`CLAIM_VAR`] `COPYOVER_CLAIM` | the commit, a rollback | `boot` | the readiness claim and when the holder started, [version 1](crate::upgrade::variable#the-claim-variable-version-1) |
 //! | [`ROLLBACK_REASON_VAR`] `COPYOVER_ROLLBACK_REASON` | a rollback, the holder | `boot` in rollback mode | why the new image failed (the outcome's reason) |
+//! | [`MIGRATE_VAR`] `COPYOVER_MIGRATE` | a migration (the old process, starting the new one) | `boot` | the migration socket, [version 1](crate::migration#the-migration-variable-version-1) |
 //! | [`PROBE_VAR`] `COPYOVER_PROBE` | the probe | `boot`, which answers and exits | a nonce the answer repeats |
 //! | [`STATUS_DIR_VAR`] `COPYOVER_STATUS_DIR` | the operator | the runtime, the `copyover` CLI | the [status](crate::status) directory |
 //!
@@ -40,6 +41,8 @@
 //!   clean environment plus `COPYOVER_PROBE`.
 //! * **The new image** (the commit's exec): the clean environment plus
 //!   `COPYOVER_HANDOFF`.
+//! * **A migration's new process** (a child of the old one): the clean
+//!   environment plus `COPYOVER_MIGRATE`.
 //! * **The old binary again** (a rollback): the environment the old image
 //!   ran with (its exec record), or the clean environment without one,
 //!   plus `COPYOVER_HANDOFF` in rollback mode and
@@ -65,6 +68,9 @@ pub const CLAIM_VAR: &str = "COPYOVER_CLAIM";
 pub const ROLLBACK_REASON_VAR: &str = "COPYOVER_ROLLBACK_REASON";
 /// The environment variable that puts a copyover program into probe mode.
 pub const PROBE_VAR: &str = "COPYOVER_PROBE";
+/// The environment variable that makes a new process a migration's
+/// newcomer (see [`crate::migration`]).
+pub const MIGRATE_VAR: &str = "COPYOVER_MIGRATE";
 /// The environment variable that overrides the status directory.
 pub const STATUS_DIR_VAR: &str = "COPYOVER_STATUS_DIR";
 
@@ -77,8 +83,9 @@ pub const LISTEN_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"
 pub const FDSTORE: &str = "FDSTORE";
 
 /// Variables the runtime owns: never passed on as they were.
-const STRIPPED_VARS: [&str; 7] = [
+const STRIPPED_VARS: [&str; 8] = [
     HANDOFF_VAR,
+    MIGRATE_VAR,
     CLAIM_VAR,
     ROLLBACK_REASON_VAR,
     PROBE_VAR,
@@ -124,7 +131,7 @@ pub(crate) fn with_handoff(mut env: Vec<CString>, handoff: &str) -> io::Result<V
 /// environment, so that no child inherits them. Only with a single thread
 /// (the caller checked).
 pub(crate) fn forget_handoff_vars() {
-    for var in [HANDOFF_VAR, CLAIM_VAR, ROLLBACK_REASON_VAR] {
+    for var in [HANDOFF_VAR, CLAIM_VAR, ROLLBACK_REASON_VAR, MIGRATE_VAR] {
         crate::sys::remove_env_var(var.as_ref());
     }
 }

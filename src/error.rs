@@ -60,6 +60,18 @@ pub enum Error {
         /// What it is instead.
         reason: String,
     },
+    /// A migration's new process could not take over from the old one
+    /// (see [`crate::migration`]). The old process serves on with every
+    /// client: end this process (return the error from `main`).
+    #[error(
+        "this process was started to take over from process {from} but cannot: {reason}; process {from} serves on"
+    )]
+    Arrival {
+        /// The old process.
+        from: u32,
+        /// What went wrong.
+        reason: String,
+    },
     /// A system call needed to set up the runtime failed.
     #[error("could not {what}: {source}")]
     Setup {
@@ -120,6 +132,16 @@ pub enum UpgradeError {
     #[error("the server abandoned the upgrade: {reason}")]
     Abandoned {
         /// The application's reason.
+        reason: String,
+    },
+    /// A migration's new process failed after the commit (it refused, died,
+    /// or was not ready in time) and was killed; this process serves on
+    /// with every client (see [`crate::migration`]).
+    #[error("the new process {pid} did not take over: {reason}; this process serves on")]
+    Migration {
+        /// The new process.
+        pid: u32,
+        /// What it did.
         reason: String,
     },
     /// A system call around the exec failed, or the snapshot file could not

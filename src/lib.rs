@@ -195,6 +195,7 @@ pub mod env;
 mod error;
 pub mod fdstore;
 pub mod handoff;
+pub mod migration;
 mod notify;
 pub mod region;
 mod resume;

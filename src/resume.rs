@@ -35,6 +35,11 @@ use crate::{rollback, sys};
 ///   [`Copyover::ready`] is called, any failure of this image (an error
 ///   returned from `main`, a panic, a crash, the readiness deadline) rolls
 ///   back to the previous binary.
+/// * In a new process started by a **migration** (see
+///   [`crate::migration`]) it receives the state and the descriptors from
+///   the old process and returns [`Start::Resumed`] the same way. Until
+///   `ready`, the old process still serves: any failure of this one ends
+///   it, and the old one serves on.
 ///
 /// # Correct order of handling, after an upgrade
 ///
@@ -84,6 +89,9 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover<S>, Start<S>), Erro
         what: "read the arguments",
         source,
     })?;
+    if let Some(var) = crate::migration::read_var()? {
+        return crate::migration::arrive::<S>(config, argv, var, boot_ns, &claims);
+    }
     match read_handoff_var()? {
         None => boot_fresh(config, argv, &claims),
         Some(var) => resume::<S>(config, argv, var, boot_ns, claims),
@@ -109,7 +117,7 @@ fn read_handoff_var() -> Result<Option<HandoffVar>, Error> {
     Ok(None)
 }
 
-fn single_thread() -> Result<(), Error> {
+pub(crate) fn single_thread() -> Result<(), Error> {
     let threads = sys::thread_count().map_err(|source| Error::Setup {
         what: "count threads",
         source,
@@ -120,7 +128,7 @@ fn single_thread() -> Result<(), Error> {
     Ok(())
 }
 
-fn start_worker() -> Result<Worker, Error> {
+pub(crate) fn start_worker() -> Result<Worker, Error> {
     Worker::start().map_err(|source| Error::Setup {
         what: "start the runtime's helper thread",
         source,
@@ -157,7 +165,7 @@ fn roll_back_now(err: &Error) {
     let _ = rollback::trigger(&err.to_string());
 }
 
-fn install_requests() -> Result<Requests, Error> {
+pub(crate) fn install_requests() -> Result<Requests, Error> {
     let requests = Requests::install().map_err(|source| Error::Setup {
         what: "install signal handlers",
         source,

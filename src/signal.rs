@@ -25,10 +25,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::sys;
 
 /// Signals blocked from the exec until the new image has its handlers:
-/// exactly those the runtime handles (SIGHUP, SIGTERM, SIGINT, SIGUSR1).
-/// A signal held across the exec with no handler waiting for it would meet
-/// its default action (for these, death) when the new image unblocks it.
-pub const HELD_SIGNALS: [i32; 4] = [libc::SIGHUP, libc::SIGTERM, libc::SIGINT, libc::SIGUSR1];
+/// exactly those the runtime handles (SIGHUP, SIGTERM, SIGINT, SIGUSR1,
+/// SIGUSR2). A signal held across the exec with no handler waiting for it
+/// would meet its default action (for these, death) when the new image
+/// unblocks it.
+pub const HELD_SIGNALS: [i32; 5] = [
+    libc::SIGHUP,
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
 
 /// Blocks [`HELD_SIGNALS`] (before an exec).
 pub(crate) fn hold() -> io::Result<()> {
@@ -58,6 +65,8 @@ pub(crate) fn release_all() -> io::Result<()> {
 #[derive(Debug)]
 pub(crate) struct Requests {
     pub upgrade: Arc<AtomicBool>,
+    /// SIGUSR2: a migration to a new process (see [`crate::migration`]).
+    pub migrate: Arc<AtomicBool>,
     pub shutdown: Arc<AtomicBool>,
     pub save: Arc<AtomicBool>,
     pub rx: UnixStream,
@@ -65,8 +74,9 @@ pub(crate) struct Requests {
 }
 
 impl Requests {
-    /// Installs the handlers: SIGHUP asks for an upgrade, SIGTERM and SIGINT
-    /// for a shutdown, SIGUSR1 for a snapshot saved to a file.
+    /// Installs the handlers: SIGHUP asks for an upgrade, SIGUSR2 for a
+    /// migration to a new process, SIGTERM and SIGINT for a shutdown,
+    /// SIGUSR1 for a snapshot saved to a file.
     ///
     /// One `socketpair` (non-blocking and close-on-exec from the start) and
     /// one `sigaction` per signal: the fewest syscalls that can fail.
@@ -74,10 +84,12 @@ impl Requests {
         let (rx, tx) = sys::wake_pair()?;
         let tx = Arc::new(tx);
         let upgrade = Arc::new(AtomicBool::new(false));
+        let migrate = Arc::new(AtomicBool::new(false));
         let shutdown = Arc::new(AtomicBool::new(false));
         let save = Arc::new(AtomicBool::new(false));
         for (sig, flag) in [
             (libc::SIGHUP, &upgrade),
+            (libc::SIGUSR2, &migrate),
             (libc::SIGTERM, &shutdown),
             (libc::SIGINT, &shutdown),
             (libc::SIGUSR1, &save),
@@ -86,6 +98,7 @@ impl Requests {
         }
         Ok(Self {
             upgrade,
+            migrate,
             shutdown,
             save,
             rx: UnixStream::from(rx),
@@ -108,7 +121,11 @@ impl Requests {
     /// signals held: they stay pending across the exec and reach the new
     /// image's handlers.
     pub(crate) fn re_raise_pending(&self) {
-        for (flag, sig) in [(&self.upgrade, libc::SIGHUP), (&self.save, libc::SIGUSR1)] {
+        for (flag, sig) in [
+            (&self.upgrade, libc::SIGHUP),
+            (&self.migrate, libc::SIGUSR2),
+            (&self.save, libc::SIGUSR1),
+        ] {
             // Raised with the signals held: pending, for the new image.
             if take(flag) {
                 let _ = sys::raise(sig);

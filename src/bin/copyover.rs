@@ -1,7 +1,8 @@
 //! copyover: the operator's tool for servers that upgrade in place.
 //!
 //! `copyover upgrade PID` sends SIGHUP and waits for the outcome,
-//! `copyover status PID` shows what a process runs, `copyover inspect FILE`
+//! `copyover migrate PID` sends SIGUSR2 (a migration to a new process) and
+//! waits for the new process's outcome, `copyover status PID` shows what a process runs, `copyover inspect FILE`
 //! shows a saved snapshot. It reads the status files the runtime writes
 //! (see `copyover::status`).
 
@@ -10,7 +11,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use copyover::status::{Outcome, Status, request_upgrade, start_ticks, status_dir, status_path};
+use copyover::status::{
+    Outcome, Status, request_migration, request_upgrade, start_ticks, status_dir, status_path,
+};
 use nix::errno::Errno;
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
@@ -26,6 +29,14 @@ const UPGRADE_EXIT: &str = "\
 Exit status: 0 upgrade complete, 1 refused or rolled back, 2 no outcome
 before the timeout, 3 PID is not an upgradable copyover process (or not
 yours), 64 bad usage.";
+
+/// Exit status of `copyover migrate`, for its `--help`.
+const MIGRATE_EXIT: &str = "\
+Prints the new process's PID and outcome on success.
+Exit status: 0 migration complete (the new process serves, the old one
+exited), 1 refused or rolled back (the old process serves on), 2 no
+outcome before the timeout, 3 PID is not a copyover process (or not yours),
+64 bad usage.";
 
 /// Bad usage: `EX_USAGE` from sysexits.h.
 const EXIT_USAGE: u8 = 64;
@@ -43,6 +54,16 @@ enum Command {
     /// Sends SIGHUP to PID and waits for the outcome (default 60 s).
     #[command(after_help = format!("{UPGRADE_EXIT}\n\n{STATUS_DIR_NOTE}"))]
     Upgrade {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// How long to wait for the outcome, in seconds.
+        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_timeout)]
+        timeout: Duration,
+    },
+    /// Sends SIGUSR2 to PID: it hands its clients and state to a new
+    /// process of the binary and exits; waits for the outcome (default 60 s).
+    #[command(after_help = format!("{MIGRATE_EXIT}\n\n{STATUS_DIR_NOTE}"))]
+    Migrate {
         #[command(flatten)]
         target: TargetArgs,
         /// How long to wait for the outcome, in seconds.
@@ -105,6 +126,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Upgrade { target, timeout } => upgrade(&Target::new(target, timeout)),
+        Command::Migrate { target, timeout } => migrate(&Target::new(target, timeout)),
         Command::Status { target } => status(&Target::new(target, Duration::ZERO)),
         Command::Inspect { file } => inspect(&file),
     };
@@ -241,6 +263,80 @@ fn upgrade(t: &Target) -> Result<ExitCode, Failure> {
                 t.timeout
             );
             return Ok(ExitCode::from(2));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn migrate(t: &Target) -> Result<ExitCode, Failure> {
+    let before = read_status(t)?;
+    request_migration(&before).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidData => Failure::Target(format!(
+            "{e}; the server died and its PID was reused: remove the stale status file"
+        )),
+        _ => Failure::Target(format!("cannot signal process {}: {e}", t.pid)),
+    })?;
+    let deadline = Instant::now() + t.timeout;
+    let path = status_path(&t.dir, t.pid);
+    let outcome = |path: &Path, after: u64| {
+        Status::read(path)
+            .ok()
+            .filter(|s| s.seq > after && s.outcome.ends_an_upgrade())
+    };
+    let timed_out = || {
+        println!(
+            "no outcome within {:?}: the migration may still be under way (see the server's log)",
+            t.timeout
+        );
+        Ok(ExitCode::from(2))
+    };
+    // The old process's outcome: `migrated` names the new process.
+    let to = loop {
+        // Read again after the process is gone: it writes `migrated`, then
+        // exits.
+        let gone = kill(Pid::from_raw(t.pid as i32), None) == Err(Errno::ESRCH);
+        match outcome(&path, before.seq) {
+            Some(Status {
+                outcome: Outcome::Migrated { to },
+                ..
+            }) => break to,
+            Some(other) => {
+                println!("{}", describe(&other));
+                return Ok(ExitCode::from(u8::from(!other.outcome.is_complete())));
+            }
+            None if gone => {
+                return Err(Failure::Target(format!(
+                    "process {} exited during the migration without an outcome",
+                    t.pid
+                )));
+            }
+            None => {}
+        }
+        if Instant::now() >= deadline {
+            return timed_out();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // The new process's own outcome, in its own status file.
+    let new_path = status_path(&t.dir, to);
+    loop {
+        let gone = kill(Pid::from_raw(to as i32), None) == Err(Errno::ESRCH);
+        if let Some(now) = outcome(&new_path, 0) {
+            println!(
+                "process {} migrated to process {to}: {}",
+                t.pid,
+                describe(&now)
+            );
+            return Ok(ExitCode::from(u8::from(!now.outcome.is_complete())));
+        }
+        if gone {
+            return Err(Failure::Target(format!(
+                "process {} handed over to process {to}, which exited before it reported",
+                t.pid
+            )));
+        }
+        if Instant::now() >= deadline {
+            return timed_out();
         }
         std::thread::sleep(Duration::from_millis(5));
     }

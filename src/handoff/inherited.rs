@@ -90,11 +90,30 @@ impl Inherited {
         tolerant: bool,
         claims: &sys::Claims,
     ) -> Result<Self, Error> {
-        use std::collections::hash_map::Entry;
         // Every number is claimed once per image (see `sys::Claims`): a
         // number used twice, or one the handoff itself uses (snapshot,
         // binary, exec record: claimed before), fails its claim.
-        let mut claims = claims.inherit_all(manifest.fds()).into_iter();
+        let claims = claims.inherit_all(manifest.fds());
+        Self::build(manifest, claims, tolerant)
+    }
+
+    /// The descriptors a migration's newcomer received (see
+    /// [`crate::migration`]), one for each fd of the manifest in its order
+    /// ([`Manifest::fds`]): owned from the start, under the numbers this
+    /// process got, with the manifest's names and kinds.
+    pub(crate) fn received(manifest: Manifest, fds: Vec<OwnedFd>) -> Result<Self, Error> {
+        Self::build(manifest, fds.into_iter().map(Ok).collect(), false)
+    }
+
+    /// The set from the manifest and its fds, one for each of
+    /// [`Manifest::fds`] in order (a missing one counts as not open).
+    fn build(
+        manifest: Manifest,
+        claims: Vec<std::io::Result<OwnedFd>>,
+        tolerant: bool,
+    ) -> Result<Self, Error> {
+        use std::collections::hash_map::Entry;
+        let mut claims = claims.into_iter();
         let mut set = Self::default();
         let Manifest { entries, groups } = manifest;
         set.fds.reserve(entries.len());

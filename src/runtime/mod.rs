@@ -132,6 +132,14 @@ pub struct Copyover<S> {
     pub(crate) activated: Activated,
     /// The helper thread: the probe, reaping the holder.
     worker: Worker,
+    /// The request under way is a migration (SIGUSR2), not an exec.
+    migrating: bool,
+    /// A migration's new process, started once the probe approved it.
+    newcomer: Option<crate::migration::Newcomer>,
+    /// In a migration's new process until `ready`: the way to the old one.
+    pub(crate) arrival: Option<crate::migration::Arrival>,
+    /// The process this one took over from by a migration.
+    pub(crate) migrated_from: Option<u32>,
     /// The state type; `fn() -> S` so that the handle is `Send` and `Sync`
     /// whatever `S` is (it holds no `S`).
     state: PhantomData<fn() -> S>,
@@ -177,6 +185,10 @@ impl<S> Copyover<S> {
             payload_hint: 0,
             activated: Activated::default(),
             worker,
+            migrating: false,
+            newcomer: None,
+            arrival: None,
+            migrated_from: None,
             state: PhantomData,
         }
     }
@@ -235,6 +247,25 @@ impl<S> Copyover<S> {
             .upgrade
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.requests.wake();
+    }
+
+    /// Asks for a migration to a new process, as SIGUSR2 does (see
+    /// [`crate::migration`]): the same events and `upgrade` calls as an
+    /// upgrade, and on success this process exits.
+    pub fn request_migration(&self) {
+        self.requests
+            .migrate
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.requests.wake();
+    }
+
+    /// The PID of the process this one took over from by a migration, or
+    /// `None` (a first start, an upgrade, a rollback). What a server must
+    /// not carry over from that process is known by it: an epoll instance
+    /// kept in the handoff, say, whose registrations name the old
+    /// process's fd numbers (make a new one and register what you took).
+    pub fn migrated_from(&self) -> Option<u32> {
+        self.migrated_from
     }
 
     fn log_refused(&self, reason: &str) {

@@ -127,6 +127,40 @@ fn reap_holder(worker: &Worker, pid: i32) {
 }
 
 impl<S> Copyover<S> {
+    /// `ready` in a migration's new process: the old process's `go` (or its
+    /// end) first, then this process serves, and reports `complete`, and
+    /// tells systemd it is the main process now.
+    fn arrived(&mut self, arrival: crate::migration::Arrival, now: u64) {
+        arrival.confirm();
+        // Only now: until `go`, the old process may still serve these
+        // connections (a TLS session seals nothing here before).
+        IMAGE_READY.store(true, Ordering::Release);
+        let serving = monotonic_ns();
+        crate::notify::notify(&format!("MAINPID={}", std::process::id()));
+        let h = &arrival.header;
+        let outcome = Outcome::Complete {
+            from: h.writer_version.clone(),
+            to: self.config.version.clone(),
+            generation: self.generation,
+            blackout_ms: ms(serving.saturating_sub(h.committed_at_ns)),
+            phases: Phases {
+                total_ms: Some(ms(serving.saturating_sub(h.requested_at_ns))),
+                // For a migration: the hand-over, from the commit to the
+                // last descriptor received.
+                exec_ms: Some(ms(arrival.received_ns.saturating_sub(h.committed_at_ns))),
+                restore_ms: Some(ms(arrival.restored_ns.saturating_sub(arrival.received_ns))),
+                adopt_ms: Some(ms(now.saturating_sub(arrival.restored_ns))),
+                unheld_ms: None,
+            },
+        };
+        tracing::debug!(
+            from_pid = arrival.from,
+            boot_ns = arrival.boot_ns,
+            "took over by a migration"
+        );
+        self.report_later(outcome, 0.0, false);
+    }
+
     /// Declares this image ready: the inherited descriptors are claimed and
     /// registered. Disarms the rollback and the readiness deadline, and
     /// reports the outcome (`upgrade complete` with the versions, the
@@ -148,6 +182,10 @@ impl<S> Copyover<S> {
         }
         let now = monotonic_ns();
         self.ready = true;
+        if let Some(arrival) = self.arrival.take() {
+            self.arrived(arrival, now);
+            return Ok(());
+        }
         let Some(r) = self.resume.take() else {
             IMAGE_READY.store(true, Ordering::Release);
             self.report_started();

@@ -18,21 +18,86 @@ impl<S> Copyover<S> {
             Some(Settled::Approved { to_version }) => {
                 let probe_ms = ms(since_request.as_nanos() as u64);
                 tracing::debug!(phase = "probe", probe_ms, %to_version, "the new binary accepted the snapshot");
-                return Some(Event::UpgradeApproved);
+                if !self.migrating {
+                    return Some(Event::UpgradeApproved);
+                }
+                if let Err(e) = self.start_newcomer() {
+                    return Some(self.refuse_migration(e));
+                }
             }
             Some(Settled::Refused { reason }) => {
+                self.migrating = false;
                 let reason = UpgradeError::Probe { reason }.to_string();
                 self.log_refused(&reason);
                 return Some(Event::UpgradeRefused { reason });
             }
             None => {}
         }
+        // A migration is approved once its new process is in its `boot`.
+        if let Some(n) = &mut self.newcomer
+            && !n.greeted()
+        {
+            match n.greeting(self.config.probe_timeout) {
+                Ok(true) => return Some(Event::UpgradeApproved),
+                Ok(false) => {}
+                Err(reason) => {
+                    let pid = n.pid();
+                    return Some(self.refuse_migration(UpgradeError::Migration { pid, reason }));
+                }
+            }
+        }
         self.poll_signals()
     }
 
+    /// Ends a migration before its commit: the new process killed, the
+    /// refusal reported.
+    fn refuse_migration(&mut self, e: UpgradeError) -> Event {
+        self.phase = Phase::Idle;
+        self.migrating = false;
+        self.newcomer = None;
+        let reason = e.to_string();
+        self.log_refused(&reason);
+        Event::UpgradeRefused { reason }
+    }
+
+    /// A migration's new process, started from the probed binary as soon
+    /// as the probe approved it: it loads and starts while this process
+    /// still serves, and waits in its `boot` for the commit.
+    fn start_newcomer(&mut self) -> Result<(), UpgradeError> {
+        let Phase::Approved { exe, .. } = &self.phase else {
+            return Ok(());
+        };
+        let newcomer = crate::migration::Newcomer::start(exe, &self.argv).map_err(|source| {
+            UpgradeError::Io {
+                what: "start the new process",
+                source,
+            }
+        })?;
+        tracing::debug!(
+            newcomer = newcomer.pid(),
+            "migration: the new process is starting"
+        );
+        newcomer
+            .watch(
+                &self.worker,
+                self.requests.tx.clone(),
+                self.config.probe_timeout,
+            )
+            .map_err(|source| UpgradeError::Io {
+                what: "watch the new process",
+                source,
+            })?;
+        self.newcomer = Some(newcomer);
+        Ok(())
+    }
+
     fn poll_signals(&mut self) -> Option<Event> {
-        if signal::take(&self.requests.upgrade) {
+        let upgrade = signal::take(&self.requests.upgrade);
+        let migrate = signal::take(&self.requests.migrate);
+        if upgrade || migrate {
             if matches!(self.phase, Phase::Idle) {
+                // Both at once: the upgrade, which needs no new process.
+                self.migrating = !upgrade;
                 self.requested_at_ns = monotonic_ns();
                 crate::notify::notify(&format!(
                     "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=upgrading",
@@ -76,7 +141,18 @@ impl<S> Copyover<S> {
         let result = self.advance(state, keep);
         if let Err(e) = &result {
             self.phase = Phase::Idle;
-            self.log_refused(&e.to_string());
+            self.migrating = false;
+            // A migration's new process that did not take over is killed.
+            self.newcomer = None;
+            if let UpgradeError::Migration { .. } = e {
+                let elapsed = ms(monotonic_ns().saturating_sub(self.requested_at_ns));
+                let outcome = Outcome::RolledBack {
+                    reason: e.to_string(),
+                };
+                self.report_later(outcome, elapsed, false);
+            } else {
+                self.log_refused(&e.to_string());
+            }
         }
         result
     }
@@ -146,6 +222,39 @@ impl<S> Copyover<S> {
             }
             Phase::Approved {
                 to_version,
+                prepared,
+                exe: exe_of_approved,
+            } if self.migrating => {
+                if !self.newcomer.as_ref().is_some_and(|n| n.greeted()) {
+                    // Not approved yet: its new process is still starting.
+                    self.phase = Phase::Approved {
+                        to_version,
+                        exe: exe_of_approved,
+                        prepared,
+                    };
+                    return Ok(Progress::Probing);
+                }
+                let newcomer = self.newcomer.take().ok_or_else(|| UpgradeError::Handoff {
+                    reason: "the migration's new process was not started".into(),
+                })?;
+                tracing::debug!(%to_version, fds = manifest.len(), newcomer = newcomer.pid(), "handing over to the new process");
+                let reporter = self.reporter(0.0, false);
+                Err(crate::migration::hand_over(
+                    state,
+                    crate::migration::HandOver {
+                        header,
+                        manifest,
+                        newcomer,
+                        draft: prepared.draft,
+                        payload_hint: self.payload_hint,
+                        requests: &self.requests,
+                        ready_timeout: self.config.ready_timeout,
+                        reporter,
+                    },
+                ))
+            }
+            Phase::Approved {
+                to_version,
                 exe,
                 prepared,
             } => {
@@ -178,6 +287,8 @@ impl<S> Copyover<S> {
     /// [`Quiesce::pause`](crate::tokio::Quiesce::pause) returns
     /// `Unpaused`). Does nothing if no upgrade is under way.
     pub fn abandon(&mut self, reason: &str) {
+        self.newcomer = None;
+        self.migrating = false;
         if !self.phase.abandon() {
             return;
         }

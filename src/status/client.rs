@@ -31,6 +31,21 @@ pub fn start_ticks(pid: u32) -> io::Result<u64> {
 /// not the one that wrote the status (its PID was reused), or the error of
 /// `pidfd_open` / `pidfd_send_signal` (`EPERM`: another user's process).
 pub fn request_upgrade(status: &Status) -> io::Result<()> {
+    signal_checked(status, libc::SIGHUP)
+}
+
+/// Asks the process a status file describes for a migration to a new
+/// process (SIGUSR2; see [`crate::migration`]), under the same checks as
+/// [`request_upgrade`].
+///
+/// # Errors
+///
+/// As [`request_upgrade`].
+pub fn request_migration(status: &Status) -> io::Result<()> {
+    signal_checked(status, libc::SIGUSR2)
+}
+
+fn signal_checked(status: &Status, sig: libc::c_int) -> io::Result<()> {
     let pid = i32::try_from(status.pid)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "not a PID"))?;
     let pidfd = crate::sys::pidfd_open(pid)?;
@@ -45,5 +60,5 @@ pub fn request_upgrade(status: &Status) -> io::Result<()> {
         ));
     }
     use std::os::fd::AsFd;
-    crate::sys::pidfd_signal(pidfd.as_fd(), libc::SIGHUP)
+    crate::sys::pidfd_signal(pidfd.as_fd(), sig)
 }

@@ -60,6 +60,7 @@ impl Status {
         let mut format = None;
         let (mut word, mut from, mut reason) = (String::new(), String::new(), String::new());
         let mut blackout_ms = 0.0;
+        let mut migrated_to = 0;
         let mut phases = Phases::default();
         for line in text.lines() {
             let Some((k, v)) = line.split_once('=') else {
@@ -85,6 +86,7 @@ impl Status {
                 "adopt_ms" => phases.adopt_ms = ms(),
                 "unheld_ms" => phases.unheld_ms = ms(),
                 "reason" => reason = v.into(),
+                "migrated_to" => migrated_to = num() as u32,
                 "updated_at" => s.updated_at = num(),
                 _ => {}
             }
@@ -106,6 +108,7 @@ impl Status {
             },
             "refused" => Outcome::Refused { reason },
             "rolled back" => Outcome::RolledBack { reason },
+            "migrated" if migrated_to > 0 => Outcome::Migrated { to: migrated_to },
             other => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -150,6 +153,9 @@ impl Status {
             if let Some(v) = value {
                 let _ = writeln!(text, "{key}={v:.3}");
             }
+        }
+        if let Outcome::Migrated { to } = self.outcome {
+            let _ = writeln!(text, "migrated_to={to}");
         }
         let _ = write!(
             text,

@@ -94,7 +94,7 @@ mod safe_io;
 #[cfg(test)]
 mod tests;
 
-pub use client::{request_upgrade, start_ticks};
+pub use client::{request_migration, request_upgrade, start_ticks};
 pub use file::{Status, read};
 pub use outcome::{Outcome, Phases};
 pub(crate) use report::{Reporter, report};

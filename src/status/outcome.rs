@@ -32,9 +32,18 @@ pub enum Outcome {
         reason: String,
     },
     /// The new image failed; the old binary runs again (`rolled back`).
+    /// After a failed migration: the new process was killed and this one
+    /// serves on.
     RolledBack {
         /// Why the new image failed.
         reason: String,
+    },
+    /// This process handed everything to a new process and exited
+    /// (`migrated`; see [`crate::migration`]). The new process reports its
+    /// own `complete` in its own status file.
+    Migrated {
+        /// The new process.
+        to: u32,
     },
 }
 
@@ -61,18 +70,20 @@ pub struct Phases {
 }
 
 impl Outcome {
-    /// The word the status file uses: `started`, `complete`, `refused` or
-    /// `rolled back`.
+    /// The word the status file uses: `started`, `complete`, `refused`,
+    /// `rolled back` or `migrated`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Outcome::Started => "started",
             Outcome::Complete { .. } => "complete",
             Outcome::Refused { .. } => "refused",
             Outcome::RolledBack { .. } => "rolled back",
+            Outcome::Migrated { .. } => "migrated",
         }
     }
 
-    /// Whether it ends an upgrade (complete, refused or rolled back).
+    /// Whether it ends an upgrade (complete, refused, rolled back or
+    /// migrated).
     pub fn ends_an_upgrade(&self) -> bool {
         !matches!(self, Outcome::Started)
     }
@@ -100,6 +111,7 @@ impl Outcome {
             ),
             Outcome::Refused { reason } => format!("upgrade refused: {reason}"),
             Outcome::RolledBack { reason } => format!("upgrade rolled back: {reason}"),
+            Outcome::Migrated { to } => format!("migrated to process {to}"),
         }
     }
 

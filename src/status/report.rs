@@ -61,7 +61,14 @@ pub(crate) fn report(outcome: Outcome, who: &Reporter) {
     } else {
         String::new()
     };
-    crate::notify::notify(&format!("{mainpid}READY=1\nSTATUS={status_text}"));
+    match &outcome {
+        // The new process is the service's main process now; it says
+        // READY=1 itself.
+        Outcome::Migrated { to } => {
+            crate::notify::notify(&format!("MAINPID={to}\nSTATUS={status_text}"));
+        }
+        _ => crate::notify::notify(&format!("{mainpid}READY=1\nSTATUS={status_text}")),
+    }
     let (generation, version) = (who.generation, who.version.as_str());
     let ms = |v: Option<f64>| v.unwrap_or(0.0);
     match outcome {
@@ -105,5 +112,12 @@ pub(crate) fn report(outcome: Outcome, who: &Reporter) {
                 "serving again after the rollback"
             );
         }
+        Outcome::Migrated { to } => tracing::info!(
+            target: TARGET,
+            generation,
+            version = %version,
+            to_pid = to,
+            "migrated to process {to}: exiting"
+        ),
     }
 }

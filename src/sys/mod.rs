@@ -18,7 +18,8 @@
 //! - `time`: the monotonic clock and `ITIMER_REAL`;
 //! - [`memfd`]: creating, sealing, checking and mapping memory files;
 //! - [`signal`]: handlers, the wake-up pair, signal masks, SIGALRM;
-//! - [`socket`]: what a socket is, `shutdown`, sending descriptors;
+//! - [`socket`]: what a socket is, `shutdown`, sending and receiving
+//!   descriptors;
 //! - [`process`]: killing and reaping by PID, thread and user ids;
 //! - [`rollback`] and [`holder`]: the async-signal-safe rollback and the
 //!   child that holds the old image;
@@ -41,7 +42,7 @@ pub(crate) use memfd::{
 pub(crate) use process::on_main_thread;
 pub(crate) use process::{
     check_executable, effective_uid, has_exited, kill, kill_group, real_uid, reap,
-    reap_exited_children,
+    reap_exited_children, signal_child,
 };
 #[cfg(all(test, feature = "tokio"))]
 pub(crate) use signal::is_blocked;
@@ -50,7 +51,8 @@ pub(crate) use signal::{
     restore_mask, unblock_signals, wake_pair, wake_socket,
 };
 pub(crate) use socket::{
-    is_listening, send_with_fds, shutdown, socket_domain, socket_info, socket_protocol, socket_type,
+    MAX_FDS_PER_MESSAGE, is_listening, recv_message, send_message, send_with_fds, seqpacket_pair,
+    set_send_timeout, shutdown, socket_domain, socket_info, socket_protocol, socket_type,
 };
 
 use std::ffi::OsStr;

@@ -19,6 +19,14 @@ pub(crate) fn kill(pid: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Sends `sig` to process `pid`: only a child of ours, under the same rule
+/// as [`kill`].
+pub(crate) fn signal_child(pid: i32, sig: libc::c_int) -> io::Result<()> {
+    let sig = nix::sys::signal::Signal::try_from(sig)?;
+    nix::sys::signal::kill(Pid::from_raw(pid), sig)?;
+    Ok(())
+}
+
 /// Whether child `pid` has exited, without reaping it: while it is a
 /// zombie, its PID (and a process group it leads) cannot be reused.
 pub(crate) fn has_exited(pid: i32) -> io::Result<bool> {

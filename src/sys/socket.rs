@@ -1,9 +1,10 @@
 //! Sockets at the system level: what an inherited descriptor is (read
 //! with `getsockopt` on its raw number, before anyone owns it), a
-//! `shutdown`, and a datagram that carries descriptors (`SCM_RIGHTS`).
+//! `shutdown`, a datagram that carries descriptors (`SCM_RIGHTS`), and the
+//! socket pair a migration passes its descriptors over.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::SocketAddr;
 
 use super::syscall;
@@ -115,6 +116,111 @@ pub(crate) fn send_with_fds(
         &cmsg,
         MsgFlags::MSG_NOSIGNAL,
         Some(&addr),
+    )?;
+    Ok(())
+}
+
+/// The most descriptors one `SCM_RIGHTS` message carries (the kernel's
+/// `SCM_MAX_FD`).
+pub(crate) const MAX_FDS_PER_MESSAGE: usize = 253;
+
+/// A connected pair of `SOCK_SEQPACKET` Unix sockets, both close-on-exec:
+/// messages keep their bounds, and the pair is private to whoever holds its
+/// ends (no path, no peer to check).
+pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    Ok(socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
+}
+
+/// Sends one message on a connected socket, with `fds` attached
+/// (`SCM_RIGHTS`, at most [`MAX_FDS_PER_MESSAGE`]). `MSG_NOSIGNAL`: a peer
+/// that is gone is `EPIPE`, not SIGPIPE.
+pub(crate) fn send_message(sock: BorrowedFd<'_>, message: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let iov = [io::IoSlice::new(message)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsg: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
+    let sent = sendmsg::<()>(sock.as_raw_fd(), &iov, cmsg, MsgFlags::MSG_NOSIGNAL, None)?;
+    if sent != message.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("sent {sent} of {} bytes", message.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Receives one message on a connected socket into `buf`, and the
+/// descriptors it carries into `fds`, close-on-exec from the start
+/// (`MSG_CMSG_CLOEXEC`). `Ok(0)` with no descriptors: the peer is gone.
+///
+/// # Errors
+///
+/// `recvmsg`'s error; `InvalidData` if the message or its descriptors did
+/// not fit (`MSG_TRUNC`, `MSG_CTRUNC`: the kernel closed the descriptors
+/// it could not install, for instance at the `RLIMIT_NOFILE` limit).
+pub(crate) fn recv_message(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = loop {
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::errno::Errno::EINTR) => {}
+            other => break other?,
+        }
+    };
+    let (bytes, flags) = (msg.bytes, msg.flags);
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: the kernel has just installed these descriptors in
+            // this process's table for this call alone: nothing else knows
+            // their numbers, so each gets exactly one owner here.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    if flags.intersects(MsgFlags::MSG_CTRUNC | MsgFlags::MSG_TRUNC) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a message or its descriptors did not fit (MSG_TRUNC or MSG_CTRUNC): \
+             the descriptors that could not be installed were closed by the kernel; \
+             check RLIMIT_NOFILE",
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Sets how long a blocking send on `sock` may wait (`SO_SNDTIMEO`); after
+/// it, the send fails with `EAGAIN`.
+pub(crate) fn set_send_timeout(
+    sock: BorrowedFd<'_>,
+    timeout: std::time::Duration,
+) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt::SendTimeout};
+    use nix::sys::time::TimeVal;
+    let micros = i64::try_from(timeout.as_micros())
+        .unwrap_or(i64::MAX)
+        .max(1);
+    setsockopt(
+        &sock,
+        SendTimeout,
+        &TimeVal::new(micros / 1_000_000, micros % 1_000_000),
     )?;
     Ok(())
 }

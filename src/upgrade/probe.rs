@@ -223,30 +223,11 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
     };
     drop(spec.payload);
     warn_unkept_listeners(&spec.manifest);
-    let mut cmd = Command::new(spec.exe.proc_path());
-    if spec.exe.script {
-        use std::os::fd::AsRawFd;
-        crate::sys::keep_fd_in_child(&mut cmd, spec.exe.fd.as_raw_fd());
-    }
-    {
-        use std::os::unix::ffi::OsStrExt;
-        use std::os::unix::process::CommandExt;
-        if let Some(argv0) = spec.argv.first() {
-            cmd.arg0(OsStr::from_bytes(argv0.as_bytes()));
-        }
-        cmd.args(
-            spec.argv
-                .iter()
-                .skip(1)
-                .map(|a| OsStr::from_bytes(a.as_bytes())),
-        );
-    }
+    let mut cmd = command(&spec.exe, &spec.argv, &spec.env);
     // Its own process group: a wrapper script's children (the real binary,
     // a `sleep`) are killed with it, not left behind.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    cmd.env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str())))
-        .env(PROBE_VAR, &nonce)
+    cmd.env(PROBE_VAR, &nonce)
         .stdin(Stdio::from(snapshot))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -287,6 +268,27 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
         verdict,
         prepared: Prepared { draft, record },
     }
+}
+
+/// The new binary as a command: executed from the probed descriptor (a
+/// script's too: its interpreter reads `/dev/fd/N`), with this image's
+/// arguments and exactly `env`. The probe and a migration's newcomer start
+/// this way.
+pub(crate) fn command(exe: &Executable, argv: &[CString], env: &[(OsString, OsString)]) -> Command {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(exe.proc_path());
+    if exe.script {
+        use std::os::fd::AsRawFd;
+        crate::sys::keep_fd_in_child(&mut cmd, exe.fd.as_raw_fd());
+    }
+    if let Some(argv0) = argv.first() {
+        cmd.arg0(OsStr::from_bytes(argv0.as_bytes()));
+    }
+    cmd.args(argv.iter().skip(1).map(|a| OsStr::from_bytes(a.as_bytes())));
+    cmd.env_clear()
+        .envs(env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str())));
+    cmd
 }
 
 /// Warns about listening sockets that an upgrade would close (docs/design.md's
@@ -361,7 +363,7 @@ fn judge(answer: Answer, ended: Result<ExitStatus, String>, stderr: &Stderr) -> 
 }
 
 /// How a child ended, in words.
-fn describe(status: ExitStatus) -> String {
+pub(crate) fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("it exited with status {code}"),

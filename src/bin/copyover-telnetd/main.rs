@@ -302,7 +302,12 @@ fn run(args: Args) -> Result<(), BoxError> {
                 state.connect_as(id, "The server restarted.\r\n");
                 streams.insert(id, (s, false));
             }
-            let epoll = fds.take_fd(EPOLL)?.map(Epoll);
+            // After a migration, the kept instance's registrations name
+            // the old process's fd numbers: a new one registers ours.
+            let epoll = fds
+                .take_fd(EPOLL)?
+                .filter(|_| co.migrated_from().is_none())
+                .map(Epoll);
             (state, listener, streams, epoll, Some((fds, tls_streams)))
         }
     };

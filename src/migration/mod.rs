@@ -1,0 +1,173 @@
+//! Migration to a new process: the same handoff as an upgrade, given to a
+//! new process beside the old one instead of to the same PID after an exec.
+//!
+//! # Why
+//!
+//! An exec cannot change what a process is: its cgroup, its user, its
+//! namespaces, its limits. A migration starts a **new process** (the old
+//! one's child, through the binary's path, so a wrapper script may change
+//! any of those) and hands it every kept descriptor and the state; the old
+//! process exits once the new one is ready.
+//!
+//! # The sequence
+//!
+//! It asks nothing new of the application: SIGUSR2 (or
+//! [`Copyover::request_migration`](crate::Copyover::request_migration), or
+//! `copyover migrate PID`) gives the same [`Event::Upgrade`] and
+//! [`Event::UpgradeApproved`] as SIGHUP, and the same
+//! [`Copyover::upgrade`](crate::Copyover::upgrade) calls answer them.
+//!
+//! 1. **Probe**, exactly as for an upgrade: a binary that cannot read this
+//!    state is refused before anything else happens.
+//! 2. **The newcomer starts** as soon as the probe said yes: it runs until
+//!    its `boot`, which says `hello` and waits on a private socket pair
+//!    (`SOCK_SEQPACKET`; one end is inherited by the child alone, so
+//!    nothing else can connect). [`Event::UpgradeApproved`] comes only
+//!    after that `hello`: the new process's loading and start-up happen
+//!    while the old process still serves, outside the blackout. One that
+//!    does not reach `boot` within `Config::probe_timeout` is refused.
+//! 3. **Commit** (the second `upgrade` call): the state is sealed into a
+//!    memfd as for an exec, and the memfd and every kept descriptor go over
+//!    the socket (`SCM_RIGHTS`, at most 253 a message, received
+//!    close-on-exec). The old process closes nothing and executes nothing.
+//! 4. The newcomer's `boot` checks the snapshot and returns
+//!    [`Start::Resumed`](crate::Start::Resumed) with the state and the
+//!    descriptors, as after an exec. Its [`ready`](crate::Copyover::ready)
+//!    says `ready` and waits for the old process's `go`.
+//! 5. The old process answers `go`, tells systemd `MAINPID=` of the
+//!    newcomer, writes `migrated` to its status file, and exits.
+//!
+//! # When it fails
+//!
+//! Until it sends `go`, the old process owns every client: it never closed
+//! a descriptor and the newcomer has served no one (it is waiting in
+//! `ready`). A newcomer that refuses (its `boot` failed), dies, or is not
+//! ready within the old process's `Config::ready_timeout` from the commit
+//! is killed, and the old process serves on, with its state as it was:
+//! `upgrade` returns [`UpgradeError::Migration`](crate::UpgradeError::Migration)
+//! and the outcome is `rolled back`. An old process that dies after handing
+//! over (SIGKILL) leaves the newcomer serving: its `ready` sees the socket
+//! end and takes over.
+//!
+//! Both processes hold the same open files until the old one exits, and a
+//! read by either consumes the same bytes: like an upgraded image, a
+//! newcomer reads and writes nothing on an adopted descriptor before
+//! `ready` (a TLS session crossing with [`crate::tls`] refuses to).
+//!
+//! # The migration variable, version 1
+//!
+//! `COPYOVER_MIGRATE=1:socket=FD:from=PID`, set by the old process for
+//! its newcomer only, removed by `boot` at once.
+//!
+//! * `socket`: the newcomer's end of the socket pair.
+//! * `from`: the old process.
+//!
+//! # The protocol, version 1
+//!
+//! Messages on the socket pair, one `SOCK_SEQPACKET` message each, ASCII:
+//!
+//! | From | Message | Descriptors |
+//! |---|---|---|
+//! | new | `hello 1`, as its `boot` starts | none |
+//! | old | `snapshot 1 COUNT` | the sealed snapshot memfd |
+//! | old | `fds` | up to 253 of the manifest's, in its order, until COUNT came |
+//! | new | `ready`, or `fail REASON` | none |
+//! | old | `go` | none |
+//!
+//! The end of the socket is an answer too: before `ready`, the newcomer
+//! died; after it, the old process did (the newcomer serves).
+
+mod arrival;
+mod departure;
+
+pub(crate) use arrival::{Arrival, arrive};
+pub(crate) use departure::{HandOver, Newcomer, hand_over};
+
+use crate::error::Error;
+
+/// The newcomer is in its `boot`.
+const HELLO: &[u8] = b"hello 1";
+/// The first message's word and the protocol's version.
+const SNAPSHOT: &str = "snapshot 1";
+/// A batch of descriptors.
+const FDS: &[u8] = b"fds";
+/// The newcomer is ready.
+const READY: &[u8] = b"ready";
+/// The newcomer could not take over; a reason follows.
+const FAIL: &str = "fail ";
+/// The old process hands over for good.
+const GO: &[u8] = b"go";
+/// The longest message.
+const MAX_MESSAGE: usize = 4096;
+
+/// The parsed migration variable (see the [module docs](self#the-migration-variable-version-1)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MigrateVar {
+    pub socket: std::os::fd::RawFd,
+    pub from: u32,
+}
+
+impl MigrateVar {
+    pub(crate) fn format(&self) -> String {
+        format!("1:socket={}:from={}", self.socket, self.from)
+    }
+
+    pub(crate) fn parse(value: &str) -> Result<MigrateVar, Error> {
+        let bad = |reason: &str| Error::HandoffVar {
+            var: crate::env::MIGRATE_VAR,
+            value: value.into(),
+            reason: reason.into(),
+        };
+        let rest = value
+            .strip_prefix("1:")
+            .ok_or_else(|| bad("not version 1"))?;
+        let (mut socket, mut from) = (None, None);
+        for part in rest.split(':') {
+            match part.split_once('=') {
+                Some(("socket", v)) => socket = v.parse().ok().filter(|fd| *fd >= 0),
+                Some(("from", v)) => from = v.parse().ok().filter(|pid| *pid > 0),
+                _ => return Err(bad(&format!("unknown field {part:?}"))),
+            }
+        }
+        Ok(MigrateVar {
+            socket: socket.ok_or_else(|| bad("no socket=FD"))?,
+            from: from.ok_or_else(|| bad("no from=PID"))?,
+        })
+    }
+}
+
+/// Reads the migration variable, if it is set. Whether this process is
+/// the newcomer is then the socket's to say: it must be an inherited
+/// `SOCK_SEQPACKET` socket (see `arrive`). A wrapper may start the binary
+/// through a fork of its own (a new PID namespace, say): the socket is what
+/// it inherits, not the parent's PID.
+pub(crate) fn read_var() -> Result<Option<MigrateVar>, Error> {
+    let Some(value) = std::env::var_os(crate::env::MIGRATE_VAR) else {
+        return Ok(None);
+    };
+    MigrateVar::parse(&value.to_string_lossy()).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_variable_reads_back_and_refuses_what_it_does_not_know() {
+        let v = MigrateVar {
+            socket: 7,
+            from: 42,
+        };
+        assert_eq!(MigrateVar::parse(&v.format()).unwrap(), v);
+        for bad in [
+            "2:socket=7:from=42",
+            "1:socket=7",
+            "1:from=42",
+            "1:socket=-1:from=42",
+            "1:socket=7:from=0",
+            "1:socket=7:from=42:extra=1",
+        ] {
+            assert!(MigrateVar::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

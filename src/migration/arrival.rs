@@ -37,7 +37,7 @@ impl Arrival {
         if let Err(e) = sys::send_message(self.sock.as_fd(), READY, &[]) {
             tracing::warn!(
                 from = self.from,
-                "could not tell process {} this one is ready ({e}); serving",
+                "process {} ended without handing over for good (telling it this one is ready: {e}); serving its clients",
                 self.from
             );
             return false;
@@ -102,7 +102,11 @@ pub(crate) fn arrive<S: AppState>(
             Ok((co, start))
         }
         Err(e) => {
-            let text = format!("{FAIL}{e}");
+            let why = match &e {
+                Error::Arrival { reason, .. } => reason.clone(),
+                other => other.to_string(),
+            };
+            let text = format!("{FAIL}{why}");
             let mut bytes = text.into_bytes();
             bytes.truncate(MAX_MESSAGE);
             let _ = sys::send_message(sock.as_fd(), &bytes, &[]);

@@ -94,10 +94,8 @@ impl Newcomer {
             }
             return Ok(false);
         }
-        let mut buf = [0u8; MAX_MESSAGE];
-        let mut fds = Vec::new();
-        let n = sys::recv_message(self.sock.as_fd(), &mut buf, &mut fds).unwrap_or(0);
-        match &buf[..n] {
+        let message = self.read_message().unwrap_or_default();
+        match message.as_slice() {
             [] => Err(self.how_it_ended()),
             m if m == HELLO => {
                 self.greeted = true;
@@ -143,7 +141,6 @@ impl Newcomer {
 
     /// Waits for `ready` until `deadline`; says why not otherwise.
     fn wait_ready(&mut self, deadline: Instant, timeout: Duration) -> Result<(), String> {
-        let mut buf = vec![0u8; MAX_MESSAGE];
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -157,19 +154,51 @@ impl Newcomer {
                 Ok(true) => {}
                 Err(e) => return Err(format!("could not wait for it: {e}")),
             }
-            let mut fds = Vec::new();
-            let n = match sys::recv_message(self.sock.as_fd(), &mut buf, &mut fds) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => 0,
+            let message = match self.read_message() {
+                Ok(m) => m,
                 Err(e) => return Err(format!("could not read its answer: {e}")),
             };
-            let message = &buf[..n];
-            return match message {
+            return match message.as_slice() {
                 [] => Err(self.how_it_ended()),
                 m if m == READY => Ok(()),
                 m => Err(answer_error(m)),
             };
         }
+    }
+
+    /// A message waiting to be read, in words: a newcomer that cannot take
+    /// what it is sent says why (`fail REASON`) and exits while the sending
+    /// goes on.
+    fn last_word(&self) -> Option<String> {
+        if !matches!(
+            sys::wait_readable(self.sock.as_fd(), Duration::ZERO),
+            Ok(true)
+        ) {
+            return None;
+        }
+        let message = self.read_message().ok()?;
+        (!message.is_empty()).then(|| answer_error(&message))
+    }
+
+    /// Reads one message (empty: the socket's end). A newcomer that exits
+    /// with messages of ours unread leaves `ECONNRESET` on our end, which
+    /// the kernel reports once, before the messages it sent: read past it.
+    fn read_message(&self) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut fds = Vec::new();
+        let read =
+            |buf: &mut [u8], fds: &mut Vec<OwnedFd>| sys::recv_message(self.sock.as_fd(), buf, fds);
+        let n = match read(&mut buf, &mut fds) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                match sys::wait_readable(self.sock.as_fd(), Duration::ZERO) {
+                    Ok(true) => read(&mut buf, &mut fds).or(Ok(0)),
+                    _ => Ok(0),
+                }
+            }
+            other => other,
+        }?;
+        buf.truncate(n);
+        Ok(buf)
     }
 
     /// Why the socket ended: the newcomer's exit status, once it is reaped
@@ -264,9 +293,11 @@ pub(crate) fn hand_over<S: serde::Serialize>(state: &S, h: HandOver<'_>) -> Upgr
         });
     drop(memfd);
     if let Err(e) = sent {
-        let ended = match e.raw_os_error() {
-            Some(libc::EPIPE | libc::ECONNRESET) => newcomer.how_it_ended(),
-            _ => format!("the hand-over failed: {e}"),
+        // Its `fail REASON`, if it said why before it went away.
+        let ended = match (newcomer.last_word(), e.raw_os_error()) {
+            (Some(said), _) => said,
+            (None, Some(libc::EPIPE | libc::ECONNRESET)) => newcomer.how_it_ended(),
+            (None, _) => format!("the hand-over failed: {e}"),
         };
         return failed(ended);
     }

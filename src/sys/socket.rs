@@ -184,6 +184,16 @@ pub(crate) fn recv_message(
         }
     };
     let (bytes, flags) = (msg.bytes, msg.flags);
+    // Checked first: with MSG_CTRUNC the kernel installed what fit and
+    // closed the rest, and nix gives none of them back (they stay open,
+    // close-on-exec, in a process that is about to fail anyway).
+    if flags.intersects(MsgFlags::MSG_CTRUNC | MsgFlags::MSG_TRUNC) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a message or its descriptors did not fit (MSG_TRUNC or MSG_CTRUNC): \
+             the kernel closed the descriptors it could not install; check RLIMIT_NOFILE",
+        ));
+    }
     for cmsg in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(raw) = cmsg {
             // SAFETY: the kernel has just installed these descriptors in
@@ -194,14 +204,6 @@ pub(crate) fn recv_message(
                     .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
             );
         }
-    }
-    if flags.intersects(MsgFlags::MSG_CTRUNC | MsgFlags::MSG_TRUNC) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "a message or its descriptors did not fit (MSG_TRUNC or MSG_CTRUNC): \
-             the descriptors that could not be installed were closed by the kernel; \
-             check RLIMIT_NOFILE",
-        ));
     }
     Ok(bytes)
 }

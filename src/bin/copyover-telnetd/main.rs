@@ -442,7 +442,8 @@ fn resume_tls(
 /// one, so that the probe approves the build. Only the holder's deadline
 /// can end it: the image never reaches `boot`.
 extern "C" fn hang_before_main() {
-    let upgraded = std::env::var_os("COPYOVER_HANDOFF").is_some();
+    let upgraded = std::env::var_os("COPYOVER_HANDOFF").is_some()
+        || std::env::var_os("COPYOVER_MIGRATE").is_some();
     let probed = std::env::var_os("COPYOVER_PROBE").is_some();
     if FAULT == Some("hang-before-main") && upgraded && !probed {
         loop {
@@ -487,6 +488,13 @@ fn inject_fault(
             std::thread::sleep(Duration::from_secs(3600));
         },
         "exit-before-ready" => std::process::exit(3),
+        "slow-ready" => {
+            // A slow start-up: the window in which the old process has
+            // handed over and this one is not ready yet.
+            tracing::warn!("fault build: sleeping 2 s before ready");
+            std::thread::sleep(Duration::from_secs(2));
+            Ok(())
+        }
         "panic-with-a-long-message" => panic!("fault build: {}", "x".repeat(1000)),
         "pending-alarm-then-panic" => {
             // SIGALRM pending and blocked across the rollback's exec, as

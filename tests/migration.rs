@@ -1,0 +1,399 @@
+//! Migration to a new process: the demo hands every client and its state
+//! to a new process of the deployed binary and exits; whatever the new
+//! process does wrong, the old one serves on with everyone.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use copyover::status::{Outcome, Status, status_path};
+use nix::sys::signal::Signal;
+use util::*;
+
+/// `copyover migrate PID` against the scene's status directory.
+fn migrate(server: &Server, pid: i32) -> Output {
+    cli(server, "migrate", pid)
+}
+
+/// `copyover COMMAND PID` against the scene's status directory.
+fn cli(server: &Server, command: &str, pid: i32) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_copyover"))
+        .arg(command)
+        .arg(pid.to_string())
+        .arg("--status-dir")
+        .arg(server.scratch.0.join("status"))
+        .output()
+        .expect("run copyover")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The new process a successful `copyover migrate` names.
+fn new_pid(out: &Output) -> i32 {
+    let text = stdout(out);
+    text.split("migrated to process ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no new PID in {text:?}"))
+}
+
+/// Open descriptors of process `pid`.
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .count()
+}
+
+/// Processes started from this scene's binary besides the old server
+/// (newcomers left behind, say): its status directory is in their
+/// environment.
+fn others(server: &Server) -> Vec<u32> {
+    server.strays()
+}
+
+#[test]
+fn a_migration_moves_everyone_to_a_new_process() {
+    let mut scene = Scene::start("mg-whole", "5");
+    let old = scene.server.pid;
+    scene.server.deploy(&labelled("v2"));
+    let out = migrate(&scene.server, old);
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("process {old} migrated to process"))
+            && text.contains("upgrade complete: v1 to v2, generation 2"),
+        "{text}"
+    );
+    let new = new_pid(&out);
+    let _reaper = Reaper(new);
+    assert_ne!(new, old);
+    // The old process left by itself, successfully.
+    assert!(scene.server.wait_exit().success());
+    assert_eq!(
+        Status::read(&status_path(
+            &scene.server.scratch.0.join("status"),
+            old as u32
+        ))
+        .expect("the old process's status file")
+        .outcome,
+        Outcome::Migrated { to: new as u32 }
+    );
+
+    // Everyone, at the new PID: state, the half-typed line once, presence.
+    let (ann, bob) = (&mut scene.ann, &mut scene.bob);
+    assert_eq!(ann.ask("/version"), version_line("v2", new, 2));
+    assert_eq!(ann.ask("/get color"), "color = green");
+    bob.send("tial line\r\n");
+    assert_eq!(ann.line(), "bob: partial line");
+    assert_eq!(bob.ask("/who"), "online: ann, bob");
+    // One new process, holding what the old one held (its own copies).
+    assert_eq!(others(&scene.server), vec![new as u32]);
+    assert_eq!(fd_count(new), scene.fds, "the new process's fd count");
+
+    // It upgrades in place and migrates again like any server.
+    let out = cli(&scene.server, "upgrade", new);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(ann.ask("/version"), version_line("v2", new, 3));
+    let out = migrate(&scene.server, new);
+    assert!(out.status.success(), "{out:?}");
+    let third = new_pid(&out);
+    let _reaper = Reaper(third);
+    assert_eq!(bob.ask("/version"), version_line("v2", third, 4));
+    ann.send("still here\r\n");
+    assert_eq!(bob.line(), "ann: still here");
+    assert_eq!(ann.ask("/get color"), "color = green");
+    ann.assert_quiet();
+    bob.assert_quiet();
+}
+
+/// Deploys `build`, asks for a migration, and checks that it failed with
+/// `outcome` (and `reason` in it), and that the old process serves on with
+/// everyone and nothing left behind; then a good migration goes through.
+fn old_serves_on(name: &str, build: &Path, outcome: &str, reason: &str) {
+    let mut scene = Scene::start(name, "2");
+    let old = scene.server.pid;
+    scene.server.deploy(build);
+    let out = migrate(&scene.server, old);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text} {out:?}");
+    assert!(
+        text.contains(outcome) && text.contains(reason),
+        "expected {outcome:?} with {reason:?}: {text}"
+    );
+    // Same PID, everyone, no child and no new process left, the same fds.
+    scene.everyone_kept("v1", 1, name);
+    assert!(scene.server.alive());
+    assert_eq!(others(&scene.server), Vec::<u32>::new(), "{name}");
+
+    scene.server.deploy(&labelled("v2"));
+    let out = migrate(&scene.server, old);
+    assert!(out.status.success(), "{name}: {out:?}");
+    let new = new_pid(&out);
+    let _reaper = Reaper(new);
+    assert_eq!(scene.ann.ask("/version"), version_line("v2", new, 2));
+    assert_eq!(scene.ann.ask("/get color"), "color = green");
+}
+
+#[test]
+fn a_binary_that_cannot_read_the_state_is_refused_by_the_probe() {
+    old_serves_on(
+        "mg-reject",
+        &faulty("reject-state"),
+        "upgrade refused",
+        "failed the probe",
+    );
+}
+
+#[test]
+fn a_new_process_that_panics_after_adopting_is_killed() {
+    old_serves_on(
+        "mg-panic",
+        &faulty("panic-after-adopt"),
+        "upgrade rolled back",
+        "it ended before it was ready: it exited with status 101",
+    );
+}
+
+#[test]
+fn a_new_process_that_aborts_is_killed() {
+    old_serves_on(
+        "mg-abort",
+        &faulty("abort-after-adopt"),
+        "upgrade rolled back",
+        "killed by signal 6",
+    );
+}
+
+#[test]
+fn a_new_process_that_closes_what_it_adopted_costs_nobody() {
+    // Its error drops (closes) every adopted socket: the old process's
+    // copies are its own, so nobody notices.
+    old_serves_on(
+        "mg-error",
+        &faulty("error-after-adopt"),
+        "upgrade rolled back",
+        "it ended before it was ready: it exited with status 1",
+    );
+}
+
+#[test]
+fn a_new_process_that_hangs_is_killed_at_the_deadline() {
+    old_serves_on(
+        "mg-hang",
+        &faulty("hang-after-adopt"),
+        "upgrade rolled back",
+        "it was not ready within 2000 ms",
+    );
+}
+
+#[test]
+fn a_new_process_that_never_reaches_boot_is_refused() {
+    old_serves_on(
+        "mg-hang-main",
+        &faulty("hang-before-main"),
+        "upgrade refused",
+        "did not reach copyover::boot",
+    );
+}
+
+#[test]
+fn an_old_process_killed_after_the_hand_over_leaves_the_new_one_serving() {
+    let mut scene = Scene::start("mg-oldkilled", "10");
+    let old = scene.server.pid;
+    scene.server.deploy(&faulty("slow-ready"));
+    let mark = scene.server.mark();
+    scene.server.signal(Signal::SIGUSR2);
+    // The new process holds everything and is not ready yet.
+    scene.server.wait_log(mark, "sleeping 2 s before ready");
+    scene.server.signal(Signal::SIGKILL);
+    scene.server.wait_exit();
+    scene
+        .server
+        .wait_log(mark, "ended without handing over for good");
+    let version = scene.ann.ask("/version");
+    let new = pid_in(&version);
+    let _reaper = Reaper(new);
+    assert_ne!(new, old);
+    assert_eq!(version, version_line("bad-slow-ready", new, 2));
+    assert_eq!(scene.ann.ask("/get color"), "color = green");
+    scene.bob.send("tial line\r\n");
+    assert_eq!(scene.ann.line(), "bob: partial line");
+    assert_eq!(scene.bob.ask("/who"), "online: ann, bob");
+}
+
+#[test]
+fn a_request_during_a_migration_runs_after_it() {
+    let mut scene = Scene::start("mg-twice", "10");
+    let old = scene.server.pid;
+    scene.server.deploy(&faulty("slow-ready"));
+    let mark = scene.server.mark();
+    scene.server.signal(Signal::SIGUSR2);
+    scene.server.wait_log(mark, "sleeping 2 s before ready");
+    // The old process is handing over: this one waits for the new process.
+    scene.server.signal(Signal::SIGUSR2);
+    let first = scene.server.wait_log(mark, "migrated to process");
+    let second = wait_for("a second migration", || {
+        scene
+            .server
+            .log_since(mark)
+            .iter()
+            .filter(|l| l.contains("migrated to process"))
+            .nth(1)
+            .cloned()
+    });
+    assert_ne!(first, second);
+    let version = wait_for("the third process serving", || {
+        let v = scene.ann.ask("/version");
+        v.contains("generation=3").then_some(v)
+    });
+    let third = pid_in(&version);
+    let _reaper = Reaper(third);
+    assert_ne!(third, old);
+    assert_eq!(scene.ann.ask("/get color"), "color = green");
+    scene.bob.send("tial line\r\n");
+    assert_eq!(scene.ann.line(), "bob: partial line");
+    assert_eq!(others(&scene.server), vec![third as u32]);
+}
+
+/// Connections that log in only after the migration, so that each proves
+/// its own socket reached the new process.
+fn connect_many(server: &Server, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|_| {
+            let s = TcpStream::connect(server.addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            s
+        })
+        .collect()
+}
+
+fn log_in(conns: &mut [TcpStream]) {
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.write_all(format!("u{i}\r\n").as_bytes()).expect("send");
+        let mut seen = Vec::new();
+        wait_for(&format!("u{i}'s welcome"), || {
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk) {
+                Ok(0) => panic!("u{i}: EOF"),
+                Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                Err(_) => {}
+            }
+            let text = String::from_utf8_lossy(&seen);
+            text.contains(&format!("welcome, u{i}")).then_some(())
+        });
+    }
+}
+
+#[test]
+fn hundreds_of_connections_cross_in_batches_and_a_short_fd_limit_refuses() {
+    let mut scene = Scene::start("mg-many", "10");
+    let old = scene.server.pid;
+    let mut conns = connect_many(&scene.server, 600);
+    wait_for("600 more descriptors in the server", || {
+        (scene.server.fd_count() >= scene.fds + 600).then_some(())
+    });
+    // A new process limited to 200 descriptors cannot take 600: the
+    // kernel drops what does not fit (MSG_CTRUNC), and the old one serves on.
+    let v2 = labelled("v2");
+    let limited = format!(
+        "#!/bin/sh\nexec prlimit --nofile=200 {} \"$@\"\n",
+        v2.display()
+    );
+    scene.server.deploy_bytes(limited.as_bytes());
+    let out = migrate(&scene.server, old);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stdout(&out).contains("RLIMIT_NOFILE"), "{}", stdout(&out));
+    assert!(scene.server.alive());
+    assert_eq!(others(&scene.server), Vec::<u32>::new());
+
+    // Without the limit: three batches of at most 253.
+    scene.server.deploy(&v2);
+    let out = migrate(&scene.server, old);
+    assert!(out.status.success(), "{out:?}");
+    let new = new_pid(&out);
+    let _reaper = Reaper(new);
+    log_in(&mut conns);
+    assert_eq!(scene.ann.ask("/version"), version_line("v2", new, 2));
+    scene.bob.send("tial line\r\n");
+    assert_eq!(scene.ann.line(), "bob: partial line");
+}
+
+#[test]
+fn the_new_process_may_be_another_user_in_another_mount_namespace() {
+    if !nix::unistd::geteuid().is_root() {
+        // CI runs as root: there, not running is a failure.
+        assert!(
+            std::env::var_os("COPYOVER_CI").is_none(),
+            "needs root to start the new process as another user"
+        );
+        eprintln!("SKIP: needs root to start the new process as another user");
+        return;
+    }
+    let mut scene = Scene::start("mg-otheruser", "5");
+    let old = scene.server.pid;
+    // The build where user 65534 can run it, and a wrapper deployed over
+    // the binary: a new mount namespace, then that user.
+    let v2 = scene.server.scratch.0.join("v2");
+    std::fs::copy(labelled("v2"), &v2).expect("copy v2");
+    let mut dir = scene.server.scratch.0.clone();
+    while dir.pop() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&dir)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0);
+        assert!(
+            mode & 0o001 != 0,
+            "{} is not searchable by others",
+            dir.display()
+        );
+        if dir == Path::new("/") {
+            break;
+        }
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            &scene.server.scratch.0,
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod the scratch folder");
+    }
+    let wrapper = format!(
+        "#!/bin/sh\nexec unshare --mount setpriv --reuid=65534 --regid=65534 --clear-groups {} \"$@\"\n",
+        v2.display()
+    );
+    scene.server.deploy_bytes(wrapper.as_bytes());
+    let mark = scene.server.mark();
+    scene.server.signal(Signal::SIGUSR2);
+    let line = scene.server.wait_log(mark, "migrated to process");
+    assert!(scene.server.wait_exit().success(), "{line}");
+    let version = scene.ann.ask("/version");
+    let new = pid_in(&version);
+    let _reaper = Reaper(new);
+    assert_eq!(version, version_line("v2", new, 2));
+    // Another user, another mount namespace.
+    let status = std::fs::read_to_string(format!("/proc/{new}/status")).expect("status");
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .expect("a Uid line");
+    assert!(
+        uid.split_whitespace().skip(1).all(|id| id == "65534"),
+        "{uid}"
+    );
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).expect("ns");
+    assert_ne!(ns(&new.to_string()), ns("self"));
+    // Everyone kept.
+    assert_eq!(scene.ann.ask("/get color"), "color = green");
+    scene.bob.send("tial line\r\n");
+    assert_eq!(scene.ann.line(), "bob: partial line");
+    assert_eq!(scene.bob.ask("/who"), "online: ann, bob");
+    assert_ne!(new, old);
+}

@@ -321,9 +321,9 @@ pub(crate) fn hand_over<S: serde::Serialize>(state: &S, h: HandOver<'_>) -> Upgr
     leave(newcomer, requests, &reporter)
 }
 
-/// After `go`: requests that came meanwhile go to the newcomer, systemd
-/// learns its PID, the status file says where the server went, and this
-/// process exits (no destructor runs: every descriptor is the newcomer's
+/// After `go`: requests that came meanwhile go to the newcomer, the status
+/// file (and systemd's status line) says where the server went, and this
+/// process exits (the newcomer tells systemd it is the main process) (no destructor runs: every descriptor is the newcomer's
 /// now, and closing this process's copies changes nothing for it).
 fn leave(newcomer: Newcomer, requests: &Requests, reporter: &Reporter) -> ! {
     let pid = newcomer.pid();

@@ -34,8 +34,19 @@
 //!    [`Start::Resumed`](crate::Start::Resumed) with the state and the
 //!    descriptors, as after an exec. Its [`ready`](crate::Copyover::ready)
 //!    says `ready` and waits for the old process's `go`.
-//! 5. The old process answers `go`, tells systemd `MAINPID=` of the
-//!    newcomer, writes `migrated` to its status file, and exits.
+//! 5. The old process answers `go`, writes `migrated` to its status file,
+//!    and exits. The newcomer serves, and once the old process is gone
+//!    tells systemd `MAINPID=` (its own) and `READY=1`.
+//!
+//! # Under systemd
+//!
+//! The unit needs `ExitType=cgroup` (the old main process's exit must not
+//! end the service) and `NotifyAccess=all` (the new process is not the
+//! main one when it speaks). The new process says `MAINPID=` only once
+//! the old one is gone, when it is the manager's own child: a main PID
+//! named while it was another process's child is one systemd calls
+//! "alien", and a `systemctl stop` then SIGKILLs it without waiting for
+//! its SIGTERM (seen with systemd 252).
 //!
 //! # When it fails
 //!

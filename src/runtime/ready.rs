@@ -115,6 +115,19 @@ fn take_claim(claim: Option<&OwnedFd>, holder: Option<&OwnedFd>) {
     }
 }
 
+/// Waits, at most `limit`, for process `pid` to be gone.
+fn wait_gone(pid: u32, limit: Duration) {
+    let Ok(pidfd) = sys::pidfd_open(pid as i32) else {
+        return;
+    };
+    let until = std::time::Instant::now() + limit;
+    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+        if !matches!(sys::wait_readable(pidfd.as_fd(), left), Ok(false)) {
+            return;
+        }
+    }
+}
+
 /// Reaps the killed holder on the helper thread: its exit tears down the
 /// old image's memory, which takes time the event loop does not wait for.
 fn reap_holder(worker: &Worker, pid: i32) {
@@ -136,7 +149,17 @@ impl<S> Copyover<S> {
         // connections (a TLS session seals nothing here before).
         IMAGE_READY.store(true, Ordering::Release);
         let serving = monotonic_ns();
-        crate::notify::notify(&format!("MAINPID={}", std::process::id()));
+        // systemd: this process becomes the main one once the old one is
+        // gone, when it is the manager's own child (an orphan goes to the
+        // nearest subreaper: PID 1, or the user's manager); a main PID
+        // taken over from its parent would be an "alien" one, which a
+        // `systemctl stop` SIGKILLs at once (systemd 252). On the helper
+        // thread, before the outcome's READY=1: the loop serves meanwhile.
+        let old = arrival.from;
+        self.worker.run_or_here(move || {
+            wait_gone(old, Duration::from_secs(2));
+            crate::notify::notify(&format!("MAINPID={}", std::process::id()));
+        });
         let h = &arrival.header;
         let outcome = Outcome::Complete {
             from: h.writer_version.clone(),

@@ -62,11 +62,9 @@ pub(crate) fn report(outcome: Outcome, who: &Reporter) {
         String::new()
     };
     match &outcome {
-        // The new process is the service's main process now; it says
-        // READY=1 itself.
-        Outcome::Migrated { to } => {
-            crate::notify::notify(&format!("MAINPID={to}\nSTATUS={status_text}"));
-        }
+        // The new process says MAINPID= and READY=1 itself, once this one
+        // is gone (see `Copyover::ready`).
+        Outcome::Migrated { .. } => crate::notify::notify(&format!("STATUS={status_text}")),
         _ => crate::notify::notify(&format!("{mainpid}READY=1\nSTATUS={status_text}")),
     }
     let (generation, version) = (who.generation, who.version.as_str());

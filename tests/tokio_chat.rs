@@ -365,3 +365,43 @@ fn a_client_that_stops_reading_costs_one_upgrade_not_the_others() {
         c.assert_quiet();
     }
 }
+
+#[test]
+fn tokio_chat_migrates_to_a_new_process_and_survives_a_bad_one() {
+    let v1 = chat("v1");
+    let mut server = start("tokio-chat-migrate", &v1);
+    let old = server.pid;
+    let (mut ann, mut bob, mut cy) = three(server.addr);
+
+    // A new process that panics after adopting: killed, the old one serves.
+    server.deploy(&chat("bad"));
+    let mark = server.mark();
+    server.signal(Signal::SIGUSR2);
+    let line = server.wait_log(mark, "upgrade rolled back");
+    assert!(line.contains("did not take over"), "{line}");
+    assert!(server.alive());
+    all_still_there(&mut ann, &mut bob, &mut cy, "a bad migration");
+
+    // A good one: bob typing across it, the old process gone, a new PID.
+    bob.send("hello, every");
+    server.deploy(&chat("v2"));
+    let mark = server.mark();
+    server.signal(Signal::SIGUSR2);
+    let moved = server.wait_log(mark, "migrated to process");
+    let new: i32 = moved
+        .split("migrated to process ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|pid| pid.parse().ok())
+        .expect("the new PID");
+    let _reaper = util::Reaper(new);
+    server.wait_log(mark, "upgrade complete");
+    assert!(server.wait_exit().success());
+    assert_ne!(new, old);
+    assert!(std::path::Path::new(&format!("/proc/{new}")).exists());
+    bob.send("one\n");
+    ann.expect("bob: hello, everyone");
+    cy.expect("bob: hello, everyone");
+    all_still_there(&mut ann, &mut bob, &mut cy, "a migration");
+    ann.assert_quiet();
+}

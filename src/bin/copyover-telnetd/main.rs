@@ -69,6 +69,8 @@ OPTIONS:
 
 SIGNALS:
     SIGHUP                  upgrade to the binary at this program's path
+    SIGUSR2                 migrate: a new process of that binary takes every
+                            client, then this one exits
     SIGUSR1                 save a snapshot to --snapshot-file
     SIGTERM, SIGINT         say goodbye to everyone and stop
 

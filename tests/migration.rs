@@ -93,8 +93,12 @@ fn a_migration_moves_everyone_to_a_new_process() {
     bob.send("tial line\r\n");
     assert_eq!(ann.line(), "bob: partial line");
     assert_eq!(bob.ask("/who"), "online: ann, bob");
-    // One new process, holding what the old one held (its own copies).
+    // One new process, holding what the old one held (its own copies),
+    // named as its binary (`ps`, `pgrep`), not after the descriptor it was
+    // started from.
     assert_eq!(others(&scene.server), vec![new as u32]);
+    let comm = std::fs::read_to_string(format!("/proc/{new}/comm")).expect("comm");
+    assert_eq!(comm.trim_end(), "copyover-telnet");
     assert_eq!(fd_count(new), scene.fds, "the new process's fd count");
 
     // It upgrades in place and migrates again like any server.

@@ -132,6 +132,7 @@ fn take_over<S: AppState>(
         reason,
     };
     crate::resume::single_thread()?;
+    name_after_binary();
     crate::env::forget_handoff_vars();
     crate::notify::Activated::from_env_ignored();
     // Everything this process inherited (the socket among them) and
@@ -180,6 +181,22 @@ fn take_over<S: AppState>(
             received_ns,
         },
     ))
+}
+
+/// The old process started this one from a descriptor
+/// (`/proc/self/fd/N`), which the kernel takes for its name (`ps` would
+/// show `N`): it gets its binary's file name back, as an exec of the path
+/// (or an in-place upgrade) gives it. Only a name: a failure is ignored.
+fn name_after_binary() {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(exe) = std::fs::read_link("/proc/self/exe") else {
+        return;
+    };
+    let Some(base) = exe.file_name() else { return };
+    let bytes = &base.as_bytes()[..base.len().min(15)];
+    if let Ok(name) = CString::new(bytes) {
+        let _ = sys::set_thread_name(&name);
+    }
 }
 
 /// Receives the snapshot and every descriptor: `snapshot 1 COUNT` with the

@@ -27,6 +27,13 @@ pub(crate) fn signal_child(pid: i32, sig: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
+/// Names the calling thread (`PR_SET_NAME`; on the main thread, the
+/// process's name in `ps`, `pgrep`, `/proc/PID/comm`), cut at 15 bytes.
+pub(crate) fn set_thread_name(name: &std::ffi::CStr) -> io::Result<()> {
+    nix::sys::prctl::set_name(name)?;
+    Ok(())
+}
+
 /// Whether child `pid` has exited, without reaping it: while it is a
 /// zombie, its PID (and a process group it leads) cannot be reused.
 pub(crate) fn has_exited(pid: i32) -> io::Result<bool> {

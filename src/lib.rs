@@ -36,6 +36,17 @@
 //!    it at its own deadline and starts the old binary instead, under the
 //!    holder's PID. Clients see a stall, never a disconnect.
 //!
+//! # Or a new process
+//!
+//! SIGUSR2 (or [`Copyover::request_migration`], or `copyover migrate PID`)
+//! asks for a **migration** instead: the same events, the same two
+//! `upgrade` calls, the same probe and snapshot, but the state and the
+//! descriptors go to a new process of the binary, started beside this one
+//! (the binary's path may be a wrapper that changes its user or its
+//! namespaces), and this process exits once the new one is ready. A new
+//! process that fails is killed, and this one serves on: it never closed
+//! anything. See [`migration`].
+//!
 //! # A complete server `main`
 //!
 //! ```no_run

@@ -401,3 +401,48 @@ fn the_new_process_may_be_another_user_in_another_mount_namespace() {
     assert_eq!(scene.bob.ask("/who"), "online: ann, bob");
     assert_ne!(new, old);
 }
+
+#[test]
+fn a_new_process_killed_before_its_boot_is_refused_at_once() {
+    let mut scene = Scene::start("mg-killed-early", "5");
+    scene.server.deploy(&faulty("hang-before-main"));
+    let mark = scene.server.mark();
+    scene.server.signal(Signal::SIGUSR2);
+    // The new process, hanging in a constructor before `main`.
+    let newcomer = wait_for("the new process", || others(&scene.server).first().copied());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(newcomer as i32), Signal::SIGKILL)
+        .expect("kill the new process");
+    let line = scene.server.wait_log(mark, "upgrade refused");
+    assert!(
+        line.contains("it ended before it was ready: it was killed by signal 9"),
+        "{line}"
+    );
+    scene.everyone_kept("v1", 1, "a new process killed before boot");
+    assert_eq!(others(&scene.server), Vec::<u32>::new());
+}
+
+#[test]
+fn a_shutdown_during_the_hand_over_stops_the_server_and_the_new_process() {
+    let mut scene = Scene::start("mg-shutdown", "10");
+    scene.server.deploy(&faulty("slow-ready"));
+    let mark = scene.server.mark();
+    scene.server.signal(Signal::SIGUSR2);
+    scene.server.wait_log(mark, "sleeping 2 s before ready");
+    let newcomer = others(&scene.server);
+    assert_eq!(newcomer.len(), 1, "{newcomer:?}");
+    scene.server.signal(Signal::SIGTERM);
+    // The old process says goodbye to everyone and exits; the new one,
+    // which never served, is killed rather than left serving.
+    scene
+        .ann
+        .expect_line("The server is shutting down. Goodbye.");
+    scene
+        .bob
+        .expect_line("The server is shutting down. Goodbye.");
+    assert!(scene.server.wait_exit().success());
+    let line = scene.server.wait_log(mark, "upgrade refused");
+    assert!(line.contains("a shutdown was requested"), "{line}");
+    wait_for("the new process to be gone", || {
+        (!Path::new(&format!("/proc/{}", newcomer[0])).exists()).then_some(())
+    });
+}

@@ -13,8 +13,8 @@
 //!
 //! It asks nothing new of the application: SIGUSR2 (or
 //! [`Copyover::request_migration`](crate::Copyover::request_migration), or
-//! `copyover migrate PID`) gives the same [`Event::Upgrade`] and
-//! [`Event::UpgradeApproved`] as SIGHUP, and the same
+//! `copyover migrate PID`) gives the same [`Event::Upgrade`](crate::Event::Upgrade) and
+//! [`Event::UpgradeApproved`](crate::Event::UpgradeApproved) as SIGHUP, and the same
 //! [`Copyover::upgrade`](crate::Copyover::upgrade) calls answer them.
 //!
 //! 1. **Probe**, exactly as for an upgrade: a binary that cannot read this
@@ -22,7 +22,7 @@
 //! 2. **The newcomer starts** as soon as the probe said yes: it runs until
 //!    its `boot`, which says `hello` and waits on a private socket pair
 //!    (`SOCK_SEQPACKET`; one end is inherited by the child alone, so
-//!    nothing else can connect). [`Event::UpgradeApproved`] comes only
+//!    nothing else can connect). `Event::UpgradeApproved` comes only
 //!    after that `hello`: the new process's loading and start-up happen
 //!    while the old process still serves, outside the blackout. One that
 //!    does not reach `boot` within `Config::probe_timeout` is refused.

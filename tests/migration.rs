@@ -408,8 +408,17 @@ fn a_new_process_killed_before_its_boot_is_refused_at_once() {
     scene.server.deploy(&faulty("hang-before-main"));
     let mark = scene.server.mark();
     scene.server.signal(Signal::SIGUSR2);
-    // The new process, hanging in a constructor before `main`.
-    let newcomer = wait_for("the new process", || others(&scene.server).first().copied());
+    // The new process, hanging in a constructor before `main` (not the
+    // probe, which may still be running: only the new process has the
+    // migration variable).
+    let newcomer = wait_for("the new process", || {
+        others(&scene.server).into_iter().find(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                env.split(|b| *b == 0)
+                    .any(|v| v.starts_with(b"COPYOVER_MIGRATE="))
+            })
+        })
+    });
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(newcomer as i32), Signal::SIGKILL)
         .expect("kill the new process");
     let line = scene.server.wait_log(mark, "upgrade refused");
@@ -445,4 +454,23 @@ fn a_shutdown_during_the_hand_over_stops_the_server_and_the_new_process() {
     wait_for("the new process to be gone", || {
         (!Path::new(&format!("/proc/{}", newcomer[0])).exists()).then_some(())
     });
+}
+
+#[test]
+fn a_binary_whose_runtime_predates_migrations_is_refused() {
+    // It answers an upgrade's probe as an older copyover runtime does (and
+    // would start fresh beside the old process if it were started).
+    let older = b"#!/bin/sh\n\
+        [ -n \"$COPYOVER_PROBE\" ] || exit 9\n\
+        cat >/dev/null\n\
+        echo \"copyover-probe 1 ok $COPYOVER_PROBE v0-older\"\n";
+    let mut scene = Scene::start("mg-older", "5");
+    let old = scene.server.pid;
+    scene.server.deploy_bytes(older);
+    let out = migrate(&scene.server, old);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = stdout(&out);
+    assert!(text.contains("predates migrations"), "{text}");
+    scene.everyone_kept("v1", 1, "an older runtime");
+    assert_eq!(others(&scene.server), Vec::<u32>::new());
 }

@@ -283,6 +283,8 @@ fn migrate(t: &Target) -> Result<ExitCode, Failure> {
             .ok()
             .filter(|s| s.seq > after && s.outcome.ends_an_upgrade())
     };
+    // The outcome `before` had may be the one of an upgrade that was under
+    // way: only a later one counts (`seq` grows with each).
     let timed_out = || {
         println!(
             "no outcome within {:?}: the migration may still be under way (see the server's log)",
@@ -300,9 +302,12 @@ fn migrate(t: &Target) -> Result<ExitCode, Failure> {
                 outcome: Outcome::Migrated { to },
                 ..
             }) => break to,
+            // An in-place upgrade under way when SIGUSR2 came ended: the
+            // migration comes after it.
+            Some(other) if other.outcome.is_complete() => {}
             Some(other) => {
                 println!("{}", describe(&other));
-                return Ok(ExitCode::from(u8::from(!other.outcome.is_complete())));
+                return Ok(ExitCode::from(1));
             }
             None if gone => {
                 return Err(Failure::Target(format!(
@@ -321,7 +326,9 @@ fn migrate(t: &Target) -> Result<ExitCode, Failure> {
     let new_path = status_path(&t.dir, to);
     loop {
         let gone = kill(Pid::from_raw(to as i32), None) == Err(Errno::ESRCH);
-        if let Some(now) = outcome(&new_path, 0) {
+        // Its own file, not one an earlier process of that PID left.
+        let fresh = |s: &Status| s.start_ticks != 0 && start_ticks(to).ok() == Some(s.start_ticks);
+        if let Some(now) = outcome(&new_path, 0).filter(fresh) {
             println!(
                 "process {} migrated to process {to}: {}",
                 t.pid,

@@ -437,3 +437,85 @@ fn a_failed_check_is_answered_by_the_owner_before_it_returns() {
     assert!(set.take_tcp_streams("conn").is_err());
     assert_eq!(ANSWERED.load(Ordering::SeqCst), 3);
 }
+
+#[test]
+fn a_group_named_like_an_entry_is_refused_for_the_group_not_an_fd() {
+    let claims = sys::Claims::for_tests();
+    let (a, _a) = UnixStream::pair().unwrap();
+    let (b, _b) = UnixStream::pair().unwrap();
+    let manifest = Manifest {
+        entries: vec![ManifestEntry {
+            name: "conn".into(),
+            fd: inheritable(&a, 420),
+            kind: FdKind::Stream,
+        }],
+        groups: vec![ManifestGroup {
+            name: "conn".into(),
+            members: vec![GroupMember {
+                id: 1,
+                fd: inheritable(&b, 420),
+            }],
+        }],
+    };
+    // No one fd is at fault: the error names none (-1).
+    match Inherited::check(manifest, false, &claims).unwrap_err() {
+        Error::Adopt { fd, name, .. } => assert_eq!((fd, name.as_str()), (-1, "conn")),
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn received_descriptors_are_the_manifests_in_its_order() {
+    // A migration's newcomer gets them under numbers of its own, one for
+    // each of the manifest's fds, entries first, then each group's members.
+    let (l, _) = (TcpListener::bind("127.0.0.1:0").unwrap(), ());
+    let (s1, _p1) = UnixStream::pair().unwrap();
+    let (s2, _p2) = UnixStream::pair().unwrap();
+    let manifest = Manifest {
+        entries: vec![ManifestEntry {
+            name: "listener".into(),
+            fd: 3,
+            kind: FdKind::Listener,
+        }],
+        groups: vec![ManifestGroup {
+            name: "conn".into(),
+            members: vec![GroupMember { id: 7, fd: 4 }, GroupMember { id: 9, fd: 5 }],
+        }],
+    };
+    let ino = |fd: &dyn AsFd| nix::sys::stat::fstat(fd.as_fd()).unwrap().st_ino;
+    let want = (ino(&l), ino(&s1), ino(&s2));
+    let fds = vec![OwnedFd::from(l), OwnedFd::from(s1), OwnedFd::from(s2)];
+    let mut set = Inherited::received(manifest, fds).unwrap();
+    assert_eq!(set.len(), 3);
+    let listener = set.take_tcp_listener("listener").unwrap().unwrap();
+    let conns = set.take_unix_streams("conn").unwrap();
+    let ids: Vec<u64> = conns.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, [7, 9]);
+    assert_eq!((ino(&listener), ino(&conns[0].1), ino(&conns[1].1)), want);
+    assert!(set.is_empty());
+}
+
+#[test]
+fn a_region_is_taken_as_a_region() {
+    let mut region = crate::Region::new(4096).unwrap();
+    region.as_mut_slice()[..5].copy_from_slice(b"hello");
+    // The same memfd, opened again (as a new process would receive it).
+    let path = format!("/proc/self/fd/{}", region.raw_fd());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path);
+    let fd = OwnedFd::from(file.unwrap());
+    let mut set = Inherited::from_owned([("r".to_string(), fd, FdKind::Region)]);
+    let taken = set.take_region("r").unwrap().expect("the region");
+    assert_eq!(&taken.as_slice()[..5], b"hello");
+    // Anything else under that kind is refused as a region.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut set = Inherited::from_owned([("r".to_string(), OwnedFd::from(udp), FdKind::Datagram)]);
+    assert!(
+        set.take_region("r")
+            .unwrap_err()
+            .to_string()
+            .contains("region")
+    );
+}

@@ -4,6 +4,7 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
 
 use super::{FAIL, FDS, GO, HELLO, MAX_MESSAGE, MigrateVar, READY, SNAPSHOT};
 use crate::error::Error;
@@ -18,8 +19,12 @@ use crate::sys::{self, Claims, monotonic_ns};
 pub(crate) struct Arrival {
     /// Its end of the socket pair.
     sock: OwnedFd,
-    /// The old process.
+    /// The old process, as a pidfd it sent with the snapshot.
+    old: OwnedFd,
+    /// The old process's PID, and its process group (this process joins
+    /// it once it serves).
     pub(crate) from: u32,
+    group: Option<i32>,
     pub(crate) header: Header,
     pub(crate) boot_ns: u64,
     /// When the last descriptor came.
@@ -27,34 +32,66 @@ pub(crate) struct Arrival {
     pub(crate) restored_ns: u64,
 }
 
+/// How the old process answered `ready`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// `go`: it handed over and exits.
+    Go,
+    /// No answer, and it is gone (killed after the hand-over, say): this
+    /// process serves, since nobody else will.
+    Gone,
+    /// No answer, and it lives: it kept its clients (it gave up on this
+    /// process, which it could not kill). This process must not serve.
+    Kept,
+}
+
 impl Arrival {
-    /// Says `ready` and waits for the old process's `go`. `true`: it handed
-    /// over and exits; `false`: it is gone without an answer (killed after
-    /// the hand-over, say), and this process serves, since nobody else
-    /// will. The old process answers within its own deadline or kills this
-    /// one: no deadline here.
-    pub(crate) fn confirm(&self) -> bool {
-        if let Err(e) = sys::send_message(self.sock.as_fd(), READY, &[]) {
+    /// Says `ready` and waits for the old process's answer (see [`Answer`]).
+    /// The old process answers within its own deadline or kills this one:
+    /// no deadline here, but a second for a socket's end to be followed by
+    /// the old process's exit (it closes its descriptors as it exits).
+    pub(crate) fn confirm(&self) -> Answer {
+        let answered = sys::send_message(self.sock.as_fd(), READY, &[]).and_then(|()| {
+            let mut buf = [0u8; 16];
+            let mut fds = Vec::new();
+            let n = sys::recv_message(self.sock.as_fd(), &mut buf, &mut fds)?;
+            Ok(&buf[..n] == GO)
+        });
+        if matches!(answered, Ok(true)) {
+            return Answer::Go;
+        }
+        let gone = matches!(
+            sys::wait_readable(self.old.as_fd(), Duration::from_secs(1)),
+            Ok(true)
+        );
+        if gone {
             tracing::warn!(
                 from = self.from,
-                "process {} ended without handing over for good (telling it this one is ready: {e}); serving its clients",
+                ?answered,
+                "process {} ended without handing over for good; serving its clients",
                 self.from
             );
-            return false;
+            Answer::Gone
+        } else {
+            tracing::error!(
+                from = self.from,
+                ?answered,
+                "process {} kept its clients without answering; this process must not serve them",
+                self.from
+            );
+            Answer::Kept
         }
-        let mut buf = [0u8; 16];
-        let mut fds = Vec::new();
-        match sys::recv_message(self.sock.as_fd(), &mut buf, &mut fds) {
-            Ok(n) if &buf[..n] == GO => true,
-            answer => {
-                tracing::warn!(
-                    from = self.from,
-                    ?answer,
-                    "process {} ended without handing over for good; serving its clients",
-                    self.from
-                );
-                false
-            }
+    }
+
+    /// Once this process serves: into the old process's process group, so
+    /// that a terminal's job control (Ctrl-C) reaches the server as it
+    /// reached the old one (the new process was started in a group of its
+    /// own, for the old one to kill on a failure). Best effort.
+    pub(crate) fn join_old_group(&self) {
+        if let Some(group) = self.group
+            && let Err(e) = sys::join_process_group(group)
+        {
+            tracing::debug!(group, "could not join the old process's process group: {e}");
         }
     }
 }
@@ -85,14 +122,15 @@ pub(crate) fn arrive<S: AppState>(
             var.socket
         )));
     }
-    // In `boot`: the old process may commit now.
-    let _ = sys::send_message(sock.as_fd(), HELLO, &[]);
+    let group = sys::process_group_of(var.from as i32).ok();
     let result = take_over::<S>(config, argv, var, sock.as_fd());
     match result {
         Ok((mut co, start, parts)) => {
             co.arrival = Some(Arrival {
                 sock,
+                old: parts.old,
                 from: var.from,
+                group,
                 header: parts.header,
                 boot_ns,
                 received_ns: parts.received_ns,
@@ -118,6 +156,7 @@ pub(crate) fn arrive<S: AppState>(
 /// What `take_over` learnt besides the handle and the start.
 struct Parts {
     header: Header,
+    old: OwnedFd,
     received_ns: u64,
 }
 
@@ -141,7 +180,10 @@ fn take_over<S: AppState>(
         what: "set close-on-exec on the inherited fds",
         source,
     })?;
-    let (snapshot, fds) = receive(sock).map_err(refused)?;
+    // In `boot`, checked: the old process may commit now.
+    sys::send_message(sock, HELLO, &[])
+        .map_err(|e| refused(format!("could not say hello to the old process: {e}")))?;
+    let (snapshot, old, fds) = receive(sock).map_err(refused)?;
     let received_ns = monotonic_ns();
     let mut snap = read_sealed(snapshot.as_fd())
         .and_then(|snap| snap.check_app(&config.app).map(|()| snap))?;
@@ -178,6 +220,7 @@ fn take_over<S: AppState>(
         Start::Resumed { state, fds },
         Parts {
             header,
+            old,
             received_ns,
         },
     ))
@@ -201,7 +244,7 @@ fn name_after_binary() {
 
 /// Receives the snapshot and every descriptor: `snapshot 1 COUNT` with the
 /// memfd, then `fds` batches until COUNT came.
-fn receive(sock: std::os::fd::BorrowedFd<'_>) -> Result<(OwnedFd, Vec<OwnedFd>), String> {
+fn receive(sock: std::os::fd::BorrowedFd<'_>) -> Result<(OwnedFd, OwnedFd, Vec<OwnedFd>), String> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut first = Vec::with_capacity(1);
     let n = sys::recv_message(sock, &mut buf, &mut first)
@@ -215,9 +258,14 @@ fn receive(sock: std::os::fd::BorrowedFd<'_>) -> Result<(OwnedFd, Vec<OwnedFd>),
         .and_then(|rest| rest.strip_prefix(' '))
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("the first message is {text:?}, not `{SNAPSHOT} COUNT`"))?;
-    let snapshot = match (first.pop(), first.is_empty()) {
-        (Some(fd), true) => fd,
-        _ => return Err("the first message did not carry exactly the snapshot".into()),
+    // The snapshot, and a pidfd of the old process.
+    let (snapshot, old) = match <[OwnedFd; 2]>::try_from(first) {
+        Ok([snapshot, old]) => (snapshot, old),
+        Err(_) => {
+            return Err(
+                "the first message did not carry exactly the snapshot and the old process".into(),
+            );
+        }
     };
     let mut fds = Vec::with_capacity(count);
     while fds.len() < count {
@@ -246,5 +294,5 @@ fn receive(sock: std::os::fd::BorrowedFd<'_>) -> Result<(OwnedFd, Vec<OwnedFd>),
     if fds.len() != count {
         return Err(format!("{} descriptors came, not {count}", fds.len()));
     }
-    Ok((snapshot, fds))
+    Ok((snapshot, old, fds))
 }

@@ -5,7 +5,8 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::process::Child;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{FAIL, FDS, GO, HELLO, MAX_MESSAGE, MigrateVar, READY, SNAPSHOT};
@@ -20,99 +21,87 @@ use crate::worker::Worker;
 
 /// The new process, started and waiting in its `boot` for the hand-over.
 /// Dropped before it took over (a refusal, an abandon, a failed commit, a
-/// shutdown), it is killed and reaped: it never served anyone.
+/// shutdown), it is killed with its whole process group (a wrapper's
+/// children too) and reaped off the caller's thread: it never served
+/// anyone.
 #[derive(Debug)]
 pub(crate) struct Newcomer {
-    child: Child,
+    /// `None` once it is reaped or handed over for good.
+    child: Option<Child>,
+    pid: u32,
     /// Our end of the socket pair.
     sock: OwnedFd,
-    started: Instant,
-    /// It said `hello`: it is in its `boot`, waiting for the commit.
-    greeted: bool,
 }
 
 impl Newcomer {
     /// Starts the new binary (the probed descriptor) with this process's
     /// arguments and environment, plus `COPYOVER_MIGRATE` naming its end of
-    /// a fresh socket pair, which it alone inherits. In this process's
-    /// process group, with its standard streams: it is the server to be.
-    pub(crate) fn start(exe: &Executable, argv: &[CString]) -> io::Result<Newcomer> {
+    /// a fresh socket pair: that end (and a script's descriptor) is all it
+    /// inherits. In a process group of its own, so that a failure kills
+    /// whatever a wrapper started; it joins this process's group once it
+    /// serves.
+    fn start(exe: &Executable, argv: &[CString]) -> io::Result<Newcomer> {
         let (ours, theirs) = sys::seqpacket_pair()?;
         let var = MigrateVar {
             socket: theirs.as_raw_fd(),
             from: std::process::id(),
         };
         let mut cmd = command(exe, argv, &clean_env());
-        sys::keep_fd_in_child(&mut cmd, theirs.as_raw_fd());
+        let mut inherited = vec![theirs.as_raw_fd()];
+        inherited.extend(exe.script.then(|| exe.fd.as_raw_fd()));
+        sys::inherit_only(&mut cmd, inherited);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.env(MIGRATE_VAR, var.format());
         let child = cmd.spawn()?;
         // Only the child holds the other end now: its exit ends the socket.
         drop(theirs);
         Ok(Newcomer {
-            child,
+            pid: child.id(),
+            child: Some(child),
             sock: ours,
-            started: Instant::now(),
-            greeted: false,
         })
     }
 
-    /// Has the helper thread wake the event loop (`wake`) when the newcomer
-    /// says `hello` or ends, or after `limit`: then [`greeting`](Self::greeting)
-    /// tells which.
-    pub(crate) fn watch(
-        &self,
-        worker: &Worker,
-        wake: Arc<OwnedFd>,
-        limit: Duration,
-    ) -> io::Result<()> {
-        let sock = self.sock.try_clone()?;
-        worker.run(move || {
-            let until = Instant::now() + limit;
-            while Instant::now() < until {
-                let left = until.saturating_duration_since(Instant::now());
-                if !matches!(sys::wait_readable(sock.as_fd(), left), Ok(false)) {
-                    break;
-                }
-            }
-            crate::signal::wake(&wake);
-        })
-    }
-
-    /// Whether it reached its `boot` (it said `hello`): `Ok(false)` not
-    /// yet; an error if it ended, said something else, or took more than
-    /// `limit` from its start.
-    pub(crate) fn greeting(&mut self, limit: Duration) -> Result<bool, String> {
-        if self.greeted {
-            return Ok(true);
-        }
-        if !sys::wait_readable(self.sock.as_fd(), Duration::ZERO).map_err(|e| e.to_string())? {
-            if self.started.elapsed() > limit {
+    /// Waits for its `hello` (it reached `boot`), for at most `limit` from
+    /// its start; says why not otherwise.
+    fn await_hello(&mut self, limit: Duration) -> Result<(), String> {
+        let until = Instant::now() + limit;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(format!(
                     "it did not reach copyover::boot within {} ms (Config::probe_timeout)",
                     limit.as_millis()
                 ));
             }
-            return Ok(false);
-        }
-        let message = self.read_message().unwrap_or_default();
-        match message.as_slice() {
-            [] => Err(self.how_it_ended()),
-            m if m == HELLO => {
-                self.greeted = true;
-                Ok(true)
+            if matches!(sys::wait_readable(self.sock.as_fd(), left), Ok(true)) {
+                break;
             }
+        }
+        match self.read_message().unwrap_or_default().as_slice() {
+            [] => Err(self.how_it_ended()),
+            m if m == HELLO => Ok(()),
             m => Err(answer_error(m)),
         }
     }
 
-    /// Whether it said `hello` (see [`greeting`](Self::greeting)).
-    pub(crate) fn greeted(&self) -> bool {
-        self.greeted
+    /// Between its `hello` and the commit it only waits: a message or the
+    /// socket's end now means it failed (or died) meanwhile. Checked at the
+    /// commit, before anything is sealed or sent.
+    fn still_waiting(&mut self) -> Result<(), String> {
+        match sys::wait_readable(self.sock.as_fd(), Duration::ZERO) {
+            Ok(false) => Ok(()),
+            Ok(true) => Err(match self.read_message().unwrap_or_default().as_slice() {
+                [] => self.how_it_ended(),
+                m => answer_error(m),
+            }),
+            Err(e) => Err(format!("could not look at the migration socket: {e}")),
+        }
     }
 
     /// Its PID.
     pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
     }
 
     /// Sends one message, retrying while the kernel refuses more
@@ -128,6 +117,8 @@ impl Newcomer {
                     }
                     std::thread::sleep(Duration::from_micros(200));
                 }
+                // SO_SNDTIMEO makes a blocked send return on any signal.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -139,29 +130,40 @@ impl Newcomer {
         }
     }
 
-    /// Waits for `ready` until `deadline`; says why not otherwise.
-    fn wait_ready(&mut self, deadline: Instant, timeout: Duration) -> Result<(), String> {
+    /// Waits for `ready` until `deadline`; says why not otherwise. A
+    /// shutdown asked of this process meanwhile ends the wait at once.
+    fn wait_ready(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+        requests: &Requests,
+    ) -> Result<(), UpgradeError> {
+        let pid = self.pid;
+        let failed = |reason: String| UpgradeError::Migration { pid, reason };
         loop {
+            if requests.shutdown.load(Ordering::SeqCst) {
+                return Err(UpgradeError::Shutdown);
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!(
+                return Err(failed(format!(
                     "it was not ready within {} ms of the commit (Config::ready_timeout of this process)",
                     timeout.as_millis()
-                ));
+                )));
             }
-            match sys::wait_readable(self.sock.as_fd(), left.min(Duration::from_secs(1))) {
+            match sys::wait_readable(self.sock.as_fd(), left.min(Duration::from_millis(50))) {
                 Ok(false) => continue,
                 Ok(true) => {}
-                Err(e) => return Err(format!("could not wait for it: {e}")),
+                Err(e) => return Err(failed(format!("could not wait for it: {e}"))),
             }
             let message = match self.read_message() {
                 Ok(m) => m,
-                Err(e) => return Err(format!("could not read its answer: {e}")),
+                Err(e) => return Err(failed(format!("could not read its answer: {e}"))),
             };
             return match message.as_slice() {
-                [] => Err(self.how_it_ended()),
+                [] => Err(failed(self.how_it_ended())),
                 m if m == READY => Ok(()),
-                m => Err(answer_error(m)),
+                m => Err(failed(answer_error(m))),
             };
         }
     }
@@ -202,11 +204,16 @@ impl Newcomer {
     }
 
     /// Why the socket ended: the newcomer's exit status, once it is reaped
-    /// (its socket closes as it exits; it is given a second to finish).
+    /// (its socket closes as it exits; it is given 100 ms to finish, then
+    /// it is a newcomer that closed the socket and lives on, and is killed
+    /// with the rest when dropped).
     fn how_it_ended(&mut self) -> String {
-        let until = Instant::now() + Duration::from_secs(1);
+        let Some(child) = self.child.as_mut() else {
+            return "it ended before it was ready".into();
+        };
+        let until = Instant::now() + Duration::from_millis(100);
         loop {
-            match self.child.try_wait() {
+            match child.try_wait() {
                 Ok(Some(status)) => {
                     return format!("it ended before it was ready: {}", describe(status));
                 }
@@ -215,6 +222,12 @@ impl Newcomer {
                 Err(e) => return format!("it ended before it was ready (its status: {e})"),
             }
         }
+    }
+
+    /// After `go`: the newcomer is the server now, never to be killed or
+    /// reaped by this process.
+    fn let_go(mut self) {
+        std::mem::forget(self.child.take());
     }
 }
 
@@ -231,9 +244,29 @@ fn answer_error(m: &[u8]) -> String {
 
 impl Drop for Newcomer {
     fn drop(&mut self) {
-        // Never reused before the reap: a child's PID is ours until then.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // Its group's number, and its own, are ours until it is reaped: the
+        // group is killed first (a wrapper's children), then the child.
+        let killed = sys::kill_group(self.pid as i32).is_ok() | child.kill().is_ok();
+        if !killed {
+            // Not ours to kill any more (it took other credentials): it
+            // sees the socket's end, and the old process alive, and exits
+            // (see `Arrival::confirm`). Not waited for.
+            tracing::warn!(newcomer = self.pid, "could not kill the new process");
+            return;
+        }
+        // Reaped off this thread: tearing down a process that restored the
+        // whole state takes time the event loop does not wait for.
+        let reaper = std::thread::Builder::new()
+            .name("copyover-reap".into())
+            .spawn(move || {
+                let _ = child.wait();
+            });
+        if let Err(e) = reaper {
+            tracing::debug!("reaping the new process here: {e}");
+        }
     }
 }
 
@@ -269,11 +302,26 @@ pub(crate) fn hand_over<S: serde::Serialize>(state: &S, h: HandOver<'_>) -> Upgr
     } = h;
     let pid = newcomer.pid();
     let failed = |reason: String| UpgradeError::Migration { pid, reason };
+    // Failed or gone since its `hello`: nothing is sealed or sent.
+    if let Err(reason) = newcomer.still_waiting() {
+        return failed(reason);
+    }
     let deadline = Instant::now() + ready_timeout;
     let draft = draft.map_or_else(|| Draft::new(0), Ok);
     let memfd = match draft.and_then(|d| d.seal_state(&header, manifest, state, payload_hint)) {
         Ok((memfd, _)) => memfd,
         Err(e) => return e.into(),
+    };
+    // This process, as the newcomer can watch it: the end of the socket
+    // before `go` means "serve" only if this process is gone by then.
+    let me = match sys::pidfd_open(std::process::id() as i32) {
+        Ok(fd) => fd,
+        Err(source) => {
+            return UpgradeError::Io {
+                what: "open a pidfd of this process for the new one",
+                source,
+            };
+        }
     };
     // A newcomer that stops reading must not hold this process past its
     // deadline.
@@ -286,12 +334,16 @@ pub(crate) fn hand_over<S: serde::Serialize>(state: &S, h: HandOver<'_>) -> Upgr
     let fds: Vec<RawFd> = manifest.fds().collect();
     let first = format!("{SNAPSHOT} {}", fds.len());
     let sent = newcomer
-        .send(first.as_bytes(), &[memfd.as_raw_fd()], deadline)
+        .send(
+            first.as_bytes(),
+            &[memfd.as_raw_fd(), me.as_raw_fd()],
+            deadline,
+        )
         .and_then(|()| {
             fds.chunks(sys::MAX_FDS_PER_MESSAGE)
                 .try_for_each(|batch| newcomer.send(FDS, batch, deadline))
         });
-    drop(memfd);
+    drop((memfd, me));
     if let Err(e) = sent {
         // Its `fail REASON`, if it said why before it went away.
         let ended = match (newcomer.last_word(), e.raw_os_error()) {
@@ -306,13 +358,10 @@ pub(crate) fn hand_over<S: serde::Serialize>(state: &S, h: HandOver<'_>) -> Upgr
         fds = fds.len(),
         "handed over; waiting for the new process"
     );
-    if let Err(reason) = newcomer.wait_ready(deadline, ready_timeout) {
-        return failed(reason);
-    }
-    // A shutdown asked of this process meanwhile: the newcomer is killed,
-    // not left to serve what the operator wanted stopped.
-    if requests.shutdown.load(std::sync::atomic::Ordering::SeqCst) {
-        return UpgradeError::Shutdown;
+    // A shutdown asked of this process meanwhile ends the wait: the
+    // newcomer is killed, not left to serve what the operator stopped.
+    if let Err(e) = newcomer.wait_ready(deadline, ready_timeout, requests) {
+        return e;
     }
     // The point of no return: from `go` on, the newcomer serves.
     if let Err(e) = newcomer.send(GO, &[], deadline) {
@@ -321,23 +370,81 @@ pub(crate) fn hand_over<S: serde::Serialize>(state: &S, h: HandOver<'_>) -> Upgr
     leave(newcomer, requests, &reporter)
 }
 
-/// After `go`: requests that came meanwhile go to the newcomer, the status
-/// file (and systemd's status line) says where the server went, and this
-/// process exits (the newcomer tells systemd it is the main process) (no destructor runs: every descriptor is the newcomer's
-/// now, and closing this process's copies changes nothing for it).
+/// After `go`: the newcomer is let go first (nothing here may kill it any
+/// more), requests that came meanwhile are passed on to it (a shutdown
+/// too), the status file (and systemd's status line) says where the server
+/// went, and this process exits. No destructor runs: every descriptor is
+/// the newcomer's now, and this process's copies close with it. (The
+/// kernel tears the memory down before it closes them: until then, a
+/// connection the newcomer closes sends no FIN.) The newcomer tells systemd
+/// it is the main process once this one is gone.
 fn leave(newcomer: Newcomer, requests: &Requests, reporter: &Reporter) -> ! {
     let pid = newcomer.pid();
+    newcomer.let_go();
     for (flag, sig) in [
         (&requests.upgrade, libc::SIGHUP),
         (&requests.migrate, libc::SIGUSR2),
         (&requests.save, libc::SIGUSR1),
+        (&requests.shutdown, libc::SIGTERM),
     ] {
         if crate::signal::take(flag) {
             let _ = sys::signal_child(pid as i32, sig);
         }
     }
     crate::status::report(Outcome::Migrated { to: pid }, reporter);
-    // Not killed, not reaped: it outlives this process.
-    std::mem::forget(newcomer);
     std::process::exit(0)
+}
+
+/// A migration's newcomer being started on the runtime's helper thread
+/// (its `fork` copies this process's page tables: long for a large heap,
+/// and not the event loop's to wait for), until it says `hello`. The event
+/// loop is woken when [`take`](Self::take) has the result. Dropped before
+/// that, the newcomer is killed when the thread is done with it.
+#[derive(Debug)]
+pub(crate) struct Arriving {
+    slot: Arc<Mutex<Option<Result<Newcomer, UpgradeError>>>>,
+}
+
+impl Arriving {
+    /// Queues the start: the probed binary, with these arguments; `limit`
+    /// for it to reach `boot`; `wake` written to when it is known.
+    pub(crate) fn start(
+        worker: &Worker,
+        exe: Arc<Executable>,
+        argv: Vec<CString>,
+        limit: Duration,
+        wake: Arc<OwnedFd>,
+    ) -> io::Result<Arriving> {
+        let slot = Arc::new(Mutex::new(None));
+        let theirs = Arc::clone(&slot);
+        worker.run(move || {
+            let result = Newcomer::start(&exe, &argv)
+                .map_err(|source| UpgradeError::Io {
+                    what: "start the new process",
+                    source,
+                })
+                .and_then(|mut n| {
+                    tracing::debug!(newcomer = n.pid(), "migration: the new process is starting");
+                    match n.await_hello(limit) {
+                        Ok(()) => Ok(n),
+                        Err(reason) => Err(UpgradeError::Migration {
+                            pid: n.pid(),
+                            reason,
+                        }),
+                    }
+                });
+            *theirs.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
+            crate::signal::wake(&wake);
+        })?;
+        Ok(Arriving { slot })
+    }
+
+    /// The newcomer once it said `hello`, or why it did not; `None` while
+    /// it is starting.
+    pub(crate) fn take(&self) -> Option<Result<Newcomer, UpgradeError>> {
+        self.slot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
 }

@@ -19,8 +19,11 @@
 //!
 //! 1. **Probe**, exactly as for an upgrade: a binary that cannot read this
 //!    state is refused before anything else happens.
-//! 2. **The newcomer starts** as soon as the probe said yes: it runs until
-//!    its `boot`, which says `hello` and waits on a private socket pair
+//! 2. **The newcomer starts** as soon as the probe said yes (on the
+//!    runtime's helper thread: the `fork` copies the page tables), in a
+//!    process group of its own, inheriting nothing but its end of a private
+//!    socket pair and its standard streams: it runs until its `boot`, which
+//!    checks what it can, says `hello` and waits on that socket pair
 //!    (`SOCK_SEQPACKET`; one end is inherited by the child alone, so
 //!    nothing else can connect). `Event::UpgradeApproved` comes only
 //!    after that `hello`: the new process's loading and start-up happen
@@ -34,9 +37,11 @@
 //!    [`Start::Resumed`](crate::Start::Resumed) with the state and the
 //!    descriptors, as after an exec. Its [`ready`](crate::Copyover::ready)
 //!    says `ready` and waits for the old process's `go`.
-//! 5. The old process answers `go`, writes `migrated` to its status file,
-//!    and exits. The newcomer serves, and once the old process is gone
-//!    tells systemd `MAINPID=` (its own) and `READY=1`.
+//! 5. The old process answers `go`, passes on the requests that reached
+//!    it meanwhile, writes `migrated` to its status file, and exits. The
+//!    newcomer joins the old process's process group, serves, reports
+//!    `complete` (`READY=1`), and once the old process is gone tells
+//!    systemd `MAINPID=` (its own).
 //!
 //! # Under systemd
 //!
@@ -54,7 +59,8 @@
 //! a descriptor and the newcomer has served no one (it is waiting in
 //! `ready`). A newcomer that refuses (its `boot` failed), dies, or is not
 //! ready within the old process's `Config::ready_timeout` from the commit
-//! is killed, and the old process serves on, with its state as it was:
+//! is killed with its process group, and the old process serves on, with
+//! its state as it was:
 //! `upgrade` returns [`UpgradeError::Migration`](crate::UpgradeError::Migration)
 //! and the outcome is `rolled back`. An old process that dies after handing
 //! over (SIGKILL) leaves the newcomer serving: its `ready` sees the socket
@@ -80,19 +86,23 @@
 //! | From | Message | Descriptors |
 //! |---|---|---|
 //! | new | `hello 1`, as its `boot` starts | none |
-//! | old | `snapshot 1 COUNT` | the sealed snapshot memfd |
+//! | old | `snapshot 1 COUNT` | the sealed snapshot memfd, and a pidfd of the old process |
 //! | old | `fds` | up to 253 of the manifest's, in its order, until COUNT came |
 //! | new | `ready`, or `fail REASON` | none |
 //! | old | `go` | none |
 //!
 //! The end of the socket is an answer too: before `ready`, the newcomer
-//! died; after it, the old process did (the newcomer serves).
+//! died; after it, the old process did, and the newcomer serves, but only
+//! if the old process's pidfd says it is gone. Otherwise the old process
+//! gave up on a newcomer it could not kill (one that took other
+//! credentials, or a wrapper's child outside the group it killed), and
+//! kept its clients: the newcomer exits without touching them.
 
 mod arrival;
 mod departure;
 
-pub(crate) use arrival::{Arrival, arrive};
-pub(crate) use departure::{HandOver, Newcomer, hand_over};
+pub(crate) use arrival::{Answer, Arrival, arrive};
+pub(crate) use departure::{Arriving, HandOver, Newcomer, hand_over};
 
 use crate::error::Error;
 

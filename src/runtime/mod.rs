@@ -134,7 +134,9 @@ pub struct Copyover<S> {
     worker: Worker,
     /// The request under way is a migration (SIGUSR2), not an exec.
     migrating: bool,
-    /// A migration's new process, started once the probe approved it.
+    /// A migration's new process being started (after the probe approved
+    /// it), then, once it said `hello`, the process itself.
+    arriving: Option<crate::migration::Arriving>,
     newcomer: Option<crate::migration::Newcomer>,
     /// In a migration's new process until `ready`: the way to the old one.
     pub(crate) arrival: Option<crate::migration::Arrival>,
@@ -186,6 +188,7 @@ impl<S> Copyover<S> {
             activated: Activated::default(),
             worker,
             migrating: false,
+            arriving: None,
             newcomer: None,
             arrival: None,
             migrated_from: None,

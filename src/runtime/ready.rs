@@ -144,22 +144,18 @@ impl<S> Copyover<S> {
     /// end) first, then this process serves, and reports `complete`, and
     /// tells systemd it is the main process now.
     fn arrived(&mut self, arrival: crate::migration::Arrival, now: u64) {
-        arrival.confirm();
+        use crate::migration::Answer;
+        match arrival.confirm() {
+            Answer::Go => arrival.join_old_group(),
+            Answer::Gone => {}
+            // The old process serves these clients: this one must not touch
+            // them, and has nothing else to do.
+            Answer::Kept => std::process::exit(1),
+        }
         // Only now: until `go`, the old process may still serve these
         // connections (a TLS session seals nothing here before).
         IMAGE_READY.store(true, Ordering::Release);
         let serving = monotonic_ns();
-        // systemd: this process becomes the main one once the old one is
-        // gone, when it is the manager's own child (an orphan goes to the
-        // nearest subreaper: PID 1, or the user's manager); a main PID
-        // taken over from its parent would be an "alien" one, which a
-        // `systemctl stop` SIGKILLs at once (systemd 252). On the helper
-        // thread, before the outcome's READY=1: the loop serves meanwhile.
-        let old = arrival.from;
-        self.worker.run_or_here(move || {
-            wait_gone(old, Duration::from_secs(2));
-            crate::notify::notify(&format!("MAINPID={}", std::process::id()));
-        });
         let h = &arrival.header;
         let outcome = Outcome::Complete {
             from: h.writer_version.clone(),
@@ -182,6 +178,18 @@ impl<S> Copyover<S> {
             "took over by a migration"
         );
         self.report_later(outcome, 0.0, false);
+        // systemd: this process becomes the main one once the old one is
+        // gone, when it is the manager's own child (an orphan goes to the
+        // nearest subreaper: PID 1, or the user's manager); a main PID
+        // taken over from its parent would be an "alien" one, which a
+        // `systemctl stop` SIGKILLs at once (systemd 252). On the helper
+        // thread, after the outcome: the old process's exit tears its
+        // memory down first, which may take a while.
+        let old = arrival.from;
+        self.worker.run_or_here(move || {
+            wait_gone(old, Duration::from_secs(30));
+            crate::notify::notify(&format!("MAINPID={}", std::process::id()));
+        });
     }
 
     /// Declares this image ready: the inherited descriptors are claimed and

@@ -4,6 +4,8 @@
 
 use super::*;
 
+use std::sync::atomic::Ordering;
+
 impl<S> Copyover<S> {
     /// Returns the next event, or `None`. Call it until it returns `None`
     /// each time [`event_fd`](Self::event_fd) is readable.
@@ -34,16 +36,14 @@ impl<S> Copyover<S> {
             None => {}
         }
         // A migration is approved once its new process is in its `boot`.
-        if let Some(n) = &mut self.newcomer
-            && !n.greeted()
-        {
-            match n.greeting(self.config.probe_timeout) {
-                Ok(true) => return Some(Event::UpgradeApproved),
-                Ok(false) => {}
-                Err(reason) => {
-                    let pid = n.pid();
-                    return Some(self.refuse_migration(UpgradeError::Migration { pid, reason }));
+        if let Some(result) = self.arriving.as_ref().and_then(|a| a.take()) {
+            self.arriving = None;
+            match result {
+                Ok(newcomer) => {
+                    self.newcomer = Some(newcomer);
+                    return Some(Event::UpgradeApproved);
                 }
+                Err(e) => return Some(self.refuse_migration(e)),
             }
         }
         self.poll_signals()
@@ -54,50 +54,51 @@ impl<S> Copyover<S> {
     fn refuse_migration(&mut self, e: UpgradeError) -> Event {
         self.phase = Phase::Idle;
         self.migrating = false;
+        self.arriving = None;
         self.newcomer = None;
         let reason = e.to_string();
         self.log_refused(&reason);
         Event::UpgradeRefused { reason }
     }
 
-    /// A migration's new process, started from the probed binary as soon
-    /// as the probe approved it: it loads and starts while this process
-    /// still serves, and waits in its `boot` for the commit.
+    /// A migration's new process, started from the probed binary (on the
+    /// helper thread) as soon as the probe approved it: it loads and starts
+    /// while this process still serves, and waits in its `boot`; its
+    /// `hello` wakes the loop (see `poll`).
     fn start_newcomer(&mut self) -> Result<(), UpgradeError> {
         let Phase::Approved { exe, .. } = &self.phase else {
             return Ok(());
         };
-        let newcomer = crate::migration::Newcomer::start(exe, &self.argv).map_err(|source| {
-            UpgradeError::Io {
-                what: "start the new process",
-                source,
-            }
+        let arriving = crate::migration::Arriving::start(
+            &self.worker,
+            Arc::clone(exe),
+            self.argv.clone(),
+            self.config.probe_timeout,
+            self.requests.tx.clone(),
+        )
+        .map_err(|source| UpgradeError::Io {
+            what: "start the new process",
+            source,
         })?;
-        tracing::debug!(
-            newcomer = newcomer.pid(),
-            "migration: the new process is starting"
-        );
-        newcomer
-            .watch(
-                &self.worker,
-                self.requests.tx.clone(),
-                self.config.probe_timeout,
-            )
-            .map_err(|source| UpgradeError::Io {
-                what: "watch the new process",
-                source,
-            })?;
-        self.newcomer = Some(newcomer);
+        self.arriving = Some(arriving);
         Ok(())
     }
 
     fn poll_signals(&mut self) -> Option<Event> {
         let upgrade = signal::take(&self.requests.upgrade);
         let migrate = signal::take(&self.requests.migrate);
+        // A request of the other kind than the one under way (or than the
+        // one started now) waits for it: its flag is set again, and the
+        // next poll after the outcome starts it (across an exec, the commit
+        // raises it again; after a migration, the old process passes it on).
+        let wait = |flag: &std::sync::atomic::AtomicBool| flag.store(true, Ordering::SeqCst);
         if upgrade || migrate {
             if matches!(self.phase, Phase::Idle) {
-                // Both at once: the upgrade, which needs no new process.
+                // Both at once: the upgrade first, which needs no new process.
                 self.migrating = !upgrade;
+                if upgrade && migrate {
+                    wait(&self.requests.migrate);
+                }
                 self.requested_at_ns = monotonic_ns();
                 crate::notify::notify(&format!(
                     "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=upgrading",
@@ -105,7 +106,15 @@ impl<S> Copyover<S> {
                 ));
                 return Some(Event::Upgrade);
             }
-            tracing::info!("an upgrade is already under way; the new request joins it");
+            if (upgrade && !self.migrating) || (migrate && self.migrating) {
+                tracing::info!("an upgrade is already under way; the new request joins it");
+            }
+            if upgrade && self.migrating {
+                wait(&self.requests.upgrade);
+            }
+            if migrate && !self.migrating {
+                wait(&self.requests.migrate);
+            }
         }
         if signal::take(&self.requests.save) {
             return Some(Event::SaveSnapshot);
@@ -143,6 +152,7 @@ impl<S> Copyover<S> {
             self.phase = Phase::Idle;
             self.migrating = false;
             // A migration's new process that did not take over is killed.
+            self.arriving = None;
             self.newcomer = None;
             if let UpgradeError::Migration { .. } = e {
                 let elapsed = ms(monotonic_ns().saturating_sub(self.requested_at_ns));
@@ -209,6 +219,7 @@ impl<S> Copyover<S> {
                     payload,
                     timeout: self.config.probe_timeout,
                     reserve: reserve as u64,
+                    migrate: self.migrating,
                 };
                 let probe = Probe::start(spec, &self.worker, self.requests.tx.clone()).map_err(
                     |source| UpgradeError::Io {
@@ -225,7 +236,7 @@ impl<S> Copyover<S> {
                 prepared,
                 exe: exe_of_approved,
             } if self.migrating => {
-                if !self.newcomer.as_ref().is_some_and(|n| n.greeted()) {
+                if self.newcomer.is_none() {
                     // Not approved yet: its new process is still starting.
                     self.phase = Phase::Approved {
                         to_version,
@@ -287,6 +298,7 @@ impl<S> Copyover<S> {
     /// [`Quiesce::pause`](crate::tokio::Quiesce::pause) returns
     /// `Unpaused`). Does nothing if no upgrade is under way.
     pub fn abandon(&mut self, reason: &str) {
+        self.arriving = None;
         self.newcomer = None;
         self.migrating = false;
         if !self.phase.abandon() {

@@ -44,6 +44,12 @@ pub fn read(pid: u32) -> io::Result<Status> {
     Status::read(&status_path(&status_dir(), pid))
 }
 
+/// Whether a failed read of the previous status file is worth a second
+/// try: any failure but its absence (a first outcome has no file to read).
+pub(super) fn read_again(e: &io::Error) -> bool {
+    e.kind() != io::ErrorKind::NotFound
+}
+
 impl Status {
     /// Reads a status file.
     ///
@@ -189,12 +195,9 @@ impl Status {
     pub(super) fn try_publish(&mut self, dir: &Path, path: &Path) -> io::Result<()> {
         // Each read is tried twice: a status file whose sequence restarted
         // would hide this outcome from `copyover upgrade`.
-        let previous = crate::sys::once_more(
-            || Status::read(path),
-            |e| e.kind() != io::ErrorKind::NotFound,
-        )
-        .ok()
-        .filter(|p| p.pid == self.pid);
+        let previous = crate::sys::once_more(|| Status::read(path), read_again)
+            .ok()
+            .filter(|p| p.pid == self.pid);
         self.start_ticks = crate::sys::once_more(|| start_ticks(self.pid), |_| true).unwrap_or(0);
         let same_process = previous
             .as_ref()

@@ -277,3 +277,51 @@ fn a_file_where_the_status_directory_should_be_is_refused_as_such() {
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn only_a_status_file_that_is_there_is_read_again() {
+    use std::io::{Error, ErrorKind};
+    assert!(!super::file::read_again(&Error::from(ErrorKind::NotFound)));
+    for kind in [
+        ErrorKind::InvalidData,
+        ErrorKind::Interrupted,
+        ErrorKind::Other,
+    ] {
+        assert!(super::file::read_again(&Error::from(kind)), "{kind:?}");
+    }
+}
+
+/// Set in the re-executed test binary that reads its own status by PID.
+const READ_BY_PID: &str = "COPYOVER_TEST_READ_BY_PID";
+
+#[test]
+fn read_by_pid_looks_in_the_status_directory() {
+    let me = "status::tests::read_by_pid_looks_in_the_status_directory";
+    if std::env::var_os(READ_BY_PID).is_some() {
+        // The child: its status directory comes from the environment.
+        let mut s = status(Outcome::Refused {
+            reason: "by pid".into(),
+        });
+        s.pid = std::process::id();
+        let path = status_path(&status_dir(), s.pid);
+        std::fs::write(&path, s.render()).unwrap();
+        assert_eq!(read(s.pid).unwrap(), s);
+        return;
+    }
+    let (dir, _) = planted("bypid");
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", me, "--test-threads=1"])
+        .env(READ_BY_PID, "1")
+        .env(STATUS_DIR_VAR, &dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // It wrote and read in the directory it was given, and nowhere else.
+    let written: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".status"))
+        .collect();
+    assert_eq!(written.len(), 1, "{written:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -75,6 +75,36 @@ pub(crate) fn execveat(
     io::Error::last_os_error()
 }
 
+/// Makes `cmd`'s child inherit exactly `fds` (and its standard streams):
+/// between its fork and its exec, every descriptor from 3 up becomes
+/// close-on-exec (one `close_range`: what the parent left inheritable by
+/// mistake or on purpose stays behind), then the flag is cleared on `fds`.
+pub(crate) fn inherit_only(cmd: &mut std::process::Command, fds: Vec<RawFd>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes the close_range and fcntl system calls, both async-signal-safe;
+    // it reads `fds`, allocated before the fork, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) == -1
+            {
+                return Err(io::Error::last_os_error());
+            }
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        })
+    };
+}
+
 /// Makes `cmd` clear close-on-exec on `fd` in the child, between its fork
 /// and its exec, so that the child can execute `/proc/self/fd/FD` (a
 /// script's interpreter opens that path) while the parent's copy stays

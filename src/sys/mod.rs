@@ -41,8 +41,8 @@ pub(crate) use memfd::{
 #[cfg(feature = "tokio")]
 pub(crate) use process::on_main_thread;
 pub(crate) use process::{
-    check_executable, effective_uid, has_exited, kill, kill_group, real_uid, reap,
-    reap_exited_children, set_thread_name, signal_child,
+    check_executable, effective_uid, has_exited, join_process_group, kill, kill_group,
+    process_group_of, real_uid, reap, reap_exited_children, set_thread_name, signal_child,
 };
 #[cfg(all(test, feature = "tokio"))]
 pub(crate) use signal::is_blocked;
@@ -83,7 +83,7 @@ mod limits;
 mod pidfd;
 mod time;
 
-pub(crate) use exec::{execveat, execveat_prepared, keep_fd_in_child, write_decimal};
+pub(crate) use exec::{execveat, execveat_prepared, inherit_only, keep_fd_in_child, write_decimal};
 pub(crate) use fd::{cloexec_from, is_cloexec, readable_among, set_cloexec, wait_readable};
 pub(crate) use inherit::{Claims, FdSet};
 pub(crate) use limits::{nofile_limit, remove_env_var, thread_count};

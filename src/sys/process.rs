@@ -27,6 +27,17 @@ pub(crate) fn signal_child(pid: i32, sig: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
+/// The process group of process `pid`.
+pub(crate) fn process_group_of(pid: i32) -> io::Result<i32> {
+    Ok(nix::unistd::getpgid(Some(Pid::from_raw(pid)))?.as_raw())
+}
+
+/// Moves this process into process group `pgid` (of its own session).
+pub(crate) fn join_process_group(pgid: i32) -> io::Result<()> {
+    nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(pgid))?;
+    Ok(())
+}
+
 /// Names the calling thread (`PR_SET_NAME`; on the main thread, the
 /// process's name in `ps`, `pgrep`, `/proc/PID/comm`), cut at 15 bytes.
 pub(crate) fn set_thread_name(name: &std::ffi::CStr) -> io::Result<()> {

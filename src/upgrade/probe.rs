@@ -19,7 +19,10 @@
 //! checksum, state version, decoding and migration), writes one line and
 //! exits:
 //!
-//! * `copyover-probe 1 ok NONCE VERSION` and exit status 0, or
+//! * `copyover-probe 1 ok NONCE VERSION` and exit status 0 (with
+//!   `COPYOVER_PROBE_MIGRATE=1` set, the probe of a migration: `ok-migrate`
+//!   instead of `ok`: a build whose runtime predates migrations says `ok`,
+//!   which the probe of a migration refuses), or
 //! * `copyover-probe 1 refuse NONCE REASON` and exit status 1.
 //!
 //! Anything else (no line, another nonce, another exit status, no answer
@@ -43,7 +46,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use crate::env::PROBE_VAR;
+pub use crate::env::{PROBE_MIGRATE_VAR, PROBE_VAR};
 const ANSWER_PREFIX: &str = "copyover-probe 1";
 
 /// The verdict of one probe.
@@ -121,6 +124,8 @@ pub(crate) struct ProbeSpec {
     pub timeout: Duration,
     /// Bytes to prepare in the commit's memfd while the probe runs.
     pub reserve: u64,
+    /// The probe of a migration: the binary must say it can take part.
+    pub migrate: bool,
 }
 
 /// What a finished probe hands back: its verdict, and what it prepared
@@ -227,6 +232,9 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
     // Its own process group: a wrapper script's children (the real binary,
     // a `sleep`) are killed with it, not left behind.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    if spec.migrate {
+        cmd.env(PROBE_MIGRATE_VAR, "1");
+    }
     cmd.env(PROBE_VAR, &nonce)
         .stdin(Stdio::from(snapshot))
         .stdout(Stdio::piped())
@@ -254,7 +262,14 @@ fn run(spec: ProbeSpec, pid_slot: &AtomicI32) -> Outcome {
         tail: Vec::new(),
     };
     let deadline = started + spec.timeout;
-    let answer = read_answer(&mut child, &mut stderr, &nonce, spec.timeout, deadline);
+    let answer = read_answer(
+        &mut child,
+        &mut stderr,
+        &nonce,
+        spec.migrate,
+        spec.timeout,
+        deadline,
+    );
     let ended = finish(&mut child, &mut stderr, deadline);
     stderr.pump_ready();
     let verdict = judge(answer, ended, &stderr);
@@ -459,6 +474,7 @@ fn read_answer(
     child: &mut Child,
     stderr: &mut Stderr,
     nonce: &str,
+    migrate: bool,
     timeout: Duration,
     deadline: Instant,
 ) -> Answer {
@@ -500,9 +516,12 @@ fn read_answer(
             Err(e) => return Answer::Invalid(format!("reading the probe's answer failed: {e}")),
         }
     }
-    parse_answer(&String::from_utf8_lossy(&line), nonce)
+    parse_answer(&String::from_utf8_lossy(&line), nonce, migrate)
 }
-fn parse_answer(line: &str, nonce: &str) -> Answer {
+
+/// Parses the answer line. `migrate`: the probe of a migration, which only
+/// `ok-migrate` approves.
+fn parse_answer(line: &str, nonce: &str, migrate: bool) -> Answer {
     let Some(rest) = line
         .strip_prefix(ANSWER_PREFIX)
         .and_then(|r| r.strip_prefix(' '))
@@ -522,7 +541,12 @@ fn parse_answer(line: &str, nonce: &str) -> Answer {
         return Answer::Invalid("the probe answer carries another nonce".into());
     }
     match verb {
-        "ok" => Answer::Ok(detail.to_owned()),
+        "ok" if migrate => Answer::Refuse(
+            "it cannot take part in a migration (its copyover runtime predates migrations: \
+             it would start fresh beside this process)"
+                .into(),
+        ),
+        "ok" | "ok-migrate" => Answer::Ok(detail.to_owned()),
         "refuse" => Answer::Refuse(detail.to_owned()),
         other => Answer::Invalid(format!("unknown probe verdict {other:?}")),
     }
@@ -568,8 +592,14 @@ fn finish(child: &mut Child, stderr: &mut Stderr, deadline: Instant) -> Result<E
 /// The child side: writes the answer line to stdout and exits.
 pub(crate) fn answer(nonce: &OsStr, result: Result<String, String>) -> ! {
     let nonce = nonce.to_string_lossy();
+    // Asked by a migration: this build can take part in one.
+    let verb = if std::env::var_os(PROBE_MIGRATE_VAR).is_some() {
+        "ok-migrate"
+    } else {
+        "ok"
+    };
     let line = match &result {
-        Ok(version) => format!("{ANSWER_PREFIX} ok {nonce} {version}\n"),
+        Ok(version) => format!("{ANSWER_PREFIX} {verb} {nonce} {version}\n"),
         Err(reason) => format!(
             "{ANSWER_PREFIX} refuse {nonce} {}\n",
             reason.replace('\n', " ")
@@ -610,24 +640,32 @@ mod tests {
     #[test]
     fn answers_are_parsed_strictly() {
         assert_eq!(
-            parse_answer("copyover-probe 1 ok N v2", "N"),
+            parse_answer("copyover-probe 1 ok N v2", "N", false),
             Answer::Ok("v2".into())
         );
+        // A migration's probe: only a build that knows migrations approves.
         assert_eq!(
-            parse_answer("copyover-probe 1 refuse N cannot read v3", "N"),
+            parse_answer("copyover-probe 1 ok-migrate N v2", "N", true),
+            Answer::Ok("v2".into())
+        );
+        assert!(
+            matches!(parse_answer("copyover-probe 1 ok N v2", "N", true), Answer::Refuse(r) if r.contains("predates migrations"))
+        );
+        assert_eq!(
+            parse_answer("copyover-probe 1 refuse N cannot read v3", "N", false),
             Answer::Refuse("cannot read v3".into())
         );
         assert!(
-            matches!(parse_answer("copyover-probe 1 ok M v2", "N"), Answer::Invalid(r) if r.contains("nonce"))
+            matches!(parse_answer("copyover-probe 1 ok M v2", "N", false), Answer::Invalid(r) if r.contains("nonce"))
         );
         assert!(
-            matches!(parse_answer("", "N"), Answer::Invalid(r) if r.contains("no probe answer"))
+            matches!(parse_answer("", "N", false), Answer::Invalid(r) if r.contains("no probe answer"))
         );
         assert!(
-            matches!(parse_answer("hello", "N"), Answer::Invalid(r) if r.contains("not a copyover program"))
+            matches!(parse_answer("hello", "N", false), Answer::Invalid(r) if r.contains("not a copyover program"))
         );
         assert!(
-            matches!(parse_answer("copyover-probe 1 maybe N", "N"), Answer::Invalid(r) if r.contains("\"maybe\""))
+            matches!(parse_answer("copyover-probe 1 maybe N", "N", false), Answer::Invalid(r) if r.contains("\"maybe\""))
         );
     }
 

@@ -25,6 +25,8 @@ pub(crate) struct Arrival {
     /// it once it serves).
     pub(crate) from: u32,
     group: Option<i32>,
+    /// The old process started this one itself (no forking wrapper).
+    child_of_old: bool,
     pub(crate) header: Header,
     pub(crate) boot_ns: u64,
     /// When the last descriptor came.
@@ -60,11 +62,7 @@ impl Arrival {
         if matches!(answered, Ok(true)) {
             return Answer::Go;
         }
-        let gone = matches!(
-            sys::wait_readable(self.old.as_fd(), Duration::from_secs(1)),
-            Ok(true)
-        );
-        if gone {
+        if self.old_is_gone() {
             tracing::warn!(
                 from = self.from,
                 ?answered,
@@ -81,6 +79,25 @@ impl Arrival {
             );
             Answer::Kept
         }
+    }
+
+    /// Whether the old process is gone, after the socket ended without
+    /// `go`: its pidfd becomes readable as it exits (the socket closes a
+    /// moment before, as its descriptors do). Asked for five seconds (a
+    /// poll that fails is asked again): only an old process seen alive all
+    /// that time has kept its clients. If the pidfd never answered, a
+    /// parent that was the old process and no longer is says it is gone.
+    fn old_is_gone(&self) -> bool {
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        let mut answered = false;
+        while std::time::Instant::now() < until {
+            match sys::wait_readable(self.old.as_fd(), Duration::from_millis(100)) {
+                Ok(true) => return true,
+                Ok(false) => answered = true,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        !answered && self.child_of_old && std::os::unix::process::parent_id() != self.from
     }
 
     /// Once this process serves: into the old process's process group, so
@@ -131,6 +148,7 @@ pub(crate) fn arrive<S: AppState>(
                 old: parts.old,
                 from: var.from,
                 group,
+                child_of_old: std::os::unix::process::parent_id() == var.from,
                 header: parts.header,
                 boot_ns,
                 received_ns: parts.received_ns,

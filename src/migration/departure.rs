@@ -117,8 +117,6 @@ impl Newcomer {
                     }
                     std::thread::sleep(Duration::from_micros(200));
                 }
-                // SO_SNDTIMEO makes a blocked send return on any signal.
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -203,24 +201,27 @@ impl Newcomer {
         Ok(buf)
     }
 
-    /// Why the socket ended: the newcomer's exit status, once it is reaped
-    /// (its socket closes as it exits; it is given 100 ms to finish, then
-    /// it is a newcomer that closed the socket and lives on, and is killed
-    /// with the rest when dropped).
+    /// Why the socket ended: the newcomer's exit status, once it has
+    /// exited (its socket closes as it exits; it is given 100 ms to finish,
+    /// then it is a newcomer that closed the socket and lives on, and is
+    /// killed with the rest when dropped). An exited newcomer's group is
+    /// killed (a wrapper's leftovers) before it is reaped: until then its
+    /// number cannot be reused.
     fn how_it_ended(&mut self) -> String {
-        let Some(child) = self.child.as_mut() else {
+        let until = Instant::now() + Duration::from_millis(100);
+        while !matches!(sys::has_exited(self.pid as i32), Ok(true)) {
+            if Instant::now() >= until {
+                return "it closed the migration socket before it was ready".into();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = sys::kill_group(self.pid as i32);
+        let Some(mut child) = self.child.take() else {
             return "it ended before it was ready".into();
         };
-        let until = Instant::now() + Duration::from_millis(100);
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    return format!("it ended before it was ready: {}", describe(status));
-                }
-                Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(1)),
-                Ok(None) => return "it closed the migration socket before it was ready".into(),
-                Err(e) => return format!("it ended before it was ready (its status: {e})"),
-            }
+        match child.wait() {
+            Ok(status) => format!("it ended before it was ready: {}", describe(status)),
+            Err(e) => format!("it ended before it was ready (its status: {e})"),
         }
     }
 

@@ -138,14 +138,20 @@ pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Sends one message on a connected socket, with `fds` attached
-/// (`SCM_RIGHTS`, at most [`MAX_FDS_PER_MESSAGE`]). `MSG_NOSIGNAL`: a peer
-/// that is gone is `EPIPE`, not SIGPIPE.
+/// (`SCM_RIGHTS`, at most [`MAX_FDS_PER_MESSAGE`]), again if a signal
+/// interrupted it. `MSG_NOSIGNAL`: a peer that is gone is `EPIPE`, not
+/// SIGPIPE.
 pub(crate) fn send_message(sock: BorrowedFd<'_>, message: &[u8], fds: &[RawFd]) -> io::Result<()> {
     use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
     let iov = [io::IoSlice::new(message)];
     let rights = [ControlMessage::ScmRights(fds)];
     let cmsg: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
-    let sent = sendmsg::<()>(sock.as_raw_fd(), &iov, cmsg, MsgFlags::MSG_NOSIGNAL, None)?;
+    let sent = loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsg, MsgFlags::MSG_NOSIGNAL, None) {
+            Err(nix::errno::Errno::EINTR) => {}
+            other => break other?,
+        }
+    };
     if sent != message.len() {
         return Err(io::Error::new(
             io::ErrorKind::WriteZero,

@@ -58,10 +58,25 @@ fn others(server: &Server) -> Vec<u32> {
     server.strays()
 }
 
+/// Process `pid`'s sockets: descriptor number to socket inode.
+fn sockets(pid: i32) -> std::collections::BTreeMap<u32, String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.parse().ok()?;
+            let link = std::fs::read_link(e.path()).ok()?;
+            let link = link.to_string_lossy().into_owned();
+            link.starts_with("socket:").then_some((n, link))
+        })
+        .collect()
+}
+
 #[test]
 fn a_migration_moves_everyone_to_a_new_process() {
     let mut scene = Scene::start("mg-whole", "5");
     let old = scene.server.pid;
+    let before = sockets(old);
     scene.server.deploy(&labelled("v2"));
     let out = migrate(&scene.server, old);
     assert!(out.status.success(), "{out:?}");
@@ -99,6 +114,18 @@ fn a_migration_moves_everyone_to_a_new_process() {
     assert_eq!(others(&scene.server), vec![new as u32]);
     let comm = std::fs::read_to_string(format!("/proc/{new}/comm")).expect("comm");
     assert_eq!(comm.trim_end(), "copyover-telnet");
+    // Every socket it took from the old process is at the number it had
+    // there (its kept epoll instance names them so): the listener and
+    // both clients at least.
+    let after = sockets(new);
+    let common: Vec<_> = after
+        .iter()
+        .filter(|(_, inode)| before.values().any(|b| b == *inode))
+        .collect();
+    assert!(common.len() >= 3, "{before:?} {after:?}");
+    for (n, inode) in common {
+        assert_eq!(before.get(n), Some(inode), "fd {n}: {before:?} {after:?}");
+    }
     assert_eq!(fd_count(new), scene.fds, "the new process's fd count");
 
     // It upgrades in place and migrates again like any server.

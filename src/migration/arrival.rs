@@ -140,7 +140,8 @@ pub(crate) fn arrive<S: AppState>(
         )));
     }
     let group = sys::process_group_of(var.from as i32).ok();
-    let result = take_over::<S>(config, argv, var, sock.as_fd());
+    let mut sock = sock;
+    let result = take_over::<S>(config, argv, var, &mut sock);
     match result {
         Ok((mut co, start, parts)) => {
             co.arrival = Some(Arrival {
@@ -155,6 +156,7 @@ pub(crate) fn arrive<S: AppState>(
                 restored_ns: monotonic_ns(),
             });
             co.migrated_from = Some(var.from);
+            co.fds_renumbered = !parts.kept;
             Ok((co, start))
         }
         Err(e) => {
@@ -176,13 +178,15 @@ struct Parts {
     header: Header,
     old: OwnedFd,
     received_ns: u64,
+    /// Every descriptor is at the number it had in the old process.
+    kept: bool,
 }
 
 fn take_over<S: AppState>(
     config: Config,
     argv: Vec<CString>,
     var: MigrateVar,
-    sock: std::os::fd::BorrowedFd<'_>,
+    sock: &mut OwnedFd,
 ) -> Result<(Copyover<S>, Start<S>, Parts), Error> {
     let refused = |reason: String| Error::Arrival {
         from: var.from,
@@ -199,9 +203,9 @@ fn take_over<S: AppState>(
         source,
     })?;
     // In `boot`, checked: the old process may commit now.
-    sys::send_message(sock, HELLO, &[])
+    sys::send_message(sock.as_fd(), HELLO, &[])
         .map_err(|e| refused(format!("could not say hello to the old process: {e}")))?;
-    let (snapshot, old, fds) = receive(sock).map_err(refused)?;
+    let (mut snapshot, mut old, fds) = receive(sock.as_fd()).map_err(refused)?;
     let received_ns = monotonic_ns();
     let mut snap = read_sealed(snapshot.as_fd())
         .and_then(|snap| snap.check_app(&config.app).map(|()| snap))?;
@@ -212,6 +216,16 @@ fn take_over<S: AppState>(
             manifest.len(),
             fds.len()
         )));
+    }
+    // At the numbers they had, where those are free (see `numbers`).
+    let targets: Vec<std::os::fd::RawFd> = manifest.fds().collect();
+    let (fds, kept) =
+        super::numbers::keep_numbers(fds, &targets, &mut [sock, &mut snapshot, &mut old]);
+    if !kept {
+        tracing::warn!(
+            "some descriptors could not get the numbers they had in process {}: an epoll instance kept in the handoff does not work here (see Copyover::fds_kept_numbers)",
+            var.from
+        );
     }
     let fds = Inherited::received(manifest, fds)?;
     let state = restore::<S>(&config.app, snap.header.state_version, snap.payload())?;
@@ -240,6 +254,7 @@ fn take_over<S: AppState>(
             header,
             old,
             received_ns,
+            kept,
         },
     ))
 }

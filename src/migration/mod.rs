@@ -100,6 +100,7 @@
 
 mod arrival;
 mod departure;
+mod numbers;
 
 pub(crate) use arrival::{Answer, Arrival, arrive};
 pub(crate) use departure::{Arriving, HandOver, Newcomer, hand_over};

@@ -142,6 +142,9 @@ pub struct Copyover<S> {
     pub(crate) arrival: Option<crate::migration::Arrival>,
     /// The process this one took over from by a migration.
     pub(crate) migrated_from: Option<u32>,
+    /// After a migration: some descriptor has another number than it had
+    /// in the old process.
+    pub(crate) fds_renumbered: bool,
     /// The state type; `fn() -> S` so that the handle is `Send` and `Sync`
     /// whatever `S` is (it holds no `S`).
     state: PhantomData<fn() -> S>,
@@ -192,6 +195,7 @@ impl<S> Copyover<S> {
             newcomer: None,
             arrival: None,
             migrated_from: None,
+            fds_renumbered: false,
             state: PhantomData,
         }
     }
@@ -263,12 +267,20 @@ impl<S> Copyover<S> {
     }
 
     /// The PID of the process this one took over from by a migration, or
-    /// `None` (a first start, an upgrade, a rollback). What a server must
-    /// not carry over from that process is known by it: an epoll instance
-    /// kept in the handoff, say, whose registrations name the old
-    /// process's fd numbers (make a new one and register what you took).
+    /// `None` (a first start, an upgrade, a rollback).
     pub fn migrated_from(&self) -> Option<u32> {
         self.migrated_from
+    }
+
+    /// Whether every inherited descriptor has the number it had in the
+    /// previous image: always after an upgrade (the exec keeps them), and
+    /// after a migration unless some number was taken in this process
+    /// (something it opened before `boot`, say; a warning says so). What
+    /// names descriptors by number depends on it: an epoll instance kept in
+    /// the handoff keys its registrations by file *and* number, so when
+    /// this is `false`, make a new one and register what you took.
+    pub fn fds_kept_numbers(&self) -> bool {
+        !self.fds_renumbered
     }
 
     fn log_refused(&self, reason: &str) {

@@ -45,6 +45,18 @@ pub(crate) fn is_cloexec(fd: RawFd) -> io::Result<bool> {
     Ok(flags & libc::FD_CLOEXEC != 0)
 }
 
+/// A new descriptor for `fd`'s open file, close-on-exec, at the lowest
+/// free number from `min` up (`F_DUPFD_CLOEXEC`): exactly `min` if that is
+/// free. It never closes anything, whatever other threads do meanwhile.
+pub(crate) fn dup_at_least(fd: std::os::fd::BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: F_DUPFD_CLOEXEC takes an int and touches no memory of ours;
+    // the number it returns is a new descriptor that nothing else owns.
+    let new = unsafe { syscall!(fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min)) }?;
+    // SAFETY: see above: a descriptor just made for this call alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
 /// Waits until `fd` is readable, for at most `timeout` (`poll`). `Ok(false)`
 /// if the time ran out or a signal interrupted the wait: the caller checks
 /// its own deadline and asks again.

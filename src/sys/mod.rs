@@ -84,7 +84,9 @@ mod pidfd;
 mod time;
 
 pub(crate) use exec::{execveat, execveat_prepared, inherit_only, keep_fd_in_child, write_decimal};
-pub(crate) use fd::{cloexec_from, is_cloexec, readable_among, set_cloexec, wait_readable};
+pub(crate) use fd::{
+    cloexec_from, dup_at_least, is_cloexec, readable_among, set_cloexec, wait_readable,
+};
 pub(crate) use inherit::{Claims, FdSet};
 pub(crate) use limits::{nofile_limit, remove_env_var, thread_count};
 pub(crate) use pidfd::{pidfd_kill, pidfd_open, pidfd_signal};

@@ -304,11 +304,12 @@ fn run(args: Args) -> Result<(), BoxError> {
                 state.connect_as(id, "The server restarted.\r\n");
                 streams.insert(id, (s, false));
             }
-            // After a migration, the kept instance's registrations name
-            // the old process's fd numbers: a new one registers ours.
+            // Its registrations name descriptors by number: unless every
+            // one kept its number (a migration may not manage), a new one
+            // registers ours.
             let epoll = fds
                 .take_fd(EPOLL)?
-                .filter(|_| co.migrated_from().is_none())
+                .filter(|_| co.fds_kept_numbers())
                 .map(Epoll);
             (state, listener, streams, epoll, Some((fds, tls_streams)))
         }

@@ -501,3 +501,59 @@ fn a_binary_whose_runtime_predates_migrations_is_refused() {
     scene.everyone_kept("v1", 1, "an older runtime");
     assert_eq!(others(&scene.server), Vec::<u32>::new());
 }
+
+#[test]
+fn a_forking_wrapper_is_killed_whole_when_its_server_hangs() {
+    // The wrapper does not exec: the server is its child, in the process
+    // group the old process made for the new one. At the deadline the
+    // whole group is killed: no server is left behind holding the clients'
+    // sockets (or serving them).
+    let mut scene = Scene::start("mg-forking", "2");
+    let old = scene.server.pid;
+    let hang = scene.server.scratch.0.join("hang");
+    std::fs::copy(faulty("hang-after-adopt"), &hang).expect("copy the build");
+    let wrapper = format!("#!/bin/sh\n{} \"$@\"\nexit $?\n", hang.display());
+    scene.server.deploy_bytes(wrapper.as_bytes());
+    let out = migrate(&scene.server, old);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stdout(&out).contains("it was not ready within 2000 ms"),
+        "{}",
+        stdout(&out)
+    );
+    wait_for(
+        "every process of the new process's group to be gone",
+        || others(&scene.server).is_empty().then_some(()),
+    );
+    scene.everyone_kept("v1", 1, "a forking wrapper");
+}
+
+#[test]
+fn an_upgrade_asked_during_a_migration_runs_after_it() {
+    let mut scene = Scene::start("mg-then-upgrade", "10");
+    let old = scene.server.pid;
+    scene.server.deploy(&faulty("slow-ready"));
+    let mark = scene.server.mark();
+    scene.server.signal(Signal::SIGUSR2);
+    scene.server.wait_log(mark, "sleeping 2 s before ready");
+    // SIGHUP to the old process while it hands over: passed on to the new
+    // one, which upgrades in place once it serves.
+    scene.server.signal(Signal::SIGHUP);
+    let moved = scene.server.wait_log(mark, "migrated to process");
+    let new: i32 = moved
+        .split("migrated to process ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|pid| pid.parse().ok())
+        .expect("the new PID");
+    let _reaper = Reaper(new);
+    let version = wait_for("the in-place upgrade of the new process", || {
+        let v = scene.ann.ask("/version");
+        v.contains("generation=3").then_some(v)
+    });
+    assert_eq!(version, version_line("bad-slow-ready", new, 3));
+    assert_ne!(new, old);
+    assert_eq!(scene.ann.ask("/get color"), "color = green");
+    scene.bob.send("tial line\r\n");
+    assert_eq!(scene.ann.line(), "bob: partial line");
+}

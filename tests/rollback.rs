@@ -272,3 +272,33 @@ fn an_exec_that_fails_after_the_probe_leaves_the_old_image_serving() {
     );
     let _ = std::fs::remove_file(&interp);
 }
+
+/// The old binary that comes back after a failed upgrade starts a thread
+/// before `boot` this time (its environment changed: an `LD_PRELOAD`
+/// library): there is no way further back, so it serves anyway, with a
+/// warning, every client kept.
+#[test]
+fn a_rolled_back_image_with_a_thread_serves_anyway() {
+    let old = faulty("thread-on-rollback");
+    let server = util::Server::start_with("rb-thread", &old, &["--ready-timeout", "2"]);
+    let mut ann = util::Client::login(server.addr, "ann");
+    let mut bob = util::Client::login(server.addr, "bob");
+    assert_eq!(ann.ask("/set color green"), "ok");
+    bob.send("par");
+    let mark = server.mark();
+    server.deploy(&faulty("panic-after-adopt"));
+    let line = server.upgrade();
+    assert!(line.contains("upgrade rolled back"), "{line}");
+    server.wait_log(
+        mark,
+        "copyover::boot must be called before any thread starts",
+    );
+    assert_eq!(
+        ann.ask("/version"),
+        util::version_line("bad-thread-on-rollback", server.pid, 0)
+    );
+    assert_eq!(ann.ask("/get color"), "color = green");
+    bob.send("tial line\r\n");
+    assert_eq!(ann.line(), "bob: partial line");
+    assert_eq!(bob.ask("/who"), "online: ann, bob");
+}

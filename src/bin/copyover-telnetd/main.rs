@@ -158,7 +158,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if FAULT == Some("thread-before-boot") {
+    // `thread-on-rollback`: the same, only when this build comes back
+    // after a failed upgrade (a good build whose environment changed: an
+    // LD_PRELOAD library that starts a thread).
+    let rolled_back = std::env::var("COPYOVER_HANDOFF").is_ok_and(|v| v.contains(":mode=rollback"));
+    if FAULT == Some("thread-before-boot") || (FAULT == Some("thread-on-rollback") && rolled_back) {
         // What a static initializer, an LD_PRELOAD library or an async
         // runtime's main does: a thread before `boot`.
         std::thread::spawn(|| {

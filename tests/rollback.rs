@@ -302,3 +302,16 @@ fn a_rolled_back_image_with_a_thread_serves_anyway() {
     assert_eq!(ann.line(), "bob: partial line");
     assert_eq!(bob.ask("/who"), "online: ann, bob");
 }
+
+/// Two threads of the new image crash at the same moment: one rolls back,
+/// the other waits for that exec (it must not end the process, which would
+/// leave the rescue to the holder under another PID).
+#[test]
+fn two_threads_crashing_at_once_roll_back_once() {
+    survive(
+        "rb-two-aborts",
+        Deploy::Build(&faulty("abort-on-two-threads")),
+        "upgrade rolled back",
+        "killed by signal 6",
+    );
+}

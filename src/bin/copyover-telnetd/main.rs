@@ -491,6 +491,23 @@ fn inject_fault(
         "error-after-adopt" => Err("fault build: an error after adopting every descriptor".into()),
         "panic-after-adopt" => panic!("fault build: panic after adopting the sockets"),
         "abort-after-adopt" => std::process::abort(),
+        "abort-on-two-threads" => {
+            // Threads crash at once: each crash handler after the first
+            // finds that one's rollback under way and must wait for its
+            // exec, not end the process.
+            // Three more threads than the main one: one of them is all but
+            // sure to crash while another's rollback is under way.
+            let all = std::sync::Arc::new(std::sync::Barrier::new(4));
+            for _ in 0..3 {
+                let all = std::sync::Arc::clone(&all);
+                std::thread::spawn(move || {
+                    all.wait();
+                    std::process::abort()
+                });
+            }
+            all.wait();
+            std::process::abort()
+        }
         "hang-after-adopt" => loop {
             std::thread::sleep(Duration::from_secs(3600));
         },

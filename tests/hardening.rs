@@ -510,3 +510,63 @@ fn a_server_that_shuts_down_removes_its_status_file() {
         "the status file of a stopped server is left"
     );
 }
+
+#[test]
+fn a_new_image_under_a_lower_hard_limit_rolls_back_with_every_client() {
+    // A wrapper lowers the *hard* limit below some of the numbers the old
+    // image hands over, and the new image panics after adopting. The old
+    // limit cannot come back (a hard limit only goes down), so a kept
+    // descriptor above it cannot be given its copy from the holder (dup3
+    // fails): it stays what it is, made inheritable again, and its client
+    // is kept. The numbers: 30 more connections, the first 25 of which
+    // leave again, so that low numbers are free for the new image to start
+    // and the last 5 sit above the limit.
+    let bad = faulty("panic-after-adopt");
+    let mut scene = Scene::start("hd-hard", "5");
+    let mut extra: Vec<std::net::TcpStream> = (0..30)
+        .map(|_| std::net::TcpStream::connect(scene.server.addr).expect("connect"))
+        .collect();
+    wait_for("30 more descriptors", || {
+        (scene.server.fd_count() >= scene.fds + 30).then_some(())
+    });
+    let high: Vec<std::net::TcpStream> = extra.split_off(25);
+    drop(extra);
+    wait_for("the 25 to be closed", || {
+        (scene.server.fd_count() <= scene.fds + 5).then_some(())
+    });
+    let numbers = fd_numbers(scene.server.pid);
+    let limit = numbers[numbers.len() - 5];
+    let script = format!(
+        "#!/bin/sh\n[ -n \"$COPYOVER_PROBE\" ] || ulimit -n {limit}\nexec '{}' \"$@\"\n",
+        bad.display()
+    );
+    scene.server.deploy_bytes(script.as_bytes());
+    let line = scene.server.upgrade();
+    assert!(
+        line.contains("upgrade rolled back") && line.contains("panicked"),
+        "hard limit {limit} ({numbers:?}): {line}"
+    );
+    // The baseline, with the five that stay.
+    scene.fds += 5;
+    scene.everyone_kept("v1", 1, &format!("hard limit {limit}"));
+    // The five above the limit too: each logs in now.
+    for (i, mut s) in high.into_iter().enumerate() {
+        use std::io::{Read, Write};
+        s.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+            .unwrap();
+        s.write_all(format!("high{i}\r\n").as_bytes())
+            .expect("send");
+        let mut seen = Vec::new();
+        wait_for(&format!("high{i}'s welcome"), || {
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk) {
+                Ok(0) => panic!("high{i}: EOF (hard limit {limit})"),
+                Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                Err(_) => {}
+            }
+            String::from_utf8_lossy(&seen)
+                .contains(&format!("welcome, high{i}"))
+                .then_some(())
+        });
+    }
+}

@@ -13,8 +13,8 @@ use std::process::Command;
 
 use nix::sys::signal::Signal;
 use util::{
-    Client, Deploy, Lines, Reaper, Scene, Scratch, Server, faulty, labelled, pid_in, survive,
-    version_line, wait_for,
+    Client, Deploy, Lines, Reaper, Scene, Scratch, Server, connect_many, faulty, labelled,
+    log_in_each, pid_in, survive, version_line, wait_for,
 };
 
 const THREADS: &str = "before any thread starts";
@@ -523,13 +523,11 @@ fn a_new_image_under_a_lower_hard_limit_rolls_back_with_every_client() {
     // and the last 5 sit above the limit.
     let bad = faulty("panic-after-adopt");
     let mut scene = Scene::start("hd-hard", "5");
-    let mut extra: Vec<std::net::TcpStream> = (0..30)
-        .map(|_| std::net::TcpStream::connect(scene.server.addr).expect("connect"))
-        .collect();
+    let mut extra = connect_many(scene.server.addr, 30);
     wait_for("30 more descriptors", || {
         (scene.server.fd_count() >= scene.fds + 30).then_some(())
     });
-    let high: Vec<std::net::TcpStream> = extra.split_off(25);
+    let high = extra.split_off(25);
     drop(extra);
     wait_for("the 25 to be closed", || {
         (scene.server.fd_count() <= scene.fds + 5).then_some(())
@@ -550,23 +548,6 @@ fn a_new_image_under_a_lower_hard_limit_rolls_back_with_every_client() {
     scene.fds += 5;
     scene.everyone_kept("v1", 1, &format!("hard limit {limit}"));
     // The five above the limit too: each logs in now.
-    for (i, mut s) in high.into_iter().enumerate() {
-        use std::io::{Read, Write};
-        s.set_read_timeout(Some(std::time::Duration::from_millis(50)))
-            .unwrap();
-        s.write_all(format!("high{i}\r\n").as_bytes())
-            .expect("send");
-        let mut seen = Vec::new();
-        wait_for(&format!("high{i}'s welcome"), || {
-            let mut chunk = [0u8; 4096];
-            match s.read(&mut chunk) {
-                Ok(0) => panic!("high{i}: EOF (hard limit {limit})"),
-                Ok(n) => seen.extend_from_slice(&chunk[..n]),
-                Err(_) => {}
-            }
-            String::from_utf8_lossy(&seen)
-                .contains(&format!("welcome, high{i}"))
-                .then_some(())
-        });
-    }
+    let mut high = high;
+    log_in_each(&mut high, "high");
 }

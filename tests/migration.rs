@@ -4,11 +4,8 @@
 
 mod util;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use copyover::status::{Outcome, Status, status_path};
 use nix::sys::signal::Signal;
@@ -36,12 +33,7 @@ fn stdout(out: &Output) -> String {
 
 /// The new process a successful `copyover migrate` names.
 fn new_pid(out: &Output) -> i32 {
-    let text = stdout(out);
-    text.split("migrated to process ")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("no new PID in {text:?}"))
+    migrated_to(&stdout(out))
 }
 
 /// Open descriptors of process `pid`.
@@ -234,15 +226,22 @@ fn a_new_process_that_never_reaches_boot_is_refused() {
     );
 }
 
-#[test]
-fn an_old_process_killed_after_the_hand_over_leaves_the_new_one_serving() {
-    let mut scene = Scene::start("mg-oldkilled", "10");
-    let old = scene.server.pid;
+/// A v1 scene migrating to the `slow-ready` build, in the window where the
+/// old process has handed everything over and the new one is not ready
+/// yet (it sleeps 2 s before `ready`); and the log mark from before.
+fn handing_over(name: &str) -> (Scene, usize) {
+    let scene = Scene::start(name, "10");
     scene.server.deploy(&faulty("slow-ready"));
     let mark = scene.server.mark();
     scene.server.signal(Signal::SIGUSR2);
-    // The new process holds everything and is not ready yet.
     scene.server.wait_log(mark, "sleeping 2 s before ready");
+    (scene, mark)
+}
+
+#[test]
+fn an_old_process_killed_after_the_hand_over_leaves_the_new_one_serving() {
+    let (mut scene, mark) = handing_over("mg-oldkilled");
+    let old = scene.server.pid;
     scene.server.signal(Signal::SIGKILL);
     scene.server.wait_exit();
     scene
@@ -261,12 +260,8 @@ fn an_old_process_killed_after_the_hand_over_leaves_the_new_one_serving() {
 
 #[test]
 fn a_request_during_a_migration_runs_after_it() {
-    let mut scene = Scene::start("mg-twice", "10");
+    let (mut scene, mark) = handing_over("mg-twice");
     let old = scene.server.pid;
-    scene.server.deploy(&faulty("slow-ready"));
-    let mark = scene.server.mark();
-    scene.server.signal(Signal::SIGUSR2);
-    scene.server.wait_log(mark, "sleeping 2 s before ready");
     // The old process is handing over: this one waits for the new process.
     scene.server.signal(Signal::SIGUSR2);
     let first = scene.server.wait_log(mark, "migrated to process");
@@ -293,40 +288,11 @@ fn a_request_during_a_migration_runs_after_it() {
     assert_eq!(others(&scene.server), vec![third as u32]);
 }
 
-/// Connections that log in only after the migration, so that each proves
-/// its own socket reached the new process.
-fn connect_many(server: &Server, n: usize) -> Vec<TcpStream> {
-    (0..n)
-        .map(|_| {
-            let s = TcpStream::connect(server.addr).expect("connect");
-            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-            s
-        })
-        .collect()
-}
-
-fn log_in(conns: &mut [TcpStream]) {
-    for (i, s) in conns.iter_mut().enumerate() {
-        s.write_all(format!("u{i}\r\n").as_bytes()).expect("send");
-        let mut seen = Vec::new();
-        wait_for(&format!("u{i}'s welcome"), || {
-            let mut chunk = [0u8; 4096];
-            match s.read(&mut chunk) {
-                Ok(0) => panic!("u{i}: EOF"),
-                Ok(n) => seen.extend_from_slice(&chunk[..n]),
-                Err(_) => {}
-            }
-            let text = String::from_utf8_lossy(&seen);
-            text.contains(&format!("welcome, u{i}")).then_some(())
-        });
-    }
-}
-
 #[test]
 fn hundreds_of_connections_cross_in_batches_and_a_short_fd_limit_refuses() {
     let mut scene = Scene::start("mg-many", "10");
     let old = scene.server.pid;
-    let mut conns = connect_many(&scene.server, 600);
+    let mut conns = connect_many(scene.server.addr, 600);
     wait_for("600 more descriptors in the server", || {
         (scene.server.fd_count() >= scene.fds + 600).then_some(())
     });
@@ -350,7 +316,7 @@ fn hundreds_of_connections_cross_in_batches_and_a_short_fd_limit_refuses() {
     assert!(out.status.success(), "{out:?}");
     let new = new_pid(&out);
     let _reaper = Reaper(new);
-    log_in(&mut conns);
+    log_in_each(&mut conns, "u");
     assert_eq!(scene.ann.ask("/version"), version_line("v2", new, 2));
     scene.bob.send("tial line\r\n");
     assert_eq!(scene.ann.line(), "bob: partial line");
@@ -459,11 +425,7 @@ fn a_new_process_killed_before_its_boot_is_refused_at_once() {
 
 #[test]
 fn a_shutdown_during_the_hand_over_stops_the_server_and_the_new_process() {
-    let mut scene = Scene::start("mg-shutdown", "10");
-    scene.server.deploy(&faulty("slow-ready"));
-    let mark = scene.server.mark();
-    scene.server.signal(Signal::SIGUSR2);
-    scene.server.wait_log(mark, "sleeping 2 s before ready");
+    let (mut scene, mark) = handing_over("mg-shutdown");
     let newcomer = others(&scene.server);
     assert_eq!(newcomer.len(), 1, "{newcomer:?}");
     scene.server.signal(Signal::SIGTERM);
@@ -530,22 +492,12 @@ fn a_forking_wrapper_is_killed_whole_when_its_server_hangs() {
 
 #[test]
 fn an_upgrade_asked_during_a_migration_runs_after_it() {
-    let mut scene = Scene::start("mg-then-upgrade", "10");
+    let (mut scene, mark) = handing_over("mg-then-upgrade");
     let old = scene.server.pid;
-    scene.server.deploy(&faulty("slow-ready"));
-    let mark = scene.server.mark();
-    scene.server.signal(Signal::SIGUSR2);
-    scene.server.wait_log(mark, "sleeping 2 s before ready");
     // SIGHUP to the old process while it hands over: passed on to the new
     // one, which upgrades in place once it serves.
     scene.server.signal(Signal::SIGHUP);
-    let moved = scene.server.wait_log(mark, "migrated to process");
-    let new: i32 = moved
-        .split("migrated to process ")
-        .nth(1)
-        .and_then(|rest| rest.split(':').next())
-        .and_then(|pid| pid.parse().ok())
-        .expect("the new PID");
+    let new = migrated_to(&scene.server.wait_log(mark, "migrated to process"));
     let _reaper = Reaper(new);
     let version = wait_for("the in-place upgrade of the new process", || {
         let v = scene.ann.ask("/version");

@@ -387,13 +387,7 @@ fn tokio_chat_migrates_to_a_new_process_and_survives_a_bad_one() {
     server.deploy(&chat("v2"));
     let mark = server.mark();
     server.signal(Signal::SIGUSR2);
-    let moved = server.wait_log(mark, "migrated to process");
-    let new: i32 = moved
-        .split("migrated to process ")
-        .nth(1)
-        .and_then(|rest| rest.split(':').next())
-        .and_then(|pid| pid.parse().ok())
-        .expect("the new PID");
+    let new = util::migrated_to(&server.wait_log(mark, "migrated to process"));
     let _reaper = util::Reaper(new);
     server.wait_log(mark, "upgrade complete");
     assert!(server.wait_exit().success());

@@ -227,16 +227,22 @@ fn describe(s: &Status) -> String {
     }
 }
 
-fn upgrade(t: &Target) -> Result<ExitCode, Failure> {
+/// Reads PID's status, then asks it (`request`: SIGHUP or SIGUSR2, pinned
+/// with a pidfd and checked again, so that the PID cannot be reused between
+/// the check and the signal); returns the status from before.
+fn ask(t: &Target, request: fn(&Status) -> std::io::Result<()>) -> Result<Status, Failure> {
     let before = read_status(t)?;
-    // Pinned with a pidfd and checked again: the PID cannot be reused
-    // between the check and the signal.
-    request_upgrade(&before).map_err(|e| match e.kind() {
+    request(&before).map_err(|e| match e.kind() {
         std::io::ErrorKind::InvalidData => Failure::Target(format!(
             "{e}; the server died and its PID was reused: remove the stale status file"
         )),
         _ => Failure::Target(format!("cannot signal process {}: {e}", t.pid)),
     })?;
+    Ok(before)
+}
+
+fn upgrade(t: &Target) -> Result<ExitCode, Failure> {
+    let before = ask(t, request_upgrade)?;
     let deadline = Instant::now() + t.timeout;
     let path = status_path(&t.dir, t.pid);
     loop {
@@ -269,13 +275,7 @@ fn upgrade(t: &Target) -> Result<ExitCode, Failure> {
 }
 
 fn migrate(t: &Target) -> Result<ExitCode, Failure> {
-    let before = read_status(t)?;
-    request_migration(&before).map_err(|e| match e.kind() {
-        std::io::ErrorKind::InvalidData => Failure::Target(format!(
-            "{e}; the server died and its PID was reused: remove the stale status file"
-        )),
-        _ => Failure::Target(format!("cannot signal process {}: {e}", t.pid)),
-    })?;
+    let before = ask(t, request_migration)?;
     let deadline = Instant::now() + t.timeout;
     let path = status_path(&t.dir, t.pid);
     let outcome = |path: &Path, after: u64| {

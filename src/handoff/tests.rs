@@ -150,6 +150,11 @@ fn check_refuses_a_group_named_like_an_entry() {
     };
     let err = Inherited::check(manifest, false, &claims).unwrap_err();
     assert!(err.to_string().contains("names it twice"), "{err}");
+    // No one fd is at fault: the error names none (-1).
+    match err {
+        Error::Adopt { fd, name, .. } => assert_eq!((fd, name.as_str()), (-1, "conn")),
+        other => panic!("{other}"),
+    }
 }
 
 #[test]
@@ -436,32 +441,6 @@ fn a_failed_check_is_answered_by_the_owner_before_it_returns() {
     assert!(set.take_region("region").is_err());
     assert!(set.take_tcp_streams("conn").is_err());
     assert_eq!(ANSWERED.load(Ordering::SeqCst), 3);
-}
-
-#[test]
-fn a_group_named_like_an_entry_is_refused_for_the_group_not_an_fd() {
-    let claims = sys::Claims::for_tests();
-    let (a, _a) = UnixStream::pair().unwrap();
-    let (b, _b) = UnixStream::pair().unwrap();
-    let manifest = Manifest {
-        entries: vec![ManifestEntry {
-            name: "conn".into(),
-            fd: inheritable(&a, 420),
-            kind: FdKind::Stream,
-        }],
-        groups: vec![ManifestGroup {
-            name: "conn".into(),
-            members: vec![GroupMember {
-                id: 1,
-                fd: inheritable(&b, 420),
-            }],
-        }],
-    };
-    // No one fd is at fault: the error names none (-1).
-    match Inherited::check(manifest, false, &claims).unwrap_err() {
-        Error::Adopt { fd, name, .. } => assert_eq!((fd, name.as_str()), (-1, "conn")),
-        other => panic!("{other}"),
-    }
 }
 
 #[test]

@@ -547,6 +547,49 @@ pub fn strip_telnet(raw: &[u8]) -> Vec<u8> {
     out
 }
 
+/// `n` connections that have not logged in yet (read timeout 50 ms): each
+/// can prove later that its own socket still reaches the server
+/// ([`log_in_each`]).
+pub fn connect_many(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|_| {
+            let s = TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            s
+        })
+        .collect()
+}
+
+/// Logs each connection in as `PREFIX0`, `PREFIX1`... and waits for its
+/// welcome; panics on an EOF.
+pub fn log_in_each(conns: &mut [TcpStream], prefix: &str) {
+    for (i, s) in conns.iter_mut().enumerate() {
+        let name = format!("{prefix}{i}");
+        s.write_all(format!("{name}\r\n").as_bytes()).expect("send");
+        let mut seen = Vec::new();
+        wait_for(&format!("{name}'s welcome"), || {
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk) {
+                Ok(0) => panic!("{name}: EOF"),
+                Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                Err(_) => {}
+            }
+            String::from_utf8_lossy(&seen)
+                .contains(&format!("welcome, {name}"))
+                .then_some(())
+        });
+    }
+}
+
+/// The new process a log line `migrated to process N: ...` names.
+pub fn migrated_to(line: &str) -> i32 {
+    line.split("migrated to process ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no new PID in {line:?}"))
+}
+
 /// The `/version` line expected from a server.
 /// A rescued server is nobody's child here: killed when the test ends,
 /// whatever happens.

@@ -163,8 +163,18 @@ impl<S> Copyover<S> {
             } else {
                 self.log_refused(&e.to_string());
             }
+            self.wake_if_queued();
         }
         result
+    }
+
+    /// A request of the other kind that waited for this one (see
+    /// `poll_signals`) is started by the next poll: the loop is woken for it.
+    fn wake_if_queued(&self) {
+        let queued = |flag: &std::sync::atomic::AtomicBool| flag.load(Ordering::SeqCst);
+        if queued(&self.requests.upgrade) || queued(&self.requests.migrate) {
+            self.requests.wake();
+        }
     }
 
     fn advance(&mut self, state: &S, keep: &Handoff<'_>) -> Result<Progress, UpgradeError>
@@ -301,6 +311,7 @@ impl<S> Copyover<S> {
         self.arriving = None;
         self.newcomer = None;
         self.migrating = false;
+        self.wake_if_queued();
         if !self.phase.abandon() {
             return;
         }

@@ -125,3 +125,113 @@ fn a_stopped_new_image_is_ended_by_the_holder() {
         },
     );
 }
+
+/// strace attached to the server and everything it starts (`-f`: the
+/// holder is a clone of it), injecting `injects`; `None` (and a SKIP line,
+/// a failure under CI) where strace is missing.
+fn traced(
+    pid: i32,
+    trace: &str,
+    injects: &[&str],
+    out: &std::path::Path,
+) -> Option<std::process::Child> {
+    let mut cmd = std::process::Command::new("strace");
+    cmd.args(["-f", "-qq", "-o"])
+        .arg(out)
+        .args(["-e", &format!("trace={trace}")]);
+    for inject in injects {
+        cmd.args(["-e", &format!("inject={inject}")]);
+    }
+    cmd.args(["-p", &pid.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let Ok(child) = cmd.spawn() else {
+        assert!(
+            std::env::var_os("COPYOVER_CI").is_none(),
+            "strace is needed (scripts/test installs it)"
+        );
+        eprintln!("SKIP: strace is not installed");
+        return None;
+    };
+    // Attached once the server's TracerPid is strace's.
+    let tracer = child.id().to_string();
+    wait_for("strace to attach", || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()?
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.ends_with(&tracer))
+            .then_some(())
+    });
+    Some(child)
+}
+
+/// Detaches strace (SIGINT) and returns its output.
+fn detach(mut strace: std::process::Child, out: &std::path::Path) -> String {
+    let _ = kill(Pid::from_raw(strace.id() as i32), Signal::SIGINT);
+    let _ = strace.wait();
+    std::fs::read_to_string(out).unwrap_or_default()
+}
+
+/// The holder cannot kill a new image that hangs before `main` (its
+/// signal is refused: a new image that took other credentials): it tries
+/// 100 times more, 10 ms apart, then says so and ends, leaving it.
+#[test]
+fn a_holder_that_cannot_kill_gives_up_after_a_hundred_tries() {
+    let server = Server::start_with("dl-cannot-kill", &labelled("v1"), &["--ready-timeout", "1"]);
+    server.deploy(&util::faulty("hang-before-main"));
+    let out = server.scratch.0.join("strace.out");
+    let Some(strace) = traced(
+        server.pid,
+        "pidfd_send_signal",
+        &["pidfd_send_signal:error=EPERM"],
+        &out,
+    ) else {
+        return;
+    };
+    let mark = server.mark();
+    server.signal(Signal::SIGHUP);
+    server.wait_log(mark, "the holder could not kill the unready new image");
+    let trace = detach(strace, &out);
+    let refused = trace.lines().filter(|l| l.contains("(INJECTED)")).count();
+    assert_eq!(refused, 101, "the holder's kills:\n{trace}");
+}
+
+/// The commit's exec fails after the holder's deadline took the readiness
+/// claim, while the holder cannot kill this process: the old image waits
+/// for the holder to end (it gives up after its tries) before it serves
+/// on, rather than killing it halfway (`Holder::outlive`).
+#[test]
+fn an_exec_that_fails_after_the_holders_deadline_waits_for_the_holder() {
+    let mut scene = Scene::start("dl-outlive", "1");
+    scene.server.deploy(&labelled("v2"));
+    let out = scene.server.scratch.0.join("strace.out");
+    // The holder's deadline is 2 s from the commit: the exec returns EIO
+    // at 2.5 s, while the holder still tries its kills (until 3 s). The
+    // wait for the holder is interrupted once (EINTR): it waits again.
+    let Some(strace) = traced(
+        scene.server.pid,
+        "pidfd_send_signal,execveat,waitid",
+        &[
+            "pidfd_send_signal:error=EPERM",
+            "execveat:error=EIO:delay_enter=2500000:when=1",
+            "waitid:error=EINTR:when=1",
+        ],
+        &out,
+    ) else {
+        return;
+    };
+    let line = scene.server.upgrade();
+    let trace = detach(strace, &out);
+    assert!(
+        line.contains("upgrade refused") && line.contains("execve"),
+        "{line}\n{trace}"
+    );
+    let log = scene.server.log_text();
+    let gave_up = log
+        .find("the holder could not kill the unready new image")
+        .unwrap_or_else(|| panic!("the holder never gave up: it was killed first\n{log}"));
+    let refused = log.find("upgrade refused").expect("the refusal");
+    assert!(gave_up < refused, "{log}");
+    scene.everyone_kept("v1", 1, "after the exec failed");
+}

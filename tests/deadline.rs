@@ -126,53 +126,6 @@ fn a_stopped_new_image_is_ended_by_the_holder() {
     );
 }
 
-/// strace attached to the server and everything it starts (`-f`: the
-/// holder is a clone of it), injecting `injects`; `None` (and a SKIP line,
-/// a failure under CI) where strace is missing.
-fn traced(
-    pid: i32,
-    trace: &str,
-    injects: &[&str],
-    out: &std::path::Path,
-) -> Option<std::process::Child> {
-    let mut cmd = std::process::Command::new("strace");
-    cmd.args(["-f", "-qq", "-o"])
-        .arg(out)
-        .args(["-e", &format!("trace={trace}")]);
-    for inject in injects {
-        cmd.args(["-e", &format!("inject={inject}")]);
-    }
-    cmd.args(["-p", &pid.to_string()])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let Ok(child) = cmd.spawn() else {
-        assert!(
-            std::env::var_os("COPYOVER_CI").is_none(),
-            "strace is needed (scripts/test installs it)"
-        );
-        eprintln!("SKIP: strace is not installed");
-        return None;
-    };
-    // Attached once the server's TracerPid is strace's.
-    let tracer = child.id().to_string();
-    wait_for("strace to attach", || {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()?
-            .lines()
-            .any(|l| l.starts_with("TracerPid:") && l.ends_with(&tracer))
-            .then_some(())
-    });
-    Some(child)
-}
-
-/// Detaches strace (SIGINT) and returns its output.
-fn detach(mut strace: std::process::Child, out: &std::path::Path) -> String {
-    let _ = kill(Pid::from_raw(strace.id() as i32), Signal::SIGINT);
-    let _ = strace.wait();
-    std::fs::read_to_string(out).unwrap_or_default()
-}
-
 /// The holder cannot kill a new image that hangs before `main` (its
 /// signal is refused: a new image that took other credentials): it tries
 /// 100 times more, 10 ms apart, then says so and ends, leaving it.
@@ -181,7 +134,7 @@ fn a_holder_that_cannot_kill_gives_up_after_a_hundred_tries() {
     let server = Server::start_with("dl-cannot-kill", &labelled("v1"), &["--ready-timeout", "1"]);
     server.deploy(&util::faulty("hang-before-main"));
     let out = server.scratch.0.join("strace.out");
-    let Some(strace) = traced(
+    let Some(strace) = util::traced(
         server.pid,
         "pidfd_send_signal",
         &["pidfd_send_signal:error=EPERM"],
@@ -192,7 +145,7 @@ fn a_holder_that_cannot_kill_gives_up_after_a_hundred_tries() {
     let mark = server.mark();
     server.signal(Signal::SIGHUP);
     server.wait_log(mark, "the holder could not kill the unready new image");
-    let trace = detach(strace, &out);
+    let trace = util::detach(strace, &out);
     let refused = trace.lines().filter(|l| l.contains("(INJECTED)")).count();
     assert_eq!(refused, 101, "the holder's kills:\n{trace}");
 }
@@ -209,7 +162,7 @@ fn an_exec_that_fails_after_the_holders_deadline_waits_for_the_holder() {
     // The holder's deadline is 2 s from the commit: the exec returns EIO
     // at 2.5 s, while the holder still tries its kills (until 3 s). The
     // wait for the holder is interrupted once (EINTR): it waits again.
-    let Some(strace) = traced(
+    let Some(strace) = util::traced(
         scene.server.pid,
         "pidfd_send_signal,execveat,waitid",
         &[
@@ -222,7 +175,7 @@ fn an_exec_that_fails_after_the_holders_deadline_waits_for_the_holder() {
         return;
     };
     let line = scene.server.upgrade();
-    let trace = detach(strace, &out);
+    let trace = util::detach(strace, &out);
     assert!(
         line.contains("upgrade refused") && line.contains("execve"),
         "{line}\n{trace}"

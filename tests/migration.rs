@@ -50,6 +50,17 @@ fn others(server: &Server) -> Vec<u32> {
     server.strays()
 }
 
+/// Process `pid`'s process group (`/proc/PID/stat`).
+fn pgrp(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = stat.rsplit_once(')').expect("comm").1;
+    after
+        .split_whitespace()
+        .nth(2)
+        .and_then(|g| g.parse().ok())
+        .expect("pgrp")
+}
+
 /// Process `pid`'s sockets: descriptor number to socket inode.
 fn sockets(pid: i32) -> std::collections::BTreeMap<u32, String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -69,6 +80,7 @@ fn a_migration_moves_everyone_to_a_new_process() {
     let mut scene = Scene::start("mg-whole", "5");
     let old = scene.server.pid;
     let before = sockets(old);
+    let group = pgrp(old);
     scene.server.deploy(&labelled("v2"));
     let out = migrate(&scene.server, old);
     assert!(out.status.success(), "{out:?}");
@@ -104,6 +116,9 @@ fn a_migration_moves_everyone_to_a_new_process() {
     // named as its binary (`ps`, `pgrep`), not after the descriptor it was
     // started from.
     assert_eq!(others(&scene.server), vec![new as u32]);
+    // In the old process's process group, which a terminal or a supervisor
+    // signals (the old process waited for it before it exited).
+    assert_eq!(pgrp(new), group, "the new process's group");
     let comm = std::fs::read_to_string(format!("/proc/{new}/comm")).expect("comm");
     assert_eq!(comm.trim_end(), "copyover-telnet");
     // Every socket it took from the old process is at the number it had
@@ -128,6 +143,7 @@ fn a_migration_moves_everyone_to_a_new_process() {
     assert!(out.status.success(), "{out:?}");
     let third = new_pid(&out);
     let _reaper = Reaper(third);
+    assert_eq!(pgrp(third), group, "the third process's group");
     assert_eq!(bob.ask("/version"), version_line("v2", third, 4));
     ann.send("still here\r\n");
     assert_eq!(bob.line(), "ann: still here");
@@ -508,4 +524,58 @@ fn an_upgrade_asked_during_a_migration_runs_after_it() {
     assert_eq!(scene.ann.ask("/get color"), "color = green");
     scene.bob.send("tial line\r\n");
     assert_eq!(scene.ann.line(), "bob: partial line");
+}
+
+#[test]
+fn a_server_alone_in_its_process_group_leaves_the_group_to_the_new_process() {
+    // As a shell's job or a supervisor starts it: the only member of a
+    // group of its own. The group would go with the old process's exit,
+    // so the old process waits for the new one to join it first: signals
+    // to that group (Ctrl-C, a supervisor's kill) still reach the server.
+    let server = Server::spawn("mg-group", &labelled("v1"), |bin| {
+        let mut cmd = Command::new(bin);
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        cmd
+    });
+    let group = server.pid;
+    assert_eq!(pgrp(server.pid), group);
+    // This test process adopts the orphans (each old process once its own
+    // parent is gone) and reaps each old process the moment it exits, as a
+    // shell or a supervisor does: no zombie keeps the group alive for the
+    // new process.
+    nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
+    let reap_when_it_exits = |pid: i32| {
+        std::thread::spawn(move || {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        })
+    };
+    let mut ann = Client::login(server.addr, "ann");
+    let mut pid = server.pid;
+    let mut reapers = Vec::new();
+    for round in 1..=5 {
+        let reaper = reap_when_it_exits(pid);
+        let out = migrate(&server, pid);
+        reaper.join().expect("the reaping thread");
+        assert!(out.status.success(), "round {round}: {out:?}");
+        pid = new_pid(&out);
+        reapers.push(Reaper(pid));
+        assert_eq!(pgrp(pid), group, "round {round}: the new process's group");
+        assert_eq!(ann.ask("/version"), version_line("v1", pid, round));
+    }
+    // A slow new process (strace delays its setpgid calls by 200 ms): the
+    // old one, waiting for `joined`, still holds the group when it joins.
+    let out = server.scratch.0.join("strace.out");
+    let Some(strace) = traced(pid, "setpgid", &["setpgid:delay_enter=200000"], &out) else {
+        return;
+    };
+    let reaper = reap_when_it_exits(pid);
+    let moved = migrate(&server, pid);
+    reaper.join().expect("the reaping thread");
+    let trace = detach(strace, &out);
+    assert!(moved.status.success(), "{moved:?}");
+    pid = new_pid(&moved);
+    reapers.push(Reaper(pid));
+    assert!(trace.contains("DELAYED"), "{trace}");
+    assert_eq!(pgrp(pid), group, "the slow new process's group\n{trace}");
 }

@@ -6,7 +6,7 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
-use super::{FAIL, FDS, GO, HELLO, MAX_MESSAGE, MigrateVar, READY, SNAPSHOT};
+use super::{FAIL, FDS, GO, HELLO, JOINED, MAX_MESSAGE, MigrateVar, READY, SNAPSHOT};
 use crate::error::Error;
 use crate::handoff::Inherited;
 use crate::runtime::{Config, Copyover, Start, open_own_binary};
@@ -101,15 +101,22 @@ impl Arrival {
     }
 
     /// Once this process serves: into the old process's process group, so
-    /// that a terminal's job control (Ctrl-C) reaches the server as it
-    /// reached the old one (the new process was started in a group of its
-    /// own, for the old one to kill on a failure). Best effort.
+    /// that a terminal's job control (Ctrl-C), or a supervisor that signals
+    /// the group, reaches the server as it reached the old one (the new
+    /// process was started in a group of its own, for the old one to kill
+    /// on a failure); then says `joined`.
     pub(crate) fn join_old_group(&self) {
         if let Some(group) = self.group
             && let Err(e) = sys::join_process_group(group)
         {
-            tracing::debug!(group, "could not join the old process's process group: {e}");
+            tracing::warn!(
+                group,
+                "could not join the old process's process group ({e}): signals to that group miss this process"
+            );
         }
+        // The old process waits for this before it exits (its exit could
+        // take the group with it).
+        let _ = sys::send_message(self.sock.as_fd(), JOINED, &[]);
     }
 }
 

@@ -227,8 +227,21 @@ impl Newcomer {
 
     /// After `go`: the newcomer is the server now, never to be killed or
     /// reaped by this process.
-    fn let_go(mut self) {
+    fn let_go(&mut self) {
         std::mem::forget(self.child.take());
+    }
+
+    /// After `go`, waits (a second at most) for the newcomer's `joined`:
+    /// it moved into this process's process group, which must still exist
+    /// for that (a group vanishes with its last member: this process, say).
+    /// Its socket's end, or any other answer, ends the wait too.
+    fn await_joined(&self) {
+        if matches!(
+            sys::wait_readable(self.sock.as_fd(), Duration::from_secs(1)),
+            Ok(true)
+        ) {
+            let _ = self.read_message();
+        }
     }
 }
 
@@ -378,8 +391,11 @@ pub(crate) fn hand_over<S: serde::Serialize>(state: &S, h: HandOver<'_>) -> Upgr
 /// the newcomer's now, and this process's copies close with it. (The
 /// kernel tears the memory down before it closes them: until then, a
 /// connection the newcomer closes sends no FIN.) The newcomer tells systemd
-/// it is the main process once this one is gone.
-fn leave(newcomer: Newcomer, requests: &Requests, reporter: &Reporter) -> ! {
+/// it is the main process once this one is gone. Before it exits, this
+/// process waits for the newcomer to join its process group (`joined`):
+/// the group a supervisor or a terminal signals then still holds the
+/// server.
+fn leave(mut newcomer: Newcomer, requests: &Requests, reporter: &Reporter) -> ! {
     let pid = newcomer.pid();
     newcomer.let_go();
     for (flag, sig) in [
@@ -393,6 +409,7 @@ fn leave(newcomer: Newcomer, requests: &Requests, reporter: &Reporter) -> ! {
         }
     }
     crate::status::report(Outcome::Migrated { to: pid }, reporter);
+    newcomer.await_joined();
     std::process::exit(0)
 }
 

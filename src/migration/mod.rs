@@ -38,10 +38,12 @@
 //!    descriptors, as after an exec. Its [`ready`](crate::Copyover::ready)
 //!    says `ready` and waits for the old process's `go`.
 //! 5. The old process answers `go`, passes on the requests that reached
-//!    it meanwhile, writes `migrated` to its status file, and exits. The
-//!    newcomer joins the old process's process group, serves, reports
-//!    `complete` (`READY=1`), and once the old process is gone tells
-//!    systemd `MAINPID=` (its own).
+//!    it meanwhile, writes `migrated` to its status file, waits (a second
+//!    at most) for the newcomer to say `joined` (it moved into the old
+//!    process's process group, which the old one's exit could otherwise
+//!    take away), and exits. The newcomer serves, reports `complete`
+//!    (`READY=1`), and once the old process is gone tells systemd
+//!    `MAINPID=` (its own).
 //!
 //! # Under systemd
 //!
@@ -90,6 +92,7 @@
 //! | old | `fds` | up to 253 of the manifest's, in its order, until COUNT came |
 //! | new | `ready`, or `fail REASON` | none |
 //! | old | `go` | none |
+//! | new | `joined`, once in the old process's process group | none |
 //!
 //! The end of the socket is an answer too: before `ready`, the newcomer
 //! died; after it, the old process did, and the newcomer serves, but only
@@ -119,6 +122,8 @@ const READY: &[u8] = b"ready";
 const FAIL: &str = "fail ";
 /// The old process hands over for good.
 const GO: &[u8] = b"go";
+/// The newcomer is in the old process's process group.
+const JOINED: &[u8] = b"joined";
 /// The longest message.
 const MAX_MESSAGE: usize = 4096;
 

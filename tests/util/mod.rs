@@ -590,6 +590,53 @@ pub fn migrated_to(line: &str) -> i32 {
         .unwrap_or_else(|| panic!("no new PID in {line:?}"))
 }
 
+/// strace attached to process `pid` and everything it starts (`-f`: a
+/// holder, a migration's new process), injecting `injects`; `None` (and a SKIP line,
+/// a failure under CI) where strace is missing.
+pub fn traced(
+    pid: i32,
+    trace: &str,
+    injects: &[&str],
+    out: &std::path::Path,
+) -> Option<std::process::Child> {
+    let mut cmd = std::process::Command::new("strace");
+    cmd.args(["-f", "-qq", "-o"])
+        .arg(out)
+        .args(["-e", &format!("trace={trace}")]);
+    for inject in injects {
+        cmd.args(["-e", &format!("inject={inject}")]);
+    }
+    cmd.args(["-p", &pid.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let Ok(child) = cmd.spawn() else {
+        assert!(
+            std::env::var_os("COPYOVER_CI").is_none(),
+            "strace is needed (scripts/test installs it)"
+        );
+        eprintln!("SKIP: strace is not installed");
+        return None;
+    };
+    // Attached once the server's TracerPid is strace's.
+    let tracer = child.id().to_string();
+    wait_for("strace to attach", || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()?
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.ends_with(&tracer))
+            .then_some(())
+    });
+    Some(child)
+}
+
+/// Detaches strace (SIGINT) and returns its output.
+pub fn detach(mut strace: std::process::Child, out: &std::path::Path) -> String {
+    let _ = kill(Pid::from_raw(strace.id() as i32), Signal::SIGINT);
+    let _ = strace.wait();
+    std::fs::read_to_string(out).unwrap_or_default()
+}
+
 /// The `/version` line expected from a server.
 /// A rescued server is nobody's child here: killed when the test ends,
 /// whatever happens.

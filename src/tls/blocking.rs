@@ -148,13 +148,11 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     use super::*;
-    use crate::tls::connection::tests::{become_ready, certificate, client, client_config};
+    use crate::tls::connection::tests::{become_ready, client, configs};
 
     #[test]
     fn a_blocking_stream_talks_to_a_rustls_client() {
-        let (der, key) = certificate();
-        let config = Config::new(vec![der.clone()], key).unwrap();
-        let cc = client_config(der);
+        let (config, cc) = configs();
         let (ours, theirs) = UnixStream::pair().unwrap();
         let peer = std::thread::spawn(move || {
             let mut c = rustls::StreamOwned::new(client(&cc), theirs);
@@ -179,9 +177,8 @@ mod tests {
     /// stream over the restored connection answers it on its first use.
     #[test]
     fn a_restored_hello_is_answered_on_first_use() {
-        let (der, key) = certificate();
-        let config = Config::new(vec![der.clone()], key).unwrap();
-        let mut c = client(&client_config(der));
+        let (config, cc) = configs();
+        let mut c = client(&cc);
         let mut conn = Connection::accept(&config).unwrap();
         conn.hold(true);
         conn.write(b"hello?").unwrap();
@@ -207,9 +204,7 @@ mod tests {
 
     #[test]
     fn a_server_that_speaks_first_finishes_the_handshake_before_writing() {
-        let (der, key) = certificate();
-        let config = Config::new(vec![der.clone()], key).unwrap();
-        let cc = client_config(der);
+        let (config, cc) = configs();
         let (ours, theirs) = UnixStream::pair().unwrap();
         let peer = std::thread::spawn(move || {
             let mut c = rustls::StreamOwned::new(client(&cc), theirs);

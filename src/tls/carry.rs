@@ -265,14 +265,12 @@ mod tests {
 
     use super::*;
     use crate::snapshot::FdKind;
-    use crate::tls::connection::tests::{certificate, client, client_config};
+    use crate::tls::connection::tests::{client, configs};
 
     /// Sessions through the sealed memfd, as the exec carries them.
     #[test]
     fn sessions_cross_in_a_sealed_memfd_and_come_back_by_id() {
-        let (der, key) = certificate();
-        let config = Config::new(vec![der.clone()], key).unwrap();
-        let cc = client_config(der);
+        let (config, cc) = configs();
         let mut c = client(&cc);
         let mut s = Connection::accept(&config).unwrap();
         // The handshake, by hand: client hello, server flight, finished.

@@ -724,7 +724,7 @@ pub(super) mod tests {
     }
 
     /// A server configuration and a client one that trusts it.
-    fn configs() -> (Config, Arc<ClientConfig>) {
+    pub(crate) fn configs() -> (Config, Arc<ClientConfig>) {
         let (der, key) = certificate();
         let server = Config::new(vec![der.clone()], key).unwrap();
         (server, client_config(der))

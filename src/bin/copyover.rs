@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use copyover::status::{
-    Outcome, Status, request_migration, request_upgrade, start_ticks, status_dir, status_path,
+    Outcome, Status, request_gradual_migration, request_migration, request_move_back,
+    request_upgrade, start_ticks, status_dir, status_path,
 };
 use nix::errno::Errno;
 use nix::sys::signal::kill;
@@ -36,7 +37,11 @@ Prints the new process's PID and outcome on success.
 Exit status: 0 migration complete (the new process serves, the old one
 exited), 1 refused or rolled back (the old process serves on), 2 no
 outcome before the timeout, 3 PID is not a copyover process (or not yours),
-64 bad usage.";
+64 bad usage. With --back: 0 every user is back in PID, 1 another outcome.
+
+A gradual migration (--batch N --every SECS) waits until the last batch
+moved; meanwhile both processes serve. `copyover migrate PID --back`
+stops it and moves everyone back to PID.";
 
 /// Bad usage: `EX_USAGE` from sysexits.h.
 const EXIT_USAGE: u8 = 64;
@@ -69,6 +74,17 @@ enum Command {
         /// How long to wait for the outcome, in seconds.
         #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_timeout)]
         timeout: Duration,
+        /// A gradual migration: both processes serve, and N users move to
+        /// the new one at a time (the outcome comes once the last moved).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "back")]
+        batch: Option<u32>,
+        /// With --batch: one batch every SECS seconds.
+        #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_timeout, requires = "batch")]
+        every: Duration,
+        /// During a gradual migration from PID: move every user back to PID
+        /// (the new process then exits).
+        #[arg(long)]
+        back: bool,
     },
     /// Prints the running generation, version, start time and the last
     /// outcome of PID.
@@ -126,7 +142,25 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Upgrade { target, timeout } => upgrade(&Target::new(target, timeout)),
-        Command::Migrate { target, timeout } => migrate(&Target::new(target, timeout)),
+        Command::Migrate {
+            target,
+            timeout,
+            batch,
+            every,
+            back,
+        } => {
+            let t = Target::new(target, timeout);
+            let dir = t.dir.clone();
+            if back {
+                move_back(&t)
+            } else if let Some(batch) = batch {
+                migrate(&t, &move |s: &Status| {
+                    request_gradual_migration(s, &dir, batch as usize, every)
+                })
+            } else {
+                migrate(&t, &request_migration)
+            }
+        }
         Command::Status { target } => status(&Target::new(target, Duration::ZERO)),
         Command::Inspect { file } => inspect(&file),
     };
@@ -230,7 +264,7 @@ fn describe(s: &Status) -> String {
 /// Reads PID's status, then asks it (`request`: SIGHUP or SIGUSR2, pinned
 /// with a pidfd and checked again, so that the PID cannot be reused between
 /// the check and the signal); returns the status from before.
-fn ask(t: &Target, request: fn(&Status) -> std::io::Result<()>) -> Result<Status, Failure> {
+fn ask(t: &Target, request: &dyn Fn(&Status) -> std::io::Result<()>) -> Result<Status, Failure> {
     let before = read_status(t)?;
     request(&before).map_err(|e| match e.kind() {
         std::io::ErrorKind::InvalidData => Failure::Target(format!(
@@ -242,7 +276,7 @@ fn ask(t: &Target, request: fn(&Status) -> std::io::Result<()>) -> Result<Status
 }
 
 fn upgrade(t: &Target) -> Result<ExitCode, Failure> {
-    let before = ask(t, request_upgrade)?;
+    let before = ask(t, &request_upgrade)?;
     let deadline = Instant::now() + t.timeout;
     let path = status_path(&t.dir, t.pid);
     loop {
@@ -274,8 +308,11 @@ fn upgrade(t: &Target) -> Result<ExitCode, Failure> {
     }
 }
 
-fn migrate(t: &Target) -> Result<ExitCode, Failure> {
-    let before = ask(t, request_migration)?;
+fn migrate(
+    t: &Target,
+    request: &dyn Fn(&Status) -> std::io::Result<()>,
+) -> Result<ExitCode, Failure> {
+    let before = ask(t, request)?;
     let deadline = Instant::now() + t.timeout;
     let path = status_path(&t.dir, t.pid);
     let outcome = |path: &Path, after: u64| {
@@ -416,4 +453,37 @@ fn inspect(file: &Path) -> Result<ExitCode, Failure> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `copyover migrate PID --back`: every user back to PID, from the new
+/// process of its gradual migration; waits for PID's outcome.
+fn move_back(t: &Target) -> Result<ExitCode, Failure> {
+    let dir = t.dir.clone();
+    let before = ask(t, &move |s: &Status| request_move_back(s, &dir))?;
+    let deadline = Instant::now() + t.timeout;
+    let path = status_path(&t.dir, t.pid);
+    loop {
+        if let Ok(now) = Status::read(&path)
+            && now.seq > before.seq
+            && now.outcome.ends_an_upgrade()
+        {
+            println!("{}", describe(&now));
+            let back = matches!(&now.outcome, Outcome::RolledBack { reason } if reason.contains("moved back"));
+            return Ok(ExitCode::from(u8::from(!back)));
+        }
+        if kill(Pid::from_raw(t.pid as i32), None) == Err(Errno::ESRCH) {
+            return Err(Failure::Target(format!(
+                "process {} exited while its users were moving back",
+                t.pid
+            )));
+        }
+        if Instant::now() >= deadline {
+            println!(
+                "no outcome within {:?}: is a gradual migration under way? (see the server's log)",
+                t.timeout
+            );
+            return Ok(ExitCode::from(2));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

@@ -6,7 +6,7 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
-use super::{FAIL, FDS, GO, HELLO, JOINED, MAX_MESSAGE, MigrateVar, READY, SNAPSHOT};
+use super::{FAIL, FDS, GO, HELLO, JOINED, MAX_MESSAGE, MigrateVar, READY, SHARE, SNAPSHOT};
 use crate::error::Error;
 use crate::handoff::Inherited;
 use crate::runtime::{Config, Copyover, Start, open_own_binary};
@@ -45,6 +45,9 @@ pub(crate) enum Answer {
     /// No answer, and it lives: it kept its clients (it gave up on this
     /// process, which it could not kill). This process must not serve.
     Kept,
+    /// `share`: a gradual migration; both processes serve, and users move
+    /// here a batch at a time.
+    Share,
 }
 
 impl Arrival {
@@ -57,10 +60,14 @@ impl Arrival {
             let mut buf = [0u8; 16];
             let mut fds = Vec::new();
             let n = sys::recv_message(self.sock.as_fd(), &mut buf, &mut fds)?;
-            Ok(&buf[..n] == GO)
+            Ok(match &buf[..n] {
+                m if m == GO => Some(Answer::Go),
+                m if m == SHARE => Some(Answer::Share),
+                _ => None,
+            })
         });
-        if matches!(answered, Ok(true)) {
-            return Answer::Go;
+        if let Ok(Some(answer)) = answered {
+            return answer;
         }
         if self.old_is_gone() {
             tracing::warn!(
@@ -87,7 +94,7 @@ impl Arrival {
     /// poll that fails is asked again): only an old process seen alive all
     /// that time has kept its clients. If the pidfd never answered, a
     /// parent that was the old process and no longer is says it is gone.
-    fn old_is_gone(&self) -> bool {
+    pub(super) fn old_is_gone(&self) -> bool {
         let until = std::time::Instant::now() + Duration::from_secs(5);
         let mut answered = false;
         while std::time::Instant::now() < until {
@@ -98,6 +105,12 @@ impl Arrival {
             }
         }
         !answered && self.child_of_old && std::os::unix::process::parent_id() != self.from
+    }
+
+    /// A second descriptor of the socket to the old process, for the link
+    /// of a gradual migration.
+    pub(super) fn link_socket(&self) -> std::io::Result<OwnedFd> {
+        self.sock.try_clone()
     }
 
     /// Once this process serves: into the old process's process group, so

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{FAIL, FDS, GO, HELLO, MAX_MESSAGE, MigrateVar, READY, SNAPSHOT};
+use super::{FAIL, FDS, GO, HELLO, MAX_MESSAGE, MigrateVar, READY, SHARE, SNAPSHOT};
 use crate::env::{MIGRATE_VAR, clean_env};
 use crate::error::UpgradeError;
 use crate::signal::Requests;
@@ -102,6 +102,12 @@ impl Newcomer {
     /// Its PID.
     pub(crate) fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// A second descriptor of our end of the socket pair, for the link of
+    /// a gradual migration.
+    pub(super) fn link_socket(&self) -> io::Result<OwnedFd> {
+        self.sock.try_clone()
     }
 
     /// Sends one message, retrying while the kernel refuses more
@@ -230,19 +236,6 @@ impl Newcomer {
     fn let_go(&mut self) {
         std::mem::forget(self.child.take());
     }
-
-    /// After `go`, waits (a second at most) for the newcomer's `joined`:
-    /// it moved into this process's process group, which must still exist
-    /// for that (a group vanishes with its last member: this process, say).
-    /// Its socket's end, or any other answer, ends the wait too.
-    fn await_joined(&self) {
-        if matches!(
-            sys::wait_readable(self.sock.as_fd(), Duration::from_secs(1)),
-            Ok(true)
-        ) {
-            let _ = self.read_message();
-        }
-    }
 }
 
 /// A `fail REASON`, or a message that has no place here, in words.
@@ -297,13 +290,20 @@ pub(crate) struct HandOver<'a> {
     pub ready_timeout: Duration,
     /// Who this process is, for its last outcome.
     pub reporter: Reporter,
+    /// A gradual migration: what is handed over is the shared part, and
+    /// both processes serve after it (`share`, not `go`).
+    pub gradual: bool,
 }
 
 /// Seals the state, hands it and every kept descriptor to the newcomer,
-/// waits for its `ready`, and exits. Returns only if the newcomer did not
-/// take over: it is killed then, and this process serves on with
-/// everything it had (it closed nothing).
-pub(crate) fn hand_over<S: serde::Serialize>(state: &S, h: HandOver<'_>) -> UpgradeError {
+/// waits for its `ready`, and exits. Returns an error only if the newcomer
+/// did not take over: it is killed then, and this process serves on with
+/// everything it had (it closed nothing). A gradual migration's hand-over
+/// (of the shared part) returns the newcomer, serving beside this process.
+pub(crate) fn hand_over<S: serde::Serialize>(
+    state: &S,
+    h: HandOver<'_>,
+) -> Result<Newcomer, UpgradeError> {
     let HandOver {
         header,
         manifest,
@@ -313,37 +313,38 @@ pub(crate) fn hand_over<S: serde::Serialize>(state: &S, h: HandOver<'_>) -> Upgr
         requests,
         ready_timeout,
         reporter,
+        gradual,
     } = h;
     let pid = newcomer.pid();
     let failed = |reason: String| UpgradeError::Migration { pid, reason };
     // Failed or gone since its `hello`: nothing is sealed or sent.
     if let Err(reason) = newcomer.still_waiting() {
-        return failed(reason);
+        return Err(failed(reason));
     }
     let deadline = Instant::now() + ready_timeout;
     let draft = draft.map_or_else(|| Draft::new(0), Ok);
     let memfd = match draft.and_then(|d| d.seal_state(&header, manifest, state, payload_hint)) {
         Ok((memfd, _)) => memfd,
-        Err(e) => return e.into(),
+        Err(e) => return Err(e.into()),
     };
     // This process, as the newcomer can watch it: the end of the socket
     // before `go` means "serve" only if this process is gone by then.
     let me = match sys::pidfd_open(std::process::id() as i32) {
         Ok(fd) => fd,
         Err(source) => {
-            return UpgradeError::Io {
+            return Err(UpgradeError::Io {
                 what: "open a pidfd of this process for the new one",
                 source,
-            };
+            });
         }
     };
     // A newcomer that stops reading must not hold this process past its
     // deadline.
     if let Err(e) = sys::set_send_timeout(newcomer.sock.as_fd(), ready_timeout) {
-        return UpgradeError::Io {
+        return Err(UpgradeError::Io {
             what: "set the migration socket's send timeout",
             source: e,
-        };
+        });
     }
     let fds: Vec<RawFd> = manifest.fds().collect();
     let first = format!("{SNAPSHOT} {}", fds.len());
@@ -365,7 +366,7 @@ pub(crate) fn hand_over<S: serde::Serialize>(state: &S, h: HandOver<'_>) -> Upgr
             (None, Some(libc::EPIPE | libc::ECONNRESET)) => newcomer.how_it_ended(),
             (None, _) => format!("the hand-over failed: {e}"),
         };
-        return failed(ended);
+        return Err(failed(ended));
     }
     tracing::debug!(
         newcomer = pid,
@@ -374,12 +375,19 @@ pub(crate) fn hand_over<S: serde::Serialize>(state: &S, h: HandOver<'_>) -> Upgr
     );
     // A shutdown asked of this process meanwhile ends the wait: the
     // newcomer is killed, not left to serve what the operator stopped.
-    if let Err(e) = newcomer.wait_ready(deadline, ready_timeout, requests) {
-        return e;
+    newcomer.wait_ready(deadline, ready_timeout, requests)?;
+    if gradual {
+        // Both serve from here on; this process keeps every user until it
+        // moves them. The send timeout goes: batches have their own.
+        newcomer
+            .send(SHARE, &[], deadline)
+            .map_err(|e| failed(format!("it went away as it became ready ({e})")))?;
+        let _ = sys::set_send_timeout(newcomer.sock.as_fd(), Duration::from_secs(5));
+        return Ok(newcomer);
     }
     // The point of no return: from `go` on, the newcomer serves.
     if let Err(e) = newcomer.send(GO, &[], deadline) {
-        return failed(format!("it went away as it became ready ({e})"));
+        return Err(failed(format!("it went away as it became ready ({e})")));
     }
     leave(newcomer, requests, &reporter)
 }
@@ -395,7 +403,29 @@ pub(crate) fn hand_over<S: serde::Serialize>(state: &S, h: HandOver<'_>) -> Upgr
 /// process waits for the newcomer to join its process group (`joined`):
 /// the group a supervisor or a terminal signals then still holds the
 /// server.
-fn leave(mut newcomer: Newcomer, requests: &Requests, reporter: &Reporter) -> ! {
+fn leave(newcomer: Newcomer, requests: &Requests, reporter: &Reporter) -> ! {
+    let waiter = newcomer.sock.try_clone().ok();
+    leave_with(newcomer, requests, reporter, move || {
+        if let Some(sock) = waiter
+            && matches!(
+                sys::wait_readable(sock.as_fd(), Duration::from_secs(1)),
+                Ok(true)
+            )
+        {
+            let mut buf = [0u8; 16];
+            let _ = sys::recv_message(sock.as_fd(), &mut buf, &mut Vec::new());
+        }
+    })
+}
+
+/// [`leave`], with `await_joined` waiting (a second at most) for the
+/// newcomer's `joined`.
+pub(super) fn leave_with(
+    mut newcomer: Newcomer,
+    requests: &Requests,
+    reporter: &Reporter,
+    await_joined: impl FnOnce(),
+) -> ! {
     let pid = newcomer.pid();
     newcomer.let_go();
     for (flag, sig) in [
@@ -409,7 +439,7 @@ fn leave(mut newcomer: Newcomer, requests: &Requests, reporter: &Reporter) -> ! 
         }
     }
     crate::status::report(Outcome::Migrated { to: pid }, reporter);
-    newcomer.await_joined();
+    await_joined();
     std::process::exit(0)
 }
 

@@ -103,10 +103,15 @@
 
 mod arrival;
 mod departure;
+mod gradual;
+mod link;
 mod numbers;
 
 pub(crate) use arrival::{Answer, Arrival, arrive};
 pub(crate) use departure::{Arriving, HandOver, Newcomer, hand_over};
+pub use gradual::{Arrived, Batch};
+pub(crate) use gradual::{Ending, Step, Window};
+pub use link::MAX_FORWARD;
 
 use crate::error::Error;
 
@@ -122,6 +127,9 @@ const READY: &[u8] = b"ready";
 const FAIL: &str = "fail ";
 /// The old process hands over for good.
 const GO: &[u8] = b"go";
+/// The old process hands the shared part over and both serve: a gradual
+/// migration.
+const SHARE: &[u8] = b"share";
 /// The newcomer is in the old process's process group.
 const JOINED: &[u8] = b"joined";
 /// The longest message.

@@ -33,6 +33,7 @@ use crate::{rollback, sys};
 
 mod config;
 mod ready;
+mod sharing;
 mod staging;
 mod upgrading;
 
@@ -82,6 +83,33 @@ pub enum Event {
     Shutdown,
     /// SIGUSR1: call [`Copyover::save_snapshot`] with the current state.
     SaveSnapshot,
+    /// A **gradual** migration's new process is in its `boot` (it came
+    /// instead of [`Event::UpgradeApproved`]): call
+    /// [`Copyover::upgrade`] with the **shared** part of the state (none of
+    /// the users' connections) and the descriptors both processes need
+    /// (the listeners). It returns [`Progress::Sharing`](crate::Progress::Sharing)
+    /// once the new process serves beside this one; stop accepting then (the
+    /// new process accepts). See [`crate::migration`].
+    ShareApproved,
+    /// A gradual migration asks this process for its next batch: move up
+    /// to `most` users with [`Copyover::move_users`]. An empty batch says
+    /// none is left, and ends the migration.
+    MoveUsers {
+        /// The most users this batch may hold.
+        most: usize,
+    },
+    /// Users arrived from the other process of a gradual migration: take
+    /// them at once with [`Copyover::take_users`] (the other process
+    /// waits).
+    UsersArrived,
+    /// A message the other process of a gradual migration forwarded
+    /// ([`Copyover::forward`]).
+    Forwarded(Vec<u8>),
+    /// The gradual migration ended and this process serves alone: accept
+    /// again if it had stopped (the new process left: it moved everyone
+    /// back, or died; or the old one left). [`Copyover::sharing_with`]
+    /// is `None` from now on.
+    MigrationEnded,
 }
 
 /// The runtime's handle: the upgrade's state machine, the signal flags, and
@@ -145,6 +173,10 @@ pub struct Copyover<S> {
     /// After a migration: some descriptor has another number than it had
     /// in the old process.
     pub(crate) fds_renumbered: bool,
+    /// The migration asked for is gradual: this many users every so often.
+    gradual: Option<(usize, Duration)>,
+    /// A gradual migration under way: both processes serve.
+    pub(crate) window: Option<crate::migration::Window>,
     /// The state type; `fn() -> S` so that the handle is `Send` and `Sync`
     /// whatever `S` is (it holds no `S`).
     state: PhantomData<fn() -> S>,
@@ -196,6 +228,8 @@ impl<S> Copyover<S> {
             arrival: None,
             migrated_from: None,
             fds_renumbered: false,
+            gradual: None,
+            window: None,
             state: PhantomData,
         }
     }

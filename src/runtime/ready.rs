@@ -151,24 +151,49 @@ impl<S> Copyover<S> {
             // The old process serves these clients: this one must not touch
             // them, and has nothing else to do.
             Answer::Kept => std::process::exit(1),
+            // Both serve: the outcome comes when this one serves alone.
+            Answer::Share => {
+                IMAGE_READY.store(true, Ordering::Release);
+                self.open_window_here(arrival);
+                return;
+            }
         }
         // Only now: until `go`, the old process may still serve these
         // connections (a TLS session seals nothing here before).
         IMAGE_READY.store(true, Ordering::Release);
+        self.serving_after_migration(&arrival, now, None);
+    }
+
+    /// A migration's new process serves alone (after `go`, or at the end of
+    /// a gradual migration): reports `complete`, and tells systemd it is
+    /// the main process once the old one is gone.
+    ///
+    /// After a gradual migration, `longest_batch_ns` is the longest a batch
+    /// took to arrive here: no client waited for more than that (and the
+    /// sender's part), so it is reported as the blackout.
+    pub(super) fn serving_after_migration(
+        &self,
+        arrival: &crate::migration::Arrival,
+        now: u64,
+        longest_batch_ns: Option<u64>,
+    ) {
         let serving = monotonic_ns();
         let h = &arrival.header;
         let outcome = Outcome::Complete {
             from: h.writer_version.clone(),
             to: self.config.version.clone(),
             generation: self.generation,
-            blackout_ms: ms(serving.saturating_sub(h.committed_at_ns)),
+            blackout_ms: ms(longest_batch_ns.unwrap_or(serving.saturating_sub(h.committed_at_ns))),
             phases: Phases {
                 total_ms: Some(ms(serving.saturating_sub(h.requested_at_ns))),
                 // For a migration: the hand-over, from the commit to the
                 // last descriptor received.
                 exec_ms: Some(ms(arrival.received_ns.saturating_sub(h.committed_at_ns))),
                 restore_ms: Some(ms(arrival.restored_ns.saturating_sub(arrival.received_ns))),
-                adopt_ms: Some(ms(now.saturating_sub(arrival.restored_ns))),
+                // A gradual migration adopted its users batch by batch.
+                adopt_ms: longest_batch_ns
+                    .is_none()
+                    .then(|| ms(now.saturating_sub(arrival.restored_ns))),
                 unheld_ms: None,
             },
         };

@@ -14,6 +14,9 @@ impl<S> Copyover<S> {
         if signal::take(&self.requests.shutdown) {
             return Some(Event::Shutdown);
         }
+        if let Some(event) = self.poll_window() {
+            return Some(event);
+        }
         let since_request =
             Duration::from_nanos(monotonic_ns().saturating_sub(self.requested_at_ns));
         match self.phase.settle(since_request, self.config.probe_timeout) {
@@ -41,7 +44,11 @@ impl<S> Copyover<S> {
             match result {
                 Ok(newcomer) => {
                     self.newcomer = Some(newcomer);
-                    return Some(Event::UpgradeApproved);
+                    return Some(if self.is_gradual() {
+                        Event::ShareApproved
+                    } else {
+                        Event::UpgradeApproved
+                    });
                 }
                 Err(e) => return Some(self.refuse_migration(e)),
             }
@@ -86,7 +93,25 @@ impl<S> Copyover<S> {
 
     fn poll_signals(&mut self) -> Option<Event> {
         let upgrade = signal::take(&self.requests.upgrade);
-        let migrate = signal::take(&self.requests.migrate);
+        let mut migrate = signal::take(&self.requests.migrate);
+        if migrate && self.take_migration_request() {
+            // Handled: everyone back, in a gradual migration under way.
+            migrate = false;
+        }
+        if let Some(window) = self.window.as_mut().filter(|_| upgrade || migrate) {
+            // Not while a gradual migration runs: after it, in whichever
+            // process then serves (the old one passes it on).
+            if !std::mem::replace(&mut window.told_waiting, true) {
+                tracing::info!("a gradual migration is under way: the request waits for its end");
+            }
+            if upgrade {
+                self.requests.upgrade.store(true, Ordering::SeqCst);
+            }
+            if migrate {
+                self.requests.migrate.store(true, Ordering::SeqCst);
+            }
+            return signal::take(&self.requests.save).then_some(Event::SaveSnapshot);
+        }
         // A request of the other kind than the one under way (or than the
         // one started now) waits for it: its flag is set again, and the
         // next poll after the outcome starts it (across an exec, the commit
@@ -151,6 +176,7 @@ impl<S> Copyover<S> {
         if let Err(e) = &result {
             self.phase = Phase::Idle;
             self.migrating = false;
+            self.gradual = None;
             // A migration's new process that did not take over is killed.
             self.arriving = None;
             self.newcomer = None;
@@ -170,7 +196,7 @@ impl<S> Copyover<S> {
 
     /// A request of the other kind that waited for this one (see
     /// `poll_signals`) is started by the next poll: the loop is woken for it.
-    fn wake_if_queued(&self) {
+    pub(super) fn wake_if_queued(&self) {
         let queued = |flag: &std::sync::atomic::AtomicBool| flag.load(Ordering::SeqCst);
         if queued(&self.requests.upgrade) || queued(&self.requests.migrate) {
             self.requests.wake();
@@ -260,7 +286,8 @@ impl<S> Copyover<S> {
                 })?;
                 tracing::debug!(%to_version, fds = manifest.len(), newcomer = newcomer.pid(), "handing over to the new process");
                 let reporter = self.reporter(0.0, false);
-                Err(crate::migration::hand_over(
+                let gradual = self.is_gradual();
+                let newcomer = crate::migration::hand_over(
                     state,
                     crate::migration::HandOver {
                         header,
@@ -271,8 +298,10 @@ impl<S> Copyover<S> {
                         requests: &self.requests,
                         ready_timeout: self.config.ready_timeout,
                         reporter,
+                        gradual,
                     },
-                ))
+                )?;
+                self.open_window(newcomer)
             }
             Phase::Approved {
                 to_version,
@@ -311,6 +340,7 @@ impl<S> Copyover<S> {
         self.arriving = None;
         self.newcomer = None;
         self.migrating = false;
+        self.gradual = None;
         self.wake_if_queued();
         if !self.phase.abandon() {
             return;

@@ -62,3 +62,64 @@ fn signal_checked(status: &Status, sig: libc::c_int) -> io::Result<()> {
     use std::os::fd::AsFd;
     crate::sys::pidfd_signal(pidfd.as_fd(), sig)
 }
+
+/// Asks the process a status file describes for a **gradual** migration
+/// (see [`crate::migration`]): `batch` users at a time, one batch every
+/// `every`. The request is written to `PID.migrate` in `dir` (the status
+/// directory the server uses), then SIGUSR2 is sent under the checks of
+/// [`request_upgrade`]; the server reads and removes the file.
+///
+/// # Errors
+///
+/// Writing the file, or as [`request_upgrade`].
+pub fn request_gradual_migration(
+    status: &Status,
+    dir: &Path,
+    batch: usize,
+    every: std::time::Duration,
+) -> io::Result<()> {
+    let text = format!("gradual {} {}\n", batch.max(1), every.as_millis());
+    write_request(status, dir, &text)
+}
+
+/// Asks the old process of a gradual migration under way to move every
+/// user back from the new process, which then exits (`back` in
+/// `PID.migrate`, then SIGUSR2; see [`request_gradual_migration`]).
+///
+/// # Errors
+///
+/// As [`request_gradual_migration`].
+pub fn request_move_back(status: &Status, dir: &Path) -> io::Result<()> {
+    write_request(status, dir, "back\n")
+}
+
+fn write_request(status: &Status, dir: &Path, text: &str) -> io::Result<()> {
+    check_dir(dir)?;
+    let path = request_path(dir, status.pid);
+    write_replacing(dir, &path, text.as_bytes(), false)?;
+    let sent = signal_checked(status, libc::SIGUSR2);
+    if sent.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    sent
+}
+
+/// Where a migration request for process `pid` waits.
+fn request_path(dir: &Path, pid: u32) -> PathBuf {
+    dir.join(format!("{pid}.migrate"))
+}
+
+/// This process's pending migration request (`PID.migrate` in the status
+/// directory), taken: read and removed. `None` if there is none (a whole
+/// migration), or if the directory fails its checks (logged).
+pub(crate) fn take_migration_request() -> Option<String> {
+    let dir = status_dir();
+    if let Err(e) = check_dir(&dir) {
+        tracing::warn!(dir = ?dir, "not reading a migration request: {e}");
+        return None;
+    }
+    let path = request_path(&dir, std::process::id());
+    let text = read_bounded(&path).ok()?;
+    let _ = std::fs::remove_file(&path);
+    Some(text)
+}

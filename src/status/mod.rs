@@ -94,7 +94,10 @@ mod safe_io;
 #[cfg(test)]
 mod tests;
 
-pub use client::{request_migration, request_upgrade, start_ticks};
+pub(crate) use client::take_migration_request;
+pub use client::{
+    request_gradual_migration, request_migration, request_move_back, request_upgrade, start_ticks,
+};
 pub use file::{Status, read};
 pub use outcome::{Outcome, Phases};
 pub(crate) use report::{Reporter, report};

@@ -54,4 +54,11 @@ pub enum Progress {
     /// once it answered yes (then call `upgrade` again to commit), or with
     /// [`Event::UpgradeRefused`](crate::Event::UpgradeRefused).
     Probing,
+    /// A gradual migration's new process serves beside this one, with the
+    /// shared part: stop accepting (it accepts), and move users on
+    /// [`Event::MoveUsers`](crate::Event::MoveUsers).
+    Sharing {
+        /// The new process.
+        with: u32,
+    },
 }

@@ -234,6 +234,21 @@ pub struct Chat {
     pub users: BTreeMap<String, User>,
     #[serde(deserialize_with = "bulk_map")]
     pub conns: BTreeMap<u64, Conn>,
+    /// During a gradual migration: who is online in the other process, by
+    /// login. Not in the snapshot (the other process says it again).
+    #[serde(skip)]
+    pub remote: Vec<(u64, String)>,
+    /// During a gradual migration: lines said here, for the other process.
+    #[serde(skip)]
+    pub relay: Option<Vec<String>>,
+}
+
+/// One user moving to the other process of a gradual migration: the
+/// connection's state and the user's own variables.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Moving {
+    pub conn: Conn,
+    pub user: Option<(String, User)>,
 }
 
 /// State v1, as a v2 build reads it.
@@ -264,6 +279,7 @@ impl AppState for Chat {
                     .map(|(name, vars)| (name, User { vars, logins: 0 }))
                     .collect(),
                 conns: v1.conns,
+                ..Chat::default()
             }
         }))
     }
@@ -334,12 +350,54 @@ impl Chat {
             return;
         }
         let msg = format!("{name}: {line}\r\n");
+        self.deliver(&msg, Some(id), dirty);
+        if let Some(relay) = self.relay.as_mut() {
+            relay.push(msg);
+        }
+    }
+
+    /// A chat line for every named user here but `except`.
+    pub fn deliver(&mut self, msg: &str, except: Option<u64>, dirty: &mut BTreeSet<u64>) {
         for (other, c) in self.conns.iter_mut() {
-            if *other != id && c.name.is_some() && !c.closing {
+            if Some(*other) != except && c.name.is_some() && !c.closing {
                 c.out.extend_from_slice(msg.as_bytes());
                 dirty.insert(*other);
             }
         }
+    }
+
+    /// Who is online here, by login.
+    pub fn online(&self) -> Vec<(u64, String)> {
+        let mut online: Vec<(u64, String)> = self
+            .conns
+            .values()
+            .filter_map(|c| c.name.clone().map(|n| (c.login, n)))
+            .collect();
+        online.sort();
+        online
+    }
+
+    /// A user about to move away: its record (the connection's state and
+    /// the user's variables).
+    pub fn moving(&self, id: u64) -> Option<Moving> {
+        let conn = self.conns.get(&id)?.clone();
+        let user = conn
+            .name
+            .as_ref()
+            .and_then(|n| self.users.get(n).map(|u| (n.clone(), u.clone())));
+        Some(Moving { conn, user })
+    }
+
+    /// A user that moved here: a connection id of this process, and its
+    /// variables (the other process had the newer ones).
+    pub fn arrive(&mut self, moving: Moving) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        if let Some((name, user)) = moving.user {
+            self.users.insert(name, user);
+        }
+        self.conns.insert(id, moving.conn);
+        id
     }
 
     fn login(&mut self, id: u64, name: &str) {
@@ -352,7 +410,9 @@ impl Chat {
                 &format!("Names have at most {MAX_NAME} characters and no commas; another one:"),
             );
         }
-        if self.conns.values().any(|c| c.name.as_deref() == Some(name)) {
+        if self.conns.values().any(|c| c.name.as_deref() == Some(name))
+            || self.remote.iter().any(|(_, n)| n == name)
+        {
             return self.reply(id, &format!("{name} is already online; another name:"));
         }
         let login = self.next_login;
@@ -370,13 +430,11 @@ impl Chat {
         let rest = rest.trim_start();
         match cmd {
             "/who" => {
-                let mut online: Vec<(&u64, &str)> = self
-                    .conns
-                    .values()
-                    .filter_map(|c| c.name.as_deref().map(|n| (&c.login, n)))
-                    .collect();
+                // Both processes' users during a gradual migration.
+                let mut online = self.online();
+                online.extend(self.remote.iter().cloned());
                 online.sort();
-                let names: Vec<&str> = online.into_iter().map(|(_, n)| n).collect();
+                let names: Vec<&str> = online.iter().map(|(_, n)| n.as_str()).collect();
                 self.reply(id, &format!("online: {}", names.join(", ")));
             }
             "/version" => self.reply(id, version),

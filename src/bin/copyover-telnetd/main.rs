@@ -4,6 +4,7 @@
 //! `kill -HUP` the server: nobody is disconnected. See docs/telnet-demo.md.
 
 mod chat;
+mod gradual;
 mod telnet;
 mod tls;
 
@@ -201,6 +202,12 @@ struct Server {
     tls: Option<tls::Tls>,
     chat: Chat,
     args: Args,
+    /// The listener is in the epoll set (not while a gradual migration's
+    /// new process accepts).
+    accepting: bool,
+    /// Who was online here when the other process of a gradual migration
+    /// was last told.
+    online_sent: Option<Vec<(u64, String)>>,
 }
 
 /// Every descriptor to keep across an upgrade.
@@ -351,6 +358,8 @@ fn run(args: Args) -> Result<(), BoxError> {
         tls,
         chat,
         args,
+        accepting: true,
+        online_sent: None,
     };
     if let Err(e) = server.register(kept) {
         // Roll back while every adopted socket is still open (a no-op on a
@@ -364,6 +373,11 @@ fn run(args: Args) -> Result<(), BoxError> {
         // The image serves (the upgrade is complete); only the next upgrade
         // is impossible, and the runtime refuses it with a reason.
         tracing::warn!("{e}; serving on, later upgrades will be refused");
+    }
+    // The new process of a gradual migration: lines said here go to the
+    // old process's users too.
+    if server.co.sharing_with().is_some() {
+        server.chat.relay = Some(Vec::new());
     }
     // A first checkpoint at once: a crash before any event finds one.
     if let Err(e) = server.co.checkpoint(&server.chat) {
@@ -635,6 +649,9 @@ impl Server {
                 }
             }
             self.flush(dirty);
+            // During a gradual migration: lines said here, and who is
+            // online, for the other process.
+            self.relay();
             // After the flush, so that output already written is not in it.
             if changed && let Err(e) = self.co.checkpoint(&self.chat) {
                 tracing::warn!("checkpoint failed (the previous one stays): {e}");
@@ -671,6 +688,12 @@ impl Server {
                 Event::UpgradeApproved => {
                     self.commit();
                 }
+                // A gradual migration (`copyover migrate --batch`).
+                Event::ShareApproved => self.share(),
+                Event::MoveUsers { most } => self.move_users(most),
+                Event::UsersArrived => self.take_users(),
+                Event::Forwarded(m) => self.forwarded(&m),
+                Event::MigrationEnded => self.migration_ended(),
                 Event::SaveSnapshot => {
                     if let Err(e) = self.co.save_snapshot(&self.chat, &self.args.snapshot_file) {
                         tracing::error!("could not save the snapshot: {e}");

@@ -1,0 +1,227 @@
+//! A gradual migration in the demo: the shared part handed over (the
+//! users' variables, the listener), users moved a batch at a time with
+//! their connection's state, and chat lines and who is online forwarded
+//! between the two processes meanwhile.
+
+use std::collections::BTreeSet;
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+
+use copyover::migration::Batch;
+use copyover::{Handoff, Progress};
+use nix::sys::epoll::{EpollEvent, EpollFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::chat::{Chat, Moving};
+use crate::{LISTENER, Server, TOKEN_LISTENER};
+
+/// What one process of the demo forwards to the other.
+#[derive(Debug, Serialize, Deserialize)]
+enum Relay {
+    /// A chat line said there, for every user here.
+    Line(String),
+    /// Who is online there now, by login.
+    Online(Vec<(u64, String)>),
+}
+
+impl Server {
+    /// `Event::ShareApproved`: hands the new process what both need (the
+    /// users' variables, the listener), then stops accepting: it accepts.
+    pub(crate) fn share(&mut self) {
+        if self.tls.is_some() {
+            // A TLS session crosses only a whole upgrade or migration here.
+            self.co
+                .abandon("this demo moves TLS sessions only in a whole migration (kill -USR2 without --batch)");
+            return;
+        }
+        let shared = Chat {
+            next_id: self.chat.next_id,
+            next_login: self.chat.next_login,
+            users: self.chat.users.clone(),
+            ..Chat::default()
+        };
+        let mut keep = Handoff::new();
+        keep.listener(LISTENER, &self.listener);
+        match self.co.upgrade(&shared, &keep) {
+            Ok(Progress::Sharing { with }) => {
+                tracing::info!(
+                    with,
+                    users = self.streams.len(),
+                    "gradual migration: process {with} accepts from now on"
+                );
+                self.set_accepting(false);
+                self.chat.relay = Some(Vec::new());
+                self.online_sent = None;
+            }
+            // A refusal: the runtime reported it; everyone stays.
+            Ok(_) | Err(_) => {}
+        }
+    }
+
+    /// `Event::MoveUsers`: the `most` oldest connections go, each with
+    /// its state and variables; none left ends the migration (and this
+    /// process).
+    pub(crate) fn move_users(&mut self, most: usize) {
+        let ids: Vec<u64> = self
+            .streams
+            .keys()
+            .copied()
+            .collect::<BTreeSet<u64>>()
+            .into_iter()
+            .take(most)
+            .collect();
+        let records: Vec<(u64, Moving)> = ids
+            .iter()
+            .filter_map(|id| Some((*id, self.chat.moving(*id)?)))
+            .collect();
+        let mut batch = Batch::new();
+        for (id, record) in &records {
+            let Some((stream, _)) = self.streams.get(id) else {
+                continue;
+            };
+            if let Err(e) = batch.user(record, &[stream.as_fd()]) {
+                tracing::warn!(conn = id, "not moving this user: {e}");
+            }
+        }
+        // With no user left, this does not return.
+        match self.co.move_users(&batch) {
+            Ok(moved) => {
+                for (id, _) in &records {
+                    self.release(*id);
+                }
+                tracing::info!(moved, left = self.streams.len(), "moved a batch of users");
+            }
+            Err(e) => tracing::warn!("the batch stays here: {e}"),
+        }
+        self.relay_online();
+    }
+
+    /// A connection now served by the other process: our copy closes
+    /// quietly (no shutdown: the socket is the other process's).
+    fn release(&mut self, id: u64) {
+        if let Some((s, _)) = self.streams.remove(&id) {
+            let _ = self.epoll.delete(&s);
+            self.co.unstore_fd(&format!("conn:{id}"));
+        }
+        self.chat.conns.remove(&id);
+    }
+
+    /// `Event::UsersArrived`: they are ours; what was said here before
+    /// they came, which they missed, is delivered to them.
+    pub(crate) fn take_users(&mut self) {
+        let arrived = match self.co.take_users::<Moving>() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("a batch did not come: {e}");
+                return;
+            }
+        };
+        let mut dirty = BTreeSet::new();
+        let mut here = Vec::new();
+        for (moving, fds) in arrived.users {
+            let Some(fd) = fds.into_iter().next() else {
+                continue;
+            };
+            let id = self.chat.arrive(moving);
+            let stream = TcpStream::from(fd);
+            let _ = self.co.store_fd(&format!("conn:{id}"), stream.as_fd());
+            if let Err(e) = self
+                .epoll
+                .add(&stream, EpollEvent::new(EpollFlags::EPOLLIN, id))
+            {
+                tracing::warn!(conn = id, "dropping a user that arrived: {e}");
+                self.chat.conns.remove(&id);
+                continue;
+            }
+            self.streams.insert(id, (stream, false));
+            dirty.insert(id);
+            here.push(id);
+        }
+        for m in arrived.missed {
+            if let Ok(Relay::Line(line)) = postcard::from_bytes::<Relay>(&m) {
+                for id in &here {
+                    if let Some(c) = self.chat.conns.get_mut(id)
+                        && c.name.is_some()
+                        && !c.closing
+                    {
+                        c.out.extend_from_slice(line.as_bytes());
+                    }
+                }
+            }
+        }
+        tracing::info!(users = here.len(), "users arrived");
+        self.flush(dirty);
+        self.relay_online();
+    }
+
+    /// `Event::Forwarded`.
+    pub(crate) fn forwarded(&mut self, m: &[u8]) {
+        match postcard::from_bytes::<Relay>(m) {
+            Ok(Relay::Line(line)) => {
+                let mut dirty = BTreeSet::new();
+                self.chat.deliver(&line, None, &mut dirty);
+                self.flush(dirty);
+            }
+            Ok(Relay::Online(online)) => self.chat.remote = online,
+            Err(e) => tracing::warn!("an unreadable message from the other process: {e}"),
+        }
+    }
+
+    /// `Event::MigrationEnded`: this process serves alone, and accepts.
+    pub(crate) fn migration_ended(&mut self) {
+        self.chat.remote.clear();
+        self.chat.relay = None;
+        self.set_accepting(true);
+    }
+
+    /// Forwards what the other process needs of the last events: lines
+    /// said here, and who is online here when that changed.
+    pub(crate) fn relay(&mut self) {
+        let Some(lines) = self.chat.relay.as_mut().map(std::mem::take) else {
+            return;
+        };
+        for line in lines {
+            self.send_relay(&Relay::Line(line));
+        }
+        self.relay_online();
+    }
+
+    fn relay_online(&mut self) {
+        if self.co.sharing_with().is_none() {
+            return;
+        }
+        let online = self.chat.online();
+        if self.online_sent.as_ref() != Some(&online) {
+            self.send_relay(&Relay::Online(online.clone()));
+            self.online_sent = Some(online);
+        }
+    }
+
+    fn send_relay(&mut self, relay: &Relay) {
+        let sent = postcard::to_allocvec(relay)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| self.co.forward(&bytes).map_err(|e| e.to_string()));
+        if let Err(e) = sent {
+            tracing::warn!("could not forward to the other process: {e}");
+        }
+    }
+
+    /// Whether the listener is in the epoll set.
+    fn set_accepting(&mut self, on: bool) {
+        if on == self.accepting {
+            return;
+        }
+        let done = if on {
+            self.epoll.add(
+                &self.listener,
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER),
+            )
+        } else {
+            self.epoll.delete(&self.listener)
+        };
+        match done {
+            Ok(()) => self.accepting = on,
+            Err(e) => tracing::warn!(on, "could not change whether this process accepts: {e}"),
+        }
+    }
+}

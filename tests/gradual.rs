@@ -1,0 +1,245 @@
+//! A gradual migration: both processes serve, users move a batch at a
+//! time, chat and `/who` reach across; the operator can move everyone
+//! back; a process that dies midway costs only the users it held.
+
+mod util;
+
+use std::process::{Child, Command, Output, Stdio};
+
+use copyover::status::{Outcome, Status, status_path};
+use nix::sys::signal::Signal;
+use util::*;
+
+/// `copyover migrate PID ARGS...` against the scene's status directory,
+/// started and not waited for.
+fn migrate_in_background(server: &Server, pid: i32, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_copyover"))
+        .arg("migrate")
+        .arg(pid.to_string())
+        .args(args)
+        .arg("--status-dir")
+        .arg(server.scratch.0.join("status"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run copyover")
+}
+
+fn finished(child: Child) -> (Output, String) {
+    let out = child.wait_with_output().expect("copyover's outcome");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out, text)
+}
+
+/// Four more users, `c0`..`c3`, logged in after ann and bob.
+fn four_more(server: &Server) -> Vec<Client> {
+    (0..4)
+        .map(|i| Client::login(server.addr, &format!("c{i}")))
+        .collect()
+}
+
+/// The process that serves `client` now.
+fn serving(client: &mut Client) -> i32 {
+    pid_in(&client.ask("/version"))
+}
+
+/// Waits until `client` is served by a process other than `old`; returns it.
+fn moved(client: &mut Client, old: i32) -> i32 {
+    wait_for(&format!("{} to move", client.name), || {
+        let pid = serving(client);
+        (pid != old).then_some(pid)
+    })
+}
+
+fn old_outcome(server: &Server) -> Outcome {
+    Status::read(&status_path(
+        &server.scratch.0.join("status"),
+        server.pid as u32,
+    ))
+    .expect("the old process's status file")
+    .outcome
+}
+
+#[test]
+fn users_move_in_batches_chat_across_and_can_be_moved_back() {
+    let mut scene = Scene::start("gr-batches", "5");
+    let old = scene.server.pid;
+    let mut others = four_more(&scene.server);
+    scene.server.deploy(&labelled("v2"));
+
+    // One batch of two now, the next in a minute: ann and bob (the oldest
+    // connections) move, c0..c3 stay.
+    let mark = scene.server.mark();
+    let cli = migrate_in_background(&scene.server, old, &["--batch", "2", "--every", "60"]);
+    scene.server.wait_log(mark, "users arrived users=2");
+    let new = moved(&mut scene.ann, old);
+    let _reaper = Reaper(new);
+    assert_eq!(scene.ann.ask("/version"), version_line("v2", new, 2));
+    assert_eq!(serving(&mut others[0]), old, "c0 stays until its batch");
+    // The moved users' state came with them: a variable, a half-typed line.
+    assert_eq!(scene.ann.ask("/get color"), "color = green");
+    scene.bob.send("tial line\r\n");
+    assert_eq!(scene.ann.line(), "bob: partial line");
+    assert_eq!(
+        others[0].line(),
+        "bob: partial line",
+        "across to the old process"
+    );
+    for c in &mut others[1..] {
+        assert_eq!(c.line(), "bob: partial line");
+    }
+    others[0].send("hello from the old side\r\n");
+    assert_eq!(scene.ann.line(), "c0: hello from the old side");
+    assert_eq!(scene.bob.line(), "c0: hello from the old side");
+    for c in &mut others[1..] {
+        assert_eq!(c.line(), "c0: hello from the old side");
+    }
+    // Everyone is online on both sides.
+    let everyone = "online: ann, bob, c0, c1, c2, c3";
+    assert_eq!(
+        wait_for("both sides in ann's /who", || {
+            let who = scene.ann.ask("/who");
+            (who == everyone).then_some(who)
+        }),
+        everyone
+    );
+    assert_eq!(others[3].ask("/who"), everyone);
+
+    // The operator stops it: everyone back in the old process, the new one
+    // gone.
+    let back = Command::new(env!("CARGO_BIN_EXE_copyover"))
+        .args(["migrate", &old.to_string(), "--back", "--status-dir"])
+        .arg(scene.server.scratch.0.join("status"))
+        .output()
+        .expect("copyover migrate --back");
+    assert!(back.status.success(), "{back:?}");
+    let (out, text) = finished(cli);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the migration's own outcome: {text}"
+    );
+    assert!(text.contains("moved back"), "{text}");
+    assert!(
+        matches!(old_outcome(&scene.server), Outcome::RolledBack { reason } if reason.contains("every user moved back")),
+    );
+    wait_for("the new process to exit", || {
+        (!std::path::Path::new(&format!("/proc/{new}")).exists()
+            || std::fs::read_to_string(format!("/proc/{new}/stat"))
+                .is_ok_and(|s| s.contains(") Z ")))
+        .then_some(())
+    });
+    assert_eq!(scene.ann.ask("/version"), version_line("v1", old, 1));
+    assert_eq!(scene.ann.ask("/get color"), "color = green");
+    scene.ann.send("back home\r\n");
+    assert_eq!(scene.bob.line(), "ann: back home");
+    for c in &mut others {
+        assert_eq!(c.line(), "ann: back home");
+    }
+    assert_eq!(scene.bob.ask("/who"), "online: ann, bob, c0, c1, c2, c3");
+    // The old process accepts again.
+    let mut late = Client::login(scene.server.addr, "late");
+    assert_eq!(late.ask("/version"), version_line("v1", old, 1));
+
+    // Then to the end, a batch every 100 ms: the old process exits.
+    let cli = migrate_in_background(&scene.server, old, &["--batch", "3", "--every", "0.1"]);
+    let (out, text) = finished(cli);
+    assert!(out.status.success(), "{text} {out:?}");
+    let new = migrated_to(&text);
+    let _reaper = Reaper(new);
+    assert!(scene.server.wait_exit().success());
+    for c in std::iter::once(&mut scene.ann)
+        .chain(std::iter::once(&mut scene.bob))
+        .chain(others.iter_mut())
+        .chain(std::iter::once(&mut late))
+    {
+        assert_eq!(c.ask("/version"), version_line("v2", new, 2), "{}", c.name);
+    }
+    assert_eq!(
+        scene.ann.ask("/who"),
+        "online: ann, bob, c0, c1, c2, c3, late"
+    );
+    scene.ann.send("all here\r\n");
+    assert_eq!(late.line(), "ann: all here");
+}
+
+#[test]
+fn a_new_process_killed_midway_costs_only_the_users_it_took() {
+    let mut scene = Scene::start("gr-newdies", "5");
+    let old = scene.server.pid;
+    let mut others = four_more(&scene.server);
+    scene.server.deploy(&labelled("v2"));
+    let mark = scene.server.mark();
+    let cli = migrate_in_background(&scene.server, old, &["--batch", "2", "--every", "60"]);
+    scene.server.wait_log(mark, "users arrived users=2");
+    let new = moved(&mut scene.ann, old);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(new), Signal::SIGKILL).expect("kill");
+    let (out, text) = finished(cli);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("lost with it"), "{text}");
+    // Everyone it had not taken is served by the old process, state and
+    // all; it accepts again.
+    for c in &mut others {
+        assert_eq!(c.ask("/version"), version_line("v1", old, 1), "{}", c.name);
+    }
+    others[0].send("still here\r\n");
+    for c in &mut others[1..] {
+        assert_eq!(c.line(), "c0: still here");
+    }
+    assert_eq!(others[1].ask("/who"), "online: c0, c1, c2, c3");
+    let mut late = Client::login(scene.server.addr, "late");
+    assert_eq!(late.ask("/version"), version_line("v1", old, 1));
+    assert!(scene.server.alive());
+}
+
+#[test]
+fn an_old_process_killed_midway_leaves_the_moved_users_served() {
+    let mut scene = Scene::start("gr-olddies", "5");
+    let old = scene.server.pid;
+    let _others = four_more(&scene.server);
+    scene.server.deploy(&labelled("v2"));
+    let mark = scene.server.mark();
+    let cli = migrate_in_background(&scene.server, old, &["--batch", "2", "--every", "60"]);
+    scene.server.wait_log(mark, "users arrived users=2");
+    let new = moved(&mut scene.ann, old);
+    let _reaper = Reaper(new);
+    let mark = scene.server.mark();
+    scene.server.signal(Signal::SIGKILL);
+    scene.server.wait_exit();
+    let _ = finished(cli);
+    scene.server.wait_log(mark, "upgrade complete");
+    // The users it had taken are its own: they chat, the others are gone
+    // from /who, and it accepts.
+    scene.bob.send("tial line\r\n");
+    assert_eq!(scene.ann.line(), "bob: partial line");
+    assert_eq!(scene.ann.ask("/who"), "online: ann, bob");
+    let mut late = Client::login(scene.server.addr, "late");
+    assert_eq!(late.ask("/version"), version_line("v2", new, 2));
+}
+
+#[test]
+fn an_upgrade_asked_during_a_gradual_migration_waits_for_its_end() {
+    let mut scene = Scene::start("gr-waits", "5");
+    let old = scene.server.pid;
+    scene.server.deploy(&labelled("v2"));
+    let mark = scene.server.mark();
+    let cli = migrate_in_background(&scene.server, old, &["--batch", "1", "--every", "2"]);
+    scene.server.wait_log(mark, "users arrived users=1");
+    // SIGHUP to the old process now: nothing upgrades in place while both
+    // serve; the new process runs it once it serves alone.
+    scene.server.signal(Signal::SIGHUP);
+    scene
+        .server
+        .wait_log(mark, "a gradual migration is under way: the request waits");
+    let (out, text) = finished(cli);
+    assert!(out.status.success(), "{text}");
+    let new = migrated_to(&text);
+    let _reaper = Reaper(new);
+    wait_for("the passed-on upgrade", || {
+        (pid_in(&scene.ann.ask("/version")) == new
+            && scene.ann.ask("/version") == version_line("v2", new, 3))
+        .then_some(())
+    });
+    scene.bob.send("tial line\r\n");
+    assert_eq!(scene.ann.line(), "bob: partial line");
+}

@@ -15,6 +15,7 @@
 //! | [`CLAIM_VAR`] `COPYOVER_CLAIM` | the commit, a rollback | `boot` | the readiness claim and when the holder started, [version 1](crate::upgrade::variable#the-claim-variable-version-1) |
 //! | [`ROLLBACK_REASON_VAR`] `COPYOVER_ROLLBACK_REASON` | a rollback, the holder | `boot` in rollback mode | why the new image failed (the outcome's reason) |
 //! | [`MIGRATE_VAR`] `COPYOVER_MIGRATE` | a migration (the old process, starting the new one) | `boot` | the migration socket, [version 1](crate::migration#the-migration-variable-version-1) |
+//! | [`JOIN_VAR`] `COPYOVER_JOIN` | the operator, starting an external newcomer | `boot` | the path of the old process's migration socket ([`Config::migration_socket`](crate::Config::migration_socket)) |
 //! | [`PROBE_MIGRATE_VAR`] `COPYOVER_PROBE_MIGRATE` | a migration's probe | `boot` in probe mode, which answers `ok-migrate` | `1` |
 //! | [`PROBE_VAR`] `COPYOVER_PROBE` | the probe | `boot`, which answers and exits | a nonce the answer repeats |
 //! | [`STATUS_DIR_VAR`] `COPYOVER_STATUS_DIR` | the operator | the runtime, the `copyover` CLI | the [status](crate::status) directory |
@@ -72,6 +73,10 @@ pub const PROBE_VAR: &str = "COPYOVER_PROBE";
 /// The environment variable that makes a new process a migration's
 /// newcomer (see [`crate::migration`]).
 pub const MIGRATE_VAR: &str = "COPYOVER_MIGRATE";
+/// The environment variable that makes a process started by the operator
+/// an external newcomer: it connects to the old process's migration socket
+/// at this path and takes over (see [`crate::migration`]).
+pub const JOIN_VAR: &str = "COPYOVER_JOIN";
 /// Set beside [`PROBE_VAR`] when the probe is a migration's: the binary
 /// must answer that it can take part in one.
 pub const PROBE_MIGRATE_VAR: &str = "COPYOVER_PROBE_MIGRATE";
@@ -87,9 +92,10 @@ pub const LISTEN_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"
 pub const FDSTORE: &str = "FDSTORE";
 
 /// Variables the runtime owns: never passed on as they were.
-const STRIPPED_VARS: [&str; 9] = [
+const STRIPPED_VARS: [&str; 10] = [
     HANDOFF_VAR,
     MIGRATE_VAR,
+    JOIN_VAR,
     PROBE_MIGRATE_VAR,
     CLAIM_VAR,
     ROLLBACK_REASON_VAR,
@@ -136,7 +142,13 @@ pub(crate) fn with_handoff(mut env: Vec<CString>, handoff: &str) -> io::Result<V
 /// environment, so that no child inherits them. Only with a single thread
 /// (the caller checked).
 pub(crate) fn forget_handoff_vars() {
-    for var in [HANDOFF_VAR, CLAIM_VAR, ROLLBACK_REASON_VAR, MIGRATE_VAR] {
+    for var in [
+        HANDOFF_VAR,
+        CLAIM_VAR,
+        ROLLBACK_REASON_VAR,
+        MIGRATE_VAR,
+        JOIN_VAR,
+    ] {
         crate::sys::remove_env_var(var.as_ref());
     }
 }

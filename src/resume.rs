@@ -89,6 +89,10 @@ pub fn boot<S: AppState>(config: Config) -> Result<(Copyover<S>, Start<S>), Erro
         what: "read the arguments",
         source,
     })?;
+    if let Some(path) = std::env::var_os(crate::env::JOIN_VAR) {
+        let path = std::path::PathBuf::from(path);
+        return crate::migration::join::<S>(config, argv, &path, boot_ns);
+    }
     if let Some(var) = crate::migration::read_var()? {
         return crate::migration::arrive::<S>(config, argv, var, boot_ns, &claims);
     }

@@ -6,7 +6,10 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
-use super::{FAIL, FDS, GO, HELLO, JOINED, MAX_MESSAGE, MigrateVar, READY, SHARE, SNAPSHOT};
+use super::{
+    FAIL, FDS, GO, HELLO, JOINED, MAX_MESSAGE, MigrateVar, OK_MIGRATE, PROBE, READY, SHARE,
+    SNAPSHOT,
+};
 use crate::error::Error;
 use crate::handoff::Inherited;
 use crate::runtime::{Config, Copyover, Start, open_own_binary};
@@ -160,6 +163,57 @@ pub(crate) fn arrive<S: AppState>(
         )));
     }
     let group = sys::process_group_of(var.from as i32).ok();
+    arrive_on::<S>(config, argv, var, boot_ns, sock, group)
+}
+
+/// An external newcomer in `boot` (`COPYOVER_JOIN=PATH`): connects to the
+/// old process's migration socket at `path`, and takes over as a child
+/// newcomer does, after answering the old process's probe. It stays in its
+/// own process group (the old one's may be in another session).
+pub(crate) fn join<S: AppState>(
+    config: Config,
+    argv: Vec<CString>,
+    path: &std::path::Path,
+    boot_ns: u64,
+) -> Result<(Copyover<S>, Start<S>), Error> {
+    // `PID.migration`: the old process, as its own namespace numbers it.
+    let named = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let refused = |reason: String| Error::Arrival {
+        from: named,
+        reason,
+    };
+    let sock = sys::seqpacket_connect(path).map_err(|e| {
+        refused(format!(
+            "could not connect to the migration socket {} ({e}): is the old process running with Config::migration_socket, and is the path reachable from here?",
+            path.display()
+        ))
+    })?;
+    let (from, _, _) = sys::peer_credentials(sock.as_fd()).map_err(|e| {
+        refused(format!(
+            "could not learn who listens at {}: {e}",
+            path.display()
+        ))
+    })?;
+    let var = MigrateVar {
+        socket: std::os::fd::AsRawFd::as_raw_fd(&sock),
+        // 0: it is in a PID namespace this one cannot see.
+        from: if from == 0 { named } else { from },
+    };
+    arrive_on::<S>(config, argv, var, boot_ns, sock, None)
+}
+
+fn arrive_on<S: AppState>(
+    config: Config,
+    argv: Vec<CString>,
+    var: MigrateVar,
+    boot_ns: u64,
+    sock: OwnedFd,
+    group: Option<i32>,
+) -> Result<(Copyover<S>, Start<S>), Error> {
     let mut sock = sock;
     let result = take_over::<S>(config, argv, var, &mut sock);
     match result {
@@ -225,7 +279,16 @@ fn take_over<S: AppState>(
     // In `boot`, checked: the old process may commit now.
     sys::send_message(sock.as_fd(), HELLO, &[])
         .map_err(|e| refused(format!("could not say hello to the old process: {e}")))?;
-    let (mut snapshot, mut old, fds) = receive(sock.as_fd()).map_err(refused)?;
+    // An external newcomer is probed first: the snapshot without its
+    // descriptors, checked as a probed binary checks it.
+    let probe = |memfd: &OwnedFd| -> Result<(), String> {
+        let snap = read_sealed(memfd.as_fd()).map_err(|e| e.to_string())?;
+        snap.check_app(&config.app).map_err(|e| e.to_string())?;
+        restore::<S>(&config.app, snap.header.state_version, snap.payload())
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
+    let (mut snapshot, mut old, fds) = receive(sock.as_fd(), &probe).map_err(refused)?;
     let received_ns = monotonic_ns();
     let mut snap = read_sealed(snapshot.as_fd())
         .and_then(|snap| snap.check_app(&config.app).map(|()| snap))?;
@@ -297,14 +360,32 @@ fn name_after_binary() {
 
 /// Receives the snapshot and every descriptor: `snapshot 1 COUNT` with the
 /// memfd, then `fds` batches until COUNT came.
-fn receive(sock: std::os::fd::BorrowedFd<'_>) -> Result<(OwnedFd, OwnedFd, Vec<OwnedFd>), String> {
+fn receive(
+    sock: std::os::fd::BorrowedFd<'_>,
+    probe: &dyn Fn(&OwnedFd) -> Result<(), String>,
+) -> Result<(OwnedFd, OwnedFd, Vec<OwnedFd>), String> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut first = Vec::with_capacity(1);
-    let n = sys::recv_message(sock, &mut buf, &mut first)
-        .map_err(|e| format!("could not receive the snapshot: {e}"))?;
+    let closed = "the old process closed the migration socket before handing over (it refused this process or the state: see its log)";
+    let mut n = match sys::recv_message(sock, &mut buf, &mut first) {
+        // It closed with our `hello` unread.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(closed.into()),
+        other => other.map_err(|e| format!("could not receive the snapshot: {e}"))?,
+    };
+    if &buf[..n] == PROBE {
+        let Ok([memfd]) = <[OwnedFd; 1]>::try_from(std::mem::take(&mut first)) else {
+            return Err("the probe came without its snapshot".into());
+        };
+        probe(&memfd).map_err(|e| format!("the probe's snapshot: {e}"))?;
+        let answer = format!("{OK_MIGRATE}{}", env!("CARGO_PKG_VERSION"));
+        sys::send_message(sock, answer.as_bytes(), &[])
+            .map_err(|e| format!("could not answer the probe: {e}"))?;
+        n = sys::recv_message(sock, &mut buf, &mut first)
+            .map_err(|e| format!("could not receive the snapshot: {e}"))?;
+    }
     let text = String::from_utf8_lossy(&buf[..n]).into_owned();
     if n == 0 {
-        return Err("the old process closed the migration socket before handing over".into());
+        return Err(closed.into());
     }
     let count: usize = text
         .strip_prefix(SNAPSHOT)

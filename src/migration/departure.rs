@@ -9,7 +9,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{FAIL, FDS, GO, HELLO, MAX_MESSAGE, MigrateVar, READY, SHARE, SNAPSHOT};
+use super::{
+    FAIL, FDS, GO, HELLO, MAX_MESSAGE, MigrateVar, OK_MIGRATE, PROBE, READY, SHARE, SNAPSHOT,
+};
 use crate::env::{MIGRATE_VAR, clean_env};
 use crate::error::UpgradeError;
 use crate::signal::Requests;
@@ -29,8 +31,13 @@ pub(crate) struct Newcomer {
     /// `None` once it is reaped or handed over for good.
     child: Option<Child>,
     pid: u32,
-    /// Our end of the socket pair.
+    /// Our end of the socket pair (or of the migration socket's
+    /// connection, for an external newcomer).
     sock: OwnedFd,
+    /// The process, as a pidfd: whether it is gone. `None` if it could not
+    /// be opened (an external newcomer in a PID namespace this process
+    /// cannot see).
+    pidfd: Option<OwnedFd>,
 }
 
 impl Newcomer {
@@ -57,9 +64,65 @@ impl Newcomer {
         drop(theirs);
         Ok(Newcomer {
             pid: child.id(),
+            pidfd: sys::pidfd_open(child.id() as i32).ok(),
             child: Some(child),
             sock: ours,
         })
+    }
+
+    /// A newcomer that connected to the migration socket: not this
+    /// process's child, so never killed or reaped here (on a failure its
+    /// socket closes, and it sees this process alive and exits).
+    fn external(knock: super::door::Knock) -> Newcomer {
+        Newcomer {
+            child: None,
+            pid: knock.pid,
+            pidfd: (knock.pid != 0)
+                .then(|| sys::pidfd_open(knock.pid as i32).ok())
+                .flatten(),
+            sock: knock.sock,
+        }
+    }
+
+    /// The probe of an external newcomer: the snapshot as it would be handed
+    /// over, without descriptors, for it to check (`ok-migrate VERSION`) or
+    /// refuse, within `limit`.
+    fn probe(&mut self, snapshot: &OwnedFd, limit: Duration) -> Result<String, String> {
+        sys::send_message(self.sock.as_fd(), PROBE, &[snapshot.as_raw_fd()])
+            .map_err(|e| format!("could not send it the probe: {e}"))?;
+        if !matches!(sys::wait_readable(self.sock.as_fd(), limit), Ok(true)) {
+            return Err(format!(
+                "it did not answer the probe within {} ms (Config::probe_timeout)",
+                limit.as_millis()
+            ));
+        }
+        let message = self.read_message().unwrap_or_default();
+        match std::str::from_utf8(&message)
+            .ok()
+            .and_then(|m| m.strip_prefix(OK_MIGRATE))
+        {
+            Some(version) => Ok(version.to_owned()),
+            None if message.is_empty() => Err("it closed the migration socket at the probe".into()),
+            None => Err(answer_error(&message)),
+        }
+    }
+
+    /// Whether it is gone, asked for up to five seconds (its socket
+    /// closes a moment before its pidfd says so). Without a pidfd: not
+    /// known, so not gone.
+    pub(super) fn is_gone(&self) -> bool {
+        let Some(pidfd) = &self.pidfd else {
+            return false;
+        };
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            match sys::wait_readable(pidfd.as_fd(), Duration::from_millis(100)) {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        false
     }
 
     /// Waits for its `hello` (it reached `boot`), for at most `limit` from
@@ -481,6 +544,37 @@ impl Arriving {
                         }),
                     }
                 });
+            *theirs.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
+            crate::signal::wake(&wake);
+        })?;
+        Ok(Arriving { slot })
+    }
+
+    /// Queues the probe of an external newcomer (it said `hello` at the
+    /// door already): `snapshot` as it would be handed over, without
+    /// descriptors; `limit` for its answer.
+    pub(crate) fn external(
+        worker: &Worker,
+        knock: super::door::Knock,
+        snapshot: OwnedFd,
+        limit: Duration,
+        wake: Arc<OwnedFd>,
+    ) -> io::Result<Arriving> {
+        let slot = Arc::new(Mutex::new(None));
+        let theirs = Arc::clone(&slot);
+        let uid = knock.uid;
+        worker.run(move || {
+            let mut n = Newcomer::external(knock);
+            let result = match n.probe(&snapshot, limit) {
+                Ok(version) => {
+                    tracing::info!(newcomer = n.pid(), uid, %version, "the external newcomer accepted the snapshot");
+                    Ok(n)
+                }
+                Err(reason) => Err(UpgradeError::Migration {
+                    pid: n.pid(),
+                    reason,
+                }),
+            };
             *theirs.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
             crate::signal::wake(&wake);
         })?;

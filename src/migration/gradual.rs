@@ -427,16 +427,7 @@ impl Window {
     fn peer_is_gone(&self) -> bool {
         match &self.side {
             Side::New { arrival } => arrival.old_is_gone(),
-            Side::Old { newcomer } => {
-                let until = Instant::now() + Duration::from_secs(5);
-                while Instant::now() < until {
-                    if matches!(sys::has_exited(newcomer.pid() as i32), Ok(true)) {
-                        return true;
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                false
-            }
+            Side::Old { newcomer } => newcomer.is_gone(),
         }
     }
 

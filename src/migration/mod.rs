@@ -103,12 +103,14 @@
 
 mod arrival;
 mod departure;
+mod door;
 mod gradual;
 mod link;
 mod numbers;
 
-pub(crate) use arrival::{Answer, Arrival, arrive};
+pub(crate) use arrival::{Answer, Arrival, arrive, join};
 pub(crate) use departure::{Arriving, HandOver, Newcomer, hand_over};
+pub(crate) use door::{Door, Knock};
 pub use gradual::{Arrived, Batch};
 pub(crate) use gradual::{Ending, Step, Window};
 pub use link::MAX_FORWARD;
@@ -119,6 +121,10 @@ use crate::error::Error;
 const HELLO: &[u8] = b"hello 1";
 /// The first message's word and the protocol's version.
 const SNAPSHOT: &str = "snapshot 1";
+/// An external newcomer's probe: the snapshot, without descriptors.
+const PROBE: &[u8] = b"probe 1";
+/// The answer to it.
+const OK_MIGRATE: &str = "ok-migrate ";
 /// A batch of descriptors.
 const FDS: &[u8] = b"fds";
 /// The newcomer is ready.

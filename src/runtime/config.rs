@@ -10,6 +10,10 @@ pub struct Config {
     pub(crate) binary: Option<PathBuf>,
     pub(crate) ready_timeout: Duration,
     pub(crate) probe_timeout: Duration,
+    /// Listen for external newcomers (`PID.migration`), and which users
+    /// besides this process's own may connect.
+    pub(crate) migration_socket: bool,
+    pub(crate) migration_peers: Vec<u32>,
 }
 
 impl Config {
@@ -23,6 +27,8 @@ impl Config {
             binary: None,
             ready_timeout: Duration::from_secs(10),
             probe_timeout: Duration::from_secs(5),
+            migration_socket: false,
+            migration_peers: Vec::new(),
         }
     }
 
@@ -53,6 +59,29 @@ impl Config {
     /// How long the probe of a new binary may take. Default 5 s.
     pub fn probe_timeout(mut self, timeout: Duration) -> Self {
         self.probe_timeout = timeout;
+        self
+    }
+
+    /// Listen for **external newcomers**: a process of this application
+    /// started by anything (another container, another mount namespace,
+    /// another user) with `COPYOVER_JOIN=PATH` connects to this process's
+    /// migration socket, `PID.migration` in the status directory, and
+    /// takes over as by `copyover migrate` (see [`crate::migration`]). Off
+    /// by default. The socket's file is open to every user who can reach
+    /// the directory (mode 0700 unless the operator opens it, say to 0711,
+    /// or bind-mounts it into a container); the kernel's record of who
+    /// connected (`SO_PEERCRED`) is then checked: this process's own user,
+    /// or one named by [`migration_peer`](Self::migration_peer). Anything
+    /// else is refused and logged, with nothing sent.
+    pub fn migration_socket(mut self, on: bool) -> Self {
+        self.migration_socket = on;
+        self
+    }
+
+    /// A user (by uid) besides this process's own whose processes may
+    /// connect to the migration socket and take over.
+    pub fn migration_peer(mut self, uid: u32) -> Self {
+        self.migration_peers.push(uid);
         self
     }
 }

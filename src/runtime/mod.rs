@@ -177,6 +177,10 @@ pub struct Copyover<S> {
     gradual: Option<(usize, Duration)>,
     /// A gradual migration under way: both processes serve.
     pub(crate) window: Option<crate::migration::Window>,
+    /// The migration socket, with `Config::migration_socket`, once ready.
+    pub(crate) door: Option<crate::migration::Door>,
+    /// The external newcomer of the migration asked for.
+    knock: Option<crate::migration::Knock>,
     /// The state type; `fn() -> S` so that the handle is `Send` and `Sync`
     /// whatever `S` is (it holds no `S`).
     state: PhantomData<fn() -> S>,
@@ -230,6 +234,8 @@ impl<S> Copyover<S> {
             fds_renumbered: false,
             gradual: None,
             window: None,
+            door: None,
+            knock: None,
             state: PhantomData,
         }
     }

@@ -164,6 +164,23 @@ impl<S> Copyover<S> {
         self.serving_after_migration(&arrival, now, None);
     }
 
+    /// With [`Config::migration_socket`]: listens for external newcomers
+    /// (a failure is only logged: this process serves, and migrates by
+    /// `copyover migrate` as ever).
+    pub(super) fn open_door(&mut self) {
+        if !self.config.migration_socket || self.door.is_some() {
+            return;
+        }
+        let peers = self.config.migration_peers.clone();
+        let knocked = Arc::clone(&self.requests.migrate);
+        match crate::migration::Door::open(peers, knocked, self.requests.tx.clone()) {
+            Ok(door) => self.door = Some(door),
+            Err(e) => {
+                tracing::warn!("no migration socket: {e}; external newcomers cannot take over")
+            }
+        }
+    }
+
     /// A migration's new process serves alone (after `go`, or at the end of
     /// a gradual migration): reports `complete`, and tells systemd it is
     /// the main process once the old one is gone.
@@ -238,6 +255,7 @@ impl<S> Copyover<S> {
         }
         let now = monotonic_ns();
         self.ready = true;
+        self.open_door();
         if let Some(arrival) = self.arrival.take() {
             self.arrived(arrival, now);
             return Ok(());

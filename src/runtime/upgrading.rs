@@ -121,6 +121,10 @@ impl<S> Copyover<S> {
             if matches!(self.phase, Phase::Idle) {
                 // Both at once: the upgrade first, which needs no new process.
                 self.migrating = !upgrade;
+                // A migration to an external newcomer, if one knocked.
+                if self.migrating {
+                    self.knock = self.door.as_ref().and_then(|d| d.take());
+                }
                 if upgrade && migrate {
                     wait(&self.requests.migrate);
                 }
@@ -237,6 +241,17 @@ impl<S> Copyover<S> {
                 self.phase = probing;
                 Ok(Progress::Probing)
             }
+            Phase::Idle if self.migrating && self.knock.is_some() => {
+                self.probe_external(state, &header, &manifest)?;
+                self.phase = Phase::External;
+                Ok(Progress::Probing)
+            }
+            Phase::External if self.newcomer.is_none() => {
+                // Its probe is under way.
+                self.phase = Phase::External;
+                Ok(Progress::Probing)
+            }
+            Phase::External => self.hand_over_to_newcomer(state, header, manifest, None),
             Phase::Idle => {
                 let exe = Arc::new(Executable::open(&self.binary)?);
                 // Only the encoding happens in the event loop; the probe's
@@ -281,27 +296,8 @@ impl<S> Copyover<S> {
                     };
                     return Ok(Progress::Probing);
                 }
-                let newcomer = self.newcomer.take().ok_or_else(|| UpgradeError::Handoff {
-                    reason: "the migration's new process was not started".into(),
-                })?;
-                tracing::debug!(%to_version, fds = manifest.len(), newcomer = newcomer.pid(), "handing over to the new process");
-                let reporter = self.reporter(0.0, false);
-                let gradual = self.is_gradual();
-                let newcomer = crate::migration::hand_over(
-                    state,
-                    crate::migration::HandOver {
-                        header,
-                        manifest,
-                        newcomer,
-                        draft: prepared.draft,
-                        payload_hint: self.payload_hint,
-                        requests: &self.requests,
-                        ready_timeout: self.config.ready_timeout,
-                        reporter,
-                        gradual,
-                    },
-                )?;
-                self.open_window(newcomer)
+                tracing::debug!(%to_version, "handing over to the new process");
+                self.hand_over_to_newcomer(state, header, manifest, prepared.draft)
             }
             Phase::Approved {
                 to_version,
@@ -326,6 +322,85 @@ impl<S> Copyover<S> {
                 ))
             }
         }
+    }
+
+    /// The commit of a migration: everything (or, for a gradual one, the
+    /// shared part) to the newcomer that said `hello` and passed the probe.
+    fn hand_over_to_newcomer(
+        &mut self,
+        state: &S,
+        header: crate::snapshot::Header,
+        manifest: &crate::snapshot::Manifest,
+        draft: Option<crate::snapshot::Draft>,
+    ) -> Result<Progress, UpgradeError>
+    where
+        S: AppState,
+    {
+        let newcomer = self.newcomer.take().ok_or_else(|| UpgradeError::Handoff {
+            reason: "the migration's new process was not started".into(),
+        })?;
+        tracing::debug!(
+            fds = manifest.len(),
+            newcomer = newcomer.pid(),
+            "handing over to the new process"
+        );
+        let reporter = self.reporter(0.0, false);
+        let gradual = self.is_gradual();
+        // Closed first (its file removed): a whole migration's success
+        // exits without destructors. Opened again if this process serves on.
+        drop(self.door.take());
+        let handed = crate::migration::hand_over(
+            state,
+            crate::migration::HandOver {
+                header,
+                manifest,
+                newcomer,
+                draft,
+                payload_hint: self.payload_hint,
+                requests: &self.requests,
+                ready_timeout: self.config.ready_timeout,
+                reporter,
+                gradual,
+            },
+        );
+        self.open_door();
+        self.open_window(handed?)
+    }
+
+    /// Starts the probe of the external newcomer that knocked: the state
+    /// sealed as it would be handed over, without descriptors, checked by
+    /// the newcomer itself over its socket (on the helper thread); its
+    /// answer wakes the loop (see `poll`).
+    fn probe_external(
+        &mut self,
+        state: &S,
+        header: &crate::snapshot::Header,
+        manifest: &crate::snapshot::Manifest,
+    ) -> Result<(), UpgradeError>
+    where
+        S: AppState,
+    {
+        let knock = self.knock.take().ok_or_else(|| UpgradeError::Handoff {
+            reason: "no external newcomer knocked".into(),
+        })?;
+        let payload = crate::snapshot::encode_state(state)?;
+        self.payload_hint = payload.len() + payload.len() / 8 + 4096;
+        let (memfd, _) = crate::snapshot::Draft::new(0)
+            .and_then(|d| d.seal_state(header, manifest, state, self.payload_hint))?;
+        let arriving = crate::migration::Arriving::external(
+            &self.worker,
+            knock,
+            memfd,
+            self.config.probe_timeout,
+            self.requests.tx.clone(),
+        )
+        .map_err(|source| UpgradeError::Io {
+            what: "start the external newcomer's probe",
+            source,
+        })?;
+        tracing::debug!(phase = "probe", "probing the external newcomer");
+        self.arriving = Some(arriving);
+        Ok(())
     }
 
     /// Abandons the upgrade under way, before its commit: it ends as

@@ -123,3 +123,11 @@ pub(crate) fn take_migration_request() -> Option<String> {
     let _ = std::fs::remove_file(&path);
     Some(text)
 }
+
+/// Where this process's migration socket goes (`PID.migration` in the
+/// status directory), once the directory passed its checks.
+pub(crate) fn migration_socket_path() -> io::Result<PathBuf> {
+    let dir = status_dir();
+    check_dir(&dir)?;
+    Ok(dir.join(format!("{}.migration", std::process::id())))
+}

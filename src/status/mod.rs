@@ -94,7 +94,7 @@ mod safe_io;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use client::take_migration_request;
+pub(crate) use client::{migration_socket_path, take_migration_request};
 pub use client::{
     request_gradual_migration, request_migration, request_move_back, request_upgrade, start_ticks,
 };

@@ -51,8 +51,9 @@ pub(crate) use signal::{
     restore_mask, unblock_signals, wake_pair, wake_socket,
 };
 pub(crate) use socket::{
-    MAX_FDS_PER_MESSAGE, is_listening, recv_message, send_message, send_with_fds, seqpacket_pair,
-    set_send_timeout, shutdown, socket_domain, socket_info, socket_protocol, socket_type,
+    MAX_FDS_PER_MESSAGE, accept, is_listening, peer_credentials, recv_message, send_message,
+    send_with_fds, seqpacket_connect, seqpacket_listen, seqpacket_pair, set_send_timeout, shutdown,
+    socket_domain, socket_info, socket_protocol, socket_type,
 };
 
 use std::ffi::OsStr;

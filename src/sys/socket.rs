@@ -232,3 +232,68 @@ pub(crate) fn set_send_timeout(
     )?;
     Ok(())
 }
+
+/// A `SOCK_SEQPACKET` Unix socket listening at `path` (close-on-exec),
+/// its file made `mode`: who may connect is then checked by their
+/// credentials ([`peer_credentials`]). A file already at `path` is
+/// replaced only if it is a socket (one a dead process of this PID left).
+pub(crate) fn seqpacket_listen(path: &std::path::Path, mode: u32) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
+    };
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(sock.as_raw_fd(), &UnixAddr::new(path)?)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    listen(&sock, Backlog::new(4)?)?;
+    Ok(sock)
+}
+
+/// Accepts one connection (close-on-exec), again if a signal interrupted
+/// it.
+pub(crate) fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{SockFlag, accept4};
+    loop {
+        match accept4(listener, SockFlag::SOCK_CLOEXEC) {
+            Err(nix::errno::Errno::EINTR) => {}
+            Ok(fd) => return Ok(fd),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Connects a `SOCK_SEQPACKET` Unix socket (close-on-exec) to `path`.
+pub(crate) fn seqpacket_connect(path: &std::path::Path) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(sock.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(sock)
+}
+
+/// The credentials the kernel recorded for the peer of a connected Unix
+/// socket when it connected (`SO_PEERCRED`): its PID (0 if it is in a PID
+/// namespace this one cannot see), user and group.
+pub(crate) fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<(u32, u32, u32)> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let cred = getsockopt(&sock, PeerCredentials)?;
+    Ok((cred.pid().max(0) as u32, cred.uid(), cred.gid()))
+}

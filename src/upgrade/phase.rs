@@ -23,6 +23,10 @@ pub(crate) enum Phase {
         /// What the probe prepared, for the commit to take.
         prepared: Prepared,
     },
+    /// A migration to an external newcomer (one that connected to the
+    /// migration socket): its probe runs over that socket, and once it
+    /// answered, the runtime holds the newcomer and the commit hands over.
+    External,
 }
 
 /// How a probe ended, once [`Phase::settle`] saw it end.
@@ -91,7 +95,7 @@ impl Phase {
                 probe.kill();
                 true
             }
-            Phase::Approved { .. } => true,
+            Phase::Approved { .. } | Phase::External => true,
         }
     }
 }

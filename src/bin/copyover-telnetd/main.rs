@@ -66,12 +66,18 @@ OPTIONS:
                             and a checkpoint of the state in the service's fd
                             store, so that a crash drops no one (the unit
                             needs FileDescriptorStoreMax=)
+    --migration-socket      let another process of this chat, started anywhere
+                            with COPYOVER_JOIN=DIR/PID.migration (DIR: the
+                            status directory), take every client over
+    --migration-uid UID     with --migration-socket: a user besides this
+                            process's own whose process may take over
     -h, --help              print this help
 
 SIGNALS:
     SIGHUP                  upgrade to the binary at this program's path
     SIGUSR2                 migrate: a new process of that binary takes every
-                            client, then this one exits
+                            client, then this one exits (`copyover migrate PID
+                            --batch N` moves them N at a time, both serving)
     SIGUSR1                 save a snapshot to --snapshot-file
     SIGTERM, SIGINT         say goodbye to everyone and stop
 
@@ -85,6 +91,8 @@ struct Args {
     snapshot_file: PathBuf,
     restore_from: Option<PathBuf>,
     fdstore: bool,
+    migration_socket: bool,
+    migration_uids: Vec<u32>,
 }
 
 struct TlsArgs {
@@ -102,6 +110,8 @@ fn parse_args() -> Result<Option<Args>, String> {
         snapshot_file: PathBuf::from("copyover-telnetd.snapshot"),
         restore_from: None,
         fdstore: false,
+        migration_socket: false,
+        migration_uids: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -128,6 +138,14 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--snapshot-file" => args.snapshot_file = PathBuf::from(value("--snapshot-file")?),
             "--restore-from" => args.restore_from = Some(PathBuf::from(value("--restore-from")?)),
             "--fdstore" => args.fdstore = true,
+            "--migration-socket" => args.migration_socket = true,
+            "--migration-uid" => {
+                let v = value("--migration-uid")?;
+                args.migration_uids.push(
+                    v.parse()
+                        .map_err(|_| format!("--migration-uid: {v:?} is not a user id"))?,
+                );
+            }
             "--tls-listen" => {
                 let v = value("--tls-listen")?;
                 tls_listen = Some(v.parse().map_err(|_| {
@@ -144,6 +162,9 @@ fn parse_args() -> Result<Option<Args>, String> {
         (Some(listen), Some(cert), Some(key)) => Some(TlsArgs { listen, cert, key }),
         _ => return Err("--tls-listen, --tls-cert and --tls-key go together".into()),
     };
+    if !args.migration_uids.is_empty() && !args.migration_socket {
+        return Err("--migration-uid needs --migration-socket".into());
+    }
     Ok(Some(args))
 }
 
@@ -234,7 +255,12 @@ fn handoff<'a>(
 }
 
 fn run(args: Args) -> Result<(), BoxError> {
-    let config = Config::new(APP_NAME, LABEL).ready_timeout(args.ready_timeout);
+    let mut config = Config::new(APP_NAME, LABEL)
+        .ready_timeout(args.ready_timeout)
+        .migration_socket(args.migration_socket);
+    for uid in &args.migration_uids {
+        config = config.migration_peer(*uid);
+    }
     let (mut co, start) = copyover::boot::<Chat>(config)?;
     if args.fdstore && !co.enable_fdstore() {
         tracing::warn!(

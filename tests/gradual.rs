@@ -243,3 +243,41 @@ fn an_upgrade_asked_during_a_gradual_migration_waits_for_its_end() {
     scene.bob.send("tial line\r\n");
     assert_eq!(scene.ann.line(), "bob: partial line");
 }
+
+#[test]
+fn a_batch_larger_than_the_new_process_may_hold_stays_with_the_old_one() {
+    let mut scene = Scene::start("gr-fdlimit", "5");
+    let old = scene.server.pid;
+    let mut conns = connect_many(scene.server.addr, 300);
+    wait_for("300 more descriptors in the server", || {
+        (scene.server.fd_count() >= scene.fds + 300).then_some(())
+    });
+    // The new process may hold 100 descriptors: a batch of 302 does not
+    // fit (the kernel drops what does not, MSG_CTRUNC); it refuses the
+    // batch, and the old process keeps every user.
+    let limited = format!(
+        "#!/bin/sh\nexec prlimit --nofile=100 {} \"$@\"\n",
+        labelled("v2").display()
+    );
+    scene.server.deploy_bytes(limited.as_bytes());
+    let mark = scene.server.mark();
+    let cli = migrate_in_background(&scene.server, old, &["--batch", "400", "--every", "60"]);
+    let line = scene.server.wait_log(mark, "the batch stays here");
+    assert!(line.contains("RLIMIT_NOFILE"), "{line}");
+    assert_eq!(serving(&mut scene.ann), old);
+    scene.bob.send("tial line\r\n");
+    assert_eq!(scene.ann.line(), "bob: partial line");
+    // The operator stops it: the new process, with nobody, leaves.
+    let back = Command::new(env!("CARGO_BIN_EXE_copyover"))
+        .args(["migrate", &old.to_string(), "--back", "--status-dir"])
+        .arg(scene.server.scratch.0.join("status"))
+        .output()
+        .expect("copyover migrate --back");
+    assert!(back.status.success(), "{back:?}");
+    let (out, text) = finished(cli);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    // Every connection still reaches the old process.
+    log_in_each(&mut conns, "u");
+    assert_eq!(scene.ann.ask("/version"), version_line("v1", old, 1));
+    assert_eq!(scene.ann.ask("/get color"), "color = green");
+}

@@ -221,6 +221,14 @@ impl Window {
                     self.pending = Some((seen, records, fds, came_ns));
                     return Some(Step::Arrived);
                 }
+                Incoming::Refused(reason) => {
+                    tracing::warn!(
+                        peer = self.peer,
+                        "refusing a batch from process {}: {reason}",
+                        self.peer
+                    );
+                    let _ = self.link.send(&fail_message(&reason), &[]);
+                }
                 Incoming::Forwarded(m) => {
                     self.taken += 1;
                     if self.taken % ACK_EVERY == 0 {
@@ -244,6 +252,9 @@ impl Window {
                     );
                     self.start_moving(batch, every);
                 }
+                // The sender gave up on the batch (its time ran out) before
+                // it was taken: it keeps it.
+                Incoming::Mine => self.pending = None,
                 Incoming::Done => {
                     return Some(Step::Ended(if self.is_old() {
                         Ending::MovedBack

@@ -53,6 +53,9 @@ pub(super) enum Incoming {
     Yours,
     Mine,
     Fail(String),
+    /// A batch that could not be received whole: why. The receiver
+    /// refuses it at once; the sender keeps it.
+    Refused(String),
     Forwarded(Vec<u8>),
     Ack(u64),
     Back {
@@ -207,14 +210,25 @@ impl Link {
             Err(e) => return Incoming::End(format!("could not read a batch's records: {e}")),
         };
         let mut fds = Vec::with_capacity(count);
-        while fds.len() < count {
+        // The sender sends them `MAX_FDS_PER_MESSAGE` at a time: a message
+        // whose descriptors did not fit here (`MSG_CTRUNC`: this process's
+        // `RLIMIT_NOFILE`) is counted as that many, the rest still read, and
+        // the batch refused as a whole (the sender keeps it).
+        let mut lost = 0;
+        let mut why = None;
+        while fds.len() + lost < count {
+            let expected = (count - fds.len() - lost).min(sys::MAX_FDS_PER_MESSAGE);
             match sys::recv_message(self.sock.as_fd(), buf, &mut fds) {
                 Ok(n) if &buf[..n] == FDS => {}
                 Ok(_) => {
                     return Incoming::End(format!(
                         "a batch ended after {} of its {count} descriptors",
-                        fds.len()
+                        fds.len() + lost
                     ));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    lost += expected;
+                    why.get_or_insert_with(|| e.to_string());
                 }
                 Err(e) => {
                     return Incoming::End(format!(
@@ -223,6 +237,11 @@ impl Link {
                     ));
                 }
             }
+        }
+        if let Some(why) = why {
+            return Incoming::Refused(format!(
+                "{lost} of the batch's {count} descriptors could not be received here ({why})"
+            ));
         }
         Incoming::Users {
             seen,

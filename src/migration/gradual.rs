@@ -305,7 +305,8 @@ impl Window {
         let records = postcard::to_allocvec(&batch.records)
             .map_err(|e| format!("could not encode the batch: {e}"))?;
         let fds: Vec<RawFd> = batch.fds.iter().map(|f| f.as_raw_fd()).collect();
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         if let Err(e) = self.link.send_batch(self.taken, &records, &fds) {
             // Part of it may be queued: the other process takes nothing it
             // was not told is its own.
@@ -328,6 +329,13 @@ impl Window {
                     ));
                 }
                 self.moved_out += batch.len();
+                tracing::debug!(
+                    users = batch.len(),
+                    fds = fds.len(),
+                    ms = started.elapsed().as_secs_f64() * 1e3,
+                    to = self.peer,
+                    "batch handed over"
+                );
                 Ok(batch.len())
             }
             Some(Incoming::Fail(reason)) => {

@@ -52,6 +52,7 @@ impl Server {
                 self.set_accepting(false);
                 self.chat.relay = Some(Vec::new());
                 self.online_sent = None;
+                self.online_mark = None;
             }
             // A refusal: the runtime reported it; everyone stays.
             Ok(_) | Err(_) => {}
@@ -190,6 +191,13 @@ impl Server {
         if self.co.sharing_with().is_none() {
             return;
         }
+        // Who is online changes only with a login (a new login number) or
+        // a connection coming or going: the list is made only then.
+        let mark = (self.chat.conns.len(), self.chat.next_login);
+        if self.online_mark == Some(mark) {
+            return;
+        }
+        self.online_mark = Some(mark);
         let online = self.chat.online();
         if self.online_sent.as_ref() != Some(&online) {
             self.send_relay(&Relay::Online(online.clone()));

@@ -229,6 +229,8 @@ struct Server {
     /// Who was online here when the other process of a gradual migration
     /// was last told.
     online_sent: Option<Vec<(u64, String)>>,
+    /// What the list was made from (connections, logins), last time.
+    online_mark: Option<(usize, u64)>,
 }
 
 /// Every descriptor to keep across an upgrade.
@@ -386,6 +388,7 @@ fn run(args: Args) -> Result<(), BoxError> {
         args,
         accepting: true,
         online_sent: None,
+        online_mark: None,
     };
     if let Err(e) = server.register(kept) {
         // Roll back while every adopted socket is still open (a no-op on a

@@ -281,3 +281,36 @@ fn a_batch_larger_than_the_new_process_may_hold_stays_with_the_old_one() {
     assert_eq!(scene.ann.ask("/version"), version_line("v1", old, 1));
     assert_eq!(scene.ann.ask("/get color"), "color = green");
 }
+
+#[test]
+fn a_line_said_while_a_batch_is_made_reaches_the_moving_user_once() {
+    // The old process (a build that pauses 300 ms between making a batch
+    // and sending it) moves one user at a time.
+    let server = Server::start(
+        "gr-missed",
+        &faulty("slow-batch"),
+    );
+    let old = server.pid;
+    let mut ann = Client::login(server.addr, "ann");
+    let mut bob = Client::login(server.addr, "bob");
+    server.deploy(&labelled("v2"));
+    let mark = server.mark();
+    let cli = migrate_in_background(&server, old, &["--batch", "1", "--every", "2"]);
+    server.wait_log(mark, "users arrived users=1");
+    let new = moved(&mut ann, old);
+    let _reaper = Reaper(new);
+    assert_eq!(serving(&mut bob), old);
+    // While the old process makes bob's batch, ann (in the new process)
+    // speaks: the new process forwards her line to the old one, which
+    // reads it only after bob left; bob arrives after the new process
+    // delivered it to its users. He gets it from the batch's `missed`.
+    let mark = server.mark();
+    server.wait_log(mark, "sleeping 300 ms before moving the batch");
+    ann.send("said as bob moves\r\n");
+    assert_eq!(bob.line(), "ann: said as bob moves");
+    ann.send("and after\r\n");
+    assert_eq!(bob.line(), "ann: and after", "once, not twice");
+    let (out, text) = finished(cli);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(bob.ask("/version"), version_line("v2", new, 1));
+}

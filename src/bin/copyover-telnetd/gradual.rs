@@ -84,6 +84,12 @@ impl Server {
                 tracing::warn!(conn = id, "not moving this user: {e}");
             }
         }
+        if crate::FAULT == Some("slow-batch") && !batch.is_empty() {
+            // The window in which the other process's forwarded messages
+            // queue up here, unread, while a batch is made.
+            tracing::warn!("fault build: sleeping 300 ms before moving the batch");
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
         // With no user left, this does not return.
         match self.co.move_users(&batch) {
             Ok(moved) => {

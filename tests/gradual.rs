@@ -286,10 +286,7 @@ fn a_batch_larger_than_the_new_process_may_hold_stays_with_the_old_one() {
 fn a_line_said_while_a_batch_is_made_reaches_the_moving_user_once() {
     // The old process (a build that pauses 300 ms between making a batch
     // and sending it) moves one user at a time.
-    let server = Server::start(
-        "gr-missed",
-        &faulty("slow-batch"),
-    );
+    let server = Server::start("gr-missed", &faulty("slow-batch"));
     let old = server.pid;
     let mut ann = Client::login(server.addr, "ann");
     let mut bob = Client::login(server.addr, "bob");
@@ -313,4 +310,33 @@ fn a_line_said_while_a_batch_is_made_reaches_the_moving_user_once() {
     let (out, text) = finished(cli);
     assert!(out.status.success(), "{text}");
     assert_eq!(bob.ask("/version"), version_line("v2", new, 1));
+}
+
+#[test]
+fn a_new_process_killed_before_it_took_a_batch_costs_no_one() {
+    // The new process sleeps before it takes a batch; it is killed then,
+    // while the old process waits for its `took`.
+    let mut scene = Scene::start("gr-killed-in-batch", "10");
+    let old = scene.server.pid;
+    scene.server.deploy(&faulty("slow-take"));
+    let mark = scene.server.mark();
+    let cli = migrate_in_background(&scene.server, old, &["--batch", "1", "--every", "60"]);
+    scene
+        .server
+        .wait_log(mark, "sleeping 3 s before taking the users");
+    let new = wait_for("the new process", || {
+        scene.server.strays().first().map(|p| *p as i32)
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(new), Signal::SIGKILL).expect("kill");
+    let (out, text) = finished(cli);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("the 0 user(s) it had taken are lost"),
+        "{text}"
+    );
+    // ann, whose batch it was, and bob are still with the old process,
+    // which accepts again.
+    scene.everyone_kept("v1", 1, "a new process killed in a batch");
+    let mut late = Client::login(scene.server.addr, "late");
+    assert_eq!(late.ask("/version"), version_line("v1", old, 1));
 }

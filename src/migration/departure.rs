@@ -296,7 +296,7 @@ impl Newcomer {
 
     /// After `go`: the newcomer is the server now, never to be killed or
     /// reaped by this process.
-    fn let_go(&mut self) {
+    pub(super) fn let_go(&mut self) {
         std::mem::forget(self.child.take());
     }
 }
@@ -491,6 +491,16 @@ pub(super) fn leave_with(
 ) -> ! {
     let pid = newcomer.pid();
     newcomer.let_go();
+    pass_on(pid, requests);
+    crate::status::report(Outcome::Migrated { to: pid }, reporter);
+    await_joined();
+    std::process::exit(0)
+}
+
+/// Requests that reached this process and that it will not serve (it
+/// exits) go to process `pid`, which serves on: an upgrade, a migration, a
+/// snapshot, a shutdown.
+pub(super) fn pass_on(pid: u32, requests: &Requests) {
     for (flag, sig) in [
         (&requests.upgrade, libc::SIGHUP),
         (&requests.migrate, libc::SIGUSR2),
@@ -501,9 +511,6 @@ pub(super) fn leave_with(
             let _ = sys::signal_child(pid as i32, sig);
         }
     }
-    crate::status::report(Outcome::Migrated { to: pid }, reporter);
-    await_joined();
-    std::process::exit(0)
 }
 
 /// A migration's newcomer being started on the runtime's helper thread

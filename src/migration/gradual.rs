@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::link::{
-    ACK, BACK, DONE, FWD, Incoming, Link, MAX_FORWARD, MINE, TOOK, YOURS, fail_message,
+    ACK, BACK, DONE, Incoming, Link, MAX_FORWARD, MINE, TOOK, YOURS, numbered, refusal,
 };
 use super::{Newcomer, departure};
 use crate::error::UpgradeError;
@@ -105,13 +105,15 @@ pub(crate) struct Window {
     batch: usize,
     every: Duration,
     next_batch: Instant,
+    /// The number of the next batch sent from here.
+    next_id: u64,
     /// Forwarded messages the application took here, and sent from here.
     taken: u64,
     sent: u64,
     /// Sent and not yet acknowledged, by number.
     sent_log: VecDeque<(u64, Vec<u8>)>,
     /// A batch received and announced, waiting for `take_users`.
-    pending: Option<(u64, Vec<u8>, Vec<OwnedFd>, u64)>,
+    pending: Option<Pending>,
     /// The longest a batch took here, from its first message to its users
     /// taken (ns): the stall its users saw, less the sender's part.
     pub(crate) longest_batch_ns: u64,
@@ -119,6 +121,16 @@ pub(crate) struct Window {
     pub(crate) moved_in: usize,
     /// A request that waits for the window's end was logged.
     pub(crate) told_waiting: bool,
+}
+
+/// A batch received, not yet taken.
+#[derive(Debug)]
+struct Pending {
+    id: u64,
+    seen: u64,
+    records: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    came_ns: u64,
 }
 
 /// What the event loop learns from the window.
@@ -141,9 +153,17 @@ pub(crate) enum Ending {
     Done,
     /// The new process moved everyone back here and exited.
     MovedBack,
-    /// The other process ended without finishing.
-    Lost(String),
+    /// The link ended without either: the other process died, or (if it
+    /// lives: `alive`) the link broke, and each process keeps the users it
+    /// has.
+    Lost { why: String, alive: bool },
 }
+
+/// The shortest time between two batches: a shorter one would have the
+/// event loop do nothing but batches.
+const MIN_EVERY: Duration = Duration::from_millis(10);
+/// The longest: a day (longer is a typing error, or "never").
+const MAX_EVERY: Duration = Duration::from_secs(86_400);
 
 impl Window {
     /// The old process's side, after the new one said `ready` to the
@@ -184,6 +204,7 @@ impl Window {
             batch: 1,
             every: Duration::from_secs(1),
             next_batch: Instant::now(),
+            next_id: 1,
             taken: 0,
             sent: 0,
             sent_log: VecDeque::new(),
@@ -198,7 +219,7 @@ impl Window {
     fn start_moving(&mut self, batch: usize, every: Duration) {
         self.moving = true;
         self.batch = batch.max(1);
-        self.every = every;
+        self.every = every.clamp(MIN_EVERY, MAX_EVERY);
         self.next_batch = Instant::now();
         self.link.wake_at(sys::monotonic_ns());
     }
@@ -208,26 +229,38 @@ impl Window {
         matches!(self.side, Side::Old { .. })
     }
 
+    /// Whether this process moves its users now.
+    pub(crate) fn is_moving(&self) -> bool {
+        self.moving
+    }
+
     /// The next thing for the event loop, if any.
     pub(crate) fn step(&mut self) -> Option<Step> {
         while let Some(message) = self.link.next() {
             match message {
                 Incoming::Users {
+                    id,
                     seen,
                     records,
                     fds,
                     came_ns,
                 } => {
-                    self.pending = Some((seen, records, fds, came_ns));
+                    self.pending = Some(Pending {
+                        id,
+                        seen,
+                        records,
+                        fds,
+                        came_ns,
+                    });
                     return Some(Step::Arrived);
                 }
-                Incoming::Refused(reason) => {
+                Incoming::Unreceived(id, reason) => {
                     tracing::warn!(
                         peer = self.peer,
                         "refusing a batch from process {}: {reason}",
                         self.peer
                     );
-                    let _ = self.link.send(&fail_message(&reason), &[]);
+                    let _ = self.link.send(&refusal(id, &reason), &[]);
                 }
                 Incoming::Forwarded(m) => {
                     self.taken += 1;
@@ -254,7 +287,9 @@ impl Window {
                 }
                 // The sender gave up on the batch (its time ran out) before
                 // it was taken: it keeps it.
-                Incoming::Mine => self.pending = None,
+                Incoming::Mine(id) if self.pending.as_ref().is_some_and(|p| p.id == id) => {
+                    self.pending = None;
+                }
                 Incoming::Done => {
                     return Some(Step::Ended(if self.is_old() {
                         Ending::MovedBack
@@ -262,14 +297,20 @@ impl Window {
                         Ending::Done
                     }));
                 }
-                Incoming::End(reason) => return Some(Step::Ended(Ending::Lost(reason))),
+                Incoming::End(why) => {
+                    let alive = !self.peer_is_gone();
+                    return Some(Step::Ended(Ending::Lost { why, alive }));
+                }
+                // An answer about a batch this process no longer waits
+                // for (it gave up on it): ignored.
                 other => tracing::debug!(?other, "gradual migration: a message with no place here"),
             }
         }
         if self.moving && Instant::now() >= self.next_batch && !self.link.ended() {
             self.next_batch = Instant::now() + self.every;
+            let next = Duration::from_nanos(sys::monotonic_ns()).saturating_add(self.every);
             self.link
-                .wake_at(sys::monotonic_ns() + self.every.as_nanos() as u64);
+                .wake_at(u64::try_from(next.as_nanos()).unwrap_or(u64::MAX));
             return Some(Step::Move(self.batch));
         }
         None
@@ -305,21 +346,24 @@ impl Window {
         let records = postcard::to_allocvec(&batch.records)
             .map_err(|e| format!("could not encode the batch: {e}"))?;
         let fds: Vec<RawFd> = batch.fds.iter().map(|f| f.as_raw_fd()).collect();
+        let id = self.next_id;
+        self.next_id += 1;
         let started = Instant::now();
         let deadline = started + timeout;
-        if let Err(e) = self.link.send_batch(self.taken, &records, &fds) {
-            // Part of it may be queued: the other process takes nothing it
-            // was not told is its own.
-            let _ = self.link.send(MINE, &[]);
+        if let Err(e) = self.link.send_batch(id, self.taken, &records, &fds) {
+            // Part of it may be on its way: the other process takes
+            // nothing it was not told is its own.
+            let _ = self.link.send(&numbered(MINE, id), &[]);
             return Err(format!("could not send the batch: {e}"));
         }
-        let answer = self.link.wait_for(deadline, |m| {
-            matches!(m, Incoming::Took | Incoming::Fail(_))
-        });
+        let answer = self.link.wait_for(
+            deadline,
+            |m| matches!(m, Incoming::Took(n) | Incoming::Refused(n, _) if *n == id),
+        );
         match answer {
-            Some(Incoming::Took) => {
+            Some(Incoming::Took(_)) => {
                 // The point of no return for this batch.
-                if let Err(e) = self.link.send(YOURS, &[]) {
+                if let Err(e) = self.link.send(&numbered(YOURS, id), &[]) {
                     // It took the batch and is gone before learning it is
                     // its own: it never served these users, and its copies
                     // closed with it.
@@ -338,13 +382,13 @@ impl Window {
                 );
                 Ok(batch.len())
             }
-            Some(Incoming::Fail(reason)) => {
+            Some(Incoming::Refused(_, reason)) => {
                 Err(format!("process {} refused the batch: {reason}", self.peer))
             }
             Some(Incoming::End(reason)) => Err(format!("process {} is gone: {reason}", self.peer)),
             Some(other) => Err(format!("process {} answered {other:?}", self.peer)),
             None => {
-                let _ = self.link.send(MINE, &[]);
+                let _ = self.link.send(&numbered(MINE, id), &[]);
                 Err(format!(
                     "process {} did not take the batch within {} ms (Config::ready_timeout)",
                     self.peer,
@@ -356,51 +400,56 @@ impl Window {
 
     /// Takes the batch that arrived: decodes its records (a refusal
     /// otherwise: the sender keeps its users), says `took`, and waits for the
-    /// sender's decision.
+    /// sender's decision, as long as the sender lives.
     pub(crate) fn take_batch<R: DeserializeOwned>(&mut self) -> Result<Arrived<R>, String> {
-        let (seen, records, mut fds, came_ns) = self
+        let Pending {
+            id,
+            seen,
+            records,
+            mut fds,
+            came_ns,
+        } = self
             .pending
             .take()
             .ok_or("no batch arrived (take users on Event::UsersArrived)")?;
-        let decoded = decode_batch::<R>(&records, fds.len());
-        let records = match decoded {
+        let records = match decode_batch::<R>(&records, fds.len()) {
             Ok(r) => r,
             Err(reason) => {
-                let _ = self.link.send(&fail_message(&reason), &[]);
+                let _ = self.link.send(&refusal(id, &reason), &[]);
                 return Err(reason);
             }
         };
-        self.link
-            .send(TOOK, &[])
-            .map_err(|e| format!("could not answer process {}: {e}", self.peer))?;
-        // The sender answers at once (it waits for this), or is gone.
-        let decision = self
-            .link
-            .wait_for(Instant::now() + Duration::from_secs(30), |m| {
-                matches!(m, Incoming::Yours | Incoming::Mine)
-            });
+        let said = self.link.send(&numbered(TOOK, id), &[]);
+        // The sender answers at once (it waits for this), or is gone: its
+        // end, or a `took` that could not be sent, asks its pidfd.
+        let decision = match said {
+            Ok(()) => loop {
+                let answer = self.link.wait_for(
+                    Instant::now() + Duration::from_secs(1),
+                    |m| matches!(m, Incoming::Yours(n) | Incoming::Mine(n) if *n == id),
+                );
+                if let Some(answer) = answer {
+                    break answer;
+                }
+            },
+            Err(e) => Incoming::End(format!("could not say `took` ({e})")),
+        };
         match decision {
-            Some(Incoming::Yours) => {}
-            Some(Incoming::End(reason)) if self.peer_is_gone() => {
+            Incoming::Yours(_) => {}
+            Incoming::End(reason) if self.peer_is_gone() => {
                 tracing::warn!(
                     peer = self.peer,
                     "process {} ended as it handed a batch over ({reason}): serving its users",
                     self.peer
                 );
             }
-            Some(Incoming::End(reason)) => {
+            Incoming::End(reason) => {
                 return Err(format!(
-                    "process {} closed the link and lives: it keeps the batch ({reason})",
+                    "the link to process {} ended and it lives: it keeps the batch ({reason})",
                     self.peer
                 ));
             }
-            Some(_) => return Err(format!("process {} kept the batch", self.peer)),
-            None => {
-                return Err(format!(
-                    "process {} did not decide on the batch in 30 s: it keeps it",
-                    self.peer
-                ));
-            }
+            _ => return Err(format!("process {} kept the batch", self.peer)),
         }
         let mut users = Vec::with_capacity(records.len());
         let mut rest = fds.drain(..);
@@ -411,6 +460,11 @@ impl Window {
         self.longest_batch_ns = self
             .longest_batch_ns
             .max(sys::monotonic_ns().saturating_sub(came_ns));
+        if self.sent_log.front().is_some_and(|(n, _)| *n > seen + 1) {
+            tracing::warn!(
+                "more than {KEEP_SENT} forwarded messages were not acknowledged: the users that arrived may have missed some"
+            );
+        }
         let missed = self
             .sent_log
             .iter()
@@ -428,8 +482,8 @@ impl Window {
                 message.len()
             ));
         }
-        let mut bytes = Vec::with_capacity(FWD.len() + message.len());
-        bytes.extend_from_slice(FWD.as_bytes());
+        let mut bytes = Vec::with_capacity(4 + message.len());
+        bytes.extend_from_slice(super::link::FWD.as_bytes());
         bytes.extend_from_slice(message);
         self.link
             .send(&bytes, &[])
@@ -453,9 +507,12 @@ impl Window {
     /// This process has no users left to move: it tells the other one and
     /// exits (the old process: the migration is complete; the new one:
     /// everyone is back). Requests that reached it meanwhile go to the other
-    /// process, as after a whole migration.
-    pub(crate) fn finish(self, requests: &Requests, reporter: &Reporter) -> ! {
-        let _ = self.link.send(DONE, &[]);
+    /// process, as after a whole migration. Returns the window if the other
+    /// process cannot be told (its link ended): this process then serves on.
+    pub(crate) fn finish(self, requests: &Requests, reporter: &Reporter) -> Window {
+        if self.link.ended() || self.link.send(DONE, &[]).is_err() {
+            return self;
+        }
         let peer = self.peer;
         match self.side {
             Side::Old { newcomer } => {
@@ -467,6 +524,7 @@ impl Window {
                 })
             }
             Side::New { .. } => {
+                departure::pass_on(peer, requests);
                 crate::status::report(Outcome::Migrated { to: peer }, reporter);
                 std::process::exit(0)
             }
@@ -482,12 +540,19 @@ impl Window {
     }
 
     /// The window is over: the link is closed, and the new process's
-    /// arrival (for its outcome) handed back.
-    pub(crate) fn close(self) -> Option<Box<super::Arrival>> {
+    /// arrival (for its outcome) handed back. The old process lets a new
+    /// process that lives go (`keep_newcomer`): it serves its users on its
+    /// own; one that is gone is reaped.
+    pub(crate) fn close(self, keep_newcomer: bool) -> Option<Box<super::Arrival>> {
         self.link.close();
         match self.side {
             Side::New { arrival } => Some(arrival),
-            Side::Old { .. } => None,
+            Side::Old { mut newcomer } => {
+                if keep_newcomer {
+                    newcomer.let_go();
+                }
+                None
+            }
         }
     }
 }

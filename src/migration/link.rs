@@ -1,26 +1,31 @@
 //! The way between the two processes of a gradual migration once both
 //! serve ([`Link`]): the socket pair of the hand-over, read by a thread of
 //! its own into a queue the event loop takes from, and the messages on it
-//! (see the [protocol](super#a-gradual-migration)).
+//! (see the [protocol](super#a-gradual-migration-protocol-version-1)).
 
 use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{FAIL, FDS, MAX_MESSAGE};
+use super::{FDS, MAX_MESSAGE};
 use crate::sys;
 
-/// A batch of users: their records (encoded by the sender) and descriptors.
-pub(super) const USERS: &str = "users";
-/// The receiver holds a batch and waits for the sender's decision.
-pub(super) const TOOK: &[u8] = b"took";
-/// The sender's decision: the batch is the receiver's.
-pub(super) const YOURS: &[u8] = b"yours";
-/// The sender's decision: the sender keeps the batch.
-pub(super) const MINE: &[u8] = b"mine";
+/// A batch of users: `users ID COUNT SEEN`, with their records (encoded by
+/// the sender, in a sealed memfd); COUNT descriptors follow in `fds`
+/// messages.
+pub(super) const USERS: &str = "users ";
+/// `took ID`: the receiver holds batch ID and waits for the decision.
+pub(super) const TOOK: &str = "took ";
+/// `yours ID`: the sender's decision, batch ID is the receiver's.
+pub(super) const YOURS: &str = "yours ";
+/// `mine ID`: the sender's decision, it keeps batch ID.
+pub(super) const MINE: &str = "mine ";
+/// `refused ID REASON`: the receiver cannot take batch ID; the sender
+/// keeps it.
+pub(super) const REFUSED: &str = "refused ";
 /// An application message; the bytes follow the word and a space.
 pub(super) const FWD: &str = "fwd ";
 /// How many forwarded messages the application took, so far.
@@ -36,26 +41,32 @@ pub(super) const JOINED: &[u8] = super::JOINED;
 pub const MAX_FORWARD: usize = 60 * 1024;
 /// The receive buffer: a forwarded message and its word.
 const BUFFER: usize = MAX_FORWARD + 64;
+/// The most descriptors, and record bytes, one batch may announce: more is
+/// a garbled message, not a batch.
+const MAX_BATCH_FDS: usize = 1 << 20;
+const MAX_RECORDS: u64 = 1 << 30;
 
 /// One message from the other process, as the reader thread queued it.
 #[derive(Debug)]
 pub(super) enum Incoming {
-    /// A batch: the records' bytes, how many forwarded messages the sender
-    /// had taken when it made it, and every descriptor of the batch.
+    /// Batch `id`: the records' bytes, how many forwarded messages the
+    /// sender had taken when it made it, and every descriptor of it.
     Users {
+        id: u64,
         seen: u64,
         records: Vec<u8>,
         fds: Vec<OwnedFd>,
         /// When its first message came (monotonic ns).
         came_ns: u64,
     },
-    Took,
-    Yours,
-    Mine,
-    Fail(String),
-    /// A batch that could not be received whole: why. The receiver
-    /// refuses it at once; the sender keeps it.
-    Refused(String),
+    Took(u64),
+    Yours(u64),
+    Mine(u64),
+    /// The other process refused batch `id`, and why.
+    Refused(u64, String),
+    /// Batch `id` could not be received whole here (its descriptors did
+    /// not fit): to refuse at once.
+    Unreceived(u64, String),
     Forwarded(Vec<u8>),
     Ack(u64),
     Back {
@@ -78,7 +89,7 @@ pub(crate) struct Link {
     arrived: Condvar,
     /// When the loop wants to be woken for a batch (`CLOCK_MONOTONIC` ns;
     /// 0: never).
-    tick_at: std::sync::atomic::AtomicU64,
+    tick_at: AtomicU64,
     /// The socket ended: the reader thread is gone.
     ended: AtomicBool,
 }
@@ -91,7 +102,7 @@ impl Link {
             sock,
             queue: Mutex::new(VecDeque::new()),
             arrived: Condvar::new(),
-            tick_at: std::sync::atomic::AtomicU64::new(0),
+            tick_at: AtomicU64::new(0),
             ended: AtomicBool::new(false),
         });
         let reader = Arc::clone(&link);
@@ -106,14 +117,28 @@ impl Link {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The reader thread: every message into the queue, until the end.
+    /// The reader thread: every message into the queue, until the end. A
+    /// panic here (a bug) ends the link as its end would.
     fn read_all(&self, wake: &OwnedFd) {
+        let read = std::panic::AssertUnwindSafe(|| self.read_until_end(wake));
+        if std::panic::catch_unwind(read).is_err() {
+            self.push(Incoming::End("the link's reader panicked".into()), wake);
+        }
+    }
+
+    fn read_until_end(&self, wake: &OwnedFd) {
         let mut buf = vec![0u8; BUFFER];
         loop {
             let due = self.tick_at.load(Ordering::SeqCst);
             let now = sys::monotonic_ns();
-            if due != 0 && now >= due {
-                self.tick_at.store(0, Ordering::SeqCst);
+            // Cleared only if no new tick was asked for meanwhile.
+            if due != 0
+                && now >= due
+                && self
+                    .tick_at
+                    .compare_exchange(due, 0, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
                 crate::signal::wake(wake);
             }
             let wait = match self.tick_at.load(Ordering::SeqCst) {
@@ -149,11 +174,27 @@ impl Link {
         crate::signal::wake(wake);
     }
 
+    /// Receives one message. A peer that exited with messages of ours
+    /// unread leaves `ECONNRESET` here, reported once, before the messages
+    /// it sent: those are read past it.
+    fn receive(&self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
+        match sys::recv_message(self.sock.as_fd(), buf, fds) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                match sys::wait_readable(self.sock.as_fd(), Duration::ZERO) {
+                    Ok(true) => sys::recv_message(self.sock.as_fd(), buf, fds).or(Ok(0)),
+                    _ => Ok(0),
+                }
+            }
+            other => other,
+        }
+    }
+
     /// Reads one message (a batch: with its descriptors, which follow in
     /// `fds` messages).
     fn read_one(&self, buf: &mut [u8]) -> Incoming {
+        let came_ns = sys::monotonic_ns();
         let mut fds = Vec::new();
-        let n = match sys::recv_message(self.sock.as_fd(), buf, &mut fds) {
+        let n = match self.receive(buf, &mut fds) {
             Ok(n) => n,
             Err(e) => return Incoming::End(format!("could not read the link: {e}")),
         };
@@ -161,29 +202,41 @@ impl Link {
             return Incoming::End("the other process closed the link".into());
         }
         let m = &buf[..n];
-        let text = String::from_utf8_lossy(m);
-        match m {
-            m if m == TOOK => return Incoming::Took,
-            m if m == YOURS => return Incoming::Yours,
-            m if m == MINE => return Incoming::Mine,
-            m if m == DONE => return Incoming::Done,
-            m if m == JOINED => return Incoming::Joined,
-            _ => {}
+        if m == DONE {
+            return Incoming::Done;
+        }
+        if m == JOINED {
+            return Incoming::Joined;
         }
         if let Some(bytes) = m.strip_prefix(FWD.as_bytes()) {
             return Incoming::Forwarded(bytes.to_vec());
         }
-        if let Some(reason) = text.strip_prefix(FAIL) {
-            return Incoming::Fail(reason.to_owned());
+        let text = String::from_utf8_lossy(m);
+        let id = |word: &str| text.strip_prefix(word).and_then(|n| n.parse::<u64>().ok());
+        if let Some(id) = id(TOOK) {
+            return Incoming::Took(id);
         }
-        if let Some(n) = text.strip_prefix(ACK).and_then(|n| n.parse().ok()) {
+        if let Some(id) = id(YOURS) {
+            return Incoming::Yours(id);
+        }
+        if let Some(id) = id(MINE) {
+            return Incoming::Mine(id);
+        }
+        if let Some(n) = id(ACK) {
             return Incoming::Ack(n);
+        }
+        let refused = text
+            .strip_prefix(REFUSED)
+            .and_then(|rest| rest.split_once(' '))
+            .and_then(|(id, reason)| Some((id.parse().ok()?, reason)));
+        if let Some((id, reason)) = refused {
+            return Incoming::Refused(id, reason.to_owned());
         }
         if let Some(rest) = text.strip_prefix(BACK) {
             let mut words = rest.split_whitespace().map(|w| w.parse::<u64>().ok());
             return match (words.next().flatten(), words.next().flatten()) {
                 (Some(batch), Some(ms)) => Incoming::Back {
-                    batch: batch.max(1) as usize,
+                    batch: usize::try_from(batch).unwrap_or(usize::MAX).max(1),
                     every: Duration::from_millis(ms),
                 },
                 _ => Incoming::End(format!("a malformed message {text:?}")),
@@ -191,35 +244,47 @@ impl Link {
         }
         if let Some(rest) = text.strip_prefix(USERS) {
             return match parse_users(rest) {
-                Some((count, seen)) => self.read_batch(count, seen, fds, buf),
+                Some((id, count, seen)) => {
+                    self.read_batch(Announced { id, count, seen }, fds, buf, came_ns)
+                }
                 None => Incoming::End(format!("a malformed message {text:?}")),
             };
         }
         Incoming::End(format!("an unknown message {text:?}"))
     }
 
-    /// The rest of a batch: the records' memfd came with `users`; `count`
+    /// The rest of a batch: the records' memfd came with `users`; its
     /// descriptors follow.
-    fn read_batch(&self, count: usize, seen: u64, first: Vec<OwnedFd>, buf: &mut [u8]) -> Incoming {
+    fn read_batch(
+        &self,
+        batch: Announced,
+        first: Vec<OwnedFd>,
+        buf: &mut [u8],
+        came_ns: u64,
+    ) -> Incoming {
+        let Announced { id, count, seen } = batch;
         let Ok([records]) = <[OwnedFd; 1]>::try_from(first) else {
             return Incoming::End("a batch came without its records".into());
         };
-        let came_ns = sys::monotonic_ns();
         let records = match read_records(&records) {
             Ok(r) => r,
             Err(e) => return Incoming::End(format!("could not read a batch's records: {e}")),
         };
-        let mut fds = Vec::with_capacity(count);
+        let mut fds = Vec::with_capacity(count.min(4096));
         // The sender sends them `MAX_FDS_PER_MESSAGE` at a time: a message
         // whose descriptors did not fit here (`MSG_CTRUNC`: this process's
         // `RLIMIT_NOFILE`) is counted as that many, the rest still read, and
         // the batch refused as a whole (the sender keeps it).
         let mut lost = 0;
         let mut why = None;
+        let gave_up = numbered(MINE, id);
         while fds.len() + lost < count {
             let expected = (count - fds.len() - lost).min(sys::MAX_FDS_PER_MESSAGE);
-            match sys::recv_message(self.sock.as_fd(), buf, &mut fds) {
+            match self.receive(buf, &mut fds) {
                 Ok(n) if &buf[..n] == FDS => {}
+                // The sender gave the batch up halfway (it could not send
+                // the rest): it keeps it.
+                Ok(n) if buf[..n] == gave_up[..] => return Incoming::Mine(id),
                 Ok(_) => {
                     return Incoming::End(format!(
                         "a batch ended after {} of its {count} descriptors",
@@ -239,11 +304,13 @@ impl Link {
             }
         }
         if let Some(why) = why {
-            return Incoming::Refused(format!(
-                "{lost} of the batch's {count} descriptors could not be received here ({why})"
-            ));
+            return Incoming::Unreceived(
+                id,
+                format!("{lost} of the batch's {count} descriptors could not be received ({why})"),
+            );
         }
         Incoming::Users {
+            id,
             seen,
             records,
             fds,
@@ -251,20 +318,34 @@ impl Link {
         }
     }
 
-    /// Sends one message.
+    /// Sends one message, retrying for a second while the kernel refuses
+    /// more descriptors in flight (`ETOOMANYREFS`: the other process is
+    /// taking them).
     pub(super) fn send(&self, message: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
-        sys::send_message(self.sock.as_fd(), message, fds)
+        let until = Instant::now() + Duration::from_secs(1);
+        loop {
+            match sys::send_message(self.sock.as_fd(), message, fds) {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ETOOMANYREFS) && Instant::now() < until =>
+                {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                done => return done,
+            }
+        }
     }
 
-    /// Sends a batch: the records in a sealed memfd, then the descriptors.
+    /// Sends batch `id`: the records in a sealed memfd, then the
+    /// descriptors.
     pub(super) fn send_batch(
         &self,
+        id: u64,
         seen: u64,
         records: &[u8],
         fds: &[RawFd],
     ) -> std::io::Result<()> {
         let memfd = write_records(records)?;
-        let first = format!("{USERS} {} {seen}", fds.len());
+        let first = format!("{USERS}{id} {} {seen}", fds.len());
         self.send(first.as_bytes(), &[memfd.as_raw_fd()])?;
         drop(memfd);
         fds.chunks(sys::MAX_FDS_PER_MESSAGE)
@@ -277,8 +358,9 @@ impl Link {
     }
 
     /// Waits until `deadline` for the first queued message that `wanted`
-    /// picks (an end too) and takes it; the others stay queued, in order.
-    /// `None` when the time ran out.
+    /// picks and takes it; the others stay queued, in order. The link's end
+    /// ends the wait too, and stays queued (the event loop learns of it as
+    /// well). `None` when the time ran out.
     pub(super) fn wait_for(
         &self,
         deadline: Instant,
@@ -286,11 +368,11 @@ impl Link {
     ) -> Option<Incoming> {
         let mut queue = self.queue();
         loop {
-            if let Some(at) = queue
-                .iter()
-                .position(|m| wanted(m) || matches!(m, Incoming::End(_)))
-            {
+            if let Some(at) = queue.iter().position(&wanted) {
                 return queue.remove(at);
+            }
+            if let Some(Incoming::End(why)) = queue.iter().find(|m| matches!(m, Incoming::End(_))) {
+                return Some(Incoming::End(why.clone()));
             }
             let left = deadline.checked_duration_since(Instant::now())?;
             queue = self
@@ -318,12 +400,20 @@ impl Link {
     }
 }
 
-/// `users COUNT SEEN`.
-fn parse_users(rest: &str) -> Option<(usize, u64)> {
+/// What `users ID COUNT SEEN` announced.
+struct Announced {
+    id: u64,
+    count: usize,
+    seen: u64,
+}
+
+/// `users ID COUNT SEEN`, with a COUNT a batch can have.
+fn parse_users(rest: &str) -> Option<(u64, usize, u64)> {
     let mut words = rest.split_whitespace();
-    let count = words.next()?.parse().ok()?;
+    let id = words.next()?.parse().ok()?;
+    let count = words.next()?.parse().ok().filter(|c| *c <= MAX_BATCH_FDS)?;
     let seen = words.next()?.parse().ok()?;
-    words.next().is_none().then_some((count, seen))
+    words.next().is_none().then_some((id, count, seen))
 }
 
 /// The records of a batch, in a memfd sealed against every change.
@@ -337,8 +427,11 @@ fn write_records(records: &[u8]) -> std::io::Result<OwnedFd> {
 /// The records a batch's sealed memfd holds.
 fn read_records(fd: &OwnedFd) -> std::io::Result<Vec<u8>> {
     let sealed = sys::check_sealed(fd.as_fd())?;
-    let len = sys::file_size(sealed.fd())?;
-    let len = usize::try_from(len).map_err(|_| std::io::Error::other("a batch too large"))?;
+    let size = sys::file_size(sealed.fd())?;
+    let len = usize::try_from(size)
+        .ok()
+        .filter(|_| size <= MAX_RECORDS)
+        .ok_or_else(|| std::io::Error::other(format!("records of {size} bytes: too large")))?;
     let mut bytes = vec![0u8; len];
     let mut at = 0;
     while at < len {
@@ -350,11 +443,16 @@ fn read_records(fd: &OwnedFd) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// A `fail REASON` for the other process, cut to a message.
-pub(super) fn fail_message(reason: &str) -> Vec<u8> {
-    let mut bytes = format!("{FAIL}{reason}").into_bytes();
+/// `refused ID REASON` for the other process, cut to a message.
+pub(super) fn refusal(id: u64, reason: &str) -> Vec<u8> {
+    let mut bytes = format!("{REFUSED}{id} {reason}").into_bytes();
     bytes.truncate(MAX_MESSAGE);
     bytes
+}
+
+/// `WORD ID`.
+pub(super) fn numbered(word: &str, id: u64) -> Vec<u8> {
+    format!("{word}{id}").into_bytes()
 }
 
 #[cfg(test)]
@@ -378,18 +476,22 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_crosses_with_its_records_and_descriptors() {
+    fn a_batch_crosses_with_its_id_records_and_descriptors() {
         let (a, b, _rx) = pair();
         let files: Vec<OwnedFd> = (0..300)
             .map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
             .collect();
         let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
-        a.send_batch(7, b"the records", &raw).unwrap();
+        a.send_batch(3, 7, b"the records", &raw).unwrap();
         match wait(&b) {
             Incoming::Users {
-                seen, records, fds, ..
+                id,
+                seen,
+                records,
+                fds,
+                ..
             } => {
-                assert_eq!(seen, 7);
+                assert_eq!((id, seen), (3, 7));
                 assert_eq!(records, b"the records");
                 assert_eq!(fds.len(), 300);
             }
@@ -398,58 +500,79 @@ mod tests {
     }
 
     #[test]
-    fn the_words_read_back_and_the_end_is_seen() {
+    fn a_batch_given_up_halfway_is_the_senders() {
+        let (a, b, _rx) = pair();
+        let memfd = write_records(b"r").unwrap();
+        a.send(b"users 9 600 0", &[memfd.as_raw_fd()]).unwrap();
+        let null = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        a.send(FDS, &[null.as_raw_fd()]).unwrap();
+        a.send(&numbered(MINE, 9), &[]).unwrap();
+        a.send(b"fwd after", &[]).unwrap();
+        assert!(matches!(wait(&b), Incoming::Mine(9)));
+        assert!(matches!(wait(&b), Incoming::Forwarded(m) if m == b"after"));
+    }
+
+    #[test]
+    fn the_words_read_back_and_garbage_ends_the_link() {
         let (a, b, _rx) = pair();
         for m in [
-            TOOK,
-            YOURS,
-            MINE,
+            &numbered(TOOK, 1)[..],
+            &numbered(YOURS, 2),
+            &numbered(MINE, 3),
             DONE,
             JOINED,
             b"fwd hello",
             b"ack 12",
             b"back 3 250",
+            &refusal(4, "no room"),
         ] {
             a.send(m, &[]).unwrap();
         }
-        a.send(&fail_message("no"), &[]).unwrap();
         let got: Vec<String> = (0..9).map(|_| format!("{:?}", wait(&b))).collect();
         assert_eq!(
             got,
             [
-                "Took",
-                "Yours",
-                "Mine",
+                "Took(1)",
+                "Yours(2)",
+                "Mine(3)",
                 "Done",
                 "Joined",
                 "Forwarded([104, 101, 108, 108, 111])",
                 "Ack(12)",
                 "Back { batch: 3, every: 250ms }",
-                "Fail(\"no\")"
+                "Refused(4, \"no room\")"
             ]
         );
-        // A malformed message ends the link.
-        let (c, d, _rx2) = pair();
-        c.send(b"users x", &[]).unwrap();
-        assert!(matches!(wait(&d), Incoming::End(_)));
-        assert!(d.ended());
+        for garbage in [&b"users x"[..], b"users 1 99999999999 0", b"took", b"hello"] {
+            let (c, d, _rx2) = pair();
+            c.send(garbage, &[]).unwrap();
+            assert!(matches!(wait(&d), Incoming::End(_)), "{garbage:?}");
+            assert!(d.ended());
+        }
     }
 
     #[test]
-    fn waiting_for_one_message_leaves_the_others_in_order() {
+    fn waiting_for_one_message_leaves_the_others_and_the_end_queued() {
         let (a, b, _rx) = pair();
         a.send(b"fwd 1", &[]).unwrap();
         a.send(b"fwd 2", &[]).unwrap();
-        a.send(TOOK, &[]).unwrap();
+        a.send(&numbered(TOOK, 5), &[]).unwrap();
         let took = b.wait_for(Instant::now() + Duration::from_secs(5), |m| {
-            matches!(m, Incoming::Took)
+            matches!(m, Incoming::Took(5))
         });
-        assert!(matches!(took, Some(Incoming::Took)));
+        assert!(matches!(took, Some(Incoming::Took(5))));
         assert!(matches!(b.next(), Some(Incoming::Forwarded(m)) if m == b"1"));
         assert!(matches!(b.next(), Some(Incoming::Forwarded(m)) if m == b"2"));
         assert!(
             b.wait_for(Instant::now() + Duration::from_millis(20), |_| true)
                 .is_none()
         );
+        // The end answers a wait, and is still there for the loop.
+        a.close();
+        let end = b.wait_for(Instant::now() + Duration::from_secs(5), |m| {
+            matches!(m, Incoming::Took(6))
+        });
+        assert!(matches!(end, Some(Incoming::End(_))));
+        assert!(matches!(b.next(), Some(Incoming::End(_))));
     }
 }

@@ -173,8 +173,10 @@ pub struct Copyover<S> {
     /// After a migration: some descriptor has another number than it had
     /// in the old process.
     pub(crate) fds_renumbered: bool,
-    /// The migration asked for is gradual: this many users every so often.
+    /// The migration under way is gradual: this many users every so often.
     gradual: Option<(usize, Duration)>,
+    /// A gradual migration asked for from the code, for when it starts.
+    pending_gradual: Option<(usize, Duration)>,
     /// A gradual migration under way: both processes serve.
     pub(crate) window: Option<crate::migration::Window>,
     /// The migration socket, with `Config::migration_socket`, once ready.
@@ -233,6 +235,7 @@ impl<S> Copyover<S> {
             migrated_from: None,
             fds_renumbered: false,
             gradual: None,
+            pending_gradual: None,
             window: None,
             door: None,
             knock: None,

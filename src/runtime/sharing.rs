@@ -31,9 +31,15 @@ impl<S> Copyover<S> {
     /// [`crate::migration`]): as [`request_migration`](Self::request_migration),
     /// but the new process first gets only the shared part
     /// ([`Event::ShareApproved`]), both serve, and users move `batch` at a
-    /// time, one batch every `every` ([`Event::MoveUsers`]).
+    /// time, one batch every `every` (at least 10 ms, at most a day;
+    /// [`Event::MoveUsers`]). Ignored (with a warning) while a migration
+    /// is under way.
     pub fn request_gradual_migration(&mut self, batch: usize, every: Duration) {
-        self.gradual = Some((batch.max(1), every));
+        if self.migrating || self.window.is_some() {
+            tracing::warn!("a migration is under way: this request for another one is dropped");
+            return;
+        }
+        self.pending_gradual = Some((batch.max(1), every));
         self.request_migration();
     }
 
@@ -77,8 +83,29 @@ impl<S> Copyover<S> {
                 self.gradual = Some((batch, every));
                 false
             }
-            None => false,
+            // A plain SIGUSR2: whole, unless the code asked for a gradual
+            // one (`request_gradual_migration`).
+            None => {
+                self.gradual = self.pending_gradual.take();
+                false
+            }
         }
+    }
+
+    /// A SIGUSR2 during a gradual migration: `true` if its request file
+    /// asked for everyone back (done here) or for another migration
+    /// (dropped, with a warning); `false` for a plain SIGUSR2, which waits
+    /// for the end.
+    pub(super) fn take_request_in_window(&mut self) -> bool {
+        let Some(text) = crate::status::take_migration_request() else {
+            return false;
+        };
+        if parse_request(&text) == Some(Request::Back) {
+            self.request_move_back();
+        } else {
+            tracing::warn!(request = %text.trim(), "a gradual migration is under way: this request for another one is dropped");
+        }
+        true
     }
 
     /// Whether the migration asked for (or under way) is gradual.
@@ -149,34 +176,58 @@ impl<S> Copyover<S> {
         };
         let peer = window.peer;
         let (moved_out, moved_in) = (window.moved_out, window.moved_in);
+        // Users moved there and not back.
+        let there = moved_out.saturating_sub(moved_in);
         if window.is_old() {
-            let reason = match ending {
-                Ending::MovedBack | Ending::Done => format!(
-                    "gradual migration: every user moved back from process {peer} ({moved_out} moved there, {moved_in} back)"
+            let (reason, alive) = match ending {
+                Ending::MovedBack | Ending::Done => (
+                    format!(
+                        "gradual migration: every user moved back from process {peer} ({moved_out} moved there, {moved_in} back)"
+                    ),
+                    false,
                 ),
-                Ending::Lost(why) => format!(
-                    "gradual migration: process {peer} ended before it was done ({why}); the {} user(s) it had taken are lost with it, every other user is here",
-                    moved_out.saturating_sub(moved_in)
+                Ending::Lost { why, alive: false } => (
+                    format!(
+                        "gradual migration: process {peer} ended before it was done ({why}); the {there} user(s) it had taken are lost with it, every other user is here"
+                    ),
+                    false,
+                ),
+                Ending::Lost { why, alive: true } => (
+                    format!(
+                        "gradual migration: the link to process {peer} broke ({why}); it serves on, on its own, the {there} user(s) it had taken, and this process every other user"
+                    ),
+                    true,
                 ),
             };
-            // Dropping the window kills what is left of the new process.
-            drop(window.close());
+            // A new process that lives keeps its users; one that is gone
+            // (or left) is reaped.
+            drop(window.close(alive));
             let elapsed = ms(monotonic_ns().saturating_sub(self.requested_at_ns));
             self.report_later(Outcome::RolledBack { reason }, elapsed, false);
             self.wake_if_queued();
             return;
         }
-        if let Ending::Lost(why) = &ending {
+        let old_lives = matches!(ending, Ending::Lost { alive: true, .. });
+        if let Ending::Lost { why, alive } = &ending {
             tracing::warn!(
                 from = peer,
-                "gradual migration: process {peer} ended without handing its last users over ({why}); serving alone"
+                "gradual migration: the link to process {peer} ended ({why}); {}",
+                if *alive {
+                    "it lives and serves its own users: this process serves the users it took, on its own"
+                } else {
+                    "it is gone: this process serves alone"
+                }
             );
         }
         if matches!(ending, Ending::Done) {
             window.join_old_group();
         }
         let longest = window.longest_batch_ns;
-        if let Some(arrival) = window.close() {
+        // While the old process lives this one is not the service's main
+        // process: no outcome, no `MAINPID`.
+        if let Some(arrival) = window.close(false)
+            && !old_lives
+        {
             self.serving_after_migration(&arrival, monotonic_ns(), Some(longest));
         }
         self.wake_if_queued();
@@ -210,14 +261,24 @@ impl<S> Copyover<S> {
                 reason: "no gradual migration is under way".into(),
             });
         };
-        if batch.is_empty() {
-            let reporter = self.reporter(0.0, false);
-            let Some(window) = self.window.take() else {
-                unreachable!("checked above");
-            };
-            window.finish(&self.requests, &reporter);
-        }
         let pid = window.peer;
+        if batch.is_empty() {
+            if !window.is_moving() {
+                return Err(UpgradeError::Handoff {
+                    reason: "this process is not moving users now".into(),
+                });
+            }
+            let reporter = self.reporter(0.0, false);
+            if let Some(window) = self.window.take() {
+                // Returns only if the other process cannot be told: this
+                // one serves on, and the window ends at the next poll.
+                self.window = Some(window.finish(&self.requests, &reporter));
+            }
+            return Err(UpgradeError::Migration {
+                pid,
+                reason: "the migration could not end: the other process is gone".into(),
+            });
+        }
         window
             .move_batch(batch, self.config.ready_timeout)
             .map_err(|reason| UpgradeError::Migration { pid, reason })

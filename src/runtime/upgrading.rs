@@ -32,6 +32,7 @@ impl<S> Copyover<S> {
             }
             Some(Settled::Refused { reason }) => {
                 self.migrating = false;
+                self.gradual = None;
                 let reason = UpgradeError::Probe { reason }.to_string();
                 self.log_refused(&reason);
                 return Some(Event::UpgradeRefused { reason });
@@ -61,6 +62,7 @@ impl<S> Copyover<S> {
     fn refuse_migration(&mut self, e: UpgradeError) -> Event {
         self.phase = Phase::Idle;
         self.migrating = false;
+        self.gradual = None;
         self.arriving = None;
         self.newcomer = None;
         let reason = e.to_string();
@@ -94,8 +96,9 @@ impl<S> Copyover<S> {
     fn poll_signals(&mut self) -> Option<Event> {
         let upgrade = signal::take(&self.requests.upgrade);
         let mut migrate = signal::take(&self.requests.migrate);
-        if migrate && self.take_migration_request() {
-            // Handled: everyone back, in a gradual migration under way.
+        // The request file is read when its migration starts, or (`back`)
+        // during a gradual one: never for a migration already under way.
+        if migrate && self.window.is_some() && self.take_request_in_window() {
             migrate = false;
         }
         if let Some(window) = self.window.as_mut().filter(|_| upgrade || migrate) {
@@ -121,8 +124,16 @@ impl<S> Copyover<S> {
             if matches!(self.phase, Phase::Idle) {
                 // Both at once: the upgrade first, which needs no new process.
                 self.migrating = !upgrade;
-                // A migration to an external newcomer, if one knocked.
                 if self.migrating {
+                    // Gradual or whole is decided here, once.
+                    self.gradual = None;
+                    if self.take_migration_request() {
+                        // `back` with no gradual migration under way: said,
+                        // and nothing to start.
+                        self.migrating = false;
+                        return signal::take(&self.requests.save).then_some(Event::SaveSnapshot);
+                    }
+                    // A migration to an external newcomer, if one knocked.
                     self.knock = self.door.as_ref().and_then(|d| d.take());
                 }
                 if upgrade && migrate {
@@ -137,6 +148,12 @@ impl<S> Copyover<S> {
             }
             if (upgrade && !self.migrating) || (migrate && self.migrating) {
                 tracing::info!("an upgrade is already under way; the new request joins it");
+            }
+            if migrate
+                && self.migrating
+                && let Some(text) = crate::status::take_migration_request()
+            {
+                tracing::warn!(request = %text.trim(), "a migration is under way: this request for another one is dropped");
             }
             if upgrade && self.migrating {
                 wait(&self.requests.upgrade);

@@ -39,7 +39,7 @@ pub const FAULT: Option<&str> = match option_env!("COPYOVER_DEMO_FAULT") {
 };
 
 /// The faults `COPYOVER_DEMO_FAULT` may name.
-const FAULTS: [&str; 18] = [
+const FAULTS: [&str; 19] = [
     "reject-state",
     "wrong-app",
     "panic-after-adopt",
@@ -58,6 +58,7 @@ const FAULTS: [&str; 18] = [
     "thread-on-rollback",
     "abort-on-two-threads",
     "slow-batch",
+    "slow-take",
 ];
 
 const fn known_fault(fault: Option<&str>) -> bool {
@@ -75,7 +76,7 @@ const fn known_fault(fault: Option<&str>) -> bool {
 // A misspelt fault fails the build instead of making a silent good build.
 const _: () = assert!(
     known_fault(FAULT),
-    "COPYOVER_DEMO_FAULT must be one of: reject-state, wrong-app, panic-after-adopt, abort-after-adopt, hang-after-adopt, exit-before-ready, error-after-adopt, thread-before-boot, hang-before-main, ignore-a-failed-take, panic-with-a-long-message, pending-alarm-then-panic, zombie-then-panic, write-tls-then-panic, slow-ready, thread-on-rollback, abort-on-two-threads, slow-batch"
+    "COPYOVER_DEMO_FAULT must be one of: reject-state, wrong-app, panic-after-adopt, abort-after-adopt, hang-after-adopt, exit-before-ready, error-after-adopt, thread-before-boot, hang-before-main, ignore-a-failed-take, panic-with-a-long-message, pending-alarm-then-panic, zombie-then-panic, write-tls-then-panic, slow-ready, thread-on-rollback, abort-on-two-threads, slow-batch, slow-take"
 );
 
 /// The state version this build writes: 2, or 1 for a build made with

@@ -12,7 +12,7 @@ use copyover::{Handoff, Progress};
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{Chat, Moving};
+use crate::chat::{Chat, Moving, User};
 use crate::{LISTENER, Server, TOKEN_LISTENER};
 
 /// What one process of the demo forwards to the other.
@@ -20,6 +20,9 @@ use crate::{LISTENER, Server, TOKEN_LISTENER};
 enum Relay {
     /// A chat line said there, for every user here.
     Line(String),
+    /// A user's variables as they were when the user left there (without
+    /// moving): the newer ones.
+    Saved(String, User),
     /// Who is online there now, by login.
     Online(Vec<(u64, String)>),
 }
@@ -75,13 +78,17 @@ impl Server {
             .iter()
             .filter_map(|id| Some((*id, self.chat.moving(*id)?)))
             .collect();
+        // A process moving its users accepts no more (the other one does).
+        self.set_accepting(false);
         let mut batch = Batch::new();
+        let mut moving = Vec::with_capacity(records.len());
         for (id, record) in &records {
             let Some((stream, _)) = self.streams.get(id) else {
                 continue;
             };
-            if let Err(e) = batch.user(record, &[stream.as_fd()]) {
-                tracing::warn!(conn = id, "not moving this user: {e}");
+            match batch.user(record, &[stream.as_fd()]) {
+                Ok(_) => moving.push(*id),
+                Err(e) => tracing::warn!(conn = id, "not moving this user: {e}"),
             }
         }
         if crate::FAULT == Some("slow-batch") && !batch.is_empty() {
@@ -93,8 +100,8 @@ impl Server {
         // With no user left, this does not return.
         match self.co.move_users(&batch) {
             Ok(moved) => {
-                for (id, _) in &records {
-                    self.release(*id);
+                for id in moving {
+                    self.release(id);
                 }
                 tracing::info!(moved, left = self.streams.len(), "moved a batch of users");
             }
@@ -116,6 +123,11 @@ impl Server {
     /// `Event::UsersArrived`: they are ours; what was said here before
     /// they came, which they missed, is delivered to them.
     pub(crate) fn take_users(&mut self) {
+        if crate::FAULT == Some("slow-take") {
+            // The window in which the sender waits for `took`.
+            tracing::warn!("fault build: sleeping 3 s before taking the users");
+            std::thread::sleep(std::time::Duration::from_secs(3));
+        }
         let arrived = match self.co.take_users::<Moving>() {
             Ok(a) => a,
             Err(e) => {
@@ -170,6 +182,9 @@ impl Server {
                 self.flush(dirty);
             }
             Ok(Relay::Online(online)) => self.chat.remote = online,
+            Ok(Relay::Saved(name, user)) => {
+                self.chat.users.insert(name, user);
+            }
             Err(e) => tracing::warn!("an unreadable message from the other process: {e}"),
         }
     }
@@ -217,6 +232,20 @@ impl Server {
             .and_then(|bytes| self.co.forward(&bytes).map_err(|e| e.to_string()));
         if let Err(e) = sent {
             tracing::warn!("could not forward to the other process: {e}");
+        }
+    }
+
+    /// A named user leaves this process for good (not by a move): the
+    /// other process gets their variables, which may be newer than its own.
+    pub(crate) fn relay_departure(&mut self, id: u64) {
+        if self.chat.relay.is_none() {
+            return;
+        }
+        let Some(name) = self.chat.conns.get(&id).and_then(|c| c.name.clone()) else {
+            return;
+        };
+        if let Some(user) = self.chat.users.get(&name).cloned() {
+            self.send_relay(&Relay::Saved(name, user));
         }
     }
 

@@ -815,6 +815,7 @@ impl Server {
     }
 
     fn close(&mut self, id: u64) {
+        self.relay_departure(id);
         if let Some(tls) = self.tls.as_mut() {
             tls.conns.remove(&id);
         }

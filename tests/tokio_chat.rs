@@ -399,3 +399,29 @@ fn tokio_chat_migrates_to_a_new_process_and_survives_a_bad_one() {
     all_still_there(&mut ann, &mut bob, &mut cy, "a migration");
     ann.assert_quiet();
 }
+
+#[test]
+fn tokio_chat_refuses_a_gradual_migration_and_keeps_everyone() {
+    let v1 = chat("v1");
+    let server = start("tokio-chat-gradual", &v1);
+    let (mut ann, mut bob, mut cy) = three(server.addr);
+    server.deploy(&chat("v2"));
+    let mark = server.mark();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_copyover"))
+        .args(["migrate", &server.pid.to_string(), "--batch", "1"])
+        .arg("--status-dir")
+        .arg(server.scratch.0.join("status"))
+        .output()
+        .expect("run copyover");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("does not move users a batch at a time"),
+        "{text}"
+    );
+    server.wait_log(mark, "upgrade refused");
+    util::wait_for("the new process to be gone", || {
+        server.strays().is_empty().then_some(())
+    });
+    all_still_there(&mut ann, &mut bob, &mut cy, "a refused gradual migration");
+}

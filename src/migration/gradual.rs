@@ -1,6 +1,7 @@
 //! A gradual migration: both processes serve, and users move from the old
 //! one to the new one a batch at a time ([`Window`]), each batch a
-//! two-step hand-over of its own (see the [protocol](super#a-gradual-migration)).
+//! two-step hand-over of its own (see the
+//! [protocol](super#a-gradual-migration-protocol-version-1)).
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -264,7 +265,7 @@ impl Window {
                 }
                 Incoming::Forwarded(m) => {
                     self.taken += 1;
-                    if self.taken % ACK_EVERY == 0 {
+                    if self.taken.is_multiple_of(ACK_EVERY) {
                         let _ = self
                             .link
                             .send(format!("{ACK}{}", self.taken).as_bytes(), &[]);

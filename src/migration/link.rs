@@ -1,7 +1,7 @@
 //! The way between the two processes of a gradual migration once both
 //! serve ([`Link`]): the socket pair of the hand-over, read by a thread of
 //! its own into a queue the event loop takes from, and the messages on it
-//! (see the [protocol](super#a-gradual-migration-protocol-version-1)).
+//! (see the protocol in the module docs of `migration`).
 
 use std::collections::VecDeque;
 use std::io::Write;

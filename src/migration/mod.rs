@@ -6,8 +6,10 @@
 //! An exec cannot change what a process is: its cgroup, its user, its
 //! namespaces, its limits. A migration starts a **new process** (the old
 //! one's child, through the binary's path, so a wrapper script may change
-//! any of those) and hands it every kept descriptor and the state; the old
-//! process exits once the new one is ready.
+//! any of those; or [one started elsewhere](#an-external-newcomer)) and
+//! hands it every kept descriptor and the state; the old process exits
+//! once the new one is ready. Or [gradually](#a-gradual-migration-protocol-version-1):
+//! both serve, and users move a batch at a time.
 //!
 //! # The sequence
 //!
@@ -100,6 +102,55 @@
 //! gave up on a newcomer it could not kill (one that took other
 //! credentials, or a wrapper's child outside the group it killed), and
 //! kept its clients: the newcomer exits without touching them.
+//!
+//! # An external newcomer
+//!
+//! With [`Config::migration_socket`](crate::Config::migration_socket), the
+//! old process listens at `PID.migration` in its status directory
+//! (`SOCK_SEQPACKET`; the file open to whoever reaches the directory, the
+//! kernel's `SO_PEERCRED` record of the peer checked: this process's user,
+//! or one named by [`Config::migration_peer`](crate::Config::migration_peer);
+//! anything else is refused, logged, and sent nothing). A process started
+//! with `COPYOVER_JOIN=PATH` connects there from its `boot` and says
+//! `hello 1`; the migration then starts as for SIGUSR2, with one more
+//! exchange in place of the probe and the start:
+//!
+//! | From | Message | Descriptors |
+//! |---|---|---|
+//! | old | `probe 1` | the snapshot as it would be handed over (no descriptors in it) |
+//! | new | `ok-migrate VERSION` (it checked the snapshot as a probed binary does), or `fail REASON` | none |
+//!
+//! and the rest of the protocol above. Such a newcomer is not the old
+//! process's to kill: on a failure its socket closes, it sees the old
+//! process alive, and exits. It stays in its own process group.
+//!
+//! # A gradual migration: protocol, version 1
+//!
+//! Asked with `copyover migrate PID --batch N --every SECS` (which writes
+//! `gradual N MS` to `PID.migrate` in the status directory before its
+//! SIGUSR2; `back` asks for everyone back) or
+//! [`Copyover::request_gradual_migration`](crate::Copyover::request_gradual_migration).
+//! The hand-over above carries the shared part only, and ends with `share`
+//! instead of `go`: both processes serve. The socket pair stays, read by a
+//! thread in each process; in either direction:
+//!
+//! | Message | Descriptors | Meaning |
+//! |---|---|---|
+//! | `users ID COUNT SEEN` | a sealed memfd of the records | batch ID, its COUNT descriptors follow in `fds` messages (253 at most each); SEEN: how many forwarded messages the sender had handled |
+//! | `took ID` | none | the receiver holds batch ID, untouched |
+//! | `yours ID` / `mine ID` | none | the sender's decision (`mine`: its time ran out, or it could not send the whole batch) |
+//! | `refused ID REASON` | none | the receiver cannot take batch ID (records that do not decode, descriptors that do not fit) |
+//! | `fwd BYTES` | none | an application message ([`Copyover::forward`](crate::Copyover::forward)) |
+//! | `ack N` | none | N forwarded messages handled (every 64): the sender forgets those |
+//! | `back BATCH MS` | none | old to new: move everyone back |
+//! | `done` | none | the sender has no users left and exits |
+//! | `joined` | none | new to old, after the old process's `done` |
+//!
+//! A batch is the sender's until it sends `yours`, which it sends only
+//! after `took`; the receiver serves a batch only after `yours`, or after
+//! the link's end once the sender's pidfd says it is gone. The end of the
+//! link with the other process alive (the link broke) leaves each process
+//! serving the users it has.
 
 mod arrival;
 mod departure;

@@ -89,7 +89,9 @@ pub enum Event {
     /// the users' connections) and the descriptors both processes need
     /// (the listeners). It returns [`Progress::Sharing`](crate::Progress::Sharing)
     /// once the new process serves beside this one; stop accepting then (the
-    /// new process accepts). See [`crate::migration`].
+    /// new process accepts). See [`crate::migration`]. An application that
+    /// does not move users this way must [`abandon`](Copyover::abandon) the
+    /// migration here: ignored, it stays under way (the new process waits).
     ShareApproved,
     /// A gradual migration asks this process for its next batch: move up
     /// to `most` users with [`Copyover::move_users`]. An empty batch says

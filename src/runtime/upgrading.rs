@@ -259,7 +259,7 @@ impl<S> Copyover<S> {
                 Ok(Progress::Probing)
             }
             Phase::Idle if self.migrating && self.knock.is_some() => {
-                self.probe_external(state, &header, &manifest)?;
+                self.probe_external(state, &header, manifest)?;
                 self.phase = Phase::External;
                 Ok(Progress::Probing)
             }

@@ -550,6 +550,10 @@ impl<T: Session> Server<T> {
                     Err(unpaused) => co.abandon(&unpaused.to_string()),
                 }
             }
+            // Its sessions move only all at once.
+            Event::ShareApproved => self.co.abandon(
+                "copyover::tokio::Server does not move users a batch at a time: migrate it whole (SIGUSR2, or copyover migrate without --batch)",
+            ),
             Event::Shutdown => return Handled::Shutdown,
             _ => {}
         }

@@ -45,20 +45,18 @@ impl Server {
         };
         let mut keep = Handoff::new();
         keep.listener(LISTENER, &self.listener);
-        match self.co.upgrade(&shared, &keep) {
-            Ok(Progress::Sharing { with }) => {
-                tracing::info!(
-                    with,
-                    users = self.streams.len(),
-                    "gradual migration: process {with} accepts from now on"
-                );
-                self.set_accepting(false);
-                self.chat.relay = Some(Vec::new());
-                self.online_sent = None;
-                self.online_mark = None;
-            }
-            // A refusal: the runtime reported it; everyone stays.
-            Ok(_) | Err(_) => {}
+        // Anything else is a refusal: the runtime reported it, and
+        // everyone stays.
+        if let Ok(Progress::Sharing { with }) = self.co.upgrade(&shared, &keep) {
+            tracing::info!(
+                with,
+                users = self.streams.len(),
+                "gradual migration: process {with} accepts from now on"
+            );
+            self.set_accepting(false);
+            self.chat.relay = Some(Vec::new());
+            self.online_sent = None;
+            self.online_mark = None;
         }
     }
 

@@ -62,7 +62,19 @@ impl Arrival {
         let answered = sys::send_message(self.sock.as_fd(), READY, &[]).and_then(|()| {
             let mut buf = [0u8; 16];
             let mut fds = Vec::new();
-            let n = sys::recv_message(self.sock.as_fd(), &mut buf, &mut fds)?;
+            // A passing error (nothing taken off the socket) is tried again,
+            // for a second: only the answer, or the socket's end, decides.
+            let mut tries = 0;
+            let n = loop {
+                match sys::recv_message(self.sock.as_fd(), &mut buf, &mut fds) {
+                    Err(e) if e.kind() != std::io::ErrorKind::ConnectionReset && tries < 50 => {
+                        tries += 1;
+                        tracing::debug!("waiting for the old process's answer: {e}; again");
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    other => break other?,
+                }
+            };
             Ok(match &buf[..n] {
                 m if m == GO => Some(Answer::Go),
                 m if m == SHARE => Some(Answer::Share),
@@ -72,7 +84,7 @@ impl Arrival {
         if let Ok(Some(answer)) = answered {
             return answer;
         }
-        if self.old_is_gone() {
+        if self.old_is_gone(Duration::from_secs(5)) {
             tracing::warn!(
                 from = self.from,
                 ?answered,
@@ -97,8 +109,8 @@ impl Arrival {
     /// poll that fails is asked again): only an old process seen alive all
     /// that time has kept its clients. If the pidfd never answered, a
     /// parent that was the old process and no longer is says it is gone.
-    pub(super) fn old_is_gone(&self) -> bool {
-        let until = std::time::Instant::now() + Duration::from_secs(5);
+    pub(super) fn old_is_gone(&self, limit: Duration) -> bool {
+        let until = std::time::Instant::now() + limit;
         let mut answered = false;
         while std::time::Instant::now() < until {
             match sys::wait_readable(self.old.as_fd(), Duration::from_millis(100)) {

@@ -107,14 +107,14 @@ impl Newcomer {
         }
     }
 
-    /// Whether it is gone, asked for up to five seconds (its socket
-    /// closes a moment before its pidfd says so). Without a pidfd: not
-    /// known, so not gone.
-    pub(super) fn is_gone(&self) -> bool {
+    /// Whether it is gone, asked for up to `limit` (its socket closes a
+    /// moment before its pidfd says so). Without a pidfd: not known, so
+    /// not gone.
+    pub(super) fn is_gone(&self, limit: Duration) -> bool {
         let Some(pidfd) = &self.pidfd else {
             return false;
         };
-        let until = Instant::now() + Duration::from_secs(5);
+        let until = Instant::now() + limit;
         while Instant::now() < until {
             match sys::wait_readable(pidfd.as_fd(), Duration::from_millis(100)) {
                 Ok(true) => return true,

@@ -299,7 +299,9 @@ impl Window {
                     }));
                 }
                 Incoming::End(why) => {
-                    let alive = !self.peer_is_gone();
+                    // Its socket ends as it exits: a second is long enough
+                    // for the exit to show (and the event loop waits).
+                    let alive = !self.peer_is_gone(Duration::from_secs(1));
                     return Some(Step::Ended(Ending::Lost { why, alive }));
                 }
                 // An answer about a batch this process no longer waits
@@ -354,7 +356,9 @@ impl Window {
         if let Err(e) = self.link.send_batch(id, self.taken, &records, &fds) {
             // Part of it may be on its way: the other process takes
             // nothing it was not told is its own.
-            let _ = self.link.send(&numbered(MINE, id), &[]);
+            if self.link.send(&numbered(MINE, id), &[]).is_err() {
+                self.link.close();
+            }
             return Err(format!("could not send the batch: {e}"));
         }
         let answer = self.link.wait_for(
@@ -365,11 +369,13 @@ impl Window {
             Some(Incoming::Took(_)) => {
                 // The point of no return for this batch.
                 if let Err(e) = self.link.send(&numbered(YOURS, id), &[]) {
-                    // It took the batch and is gone before learning it is
-                    // its own: it never served these users, and its copies
-                    // closed with it.
+                    // It took the batch and never learnt it is its own: it
+                    // has not served these users. Gone, its copies closed
+                    // with it; alive, it must not wait for a decision that
+                    // cannot come: the link ends, and it keeps nothing.
+                    self.link.close();
                     return Err(format!(
-                        "process {} went away as it took the batch ({e})",
+                        "could not tell process {} the batch is its own ({e}); the link is closed",
                         self.peer
                     ));
                 }
@@ -389,7 +395,11 @@ impl Window {
             Some(Incoming::End(reason)) => Err(format!("process {} is gone: {reason}", self.peer)),
             Some(other) => Err(format!("process {} answered {other:?}", self.peer)),
             None => {
-                let _ = self.link.send(&numbered(MINE, id), &[]);
+                if self.link.send(&numbered(MINE, id), &[]).is_err() {
+                    // It must learn the batch is not its own: without this
+                    // word, only the link's end says so.
+                    self.link.close();
+                }
                 Err(format!(
                     "process {} did not take the batch within {} ms (Config::ready_timeout)",
                     self.peer,
@@ -437,7 +447,7 @@ impl Window {
         };
         match decision {
             Incoming::Yours(_) => {}
-            Incoming::End(reason) if self.peer_is_gone() => {
+            Incoming::End(reason) if self.peer_is_gone(Duration::from_secs(5)) => {
                 tracing::warn!(
                     peer = self.peer,
                     "process {} ended as it handed a batch over ({reason}): serving its users",
@@ -477,6 +487,10 @@ impl Window {
 
     /// Forwards an application message to the other process.
     pub(crate) fn forward(&mut self, message: &[u8]) -> Result<(), String> {
+        if self.link.ended() {
+            // The window ends at the next poll: nobody to forward to.
+            return Ok(());
+        }
         if message.len() > MAX_FORWARD {
             return Err(format!(
                 "a message of {} bytes; at most {MAX_FORWARD} are forwarded",
@@ -497,11 +511,12 @@ impl Window {
         Ok(())
     }
 
-    /// Whether the other process is gone (after its link ended).
-    fn peer_is_gone(&self) -> bool {
+    /// Whether the other process is gone (after its link ended), asked for
+    /// up to `limit`.
+    fn peer_is_gone(&self, limit: Duration) -> bool {
         match &self.side {
-            Side::New { arrival } => arrival.old_is_gone(),
-            Side::Old { newcomer } => newcomer.is_gone(),
+            Side::New { arrival } => arrival.old_is_gone(limit),
+            Side::Old { newcomer } => newcomer.is_gone(limit),
         }
     }
 

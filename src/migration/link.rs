@@ -37,6 +37,10 @@ pub(super) const DONE: &[u8] = b"done";
 /// The new process joined the old one's process group.
 pub(super) const JOINED: &[u8] = super::JOINED;
 
+/// How many failures in a row end the link, and the pause between tries.
+const PERSISTENT: u32 = 50;
+const RETRY: Duration = Duration::from_millis(20);
+
 /// The longest message the application may forward.
 pub const MAX_FORWARD: usize = 60 * 1024;
 /// The receive buffer: a forwarded message and its word.
@@ -128,6 +132,10 @@ impl Link {
 
     fn read_until_end(&self, wake: &OwnedFd) {
         let mut buf = vec![0u8; BUFFER];
+        // Consecutive failures to wait or to read: one is a passing error
+        // (`ENOMEM`, say) and is tried again; [`PERSISTENT`] in a row (a
+        // second) end the link.
+        let mut failures = 0;
         loop {
             let due = self.tick_at.load(Ordering::SeqCst);
             let now = sys::monotonic_ns();
@@ -149,14 +157,28 @@ impl Link {
                 Ok(false) => continue,
                 Ok(true) => {}
                 Err(e) => {
-                    self.push(
-                        Incoming::End(format!("could not wait on the link: {e}")),
-                        wake,
-                    );
-                    return;
+                    failures += 1;
+                    if failures >= PERSISTENT {
+                        let why = format!("could not wait on the link {failures} times: {e}");
+                        self.push(Incoming::End(why), wake);
+                        return;
+                    }
+                    std::thread::sleep(RETRY);
+                    continue;
                 }
             }
-            let message = self.read_one(&mut buf);
+            let message = match self.read_one(&mut buf) {
+                Err(e) => {
+                    failures += 1;
+                    if failures < PERSISTENT {
+                        std::thread::sleep(RETRY);
+                        continue;
+                    }
+                    Incoming::End(format!("could not read the link {failures} times: {e}"))
+                }
+                Ok(message) => message,
+            };
+            failures = 0;
             let end = matches!(message, Incoming::End(_));
             self.push(message, wake);
             if end {
@@ -190,17 +212,19 @@ impl Link {
     }
 
     /// Reads one message (a batch: with its descriptors, which follow in
-    /// `fds` messages).
-    fn read_one(&self, buf: &mut [u8]) -> Incoming {
+    /// `fds` messages); an error of the first read, before anything was
+    /// taken off the socket, is the caller's to try again.
+    fn read_one(&self, buf: &mut [u8]) -> std::io::Result<Incoming> {
         let came_ns = sys::monotonic_ns();
         let mut fds = Vec::new();
-        let n = match self.receive(buf, &mut fds) {
-            Ok(n) => n,
-            Err(e) => return Incoming::End(format!("could not read the link: {e}")),
-        };
+        let n = self.receive(buf, &mut fds)?;
         if n == 0 && fds.is_empty() {
-            return Incoming::End("the other process closed the link".into());
+            return Ok(Incoming::End("the other process closed the link".into()));
         }
+        Ok(self.parse(buf, n, fds, came_ns))
+    }
+
+    fn parse(&self, buf: &mut [u8], n: usize, fds: Vec<OwnedFd>, came_ns: u64) -> Incoming {
         let m = &buf[..n];
         if m == DONE {
             return Incoming::Done;
@@ -277,6 +301,7 @@ impl Link {
         // the batch refused as a whole (the sender keeps it).
         let mut lost = 0;
         let mut why = None;
+        let mut failures = 0;
         let gave_up = numbered(MINE, id);
         while fds.len() + lost < count {
             let expected = (count - fds.len() - lost).min(sys::MAX_FDS_PER_MESSAGE);
@@ -294,6 +319,11 @@ impl Link {
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                     lost += expected;
                     why.get_or_insert_with(|| e.to_string());
+                }
+                // A passing error: nothing was taken off the socket.
+                Err(_) if failures + 1 < PERSISTENT => {
+                    failures += 1;
+                    std::thread::sleep(RETRY);
                 }
                 Err(e) => {
                     return Incoming::End(format!(
@@ -318,15 +348,19 @@ impl Link {
         }
     }
 
-    /// Sends one message, retrying for a second while the kernel refuses
-    /// more descriptors in flight (`ETOOMANYREFS`: the other process is
-    /// taking them).
+    /// Sends one message. A passing refusal (`ETOOMANYREFS`: the other
+    /// process is taking the descriptors in flight; `ENOBUFS`, `ENOMEM`...)
+    /// is tried again for a second; the other process's end
+    /// (`EPIPE`, `ECONNRESET`, `ENOTCONN`) is not.
     pub(super) fn send(&self, message: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
         let until = Instant::now() + Duration::from_secs(1);
         loop {
             match sys::send_message(self.sock.as_fd(), message, fds) {
                 Err(e)
-                    if e.raw_os_error() == Some(libc::ETOOMANYREFS) && Instant::now() < until =>
+                    if !matches!(
+                        e.raw_os_error(),
+                        Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)
+                    ) && Instant::now() < until =>
                 {
                     std::thread::sleep(Duration::from_micros(200));
                 }

@@ -142,13 +142,17 @@ impl Server {
             let id = self.chat.arrive(moving);
             let stream = TcpStream::from(fd);
             let _ = self.co.store_fd(&format!("conn:{id}"), stream.as_fd());
+            // Ours now: a registration that fails is tried again (see
+            // `register_late`), never a reason to drop the user.
             if let Err(e) = self
                 .epoll
                 .add(&stream, EpollEvent::new(EpollFlags::EPOLLIN, id))
             {
-                tracing::warn!(conn = id, "dropping a user that arrived: {e}");
-                self.chat.conns.remove(&id);
-                continue;
+                tracing::warn!(
+                    conn = id,
+                    "could not register a user that arrived ({e}); trying again"
+                );
+                self.unregistered.push(id);
             }
             self.streams.insert(id, (stream, false));
             dirty.insert(id);
@@ -245,6 +249,31 @@ impl Server {
         if let Some(user) = self.chat.users.get(&name).cloned() {
             self.send_relay(&Relay::Saved(name, user));
         }
+    }
+
+    /// Registers the users whose registration failed as they arrived;
+    /// whether some are still waiting.
+    pub(crate) fn register_late(&mut self) -> bool {
+        let waiting = std::mem::take(&mut self.unregistered);
+        for id in waiting {
+            let Some((stream, _)) = self.streams.get(&id) else {
+                continue;
+            };
+            match self
+                .epoll
+                .add(stream, EpollEvent::new(EpollFlags::EPOLLIN, id))
+            {
+                // Its input, which came meanwhile, is read at once.
+                Ok(()) => {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut dirty = BTreeSet::new();
+                    self.read(id, &mut buf, &mut dirty);
+                    self.flush(dirty);
+                }
+                Err(_) => self.unregistered.push(id),
+            }
+        }
+        !self.unregistered.is_empty()
     }
 
     /// Whether the listener is in the epoll set.

@@ -231,6 +231,9 @@ struct Server {
     online_sent: Option<Vec<(u64, String)>>,
     /// What the list was made from (connections, logins), last time.
     online_mark: Option<(usize, u64)>,
+    /// Users that arrived from the other process whose registration with
+    /// epoll failed: tried again every 10 ms.
+    unregistered: Vec<u64>,
 }
 
 /// Every descriptor to keep across an upgrade.
@@ -389,6 +392,7 @@ fn run(args: Args) -> Result<(), BoxError> {
         accepting: true,
         online_sent: None,
         online_mark: None,
+        unregistered: Vec::new(),
     };
     if let Err(e) = server.register(kept) {
         // Roll back while every adopted socket is still open (a no-op on a
@@ -631,7 +635,8 @@ impl Server {
             // An approved upgrade waiting for TLS handshakes looks again
             // every 10 ms.
             let waiting = self.tls.as_ref().is_some_and(|t| t.commit_by.is_some());
-            let timeout = if waiting {
+            let late = !self.unregistered.is_empty() && self.register_late();
+            let timeout = if waiting || late {
                 EpollTimeout::from(10u16)
             } else {
                 EpollTimeout::NONE

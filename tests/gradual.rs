@@ -340,3 +340,46 @@ fn a_new_process_killed_before_it_took_a_batch_costs_no_one() {
     let mut late = Client::login(scene.server.addr, "late");
     assert_eq!(late.ask("/version"), version_line("v1", old, 1));
 }
+
+#[test]
+fn an_old_process_killed_in_a_batch_leaves_that_batch_with_the_new_one() {
+    // The new process sleeps before it takes ann's batch; the old process
+    // is killed then. The batch had not been confirmed: the new process
+    // finds the old one gone and serves ann.
+    let mut scene = Scene::start("gr-old-killed-in-batch", "10");
+    let old = scene.server.pid;
+    scene.server.deploy(&faulty("slow-take"));
+    let mark = scene.server.mark();
+    let cli = migrate_in_background(&scene.server, old, &["--batch", "1", "--every", "60"]);
+    scene
+        .server
+        .wait_log(mark, "sleeping 3 s before taking the users");
+    let new = wait_for("the new process", || {
+        scene.server.strays().first().map(|p| *p as i32)
+    });
+    let _reaper = Reaper(new);
+    scene.server.signal(Signal::SIGKILL);
+    scene.server.wait_exit();
+    let _ = finished(cli);
+    scene
+        .server
+        .wait_log(mark, "ended as it handed a batch over");
+    assert_eq!(
+        scene.ann.ask("/version"),
+        version_line("bad-slow-take", new, 2)
+    );
+    assert_eq!(scene.ann.ask("/get color"), "color = green");
+    assert_eq!(scene.ann.ask("/who"), "online: ann");
+}
+
+#[test]
+fn a_new_process_that_panics_after_adopting_the_shared_part_costs_no_one() {
+    let mut scene = Scene::start("gr-panics", "5");
+    let old = scene.server.pid;
+    scene.server.deploy(&faulty("panic-after-adopt"));
+    let cli = migrate_in_background(&scene.server, old, &["--batch", "1", "--every", "0.1"]);
+    let (out, text) = finished(cli);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("rolled back"), "{text}");
+    scene.everyone_kept("v1", 1, "a new process that panics in a gradual migration");
+}

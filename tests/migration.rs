@@ -579,3 +579,49 @@ fn a_server_alone_in_its_process_group_leaves_the_group_to_the_new_process() {
     assert!(trace.contains("DELAYED"), "{trace}");
     assert_eq!(pgrp(pid), group, "the slow new process's group\n{trace}");
 }
+
+#[test]
+fn a_migration_asked_to_stay_leaves_the_old_process_holding_nothing_until_stopped() {
+    let mut scene = Scene::start("mg-stay", "5");
+    let old = scene.server.pid;
+    scene.server.deploy(&labelled("v2"));
+    let out = Command::new(env!("CARGO_BIN_EXE_copyover"))
+        .args(["migrate", &old.to_string(), "--stay", "--status-dir"])
+        .arg(scene.server.scratch.0.join("status"))
+        .output()
+        .expect("run copyover");
+    assert!(out.status.success(), "{out:?}");
+    let new = new_pid(&out);
+    let _reaper = Reaper(new);
+    // The old process stays, and holds none of what it handed over.
+    scene
+        .server
+        .wait_log(0, "migrated: staying, serving nobody, until stopped");
+    assert!(scene.server.alive());
+    let held = sockets(old);
+    let theirs = sockets(new);
+    assert!(
+        held.values()
+            .all(|inode| !theirs.values().any(|t| t == inode)),
+        "the old process still holds {held:?}; the new one {theirs:?}"
+    );
+    assert_eq!(scene.ann.ask("/version"), version_line("v2", new, 2));
+    scene.bob.send("tial line\r\n");
+    assert_eq!(scene.ann.line(), "bob: partial line");
+    // Stopped, it exits 0; nobody notices.
+    scene.server.signal(Signal::SIGTERM);
+    assert!(scene.server.wait_exit().success());
+    assert_eq!(scene.bob.ask("/who"), "online: ann, bob");
+    // A connection the new process closes ends: no copy elsewhere holds it.
+    scene.ann.send("/quit\r\n");
+    assert_eq!(scene.ann.line(), "bye");
+    wait_for("ann's end of stream", || {
+        let mut chunk = [0u8; 256];
+        match std::io::Read::read(&mut scene.ann.stream, &mut chunk) {
+            Ok(0) => Some(()),
+            Ok(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(e) => panic!("ann: {e}"),
+        }
+    });
+}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use copyover::status::{
     Outcome, Status, request_gradual_migration, request_migration, request_move_back,
-    request_upgrade, start_ticks, status_dir, status_path,
+    request_staying_migration, request_upgrade, start_ticks, status_dir, status_path,
 };
 use nix::errno::Errno;
 use nix::sys::signal::kill;
@@ -85,6 +85,10 @@ enum Command {
         /// (the new process then exits).
         #[arg(long)]
         back: bool,
+        /// Once it handed everything over, PID stays (serving nobody) until
+        /// it is stopped (SIGTERM), instead of exiting.
+        #[arg(long, conflicts_with = "back")]
+        stay: bool,
     },
     /// Prints the running generation, version, start time and the last
     /// outcome of PID.
@@ -148,6 +152,7 @@ fn main() -> ExitCode {
             batch,
             every,
             back,
+            stay,
         } => {
             let t = Target::new(target, timeout);
             let dir = t.dir.clone();
@@ -155,8 +160,10 @@ fn main() -> ExitCode {
                 move_back(&t)
             } else if let Some(batch) = batch {
                 migrate(&t, &move |s: &Status| {
-                    request_gradual_migration(s, &dir, batch as usize, every)
+                    request_gradual_migration(s, &dir, batch as usize, every, stay)
                 })
+            } else if stay {
+                migrate(&t, &move |s: &Status| request_staying_migration(s, &dir))
             } else {
                 migrate(&t, &request_migration)
             }

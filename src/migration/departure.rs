@@ -356,6 +356,8 @@ pub(crate) struct HandOver<'a> {
     /// A gradual migration: what is handed over is the shared part, and
     /// both processes serve after it (`share`, not `go`).
     pub gradual: bool,
+    /// After handing over for good, stay until stopped instead of exiting.
+    pub stay: bool,
 }
 
 /// Seals the state, hands it and every kept descriptor to the newcomer,
@@ -377,6 +379,7 @@ pub(crate) fn hand_over<S: serde::Serialize>(
         ready_timeout,
         reporter,
         gradual,
+        stay,
     } = h;
     let pid = newcomer.pid();
     let failed = |reason: String| UpgradeError::Migration { pid, reason };
@@ -452,7 +455,7 @@ pub(crate) fn hand_over<S: serde::Serialize>(
     if let Err(e) = newcomer.send(GO, &[], deadline) {
         return Err(failed(format!("it went away as it became ready ({e})")));
     }
-    leave(newcomer, requests, &reporter)
+    leave(newcomer, requests, &reporter, stay.then_some(fds))
 }
 
 /// After `go`: the newcomer is let go first (nothing here may kill it any
@@ -466,9 +469,14 @@ pub(crate) fn hand_over<S: serde::Serialize>(
 /// process waits for the newcomer to join its process group (`joined`):
 /// the group a supervisor or a terminal signals then still holds the
 /// server.
-fn leave(newcomer: Newcomer, requests: &Requests, reporter: &Reporter) -> ! {
+fn leave(
+    newcomer: Newcomer,
+    requests: &Requests,
+    reporter: &Reporter,
+    stay: Option<Vec<RawFd>>,
+) -> ! {
     let waiter = newcomer.sock.try_clone().ok();
-    leave_with(newcomer, requests, reporter, move || {
+    leave_with(newcomer, requests, reporter, stay, move || {
         if let Some(sock) = waiter
             && matches!(
                 sys::wait_readable(sock.as_fd(), Duration::from_secs(1)),
@@ -482,11 +490,14 @@ fn leave(newcomer: Newcomer, requests: &Requests, reporter: &Reporter) -> ! {
 }
 
 /// [`leave`], with `await_joined` waiting (a second at most) for the
-/// newcomer's `joined`.
+/// newcomer's `joined`. With `stay` (the descriptors handed over), this
+/// process closes those and stays, serving nobody, until it is asked to
+/// stop (SIGTERM, SIGINT).
 pub(super) fn leave_with(
     mut newcomer: Newcomer,
     requests: &Requests,
     reporter: &Reporter,
+    stay: Option<Vec<RawFd>>,
     await_joined: impl FnOnce(),
 ) -> ! {
     let pid = newcomer.pid();
@@ -494,6 +505,25 @@ pub(super) fn leave_with(
     pass_on(pid, requests);
     crate::status::report(Outcome::Migrated { to: pid }, reporter);
     await_joined();
+    if let Some(fds) = stay {
+        stay_until_stopped(&fds, requests);
+    }
+    std::process::exit(0)
+}
+
+/// Drops this process's copies of what it handed over (the new process's
+/// connections must end when it closes them: each number is pointed at
+/// `/dev/null`), then waits for SIGTERM or SIGINT and exits 0. The
+/// application's code on this thread never runs again; no destructor runs.
+fn stay_until_stopped(fds: &[RawFd], requests: &Requests) -> ! {
+    for fd in fds {
+        sys::close_handed_over(*fd);
+    }
+    tracing::info!("migrated: staying, serving nobody, until stopped (SIGTERM)");
+    while !crate::signal::take(&requests.shutdown) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tracing::info!("stopped after the migration");
     std::process::exit(0)
 }
 

@@ -122,6 +122,9 @@ pub(crate) struct Window {
     pub(crate) moved_in: usize,
     /// A request that waits for the window's end was logged.
     pub(crate) told_waiting: bool,
+    /// The old process stays after the migration (serving nobody): the
+    /// shared descriptors it handed over, to let go of then.
+    stay: Option<Vec<RawFd>>,
 }
 
 /// A batch received, not yet taken.
@@ -174,10 +177,12 @@ impl Window {
         batch: usize,
         every: Duration,
         wake: Arc<OwnedFd>,
+        stay: Option<Vec<RawFd>>,
     ) -> std::io::Result<Window> {
         let sock = newcomer.link_socket()?;
         let peer = newcomer.pid();
         let mut w = Window::new(Side::Old { newcomer }, peer, sock, wake)?;
+        w.stay = stay;
         w.start_moving(batch, every);
         Ok(w)
     }
@@ -214,6 +219,7 @@ impl Window {
             moved_in: 0,
             told_waiting: false,
             longest_batch_ns: 0,
+            stay: None,
         })
     }
 
@@ -533,7 +539,7 @@ impl Window {
         match self.side {
             Side::Old { newcomer } => {
                 let link = self.link;
-                departure::leave_with(newcomer, requests, reporter, move || {
+                departure::leave_with(newcomer, requests, reporter, self.stay, move || {
                     link.wait_for(Instant::now() + Duration::from_secs(1), |m| {
                         matches!(m, Incoming::Joined)
                     });

@@ -179,6 +179,9 @@ pub struct Copyover<S> {
     gradual: Option<(usize, Duration)>,
     /// A gradual migration asked for from the code, for when it starts.
     pending_gradual: Option<(usize, Duration)>,
+    /// After the migration under way, this process stays (serving nobody)
+    /// until it is stopped, instead of exiting.
+    stay: bool,
     /// A gradual migration under way: both processes serve.
     pub(crate) window: Option<crate::migration::Window>,
     /// The migration socket, with `Config::migration_socket`, once ready.
@@ -238,6 +241,7 @@ impl<S> Copyover<S> {
             fds_renumbered: false,
             gradual: None,
             pending_gradual: None,
+            stay: false,
             window: None,
             door: None,
             knock: None,

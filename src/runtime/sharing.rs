@@ -9,21 +9,48 @@ use crate::migration::{Arrived, Batch, Ending, Step, Window};
 /// What a migration request file (`PID.migrate`) asks for.
 #[derive(Debug, PartialEq, Eq)]
 enum Request {
-    Gradual { batch: usize, every: Duration },
+    /// `whole [stay]`.
+    Whole {
+        stay: bool,
+    },
+    /// `gradual BATCH MS [stay]`.
+    Gradual {
+        batch: usize,
+        every: Duration,
+        stay: bool,
+    },
     Back,
 }
 
 fn parse_request(text: &str) -> Option<Request> {
     let mut words = text.split_whitespace();
-    match words.next()? {
-        "back" => Some(Request::Back),
+    let request = match words.next()? {
+        "back" => return words.next().is_none().then_some(Request::Back),
+        "whole" => Request::Whole { stay: false },
         "gradual" => {
             let batch = words.next()?.parse::<usize>().ok()?.max(1);
             let every = Duration::from_millis(words.next()?.parse().ok()?);
-            Some(Request::Gradual { batch, every })
+            Request::Gradual {
+                batch,
+                every,
+                stay: false,
+            }
         }
-        _ => None,
+        _ => return None,
+    };
+    let stay = match words.next() {
+        None => false,
+        Some("stay") => true,
+        Some(_) => return None,
+    };
+    if words.next().is_some() {
+        return None;
     }
+    Some(match request {
+        Request::Whole { .. } => Request::Whole { stay },
+        Request::Gradual { batch, every, .. } => Request::Gradual { batch, every, stay },
+        back => back,
+    })
 }
 
 impl<S> Copyover<S> {
@@ -79,8 +106,13 @@ impl<S> Copyover<S> {
                 self.request_move_back();
                 true
             }
-            Some(Request::Gradual { batch, every }) => {
+            Some(Request::Gradual { batch, every, stay }) => {
                 self.gradual = Some((batch, every));
+                self.stay = stay;
+                false
+            }
+            Some(Request::Whole { stay }) => {
+                self.stay = stay;
                 false
             }
             // A plain SIGUSR2: whole, unless the code asked for a gradual
@@ -117,15 +149,16 @@ impl<S> Copyover<S> {
     pub(super) fn open_window(
         &mut self,
         newcomer: crate::migration::Newcomer,
+        shared: Vec<std::os::fd::RawFd>,
     ) -> Result<Progress, UpgradeError> {
         let (batch, every) = self.gradual.take().unwrap_or((1, Duration::from_secs(1)));
         let with = newcomer.pid();
+        let stay = std::mem::take(&mut self.stay).then_some(shared);
+        let wake = self.requests.tx.clone();
         let window =
-            Window::old(newcomer, batch, every, self.requests.tx.clone()).map_err(|source| {
-                UpgradeError::Io {
-                    what: "start the gradual migration's link",
-                    source,
-                }
+            Window::old(newcomer, batch, every, wake, stay).map_err(|source| UpgradeError::Io {
+                what: "start the gradual migration's link",
+                source,
             })?;
         tracing::info!(
             with,
@@ -346,20 +379,36 @@ mod tests {
     fn requests_read_back_and_nonsense_is_refused() {
         assert_eq!(parse_request("back\n"), Some(Request::Back));
         assert_eq!(
+            parse_request("whole stay\n"),
+            Some(Request::Whole { stay: true })
+        );
+        assert_eq!(parse_request("whole"), Some(Request::Whole { stay: false }));
+        assert_eq!(
             parse_request("gradual 3 250\n"),
             Some(Request::Gradual {
                 batch: 3,
-                every: Duration::from_millis(250)
+                every: Duration::from_millis(250),
+                stay: false
             })
         );
         assert_eq!(
-            parse_request("gradual 0 10"),
+            parse_request("gradual 0 10 stay"),
             Some(Request::Gradual {
                 batch: 1,
-                every: Duration::from_millis(10)
+                every: Duration::from_millis(10),
+                stay: true
             })
         );
-        for bad in ["", "gradual", "gradual x 10", "gradual 3", "forward 1 2"] {
+        for bad in [
+            "",
+            "gradual",
+            "gradual x 10",
+            "gradual 3",
+            "forward 1 2",
+            "whole go",
+            "back stay",
+            "gradual 1 10 stay now",
+        ] {
             assert_eq!(parse_request(bad), None, "{bad}");
         }
     }

@@ -125,8 +125,10 @@ impl<S> Copyover<S> {
                 // Both at once: the upgrade first, which needs no new process.
                 self.migrating = !upgrade;
                 if self.migrating {
-                    // Gradual or whole is decided here, once.
+                    // Gradual or whole (and whether to stay) is decided
+                    // here, once.
                     self.gradual = None;
+                    self.stay = false;
                     if self.take_migration_request() {
                         // `back` with no gradual migration under way: said,
                         // and nothing to start.
@@ -378,10 +380,11 @@ impl<S> Copyover<S> {
                 ready_timeout: self.config.ready_timeout,
                 reporter,
                 gradual,
+                stay: self.stay,
             },
         );
         self.open_door();
-        self.open_window(handed?)
+        self.open_window(handed?, manifest.fds().collect())
     }
 
     /// Starts the probe of the external newcomer that knocked: the state

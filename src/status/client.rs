@@ -77,9 +77,27 @@ pub fn request_gradual_migration(
     dir: &Path,
     batch: usize,
     every: std::time::Duration,
+    stay: bool,
 ) -> io::Result<()> {
-    let text = format!("gradual {} {}\n", batch.max(1), every.as_millis());
+    let text = format!(
+        "gradual {} {}{}\n",
+        batch.max(1),
+        every.as_millis(),
+        if stay { " stay" } else { "" }
+    );
     write_request(status, dir, &text)
+}
+
+/// Asks for a whole migration after which the old process **stays**,
+/// serving nobody, until it is stopped (SIGTERM), instead of exiting
+/// (`whole stay` in `PID.migrate`, then SIGUSR2; see
+/// [`request_gradual_migration`]; `stay` there does the same).
+///
+/// # Errors
+///
+/// As [`request_gradual_migration`].
+pub fn request_staying_migration(status: &Status, dir: &Path) -> io::Result<()> {
+    write_request(status, dir, "whole stay\n")
 }
 
 /// Asks the old process of a gradual migration under way to move every

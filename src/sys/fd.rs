@@ -102,3 +102,20 @@ pub(crate) fn readable_among(
         Err(e) => Err(e.into()),
     }
 }
+
+/// Points descriptor `fd` at `/dev/null` (`dup3` over it, close-on-exec):
+/// this process's reference to what `fd` named (a socket handed to another
+/// process) is dropped, while the number stays open and owned by whoever
+/// owned it, so no other thread can be handed that number by a later
+/// `open`. Used by an old process that stays after a migration: the new
+/// process's connections must end when it closes them.
+pub(crate) fn close_handed_over(fd: RawFd) {
+    let Ok(null) = std::fs::File::open("/dev/null") else {
+        return;
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup3 only changes which file the number `fd` names, in one
+    // step: the number stays valid for its owner (it never dangles, and is
+    // never free for another thread's `open`). `null` outlives the call.
+    let _ = unsafe { syscall!(dup3(null.as_raw_fd(), fd, libc::O_CLOEXEC)) };
+}

@@ -86,7 +86,8 @@ mod time;
 
 pub(crate) use exec::{execveat, execveat_prepared, inherit_only, keep_fd_in_child, write_decimal};
 pub(crate) use fd::{
-    cloexec_from, dup_at_least, is_cloexec, readable_among, set_cloexec, wait_readable,
+    cloexec_from, close_handed_over, dup_at_least, is_cloexec, readable_among, set_cloexec,
+    wait_readable,
 };
 pub(crate) use inherit::{Claims, FdSet};
 pub(crate) use limits::{nofile_limit, remove_env_var, thread_count};

@@ -40,14 +40,14 @@
 //!    descriptors, as after an exec. Its [`ready`](crate::Copyover::ready)
 //!    says `ready` and waits for the old process's `go`.
 //! 5. The old process answers `go`, passes on the requests that reached
-//!    it meanwhile (asked to stay, `copyover migrate --stay`, it then
-//!    points every descriptor it handed over at `/dev/null` and waits for
-//!    SIGTERM instead of exiting), writes `migrated` to its status file, waits (a second
+//!    it meanwhile, writes `migrated` to its status file, waits (a second
 //!    at most) for the newcomer to say `joined` (it moved into the old
 //!    process's process group, which the old one's exit could otherwise
-//!    take away), and exits. The newcomer serves, reports `complete`
-//!    (`READY=1`), and once the old process is gone tells systemd
-//!    `MAINPID=` (its own).
+//!    take away), and exits. (Asked to stay, `copyover migrate --stay`,
+//!    it instead points every descriptor it handed over at `/dev/null`
+//!    and waits, serving nobody, for SIGTERM.) The newcomer serves,
+//!    reports `complete` (`READY=1`), and once the old process is gone
+//!    tells systemd `MAINPID=` (its own).
 //!
 //! # Under systemd
 //!

@@ -220,6 +220,30 @@ fn restore<T: Session>((buffers, record, socket, tls): Pair<T>) -> Result<T, Err
     Ok(T::restore(record, T::Transport::rebuild(socket, buffers)))
 }
 
+/// Puts first the sessions with input waiting on their socket or bytes in
+/// their buffers (a stable order otherwise); returns how many. One `poll`
+/// over every socket: a failure of it leaves the order as it was.
+fn active_first<T: Session>(pairs: &mut Vec<Pair<T>>) -> usize {
+    let readable = {
+        let fds: Vec<std::os::fd::BorrowedFd<'_>> = pairs
+            .iter()
+            .map(|(_, _, socket, _)| socket.as_fd())
+            .collect();
+        crate::sys::readable_among(&fds, std::time::Duration::ZERO)
+            .unwrap_or_else(|_| vec![false; fds.len()])
+    };
+    let (mut first, rest): (Vec<_>, Vec<_>) = std::mem::take(pairs)
+        .into_iter()
+        .zip(readable)
+        .partition(|((buffers, ..), readable)| {
+            *readable || !buffers.unread.is_empty() || !buffers.unsent.is_empty()
+        });
+    let waiting = first.len();
+    first.extend(rest);
+    *pairs = first.into_iter().map(|(pair, _)| pair).collect();
+    waiting
+}
+
 /// A session's buffers, record and socket, and its TLS connection.
 #[cfg(feature = "tls")]
 type Pair<T> = (
@@ -432,6 +456,11 @@ impl<T: Session> Server<T> {
             }
             id += 1;
         }
+        // The sessions someone is waiting on first (input came during the
+        // blackout, or bytes are buffered either way): the application
+        // spawns their tasks first, so they serve before the idle ones
+        // have even run once.
+        let waiting = active_first::<T>(&mut pairs);
         // Registered with tokio on the runtime's workers, a share each: from
         // this thread, each registration would wake the worker that waits
         // for events, a thread switch per session.
@@ -460,6 +489,7 @@ impl<T: Session> Server<T> {
         self.co.ready()?;
         tracing::debug!(
             sessions = sessions.len(),
+            waiting,
             restore_ms = started.elapsed().as_secs_f64() * 1e3,
             "sessions restored"
         );
@@ -563,5 +593,61 @@ impl<T: Session> Server<T> {
     /// The [`AsyncCopyover`], for everything else ([`generation`](Copyover::generation), ...).
     pub fn copyover(&mut self) -> &mut AsyncCopyover<Sessions<T>> {
         &mut self.co
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Plain(TcpStream);
+
+    impl Session for Plain {
+        type Transport = TcpStream;
+        type Record = u32;
+        fn transport(&self) -> &TcpStream {
+            &self.0
+        }
+        fn save(&mut self) -> u32 {
+            0
+        }
+        fn restore(_: u32, transport: TcpStream) -> Plain {
+            Plain(transport)
+        }
+    }
+
+    #[test]
+    fn sessions_someone_waits_on_come_first_in_their_order() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut peers = Vec::new();
+        let mut pairs: Vec<Pair<Plain>> = (0..4u32)
+            .map(|i| {
+                peers.push(std::net::TcpStream::connect(addr).unwrap());
+                let (socket, _) = listener.accept().unwrap();
+                let buffers = Buffers {
+                    unread: Vec::new(),
+                    unsent: if i == 3 {
+                        b"queued".to_vec()
+                    } else {
+                        Vec::new()
+                    },
+                };
+                (buffers, i, socket, Default::default())
+            })
+            .collect();
+        // Input waits on the second session's socket; the fourth has output.
+        peers[1].write_all(b"ping\n").unwrap();
+        let socket = pairs[1].2.try_clone().unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !crate::sys::wait_readable(socket.as_fd(), std::time::Duration::from_millis(100))
+            .unwrap()
+        {
+            assert!(std::time::Instant::now() < until, "the ping never arrived");
+        }
+        assert_eq!(active_first::<Plain>(&mut pairs), 2);
+        let order: Vec<u32> = pairs.iter().map(|(_, record, ..)| *record).collect();
+        assert_eq!(order, [1, 3, 0, 2]);
     }
 }

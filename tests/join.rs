@@ -171,3 +171,62 @@ fn strangers_other_users_and_other_applications_are_refused() {
     assert_eq!(ann.line(), "bob: partial line");
     assert_eq!(ann.ask("/get color"), "color = green");
 }
+
+#[test]
+fn an_external_newcomer_takes_users_a_batch_at_a_time() {
+    let server = Server::start_with("jn-gradual", &labelled("v1"), &["--migration-socket"]);
+    let status = server.scratch.0.join("status");
+    let socket = status.join(format!("{}.migration", server.pid));
+    wait_for("the migration socket", || socket.exists().then_some(()));
+    let mut ann = Client::login(server.addr, "ann");
+    let mut bob = Client::login(server.addr, "bob");
+    assert_eq!(ann.ask("/set color green"), "ok");
+    bob.send("par");
+    // The operator prepares it (no signal), then starts the newcomer.
+    let cli = Command::new(env!("CARGO_BIN_EXE_copyover"))
+        .args([
+            "migrate",
+            &server.pid.to_string(),
+            "--external",
+            "--batch",
+            "1",
+        ])
+        .args(["--every", "0.2", "--status-dir"])
+        .arg(&status)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run copyover");
+    let request = status.join(format!("{}.migrate", server.pid));
+    wait_for("the request", || request.exists().then_some(()));
+    let mark = server.mark();
+    let v2 = runnable(&server, &labelled("v2"), "v2");
+    let mut newcomer = Command::new(&v2)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("COPYOVER_JOIN", &socket)
+        .env("COPYOVER_STATUS_DIR", &status)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the newcomer");
+    let new = newcomer.id() as i32;
+    let _reaper = Reaper(new);
+    let out = cli.wait_with_output().expect("copyover's outcome");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("migrated to process {new}")),
+        "{text}"
+    );
+    // One user at a time, then the old process left.
+    server.wait_log(mark, "moved a batch of users moved=1 left=1");
+    server.wait_log(mark, "moved a batch of users moved=1 left=0");
+    let mut server = server;
+    assert!(server.wait_exit().success());
+    assert_eq!(ann.ask("/version"), version_line("v2", new, 1));
+    assert_eq!(ann.ask("/get color"), "color = green");
+    bob.send("tial line\r\n");
+    assert_eq!(ann.line(), "bob: partial line");
+    assert_eq!(bob.ask("/who"), "online: ann, bob");
+    assert!(newcomer.try_wait().expect("wait").is_none());
+}

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use copyover::status::{
-    Outcome, Status, request_gradual_migration, request_migration, request_move_back,
-    request_staying_migration, request_upgrade, start_ticks, status_dir, status_path,
+    Outcome, Status, prepare_migration, request_gradual_migration, request_migration,
+    request_move_back, request_staying_migration, request_upgrade, start_ticks, status_dir,
+    status_path,
 };
 use nix::errno::Errno;
 use nix::sys::signal::kill;
@@ -89,6 +90,11 @@ enum Command {
         /// it is stopped (SIGTERM), instead of exiting.
         #[arg(long, conflicts_with = "back")]
         stay: bool,
+        /// Send no signal: the migration starts when a process started
+        /// elsewhere with COPYOVER_JOIN=DIR/PID.migration connects (PID runs
+        /// with a migration socket); --batch and --stay apply to it.
+        #[arg(long, conflicts_with = "back")]
+        external: bool,
     },
     /// Prints the running generation, version, start time and the last
     /// outcome of PID.
@@ -153,11 +159,17 @@ fn main() -> ExitCode {
             every,
             back,
             stay,
+            external,
         } => {
             let t = Target::new(target, timeout);
             let dir = t.dir.clone();
             if back {
                 move_back(&t)
+            } else if external {
+                let gradual = batch.map(|b| (b as usize, every));
+                migrate(&t, &move |s: &Status| {
+                    prepare_migration(s, &dir, gradual, stay)
+                })
             } else if let Some(batch) = batch {
                 migrate(&t, &move |s: &Status| {
                     request_gradual_migration(s, &dir, batch as usize, every, stay)
@@ -366,8 +378,11 @@ fn migrate(
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    // The new process's own outcome, in its own status file.
+    // The new process's own outcome, in its own status file. One started
+    // elsewhere may write it to another directory (another user's, say):
+    // after 5 s without it, a live new process is reported as such.
     let new_path = status_path(&t.dir, to);
+    let unseen_until = Instant::now() + Duration::from_secs(5);
     loop {
         let gone = kill(Pid::from_raw(to as i32), None) == Err(Errno::ESRCH);
         // Its own file, not one an earlier process of that PID left.
@@ -385,6 +400,14 @@ fn migrate(
                 "process {} handed over to process {to}, which exited before it reported",
                 t.pid
             )));
+        }
+        if Instant::now() >= unseen_until && !new_path.exists() {
+            println!(
+                "process {} migrated to process {to}, which serves; its outcome is not in {} (it writes its status to another directory)",
+                t.pid,
+                t.dir.display()
+            );
+            return Ok(ExitCode::SUCCESS);
         }
         if Instant::now() >= deadline {
             return timed_out();

@@ -17,6 +17,9 @@ use crate::snapshot::{Header, read_sealed};
 use crate::state::{AppState, restore};
 use crate::sys::{self, Claims, monotonic_ns};
 
+/// The old process closed the socket before handing anything over.
+const CLOSED: &str = "the old process closed the migration socket before handing over (it refused this process or the state: see its log)";
+
 /// What the newcomer keeps of the migration until it is ready.
 #[derive(Debug)]
 pub(crate) struct Arrival {
@@ -289,8 +292,13 @@ fn take_over<S: AppState>(
         source,
     })?;
     // In `boot`, checked: the old process may commit now.
-    sys::send_message(sock.as_fd(), HELLO, &[])
-        .map_err(|e| refused(format!("could not say hello to the old process: {e}")))?;
+    sys::send_message(sock.as_fd(), HELLO, &[]).map_err(|e| {
+        refused(match e.raw_os_error() {
+            // It closed the connection at once (a refusal at its door).
+            Some(libc::EPIPE | libc::ECONNRESET) => CLOSED.into(),
+            _ => format!("could not say hello to the old process: {e}"),
+        })
+    })?;
     // An external newcomer is probed first: the snapshot without its
     // descriptors, checked as a probed binary checks it.
     let probe = |memfd: &OwnedFd| -> Result<(), String> {
@@ -378,10 +386,9 @@ fn receive(
 ) -> Result<(OwnedFd, OwnedFd, Vec<OwnedFd>), String> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut first = Vec::with_capacity(1);
-    let closed = "the old process closed the migration socket before handing over (it refused this process or the state: see its log)";
     let mut n = match sys::recv_message(sock, &mut buf, &mut first) {
         // It closed with our `hello` unread.
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(closed.into()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(CLOSED.into()),
         other => other.map_err(|e| format!("could not receive the snapshot: {e}"))?,
     };
     if &buf[..n] == PROBE {
@@ -397,7 +404,7 @@ fn receive(
     }
     let text = String::from_utf8_lossy(&buf[..n]).into_owned();
     if n == 0 {
-        return Err(closed.into());
+        return Err(CLOSED.into());
     }
     let count: usize = text
         .strip_prefix(SNAPSHOT)

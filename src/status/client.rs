@@ -111,6 +111,32 @@ pub fn request_move_back(status: &Status, dir: &Path) -> io::Result<()> {
     write_request(status, dir, "back\n")
 }
 
+/// Prepares the next migration of the process a status file describes,
+/// without starting it: the migration starts when an external newcomer
+/// connects to its migration socket (`COPYOVER_JOIN`, see
+/// [`crate::migration`]). `gradual`: users a batch at a time (how many,
+/// how often); `stay`: the old process stays after it. Only the request
+/// file is written (`PID.migrate`); it applies to whichever migration
+/// starts next.
+///
+/// # Errors
+///
+/// Writing the file.
+pub fn prepare_migration(
+    status: &Status,
+    dir: &Path,
+    gradual: Option<(usize, std::time::Duration)>,
+    stay: bool,
+) -> io::Result<()> {
+    let stay = if stay { " stay" } else { "" };
+    let text = match gradual {
+        Some((batch, every)) => format!("gradual {} {}{stay}\n", batch.max(1), every.as_millis()),
+        None => format!("whole{stay}\n"),
+    };
+    check_dir(dir)?;
+    write_replacing(dir, &request_path(dir, status.pid), text.as_bytes(), false)
+}
+
 fn write_request(status: &Status, dir: &Path, text: &str) -> io::Result<()> {
     check_dir(dir)?;
     let path = request_path(dir, status.pid);

@@ -96,8 +96,8 @@ mod tests;
 
 pub(crate) use client::{migration_socket_path, take_migration_request};
 pub use client::{
-    request_gradual_migration, request_migration, request_move_back, request_staying_migration,
-    request_upgrade, start_ticks,
+    prepare_migration, request_gradual_migration, request_migration, request_move_back,
+    request_staying_migration, request_upgrade, start_ticks,
 };
 pub use file::{Status, read};
 pub use outcome::{Outcome, Phases};

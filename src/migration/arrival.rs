@@ -125,6 +125,17 @@ impl Arrival {
         !answered && self.child_of_old && std::os::unix::process::parent_id() != self.from
     }
 
+    /// The old process, as a pidfd.
+    pub(super) fn old_pidfd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.old.as_fd()
+    }
+
+    /// A descriptor of the old process's pidfd of its own, if one can be
+    /// made.
+    pub(crate) fn old_pidfd_owned(&self) -> Option<OwnedFd> {
+        self.old.try_clone().ok()
+    }
+
     /// A second descriptor of the socket to the old process, for the link
     /// of a gradual migration.
     pub(super) fn link_socket(&self) -> std::io::Result<OwnedFd> {
@@ -207,12 +218,22 @@ pub(crate) fn join<S: AppState>(
             path.display()
         ))
     })?;
-    let (from, _, _) = sys::peer_credentials(sock.as_fd()).map_err(|e| {
+    let (from, uid, _) = sys::peer_credentials(sock.as_fd()).map_err(|e| {
         refused(format!(
             "could not learn who listens at {}: {e}",
             path.display()
         ))
     })?;
+    // Whoever listens there hands over state and descriptors: only this
+    // process's own user or root (a directory another user made at a
+    // predictable path could hold a socket of theirs).
+    let own = sys::effective_uid();
+    if uid != own && uid != 0 {
+        return Err(refused(format!(
+            "the process listening at {} runs as uid {uid}, neither this process's uid {own} nor root: nothing is taken from it",
+            path.display()
+        )));
+    }
     let var = MigrateVar {
         socket: std::os::fd::AsRawFd::as_raw_fd(&sock),
         // 0: it is in a PID namespace this one cannot see.
@@ -405,6 +426,11 @@ fn receive(
     let text = String::from_utf8_lossy(&buf[..n]).into_owned();
     if n == 0 {
         return Err(CLOSED.into());
+    }
+    if let Some(reason) = text.strip_prefix(FAIL) {
+        return Err(format!(
+            "the old process turned this process away: {reason}"
+        ));
     }
     let count: usize = text
         .strip_prefix(SNAPSHOT)

@@ -3,7 +3,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::process::Child;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -502,7 +502,7 @@ pub(super) fn leave_with(
 ) -> ! {
     let pid = newcomer.pid();
     newcomer.let_go();
-    pass_on(pid, requests);
+    pass_on(newcomer.pidfd.as_ref().map(|p| p.as_fd()), pid, requests);
     crate::status::report(Outcome::Migrated { to: pid }, reporter);
     await_joined();
     if let Some(fds) = stay {
@@ -516,11 +516,28 @@ pub(super) fn leave_with(
 /// `/dev/null`), then waits for SIGTERM or SIGINT and exits 0. The
 /// application's code on this thread never runs again; no destructor runs.
 fn stay_until_stopped(fds: &[RawFd], requests: &Requests) -> ! {
-    for fd in fds {
-        sys::close_handed_over(*fd);
+    match std::fs::File::open("/dev/null") {
+        Ok(null) => {
+            for fd in fds {
+                if let Err(e) = sys::close_handed_over(null.as_fd(), *fd) {
+                    tracing::error!(
+                        fd,
+                        "could not let go of a handed-over descriptor ({e}): exiting instead of staying"
+                    );
+                    std::process::exit(0);
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!("could not open /dev/null ({e}): exiting instead of staying");
+            std::process::exit(0);
+        }
     }
     tracing::info!("migrated: staying, serving nobody, until stopped (SIGTERM)");
     while !crate::signal::take(&requests.shutdown) {
+        // The new process, once it exits, is reaped (it was this one's
+        // child).
+        sys::reap_exited_children();
         std::thread::sleep(Duration::from_millis(100));
     }
     tracing::info!("stopped after the migration");
@@ -528,17 +545,27 @@ fn stay_until_stopped(fds: &[RawFd], requests: &Requests) -> ! {
 }
 
 /// Requests that reached this process and that it will not serve (it
-/// exits) go to process `pid`, which serves on: an upgrade, a migration, a
-/// snapshot, a shutdown.
-pub(super) fn pass_on(pid: u32, requests: &Requests) {
-    for (flag, sig) in [
-        (&requests.upgrade, libc::SIGHUP),
-        (&requests.migrate, libc::SIGUSR2),
-        (&requests.save, libc::SIGUSR1),
-        (&requests.shutdown, libc::SIGTERM),
+/// exits) go to the process that serves on (`pidfd`; `pid` only names it in
+/// the log): an upgrade, a migration, a snapshot, a shutdown. Through its
+/// pidfd, never by number: a number seen from another PID namespace names
+/// another process here. Without one, they are logged and dropped.
+pub(super) fn pass_on(pidfd: Option<BorrowedFd<'_>>, pid: u32, requests: &Requests) {
+    for (flag, sig, what) in [
+        (&requests.upgrade, libc::SIGHUP, "an upgrade"),
+        (&requests.migrate, libc::SIGUSR2, "a migration"),
+        (&requests.save, libc::SIGUSR1, "a snapshot"),
+        (&requests.shutdown, libc::SIGTERM, "a shutdown"),
     ] {
-        if crate::signal::take(flag) {
-            let _ = sys::signal_child(pid as i32, sig);
+        if !crate::signal::take(flag) {
+            continue;
+        }
+        let passed = pidfd.map(|fd| sys::pidfd_signal(fd, sig));
+        if !matches!(passed, Some(Ok(()))) {
+            tracing::warn!(
+                to = pid,
+                ?passed,
+                "{what} asked of this process could not be passed on to process {pid}: ask it there"
+            );
         }
     }
 }

@@ -23,6 +23,18 @@ pub(crate) struct Knock {
     pub(super) uid: u32,
 }
 
+impl Knock {
+    /// Lets it go with a reason (`fail REASON`): it leaves, and this
+    /// process serves on.
+    pub(crate) fn refuse(self, reason: &str) {
+        tracing::info!(
+            pid = self.pid,
+            "an external newcomer is turned away: {reason}"
+        );
+        let _ = sys::send_message(self.sock.as_fd(), format!("fail {reason}").as_bytes(), &[]);
+    }
+}
+
 /// The listening socket and the thread that answers it.
 #[derive(Debug)]
 pub(crate) struct Door {
@@ -94,8 +106,9 @@ fn answer(
             Ok(s) => s,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EBADF)) => return,
             Err(e) => {
-                tracing::warn!("the migration socket's accept failed ({e}); trying again");
-                std::thread::sleep(Duration::from_millis(100));
+                // Out of descriptors, say: logged once a second at most.
+                tracing::warn!("the migration socket's accept failed ({e}); trying again in 1 s");
+                std::thread::sleep(Duration::from_secs(1));
                 continue;
             }
         };
@@ -106,6 +119,13 @@ fn answer(
                 continue;
             }
         };
+        if pid == 0 {
+            tracing::warn!(
+                uid,
+                "refused a migration connection: its PID is not visible from here (a PID namespace this process cannot see); start the newcomer where this process's PIDs are visible"
+            );
+            continue;
+        }
         if uid != own && !peers.contains(&uid) {
             tracing::warn!(
                 pid,
@@ -137,8 +157,15 @@ fn answer(
 }
 
 fn says_hello(sock: &OwnedFd) -> bool {
-    if !matches!(sys::wait_readable(sock.as_fd(), HELLO_LIMIT), Ok(true)) {
-        return false;
+    // A signal handled on this thread ends a wait early: waited again.
+    let until = std::time::Instant::now() + HELLO_LIMIT;
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        match sys::wait_readable(sock.as_fd(), left) {
+            Ok(true) => break,
+            Ok(false) if !left.is_zero() => {}
+            _ => return false,
+        }
     }
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut fds = Vec::new();

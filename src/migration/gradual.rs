@@ -545,8 +545,8 @@ impl Window {
                     });
                 })
             }
-            Side::New { .. } => {
-                departure::pass_on(peer, requests);
+            Side::New { arrival } => {
+                departure::pass_on(Some(arrival.old_pidfd()), peer, requests);
                 crate::status::report(Outcome::Migrated { to: peer }, reporter);
                 std::process::exit(0)
             }

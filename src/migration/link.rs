@@ -37,6 +37,9 @@ pub(super) const DONE: &[u8] = b"done";
 /// The new process joined the old one's process group.
 pub(super) const JOINED: &[u8] = super::JOINED;
 
+/// The longest one send waits for the other process to read.
+const SEND_LIMIT: Duration = Duration::from_secs(5);
+
 /// How many failures in a row end the link, and the pause between tries.
 const PERSISTENT: u32 = 50;
 const RETRY: Duration = Duration::from_millis(20);
@@ -79,6 +82,9 @@ pub(super) enum Incoming {
     },
     Done,
     Joined,
+    /// A batch's `fds` message outside a batch (what is left of one whose
+    /// first message was lost): dropped by the reader.
+    Batched,
     /// The socket ended (the other process is gone), or it could not be
     /// read: why.
     End(String),
@@ -102,6 +108,7 @@ impl Link {
     /// Starts reading `sock` on a thread of its own; `wake` wakes the
     /// event loop when a message is queued or a batch is due.
     pub(super) fn start(sock: OwnedFd, wake: Arc<OwnedFd>) -> std::io::Result<Arc<Link>> {
+        sys::set_send_timeout(sock.as_fd(), SEND_LIMIT)?;
         let link = Arc::new(Link {
             sock,
             queue: Mutex::new(VecDeque::new()),
@@ -136,6 +143,8 @@ impl Link {
         // (`ENOMEM`, say) and is tried again; [`PERSISTENT`] in a row (a
         // second) end the link.
         let mut failures = 0;
+        // Dropping what is left of a batch whose first message was lost.
+        let mut skipping = false;
         loop {
             let due = self.tick_at.load(Ordering::SeqCst);
             let now = sys::monotonic_ns();
@@ -168,6 +177,17 @@ impl Link {
                 }
             }
             let message = match self.read_one(&mut buf) {
+                // The message was taken off the socket and lost (it, or its
+                // descriptors, did not fit here: `RLIMIT_NOFILE`). If it
+                // began a batch, the batch's descriptors follow: they are
+                // dropped as they come, and the sender, never answered,
+                // keeps the batch.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    tracing::warn!("a message on the link did not fit here ({e}); dropped");
+                    skipping = true;
+                    continue;
+                }
+                Ok(Incoming::Batched) if skipping => continue,
                 Err(e) => {
                     failures += 1;
                     if failures < PERSISTENT {
@@ -179,6 +199,7 @@ impl Link {
                 Ok(message) => message,
             };
             failures = 0;
+            skipping = false;
             let end = matches!(message, Incoming::End(_));
             self.push(message, wake);
             if end {
@@ -226,6 +247,9 @@ impl Link {
 
     fn parse(&self, buf: &mut [u8], n: usize, fds: Vec<OwnedFd>, came_ns: u64) -> Incoming {
         let m = &buf[..n];
+        if m == FDS {
+            return Incoming::Batched;
+        }
         if m == DONE {
             return Incoming::Done;
         }
@@ -349,20 +373,31 @@ impl Link {
     }
 
     /// Sends one message. A passing refusal (`ETOOMANYREFS`: the other
-    /// process is taking the descriptors in flight; `ENOBUFS`, `ENOMEM`...)
-    /// is tried again for a second; the other process's end
-    /// (`EPIPE`, `ECONNRESET`, `ENOTCONN`) is not.
+    /// process is taking the descriptors in flight; `ENOBUFS`, `ENOMEM`,
+    /// `EIO`) is tried again for a second. A send that waited
+    /// [`SEND_LIMIT`] (the other process reads nothing: stopped, or stuck)
+    /// ends the link: a process never waits on it for good.
     pub(super) fn send(&self, message: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
         let until = Instant::now() + Duration::from_secs(1);
         loop {
             match sys::send_message(self.sock.as_fd(), message, fds) {
                 Err(e)
-                    if !matches!(
+                    if matches!(
                         e.raw_os_error(),
-                        Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)
+                        Some(libc::ETOOMANYREFS | libc::ENOBUFS | libc::ENOMEM | libc::EIO)
                     ) && Instant::now() < until =>
                 {
                     std::thread::sleep(Duration::from_micros(200));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.close();
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the other process read nothing for {} s: the link is closed",
+                            SEND_LIMIT.as_secs()
+                        ),
+                    ));
                 }
                 done => return done,
             }

@@ -188,6 +188,8 @@ pub struct Copyover<S> {
     pub(crate) door: Option<crate::migration::Door>,
     /// The external newcomer of the migration asked for.
     knock: Option<crate::migration::Knock>,
+    /// Raised by the migration socket's thread when a newcomer knocked.
+    knocked: Arc<std::sync::atomic::AtomicBool>,
     /// The state type; `fn() -> S` so that the handle is `Send` and `Sync`
     /// whatever `S` is (it holds no `S`).
     state: PhantomData<fn() -> S>,
@@ -245,6 +247,7 @@ impl<S> Copyover<S> {
             window: None,
             door: None,
             knock: None,
+            knocked: Arc::default(),
             state: PhantomData,
         }
     }

@@ -116,16 +116,16 @@ fn take_claim(claim: Option<&OwnedFd>, holder: Option<&OwnedFd>) {
 }
 
 /// Waits, at most `limit`, for process `pid` to be gone.
-fn wait_gone(pid: u32, limit: Duration) {
-    let Ok(pidfd) = sys::pidfd_open(pid as i32) else {
-        return;
-    };
+fn wait_gone(pidfd: &OwnedFd, limit: Duration) -> bool {
     let until = std::time::Instant::now() + limit;
     while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
-        if !matches!(sys::wait_readable(pidfd.as_fd(), left), Ok(false)) {
-            return;
+        match sys::wait_readable(pidfd.as_fd(), left) {
+            Ok(true) => return true,
+            Ok(false) => {}
+            Err(_) => return true,
         }
     }
+    false
 }
 
 /// Reaps the killed holder on the helper thread: its exit tears down the
@@ -172,7 +172,7 @@ impl<S> Copyover<S> {
             return;
         }
         let peers = self.config.migration_peers.clone();
-        let knocked = Arc::clone(&self.requests.migrate);
+        let knocked = Arc::clone(&self.knocked);
         match crate::migration::Door::open(peers, knocked, self.requests.tx.clone()) {
             Ok(door) => self.door = Some(door),
             Err(e) => {
@@ -224,13 +224,36 @@ impl<S> Copyover<S> {
         // gone, when it is the manager's own child (an orphan goes to the
         // nearest subreaper: PID 1, or the user's manager); a main PID
         // taken over from its parent would be an "alien" one, which a
-        // `systemctl stop` SIGKILLs at once (systemd 252). On the helper
-        // thread, after the outcome: the old process's exit tears its
-        // memory down first, which may take a while.
+        // `systemctl stop` SIGKILLs at once (systemd 252). After the
+        // outcome: the old process's exit tears its memory down first,
+        // which may take a while.
+        // On a thread of its own, not the helper thread (its probes would
+        // wait behind it); through the old process's pidfd (its number may
+        // mean another process here). An old process that stays after the
+        // migration (`--stay`) is still there after 30 s: then this one
+        // does not claim to be the main process.
         let old = arrival.from;
+        let Some(pidfd) = arrival.old_pidfd_owned() else {
+            return;
+        };
+        let claim = move || {
+            if wait_gone(&pidfd, Duration::from_secs(30)) {
+                crate::notify::notify(&format!("MAINPID={}", std::process::id()));
+            } else {
+                tracing::info!(
+                    old,
+                    "process {old} is still there: not telling systemd this process is the main one"
+                );
+            }
+        };
+        // Started by the helper thread once the outcome is written.
         self.worker.run_or_here(move || {
-            wait_gone(old, Duration::from_secs(30));
-            crate::notify::notify(&format!("MAINPID={}", std::process::id()));
+            if let Err(e) = std::thread::Builder::new()
+                .name("copyover-mainpid".into())
+                .spawn(claim)
+            {
+                tracing::warn!("not telling systemd this process is the main one: {e}");
+            }
         });
     }
 
@@ -253,9 +276,16 @@ impl<S> Copyover<S> {
         if self.ready {
             return Ok(());
         }
+        let result = self.become_ready();
+        // Only now: a migration's new process that must not serve has left
+        // (see `arrived`), and opened no migration socket.
+        self.open_door();
+        result
+    }
+
+    fn become_ready(&mut self) -> Result<(), Error> {
         let now = monotonic_ns();
         self.ready = true;
-        self.open_door();
         if let Some(arrival) = self.arrival.take() {
             self.arrived(arrival, now);
             return Ok(());

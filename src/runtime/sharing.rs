@@ -84,6 +84,15 @@ impl<S> Copyover<S> {
         }
     }
 
+    /// Whether the migration under way leaves this process staying
+    /// (serving nobody, `copyover migrate --stay`) instead of exiting. A
+    /// server that hands over copies of sockets that its other threads keep
+    /// open (`copyover::tokio::Server`) must abandon such a migration: the
+    /// staying process would keep those connections from ending.
+    pub fn migration_stays(&self) -> bool {
+        self.migrating && self.stay
+    }
+
     /// The other process of a gradual migration under way, or `None`.
     pub fn sharing_with(&self) -> Option<u32> {
         self.window.as_ref().map(|w| w.peer)
@@ -106,12 +115,15 @@ impl<S> Copyover<S> {
                 self.request_move_back();
                 true
             }
+            // The operator's request decides, over one from the code.
             Some(Request::Gradual { batch, every, stay }) => {
+                self.pending_gradual = None;
                 self.gradual = Some((batch, every));
                 self.stay = stay;
                 false
             }
             Some(Request::Whole { stay }) => {
+                self.pending_gradual = None;
                 self.stay = stay;
                 false
             }
@@ -303,9 +315,13 @@ impl<S> Copyover<S> {
             }
             let reporter = self.reporter(0.0, false);
             if let Some(window) = self.window.take() {
+                // Closed first (its file removed): this process exits, or
+                // stays serving nobody.
+                drop(self.door.take());
                 // Returns only if the other process cannot be told: this
                 // one serves on, and the window ends at the next poll.
                 self.window = Some(window.finish(&self.requests, &reporter));
+                self.open_door();
             }
             return Err(UpgradeError::Migration {
                 pid,

@@ -96,6 +96,11 @@ impl<S> Copyover<S> {
     fn poll_signals(&mut self) -> Option<Event> {
         let upgrade = signal::take(&self.requests.upgrade);
         let mut migrate = signal::take(&self.requests.migrate);
+        if signal::take(&self.knocked)
+            && let Some(event) = self.answer_knock(upgrade || migrate)
+        {
+            return Some(event);
+        }
         // The request file is read when its migration starts, or (`back`)
         // during a gradual one: never for a migration already under way.
         if migrate && self.window.is_some() && self.take_request_in_window() {
@@ -135,8 +140,6 @@ impl<S> Copyover<S> {
                         self.migrating = false;
                         return signal::take(&self.requests.save).then_some(Event::SaveSnapshot);
                     }
-                    // A migration to an external newcomer, if one knocked.
-                    self.knock = self.door.as_ref().and_then(|d| d.take());
                 }
                 if upgrade && migrate {
                     wait(&self.requests.migrate);
@@ -170,6 +173,34 @@ impl<S> Copyover<S> {
         None
     }
 
+    /// An external newcomer knocked at the migration socket: its migration
+    /// starts now if nothing else is under way or asked for (with what a
+    /// prepared request file says: gradual, staying); otherwise it is told
+    /// so and let go. A knock is never queued, raised again or passed on.
+    fn answer_knock(&mut self, busy: bool) -> Option<Event> {
+        let knock = self.door.as_ref().and_then(|d| d.take())?;
+        if busy || self.window.is_some() || !matches!(self.phase, Phase::Idle) {
+            knock.refuse("an upgrade or a migration is under way here; try again after it");
+            return None;
+        }
+        self.migrating = true;
+        self.gradual = None;
+        self.stay = false;
+        if self.take_migration_request() {
+            // `back`, with no gradual migration under way: nothing to start.
+            self.migrating = false;
+            knock.refuse("the prepared request asks for no migration");
+            return None;
+        }
+        self.knock = Some(knock);
+        self.requested_at_ns = monotonic_ns();
+        crate::notify::notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=upgrading",
+            crate::notify::monotonic_usec()
+        ));
+        Some(Event::Upgrade)
+    }
+
     /// Moves the upgrade forward; call it on [`Event::Upgrade`] and on
     /// [`Event::UpgradeApproved`] with the whole current state and every
     /// descriptor to keep.
@@ -200,6 +231,7 @@ impl<S> Copyover<S> {
             self.phase = Phase::Idle;
             self.migrating = false;
             self.gradual = None;
+            self.knock = None;
             // A migration's new process that did not take over is killed.
             self.arriving = None;
             self.newcomer = None;
@@ -434,6 +466,7 @@ impl<S> Copyover<S> {
     pub fn abandon(&mut self, reason: &str) {
         self.arriving = None;
         self.newcomer = None;
+        self.knock = None;
         self.migrating = false;
         self.gradual = None;
         self.wake_if_queued();

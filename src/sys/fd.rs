@@ -103,19 +103,22 @@ pub(crate) fn readable_among(
     }
 }
 
-/// Points descriptor `fd` at `/dev/null` (`dup3` over it, close-on-exec):
-/// this process's reference to what `fd` named (a socket handed to another
-/// process) is dropped, while the number stays open and owned by whoever
-/// owned it, so no other thread can be handed that number by a later
-/// `open`. Used by an old process that stays after a migration: the new
-/// process's connections must end when it closes them.
-pub(crate) fn close_handed_over(fd: RawFd) {
-    let Ok(null) = std::fs::File::open("/dev/null") else {
-        return;
-    };
+/// Points descriptor `fd` at `null` (an open `/dev/null`; `dup3` over it,
+/// close-on-exec): this process's reference to what `fd` named (a socket
+/// handed to another process) is dropped, while the number stays open and
+/// owned by whoever owned it, so no later `open` is handed that number.
+/// Used by an old process that stays after a migration: the new process's
+/// connections must end when it closes them.
+///
+/// The owner of `fd` then reads end-of-file and writes into nothing: the
+/// caller guarantees no code of the application runs on that descriptor
+/// any more (the staying process runs no application code again, and the
+/// runtime refuses to stay with copies of sockets that other threads keep).
+pub(crate) fn close_handed_over(null: std::os::fd::BorrowedFd<'_>, fd: RawFd) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    // SAFETY: dup3 only changes which file the number `fd` names, in one
-    // step: the number stays valid for its owner (it never dangles, and is
-    // never free for another thread's `open`). `null` outlives the call.
-    let _ = unsafe { syscall!(dup3(null.as_raw_fd(), fd, libc::O_CLOEXEC)) };
+    // SAFETY: dup3 changes which file the number `fd` names, in one step:
+    // the number never dangles and is never free for another `open`; no
+    // memory is touched. Which file it names is the caller's contract (see
+    // above).
+    unsafe { syscall!(dup3(null.as_raw_fd(), fd, libc::O_CLOEXEC)) }.map(drop)
 }

@@ -42,7 +42,7 @@ pub(crate) use memfd::{
 pub(crate) use process::on_main_thread;
 pub(crate) use process::{
     check_executable, effective_uid, has_exited, join_process_group, kill, kill_group,
-    process_group_of, real_uid, reap, reap_exited_children, set_thread_name, signal_child,
+    process_group_of, real_uid, reap, reap_exited_children, set_thread_name,
 };
 #[cfg(all(test, feature = "tokio"))]
 pub(crate) use signal::is_blocked;

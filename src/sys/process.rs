@@ -19,14 +19,6 @@ pub(crate) fn kill(pid: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// Sends `sig` to process `pid`: only a child of ours, under the same rule
-/// as [`kill`].
-pub(crate) fn signal_child(pid: i32, sig: libc::c_int) -> io::Result<()> {
-    let sig = nix::sys::signal::Signal::try_from(sig)?;
-    nix::sys::signal::kill(Pid::from_raw(pid), sig)?;
-    Ok(())
-}
-
 /// The process group of process `pid`.
 pub(crate) fn process_group_of(pid: i32) -> io::Result<i32> {
     Ok(nix::unistd::getpgid(Some(Pid::from_raw(pid)))?.as_raw())

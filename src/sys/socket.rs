@@ -169,49 +169,75 @@ pub(crate) fn send_message(sock: BorrowedFd<'_>, message: &[u8], fds: &[RawFd]) 
 ///
 /// `recvmsg`'s error; `InvalidData` if the message or its descriptors did
 /// not fit (`MSG_TRUNC`, `MSG_CTRUNC`: the kernel closed the descriptors
-/// it could not install, for instance at the `RLIMIT_NOFILE` limit).
+/// it could not install, for instance at the `RLIMIT_NOFILE` limit, and
+/// this closes the ones it did): that message is gone.
 pub(crate) fn recv_message(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
 ) -> io::Result<usize> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
-    let mut iov = [io::IoSliceMut::new(buf)];
-    let msg = loop {
-        match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Err(nix::errno::Errno::EINTR) => {}
+    // Room for one SCM_RIGHTS message of MAX_FDS_PER_MESSAGE descriptors,
+    // aligned for `cmsghdr`.
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS_PER_MESSAGE * size_of::<RawFd>()) as u32) };
+    let mut control = vec![0u64; (space as usize).div_ceil(size_of::<u64>())];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty one.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() * size_of::<u64>();
+    let bytes = loop {
+        // SAFETY: `msg` points at `iov` (which points at `buf`) and at
+        // `control`, all alive and writable for the whole call, with their
+        // true lengths; the kernel writes within them.
+        match unsafe { syscall!(recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC)) } {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             other => break other?,
         }
     };
-    let (bytes, flags) = (msg.bytes, msg.flags);
-    // Checked first: with MSG_CTRUNC the kernel installed what fit and
-    // closed the rest, and nix gives none of them back (they stay open,
-    // close-on-exec, in a process that is about to fail anyway).
-    if flags.intersects(MsgFlags::MSG_CTRUNC | MsgFlags::MSG_TRUNC) {
+    // Every descriptor the kernel installed gets an owner first, even from a
+    // truncated message (with MSG_CTRUNC it installed what fit, at the
+    // `RLIMIT_NOFILE` limit say, and closed the rest): dropped below, they
+    // are closed, not leaked. nix refuses to read a truncated message's
+    // control data; the kernel writes only whole `cmsghdr`s within
+    // `msg_controllen`, so walking them is sound.
+    let mut received = Vec::new();
+    // SAFETY: CMSG_FIRSTHDR and CMSG_NXTHDR stay within `msg_control` and
+    // `msg_controllen` as the kernel set them; each header they return is a
+    // whole one the kernel wrote into `control`, which is alive and aligned
+    // for `cmsghdr` (a buffer of u64).
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let header = &*cmsg;
+            if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                let len = header.cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / size_of::<RawFd>() {
+                    // The kernel has just installed each of these in this
+                    // process's table for this call alone: exactly one owner.
+                    received.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & (libc::MSG_CTRUNC | libc::MSG_TRUNC) != 0 {
+        drop(received);
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "a message or its descriptors did not fit (MSG_TRUNC or MSG_CTRUNC): \
-             the kernel closed the descriptors it could not install; check RLIMIT_NOFILE",
+             the kernel closed the descriptors it could not install (and this \
+             process those it did); check RLIMIT_NOFILE",
         ));
     }
-    for cmsg in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(raw) = cmsg {
-            // SAFETY: the kernel has just installed these descriptors in
-            // this process's table for this call alone: nothing else knows
-            // their numbers, so each gets exactly one owner here.
-            fds.extend(
-                raw.into_iter()
-                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-            );
-        }
-    }
-    Ok(bytes)
+    fds.extend(received);
+    Ok(bytes as usize)
 }
 
 /// Sets how long a blocking send on `sock` may wait (`SO_SNDTIMEO`); after

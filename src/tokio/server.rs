@@ -561,6 +561,11 @@ impl<T: Session> Server<T> {
                 let kept = keep(&self.listeners, &[]);
                 let _ = self.co.upgrade(&Sessions::default(), &kept);
             }
+            // Its sockets are handed over as copies its tasks keep open: a
+            // staying old process would keep every connection from ending.
+            Event::UpgradeApproved if self.co.migration_stays() => self.co.abandon(
+                "copyover::tokio::Server cannot stay after a migration (its tasks keep copies of the sockets): migrate without --stay",
+            ),
             Event::UpgradeApproved => {
                 // Dropped during the pause (the caller raced this future):
                 // the upgrade is abandoned, not left under way for good.

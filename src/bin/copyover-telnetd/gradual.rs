@@ -95,6 +95,16 @@ impl Server {
             tracing::warn!("fault build: sleeping 300 ms before moving the batch");
             std::thread::sleep(std::time::Duration::from_millis(300));
         }
+        if batch.is_empty() && !self.streams.is_empty() {
+            // Users are left whose records could not be made: an empty
+            // batch would end the migration (and this process) without
+            // them. The next batch tries again.
+            tracing::warn!(
+                left = self.streams.len(),
+                "no user could be moved in this batch"
+            );
+            return;
+        }
         // With no user left, this does not return.
         match self.co.move_users(&batch) {
             Ok(moved) => {
@@ -252,16 +262,32 @@ impl Server {
     }
 
     /// Registers the users whose registration failed as they arrived;
-    /// whether some are still waiting.
+    /// whether some are still waiting. A user that still cannot be
+    /// registered after 500 tries (10 s) is told so and let go: it would
+    /// never be served.
     pub(crate) fn register_late(&mut self) -> bool {
+        self.late_tries += 1;
+        let give_up = self.late_tries > 500;
         let waiting = std::mem::take(&mut self.unregistered);
         for id in waiting {
-            let Some((stream, _)) = self.streams.get(&id) else {
+            let Some((stream, _)) = self.streams.get_mut(&id) else {
                 continue;
             };
+            if give_up {
+                tracing::error!(
+                    conn = id,
+                    "a user that arrived could not be registered for 10 s; letting it go"
+                );
+                let _ = std::io::Write::write_all(
+                    stream,
+                    b"\r\nThe server cannot serve you here; please reconnect.\r\n",
+                );
+                self.close(id);
+                continue;
+            }
             match self
                 .epoll
-                .add(stream, EpollEvent::new(EpollFlags::EPOLLIN, id))
+                .add(&*stream, EpollEvent::new(EpollFlags::EPOLLIN, id))
             {
                 // Its input, which came meanwhile, is read at once.
                 Ok(()) => {
@@ -272,6 +298,9 @@ impl Server {
                 }
                 Err(_) => self.unregistered.push(id),
             }
+        }
+        if self.unregistered.is_empty() {
+            self.late_tries = 0;
         }
         !self.unregistered.is_empty()
     }

@@ -234,6 +234,7 @@ struct Server {
     /// Users that arrived from the other process whose registration with
     /// epoll failed: tried again every 10 ms.
     unregistered: Vec<u64>,
+    late_tries: u32,
 }
 
 /// Every descriptor to keep across an upgrade.
@@ -393,6 +394,7 @@ fn run(args: Args) -> Result<(), BoxError> {
         online_sent: None,
         online_mark: None,
         unregistered: Vec::new(),
+        late_tries: 0,
     };
     if let Err(e) = server.register(kept) {
         // Roll back while every adopted socket is still open (a no-op on a

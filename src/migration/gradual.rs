@@ -532,14 +532,24 @@ impl Window {
     /// process, as after a whole migration. Returns the window if the other
     /// process cannot be told (its link ended): this process then serves on.
     pub(crate) fn finish(self, requests: &Requests, reporter: &Reporter) -> Window {
-        if self.link.ended() || self.link.send(DONE, &[]).is_err() {
+        if self.link.ended() {
             return self;
         }
         let peer = self.peer;
+        // This process's last outcome comes before `done`, so that the
+        // other one's (systemd's status line, which both write) comes after.
+        if self.is_old() {
+            crate::status::report(Outcome::Migrated { to: peer }, reporter);
+        }
+        if self.link.send(DONE, &[]).is_err() {
+            // Gone meanwhile: this process serves on (its next outcome
+            // says so).
+            return self;
+        }
         match self.side {
             Side::Old { newcomer } => {
                 let link = self.link;
-                departure::leave_with(newcomer, requests, reporter, self.stay, move || {
+                departure::leave_with(newcomer, requests, self.stay, move || {
                     link.wait_for(Instant::now() + Duration::from_secs(1), |m| {
                         matches!(m, Incoming::Joined)
                     });

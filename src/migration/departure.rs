@@ -451,15 +451,15 @@ pub(crate) fn hand_over<S: serde::Serialize>(
         let _ = sys::set_send_timeout(newcomer.sock.as_fd(), Duration::from_secs(5));
         return Ok(newcomer);
     }
-    // This process's last outcome comes before `go`, so that the new
-    // process's own (systemd's status line, which both write) comes after
-    // it. A `go` that then fails is a rollback, reported as such.
-    crate::status::report(Outcome::Migrated { to: pid }, &reporter);
+    // systemd's status line, which both processes write, hears this one
+    // first (one datagram); a `go` that then fails is a rollback, which
+    // says so.
+    crate::status::announce_migrated(pid);
     // The point of no return: from `go` on, the newcomer serves.
     if let Err(e) = newcomer.send(GO, &[], deadline) {
         return Err(failed(format!("it went away as it became ready ({e})")));
     }
-    leave(newcomer, requests, stay.then_some(fds))
+    leave(newcomer, requests, &reporter, stay.then_some(fds))
 }
 
 /// After `go`: the newcomer is let go first (nothing here may kill it any
@@ -473,9 +473,14 @@ pub(crate) fn hand_over<S: serde::Serialize>(
 /// process waits for the newcomer to join its process group (`joined`):
 /// the group a supervisor or a terminal signals then still holds the
 /// server.
-fn leave(newcomer: Newcomer, requests: &Requests, stay: Option<Vec<RawFd>>) -> ! {
+fn leave(
+    newcomer: Newcomer,
+    requests: &Requests,
+    reporter: &Reporter,
+    stay: Option<Vec<RawFd>>,
+) -> ! {
     let waiter = newcomer.sock.try_clone().ok();
-    leave_with(newcomer, requests, stay, move || {
+    leave_with(newcomer, requests, reporter, stay, move || {
         if let Some(sock) = waiter
             && matches!(
                 sys::wait_readable(sock.as_fd(), Duration::from_secs(1)),
@@ -495,12 +500,14 @@ fn leave(newcomer: Newcomer, requests: &Requests, stay: Option<Vec<RawFd>>) -> !
 pub(super) fn leave_with(
     mut newcomer: Newcomer,
     requests: &Requests,
+    reporter: &Reporter,
     stay: Option<Vec<RawFd>>,
     await_joined: impl FnOnce(),
 ) -> ! {
     let pid = newcomer.pid();
     newcomer.let_go();
     pass_on(newcomer.pidfd.as_ref().map(|p| p.as_fd()), pid, requests);
+    crate::status::report(Outcome::Migrated { to: pid }, reporter);
     await_joined();
     if let Some(fds) = stay {
         stay_until_stopped(&fds, requests);

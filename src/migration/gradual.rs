@@ -536,11 +536,10 @@ impl Window {
             return self;
         }
         let peer = self.peer;
-        // This process's last outcome comes before `done`, so that the
-        // other one's (systemd's status line, which both write) comes after.
-        if self.is_old() {
-            crate::status::report(Outcome::Migrated { to: peer }, reporter);
-        }
+        // systemd's status line, which both processes write, hears this
+        // one first (one datagram): the other process answers `done` with
+        // its own.
+        crate::status::announce_migrated(peer);
         if self.link.send(DONE, &[]).is_err() {
             // Gone meanwhile: this process serves on (its next outcome
             // says so).
@@ -549,7 +548,7 @@ impl Window {
         match self.side {
             Side::Old { newcomer } => {
                 let link = self.link;
-                departure::leave_with(newcomer, requests, self.stay, move || {
+                departure::leave_with(newcomer, requests, reporter, self.stay, move || {
                     link.wait_for(Instant::now() + Duration::from_secs(1), |m| {
                         matches!(m, Incoming::Joined)
                     });

@@ -101,6 +101,6 @@ pub use client::{
 };
 pub use file::{Status, read};
 pub use outcome::{Outcome, Phases};
-pub(crate) use report::{Reporter, report};
+pub(crate) use report::{Reporter, announce_migrated, report};
 pub(crate) use safe_io::write_replacing;
 use safe_io::{check_dir, read_bounded};

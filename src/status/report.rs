@@ -42,6 +42,14 @@ pub(crate) struct Reporter {
 /// The lines keep the targets they had when the runtime wrote them itself
 /// ([`TARGET`], [`ROLLBACK_TARGET`]), so that a `RUST_LOG` filter written for
 /// them still matches.
+/// Tells systemd (its status line) that this process migrated to process
+/// `to`: before the migration's last word (`go`, `done`), which the other
+/// process answers with its own status line, that must come after this
+/// one. One datagram; the status file and the log follow with [`report`].
+pub(crate) fn announce_migrated(to: u32) {
+    crate::notify::notify(&format!("STATUS={}", Outcome::Migrated { to }.sentence()));
+}
+
 pub(crate) fn report(outcome: Outcome, who: &Reporter) {
     let status_text = match &outcome {
         Outcome::Started => format!("serving {} (generation {})", who.version, who.generation),
@@ -62,9 +70,11 @@ pub(crate) fn report(outcome: Outcome, who: &Reporter) {
         String::new()
     };
     match &outcome {
-        // The new process says MAINPID= and READY=1 itself, once this one
-        // is gone (see `Copyover::ready`).
-        Outcome::Migrated { .. } => crate::notify::notify(&format!("STATUS={status_text}")),
+        // Told systemd before the hand-over's last word (`announce_migrated`),
+        // so that the new process's status comes after it. The new process
+        // says MAINPID= and READY=1 itself, once this one is gone (see
+        // `Copyover::ready`).
+        Outcome::Migrated { .. } => {}
         _ => crate::notify::notify(&format!("{mainpid}READY=1\nSTATUS={status_text}")),
     }
     let (generation, version) = (who.generation, who.version.as_str());

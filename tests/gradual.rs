@@ -312,11 +312,11 @@ fn a_line_said_while_a_batch_is_made_reaches_the_moving_user_once() {
     assert_eq!(bob.ask("/version"), version_line("v2", new, 1));
 }
 
-#[test]
-fn a_new_process_killed_before_it_took_a_batch_costs_no_one() {
-    // The new process sleeps before it takes a batch; it is killed then,
-    // while the old process waits for its `took`.
-    let mut scene = Scene::start("gr-killed-in-batch", "10");
+/// A scene migrating one user at a time to a build that sleeps 3 s before
+/// it takes a batch, caught in that sleep with ann's batch: the scene, the
+/// `copyover migrate` under way, and the new process.
+fn in_a_batch(name: &str) -> (Scene, Child, i32) {
+    let scene = Scene::start(name, "10");
     let old = scene.server.pid;
     scene.server.deploy(&faulty("slow-take"));
     let mark = scene.server.mark();
@@ -327,6 +327,16 @@ fn a_new_process_killed_before_it_took_a_batch_costs_no_one() {
     let new = wait_for("the new process", || {
         scene.server.strays().first().map(|p| *p as i32)
     });
+    (scene, cli, new)
+}
+
+#[test]
+fn a_new_process_killed_before_it_took_a_batch_costs_no_one() {
+    // The new process sleeps before it takes a batch; it is killed then,
+    // while the old process waits for its `took`.
+    let (scene, cli, new) = in_a_batch("gr-killed-in-batch");
+    let mut scene = scene;
+    let old = scene.server.pid;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(new), Signal::SIGKILL).expect("kill");
     let (out, text) = finished(cli);
     assert_eq!(out.status.code(), Some(1), "{text}");
@@ -346,17 +356,8 @@ fn an_old_process_killed_in_a_batch_leaves_that_batch_with_the_new_one() {
     // The new process sleeps before it takes ann's batch; the old process
     // is killed then. The batch had not been confirmed: the new process
     // finds the old one gone and serves ann.
-    let mut scene = Scene::start("gr-old-killed-in-batch", "10");
-    let old = scene.server.pid;
-    scene.server.deploy(&faulty("slow-take"));
+    let (mut scene, cli, new) = in_a_batch("gr-old-killed-in-batch");
     let mark = scene.server.mark();
-    let cli = migrate_in_background(&scene.server, old, &["--batch", "1", "--every", "60"]);
-    scene
-        .server
-        .wait_log(mark, "sleeping 3 s before taking the users");
-    let new = wait_for("the new process", || {
-        scene.server.strays().first().map(|p| *p as i32)
-    });
     let _reaper = Reaper(new);
     scene.server.signal(Signal::SIGKILL);
     scene.server.wait_exit();

@@ -296,6 +296,25 @@ fn ask(t: &Target, request: &dyn Fn(&Status) -> std::io::Result<()>) -> Result<S
 
 fn upgrade(t: &Target) -> Result<ExitCode, Failure> {
     let before = ask(t, &request_upgrade)?;
+    await_outcome(
+        t,
+        &before,
+        "during the upgrade",
+        "the upgrade may still be under way (see the server's log)",
+        |outcome| outcome.is_complete(),
+    )
+}
+
+/// Waits for PID's next outcome after `before`'s, prints it, and exits 0
+/// if `success` says so, 1 otherwise; 2 if none came in time (`late`
+/// says what that may mean), 3 if PID exited (`while` says when).
+fn await_outcome(
+    t: &Target,
+    before: &Status,
+    while_: &str,
+    late: &str,
+    success: impl Fn(&Outcome) -> bool,
+) -> Result<ExitCode, Failure> {
     let deadline = Instant::now() + t.timeout;
     let path = status_path(&t.dir, t.pid);
     loop {
@@ -304,23 +323,16 @@ fn upgrade(t: &Target) -> Result<ExitCode, Failure> {
             && now.outcome.ends_an_upgrade()
         {
             println!("{}", describe(&now));
-            return Ok(ExitCode::from(if now.outcome.is_complete() {
-                0
-            } else {
-                1
-            }));
+            return Ok(ExitCode::from(u8::from(!success(&now.outcome))));
         }
         if kill(Pid::from_raw(t.pid as i32), None) == Err(Errno::ESRCH) {
             return Err(Failure::Target(format!(
-                "process {} exited during the upgrade",
+                "process {} exited {while_}",
                 t.pid
             )));
         }
         if Instant::now() >= deadline {
-            println!(
-                "no outcome within {:?}: the upgrade may still be under way (see the server's log)",
-                t.timeout
-            );
+            println!("no outcome within {:?}: {late}", t.timeout);
             return Ok(ExitCode::from(2));
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -490,30 +502,11 @@ fn inspect(file: &Path) -> Result<ExitCode, Failure> {
 fn move_back(t: &Target) -> Result<ExitCode, Failure> {
     let dir = t.dir.clone();
     let before = ask(t, &move |s: &Status| request_move_back(s, &dir))?;
-    let deadline = Instant::now() + t.timeout;
-    let path = status_path(&t.dir, t.pid);
-    loop {
-        if let Ok(now) = Status::read(&path)
-            && now.seq > before.seq
-            && now.outcome.ends_an_upgrade()
-        {
-            println!("{}", describe(&now));
-            let back = matches!(&now.outcome, Outcome::RolledBack { reason } if reason.contains("moved back"));
-            return Ok(ExitCode::from(u8::from(!back)));
-        }
-        if kill(Pid::from_raw(t.pid as i32), None) == Err(Errno::ESRCH) {
-            return Err(Failure::Target(format!(
-                "process {} exited while its users were moving back",
-                t.pid
-            )));
-        }
-        if Instant::now() >= deadline {
-            println!(
-                "no outcome within {:?}: is a gradual migration under way? (see the server's log)",
-                t.timeout
-            );
-            return Ok(ExitCode::from(2));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    await_outcome(
+        t,
+        &before,
+        "while its users were moving back",
+        "is a gradual migration under way? (see the server's log)",
+        |outcome| matches!(outcome, Outcome::RolledBack { reason } if reason.contains("moved back")),
+    )
 }

@@ -264,9 +264,7 @@ pub(crate) fn set_send_timeout(
 /// credentials ([`peer_credentials`]). A file already at `path` is
 /// replaced only if it is a socket (one a dead process of this PID left).
 pub(crate) fn seqpacket_listen(path: &std::path::Path, mode: u32) -> io::Result<OwnedFd> {
-    use nix::sys::socket::{
-        AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
-    };
+    use nix::sys::socket::{Backlog, UnixAddr, bind, listen};
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -277,12 +275,7 @@ pub(crate) fn seqpacket_listen(path: &std::path::Path, mode: u32) -> io::Result<
         }
         std::fs::remove_file(path)?;
     }
-    let sock = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let sock = seqpacket_socket()?;
     bind(sock.as_raw_fd(), &UnixAddr::new(path)?)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     listen(&sock, Backlog::new(4)?)?;
@@ -304,15 +297,21 @@ pub(crate) fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 
 /// Connects a `SOCK_SEQPACKET` Unix socket (close-on-exec) to `path`.
 pub(crate) fn seqpacket_connect(path: &std::path::Path) -> io::Result<OwnedFd> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
-    let sock = socket(
+    use nix::sys::socket::{UnixAddr, connect};
+    let sock = seqpacket_socket()?;
+    connect(sock.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(sock)
+}
+
+/// A fresh `SOCK_SEQPACKET` Unix socket, close-on-exec.
+fn seqpacket_socket() -> io::Result<OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    Ok(socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
         SockFlag::SOCK_CLOEXEC,
         None,
-    )?;
-    connect(sock.as_raw_fd(), &UnixAddr::new(path)?)?;
-    Ok(sock)
+    )?)
 }
 
 /// The credentials the kernel recorded for the peer of a connected Unix

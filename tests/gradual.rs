@@ -60,19 +60,26 @@ fn old_outcome(server: &Server) -> Outcome {
     .outcome
 }
 
-#[test]
-fn users_move_in_batches_chat_across_and_can_be_moved_back() {
-    let mut scene = Scene::start("gr-batches", "5");
+/// A scene with c0..c3 besides ann and bob, migrating gradually to v2 two
+/// users a minute: after the first batch, ann and bob (the oldest
+/// connections) are in the new process, c0..c3 in the old one. The scene,
+/// c0..c3, the `copyover migrate` under way, and the new process.
+fn first_batch_moved(name: &str) -> (Scene, Vec<Client>, Child, i32) {
+    let mut scene = Scene::start(name, "5");
     let old = scene.server.pid;
-    let mut others = four_more(&scene.server);
+    let others = four_more(&scene.server);
     scene.server.deploy(&labelled("v2"));
-
-    // One batch of two now, the next in a minute: ann and bob (the oldest
-    // connections) move, c0..c3 stay.
     let mark = scene.server.mark();
     let cli = migrate_in_background(&scene.server, old, &["--batch", "2", "--every", "60"]);
     scene.server.wait_log(mark, "users arrived users=2");
     let new = moved(&mut scene.ann, old);
+    (scene, others, cli, new)
+}
+
+#[test]
+fn users_move_in_batches_chat_across_and_can_be_moved_back() {
+    let (mut scene, mut others, cli, new) = first_batch_moved("gr-batches");
+    let old = scene.server.pid;
     let _reaper = Reaper(new);
     assert_eq!(scene.ann.ask("/version"), version_line("v2", new, 2));
     assert_eq!(serving(&mut others[0]), old, "c0 stays until its batch");
@@ -165,14 +172,8 @@ fn users_move_in_batches_chat_across_and_can_be_moved_back() {
 
 #[test]
 fn a_new_process_killed_midway_costs_only_the_users_it_took() {
-    let mut scene = Scene::start("gr-newdies", "5");
+    let (mut scene, mut others, cli, new) = first_batch_moved("gr-newdies");
     let old = scene.server.pid;
-    let mut others = four_more(&scene.server);
-    scene.server.deploy(&labelled("v2"));
-    let mark = scene.server.mark();
-    let cli = migrate_in_background(&scene.server, old, &["--batch", "2", "--every", "60"]);
-    scene.server.wait_log(mark, "users arrived users=2");
-    let new = moved(&mut scene.ann, old);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(new), Signal::SIGKILL).expect("kill");
     let (out, text) = finished(cli);
     assert_eq!(out.status.code(), Some(1), "{text}");
@@ -194,14 +195,7 @@ fn a_new_process_killed_midway_costs_only_the_users_it_took() {
 
 #[test]
 fn an_old_process_killed_midway_leaves_the_moved_users_served() {
-    let mut scene = Scene::start("gr-olddies", "5");
-    let old = scene.server.pid;
-    let _others = four_more(&scene.server);
-    scene.server.deploy(&labelled("v2"));
-    let mark = scene.server.mark();
-    let cli = migrate_in_background(&scene.server, old, &["--batch", "2", "--every", "60"]);
-    scene.server.wait_log(mark, "users arrived users=2");
-    let new = moved(&mut scene.ann, old);
+    let (mut scene, _others, cli, new) = first_batch_moved("gr-olddies");
     let _reaper = Reaper(new);
     let mark = scene.server.mark();
     scene.server.signal(Signal::SIGKILL);

@@ -594,28 +594,20 @@ impl Arriving {
         limit: Duration,
         wake: Arc<OwnedFd>,
     ) -> io::Result<Arriving> {
-        let slot = Arc::new(Mutex::new(None));
-        let theirs = Arc::clone(&slot);
-        worker.run(move || {
-            let result = Newcomer::start(&exe, &argv)
-                .map_err(|source| UpgradeError::Io {
-                    what: "start the new process",
-                    source,
-                })
-                .and_then(|mut n| {
-                    tracing::debug!(newcomer = n.pid(), "migration: the new process is starting");
-                    match n.await_hello(limit) {
-                        Ok(()) => Ok(n),
-                        Err(reason) => Err(UpgradeError::Migration {
-                            pid: n.pid(),
-                            reason,
-                        }),
-                    }
-                });
-            *theirs.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
-            crate::signal::wake(&wake);
-        })?;
-        Ok(Arriving { slot })
+        Arriving::on_worker(worker, wake, move || {
+            let mut n = Newcomer::start(&exe, &argv).map_err(|source| UpgradeError::Io {
+                what: "start the new process",
+                source,
+            })?;
+            tracing::debug!(newcomer = n.pid(), "migration: the new process is starting");
+            match n.await_hello(limit) {
+                Ok(()) => Ok(n),
+                Err(reason) => Err(UpgradeError::Migration {
+                    pid: n.pid(),
+                    reason,
+                }),
+            }
+        })
     }
 
     /// Queues the probe of an external newcomer (it said `hello` at the
@@ -628,12 +620,10 @@ impl Arriving {
         limit: Duration,
         wake: Arc<OwnedFd>,
     ) -> io::Result<Arriving> {
-        let slot = Arc::new(Mutex::new(None));
-        let theirs = Arc::clone(&slot);
         let uid = knock.uid;
-        worker.run(move || {
+        Arriving::on_worker(worker, wake, move || {
             let mut n = Newcomer::external(knock);
-            let result = match n.probe(&snapshot, limit) {
+            match n.probe(&snapshot, limit) {
                 Ok(version) => {
                     tracing::info!(newcomer = n.pid(), uid, %version, "the external newcomer accepted the snapshot");
                     Ok(n)
@@ -642,7 +632,21 @@ impl Arriving {
                     pid: n.pid(),
                     reason,
                 }),
-            };
+            }
+        })
+    }
+
+    /// Runs `arrive` on the helper thread; its result waits in the slot
+    /// [`take`](Self::take) reads, and `wake` wakes the event loop then.
+    fn on_worker(
+        worker: &Worker,
+        wake: Arc<OwnedFd>,
+        arrive: impl FnOnce() -> Result<Newcomer, UpgradeError> + Send + 'static,
+    ) -> io::Result<Arriving> {
+        let slot = Arc::new(Mutex::new(None));
+        let theirs = Arc::clone(&slot);
+        worker.run(move || {
+            let result = arrive();
             *theirs.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
             crate::signal::wake(&wake);
         })?;

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::link::{
-    ACK, BACK, DONE, Incoming, Link, MAX_FORWARD, MINE, TOOK, YOURS, numbered, refusal,
+    ACK, BACK, DONE, Incoming, Link, MAX_FORWARD, MINE, Received, TOOK, YOURS, numbered, refusal,
 };
 use super::{Newcomer, departure};
 use crate::error::UpgradeError;
@@ -114,7 +114,7 @@ pub(crate) struct Window {
     /// Sent and not yet acknowledged, by number.
     sent_log: VecDeque<(u64, Vec<u8>)>,
     /// A batch received and announced, waiting for `take_users`.
-    pending: Option<Pending>,
+    pending: Option<Received>,
     /// The longest a batch took here, from its first message to its users
     /// taken (ns): the stall its users saw, less the sender's part.
     pub(crate) longest_batch_ns: u64,
@@ -125,16 +125,6 @@ pub(crate) struct Window {
     /// The old process stays after the migration (serving nobody): the
     /// shared descriptors it handed over, to let go of then.
     stay: Option<Vec<RawFd>>,
-}
-
-/// A batch received, not yet taken.
-#[derive(Debug)]
-struct Pending {
-    id: u64,
-    seen: u64,
-    records: Vec<u8>,
-    fds: Vec<OwnedFd>,
-    came_ns: u64,
 }
 
 /// What the event loop learns from the window.
@@ -245,20 +235,8 @@ impl Window {
     pub(crate) fn step(&mut self) -> Option<Step> {
         while let Some(message) = self.link.next() {
             match message {
-                Incoming::Users {
-                    id,
-                    seen,
-                    records,
-                    fds,
-                    came_ns,
-                } => {
-                    self.pending = Some(Pending {
-                        id,
-                        seen,
-                        records,
-                        fds,
-                        came_ns,
-                    });
+                Incoming::Users(batch) => {
+                    self.pending = Some(batch);
                     return Some(Step::Arrived);
                 }
                 Incoming::Unreceived(id, reason) => {
@@ -419,7 +397,7 @@ impl Window {
     /// otherwise: the sender keeps its users), says `took`, and waits for the
     /// sender's decision, as long as the sender lives.
     pub(crate) fn take_batch<R: DeserializeOwned>(&mut self) -> Result<Arrived<R>, String> {
-        let Pending {
+        let Received {
             id,
             seen,
             records,

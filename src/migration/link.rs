@@ -56,16 +56,8 @@ const MAX_RECORDS: u64 = 1 << 30;
 /// One message from the other process, as the reader thread queued it.
 #[derive(Debug)]
 pub(super) enum Incoming {
-    /// Batch `id`: the records' bytes, how many forwarded messages the
-    /// sender had taken when it made it, and every descriptor of it.
-    Users {
-        id: u64,
-        seen: u64,
-        records: Vec<u8>,
-        fds: Vec<OwnedFd>,
-        /// When its first message came (monotonic ns).
-        came_ns: u64,
-    },
+    /// A whole batch.
+    Users(Received),
     Took(u64),
     Yours(u64),
     Mine(u64),
@@ -88,6 +80,18 @@ pub(super) enum Incoming {
     /// The socket ended (the other process is gone), or it could not be
     /// read: why.
     End(String),
+}
+
+/// Batch `id` as it came: the records' bytes, how many forwarded messages
+/// the sender had taken when it made it, and every descriptor of it.
+#[derive(Debug)]
+pub(super) struct Received {
+    pub(super) id: u64,
+    pub(super) seen: u64,
+    pub(super) records: Vec<u8>,
+    pub(super) fds: Vec<OwnedFd>,
+    /// When its first message came (monotonic ns).
+    pub(super) came_ns: u64,
 }
 
 /// The socket, the queue its reader thread fills, and the moment the
@@ -363,13 +367,13 @@ impl Link {
                 format!("{lost} of the batch's {count} descriptors could not be received ({why})"),
             );
         }
-        Incoming::Users {
+        Incoming::Users(Received {
             id,
             seen,
             records,
             fds,
             came_ns,
-        }
+        })
     }
 
     /// Sends one message. A passing refusal (`ETOOMANYREFS`: the other
@@ -553,13 +557,13 @@ mod tests {
         let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
         a.send_batch(3, 7, b"the records", &raw).unwrap();
         match wait(&b) {
-            Incoming::Users {
+            Incoming::Users(Received {
                 id,
                 seen,
                 records,
                 fds,
                 ..
-            } => {
+            }) => {
                 assert_eq!((id, seen), (3, 7));
                 assert_eq!(records, b"the records");
                 assert_eq!(fds.len(), 300);

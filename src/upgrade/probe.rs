@@ -310,19 +310,39 @@ pub(crate) fn command(exe: &Executable, argv: &[CString], env: &[(OsString, OsSt
 /// "unregistered listeners are lost silently"). Runs on the probe's thread,
 /// off the event loop: it reads `/proc/self/fd`, which is long for a server
 /// with many connections.
+///
+/// A listener kept under another descriptor (a duplicate of it is in the
+/// handoff, as `copyover::tokio::Server` keeps them) is the same socket and
+/// stays open: sockets are told apart by what `/proc/self/fd` links to
+/// (`socket:[inode]`), not by their number.
 fn warn_unkept_listeners(manifest: &crate::snapshot::Manifest) {
-    let kept: std::collections::HashSet<i32> = manifest.fds().collect();
+    let lost = unkept_listeners(manifest.fds());
+    if !lost.is_empty() {
+        tracing::warn!(fds = ?lost, "listening sockets not in the handoff will be closed by the upgrade");
+    }
+}
+
+/// The listening sockets of this process that none of `kept` is.
+fn unkept_listeners(kept: impl Iterator<Item = i32>) -> Vec<i32> {
+    let kept: std::collections::HashSet<i32> = kept.collect();
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
+        return Vec::new();
     };
-    let lost: Vec<i32> = dir
+    let unkept: Vec<i32> = dir
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
         .filter(|fd| *fd >= 3 && !kept.contains(fd) && crate::sys::is_listening(*fd))
         .collect();
-    if !lost.is_empty() {
-        tracing::warn!(fds = ?lost, "listening sockets not in the handoff will be closed by the upgrade");
+    if unkept.is_empty() {
+        return unkept;
     }
+    let socket = |fd: i32| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok();
+    let kept_sockets: std::collections::HashSet<_> =
+        kept.iter().filter_map(|fd| socket(*fd)).collect();
+    unkept
+        .into_iter()
+        .filter(|fd| socket(*fd).is_none_or(|s| !kept_sockets.contains(&s)))
+        .collect()
 }
 
 /// A group of connections that names one id twice: the new image would get
@@ -614,6 +634,19 @@ pub(crate) fn answer(nonce: &OsStr, result: Result<String, String>) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listener_kept_under_a_duplicate_is_not_reported_lost() {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let duplicate = listener.try_clone().unwrap();
+        let (fd, dup) = (listener.as_raw_fd(), duplicate.as_raw_fd());
+        let lost = unkept_listeners(std::iter::once(dup));
+        assert!(!lost.contains(&fd) && !lost.contains(&dup), "{lost:?}");
+        // Kept under neither number: both are the lost socket.
+        let lost = unkept_listeners(std::iter::empty());
+        assert!(lost.contains(&fd) && lost.contains(&dup), "{lost:?}");
+    }
 
     #[test]
     fn a_group_naming_an_id_twice_is_refused() {

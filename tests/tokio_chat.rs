@@ -197,6 +197,8 @@ fn tokio_chat_upgrades_refuses_and_rolls_back_keeping_everyone() {
     let log = server.log_text();
     assert_eq!(log.matches("probing the new binary").count(), 4, "{log}");
     assert_eq!(log.matches("every task parked").count(), 3, "{log}");
+    // The listener is kept (under a duplicate): no probe warned otherwise.
+    assert!(!log.contains("will be closed by the upgrade"), "{log}");
 }
 
 #[test]

@@ -158,7 +158,7 @@ mod tests;
 mod threads;
 
 pub use events::AsyncCopyover;
-pub use quiesce::{PAUSE_LIMIT, Quiesce, SafePoint, Unpaused};
+pub use quiesce::{BUSY, PAUSE_LIMIT, Quiesce, SafePoint, Unpaused};
 pub use server::{Handled, Server, hold, pause_requested, serve};
 pub use session::{Buffers, Session, Sessions, Transport};
 pub use take::TakeTokio;

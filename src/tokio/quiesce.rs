@@ -1,13 +1,19 @@
 //! Pausing every connection task at a safe point for the commit
 //! ([`Quiesce`], [`SafePoint`]), for a bounded time ([`Unpaused`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::*;
 
 /// Pauses the tasks that joined it, each at a safe point of its own, and
 /// collects what they hand back: a `T` per task, typically the socket and
 /// the per-connection state (unread input, unsent output).
+///
+/// A pause asks the idle tasks first: a task that served in the last
+/// [`BUSY`] (it called [`SafePoint::requested`] again) runs on until every
+/// idle one has stopped, so that the clients being served now stop last and
+/// wait the least. Its copy comes first in what the pause returns, and the
+/// new image restores it first.
 ///
 /// A pause is bounded: a task that does not reach a safe point in time (it
 /// waits outside one: a write to a client that stopped reading, a lock)
@@ -37,7 +43,14 @@ impl<T> Clone for Quiesce<T> {
 struct Pause {
     on: bool,
     number: u64,
+    /// Every task is asked now, the busy ones too.
+    all: bool,
 }
+
+/// A task that called [`SafePoint::requested`] within this time before a
+/// pause (it served a client) is asked to stop only once every idle task
+/// has stopped.
+pub const BUSY: Duration = Duration::from_millis(20);
 
 /// How long [`Quiesce::pause`] waits by default for the last task.
 pub const PAUSE_LIMIT: Duration = Duration::from_millis(500);
@@ -57,6 +70,9 @@ struct Inner<T> {
     /// Wakes `pause` when a task parked or left.
     changed: Notify,
     limit: Duration,
+    /// What the tasks' last calls of [`SafePoint::requested`] are timed
+    /// from.
+    epoch: std::time::Instant,
 }
 
 #[derive(Debug)]
@@ -66,9 +82,10 @@ struct Tally<T> {
     /// Tasks that hold in place ([`SafePoint::hold`]) until the pause
     /// ends; live again when it does.
     held: std::collections::BTreeMap<u64, Option<String>>,
-    /// The copies the holding tasks made once the pause was sealed, and
-    /// how many of them answered (a copy, or a refusal in `declined`).
-    copies: Vec<T>,
+    /// The copies the holding tasks made once the pause was sealed (by
+    /// task), and how many of them answered (a copy, or a refusal in
+    /// `declined`).
+    copies: Vec<(u64, T)>,
     answered: usize,
     /// The holding tasks that could not make their copy.
     declined: Vec<String>,
@@ -76,11 +93,46 @@ struct Tally<T> {
     granted: usize,
     /// Whether a pause may still grant safe points: false once it ended.
     granting: bool,
+    /// The pause under way (or the last one), and when it started (in
+    /// microseconds from `epoch`).
+    number: u64,
+    started_us: u64,
+    /// Whether the pause asks the busy tasks too.
+    all: bool,
+    /// The busy tasks that asked for their safe point before `all`: they
+    /// run on; always live ones.
+    deferred: std::collections::BTreeSet<u64>,
+    /// Every task that was busy in this pause: its copy comes first.
+    busy: std::collections::BTreeSet<u64>,
     next: u64,
-    parked: Vec<T>,
+    parked: Vec<(u64, T)>,
+}
+
+impl<T> Tally<T> {
+    /// Whether every task that still runs is a busy one waiting for `all`
+    /// (and there is one: otherwise the pause seals at once).
+    fn idle_stopped(&self) -> bool {
+        !self.all && !self.deferred.is_empty() && self.live.len() == self.deferred.len()
+    }
+
+    /// What the tasks handed back, the busy tasks' first.
+    fn take_items(&mut self) -> Vec<T> {
+        let mut items = std::mem::take(&mut self.parked);
+        items.append(&mut self.copies);
+        let (mut first, rest): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .partition(|(id, _)| self.busy.contains(id));
+        first.extend(rest);
+        first.into_iter().map(|(_, item)| item).collect()
+    }
 }
 
 impl<T> Inner<T> {
+    /// Microseconds since `epoch`.
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
     fn tally(&self) -> MutexGuard<'_, Tally<T>> {
         // A panic while holding this lock leaves consistent counts.
         self.tally.lock().unwrap_or_else(|p| p.into_inner())
@@ -93,10 +145,11 @@ impl<T> Inner<T> {
     fn leave(&self, mut tally: MutexGuard<'_, Tally<T>>, id: u64, granted: bool) {
         tally.live.remove(&id);
         tally.held.remove(&id);
+        tally.deferred.remove(&id);
         if granted {
             tally.granted = tally.granted.saturating_sub(1);
         }
-        let wake = tally.live.is_empty() || (granted && tally.granted == 0);
+        let wake = tally.live.is_empty() || (granted && tally.granted == 0) || tally.idle_stopped();
         drop(tally);
         if wake {
             self.changed.notify_one();
@@ -165,6 +218,11 @@ impl<T> Quiesce<T> {
                     declined: Vec::new(),
                     granted: 0,
                     granting: false,
+                    number: 0,
+                    started_us: 0,
+                    all: false,
+                    deferred: std::collections::BTreeSet::new(),
+                    busy: std::collections::BTreeSet::new(),
                     next: 0,
                     parked: Vec::new(),
                 }),
@@ -173,6 +231,7 @@ impl<T> Quiesce<T> {
                 sealed: watch::Sender::new(0),
                 changed: Notify::new(),
                 limit,
+                epoch: std::time::Instant::now(),
             }),
         }
     }
@@ -203,6 +262,7 @@ impl<T> Quiesce<T> {
             paused: self.inner.paused.subscribe(),
             id,
             granted: AtomicBool::new(false),
+            last_call_us: AtomicU64::new(0),
             left: false,
         }
     }
@@ -212,10 +272,11 @@ impl<T> Quiesce<T> {
         self.inner.tally().live.len()
     }
 
-    /// Asks every joined task to stop at its next safe point, waits until
-    /// each one parked (or ended: a closed connection), and returns what
-    /// they handed back, in the order they parked. Tasks that join while
-    /// the pause lasts are asked at once.
+    /// Asks every joined task to stop at its next safe point (the idle ones
+    /// first, then the [`BUSY`] ones), waits until each one parked (or
+    /// ended: a closed connection), and returns what they handed back, the
+    /// busy tasks' first. Tasks that join while the pause lasts are asked
+    /// at once.
     ///
     /// Dropping the returned future before it completes ends the pause, as
     /// [`resume`](Self::resume) does. It needs tokio's timer ([`runtime`]
@@ -235,12 +296,26 @@ impl<T> Quiesce<T> {
         // Dropped before the pause ends (cancelled in a `select!`, say):
         // the pause ends as after a failed commit.
         let mut guard = EndOnDrop(self, true);
-        self.inner.tally().granting = true;
+        let number = {
+            let mut tally = self.inner.tally();
+            tally.granting = true;
+            tally.all = false;
+            tally.deferred.clear();
+            tally.busy.clear();
+            tally.number = self.inner.paused.borrow().number + 1;
+            tally.started_us = self.inner.now_us();
+            tally.number
+        };
         self.inner.paused.send_modify(|p| {
             p.on = true;
-            p.number += 1;
+            p.number = number;
+            p.all = false;
         });
-        let number = self.inner.paused.borrow().number;
+        // The busy tasks are asked once every idle one stopped, or at a
+        // quarter of the limit (an idle task that does not stop would
+        // otherwise keep them from their safe points too).
+        let ask_all_at = ::tokio::time::Instant::from_std(started + limit / 4);
+        let mut all = false;
         let mut late = false;
         let mut sealed = false;
         // The tasks that had not reached a safe point at the limit (the
@@ -250,10 +325,17 @@ impl<T> Quiesce<T> {
             let changed = self.inner.changed.notified();
             {
                 let mut tally = self.inner.tally();
+                if !all && !late && tally.idle_stopped() {
+                    all = true;
+                    self.ask_all(tally);
+                    continue;
+                }
                 if tally.live.is_empty() && !late && !sealed {
                     // Every task stopped: the holding ones copy themselves
                     // now, none of them can be written to any more.
                     sealed = true;
+                    // Nobody runs: a task that joins now is not deferred.
+                    tally.all = true;
                     self.inner.sealed.send_replace(number);
                 }
                 // (`>=`: a holding task that answered may have ended since;
@@ -273,11 +355,11 @@ impl<T> Quiesce<T> {
                     tracing::debug!(
                         parked = tally.parked.len(),
                         held = tally.copies.len(),
+                        busy = tally.busy.len(),
+                        pause_ms = started.elapsed().as_secs_f64() * 1e3,
                         "every task parked or held"
                     );
-                    let mut items = std::mem::take(&mut tally.parked);
-                    items.append(&mut tally.copies);
-                    return Ok(items);
+                    return Ok(tally.take_items());
                 }
                 if late && tally.granted == 0 {
                     // The tasks granted a safe point have parked; the
@@ -286,7 +368,13 @@ impl<T> Quiesce<T> {
                     return Err(self.unpaused(&mut tally, started, &at_limit));
                 }
             }
-            if ::tokio::time::timeout_at(deadline, changed).await.is_err() {
+            let wake_at = if all { deadline } else { ask_all_at };
+            if ::tokio::time::timeout_at(wake_at, changed).await.is_err() {
+                if !all && !late {
+                    all = true;
+                    self.ask_all(self.inner.tally());
+                    continue;
+                }
                 if late {
                     // A task granted its safe point did not park within
                     // another limit (it awaited something between
@@ -320,10 +408,26 @@ impl<T> Quiesce<T> {
             .map(|(id, name)| name.clone().unwrap_or_else(|| format!("task {id}")))
             .collect();
         Unpaused {
-            parked: std::mem::take(&mut tally.parked),
+            parked: std::mem::take(&mut tally.parked)
+                .into_iter()
+                .map(|(_, item)| item)
+                .collect(),
             running,
             waited: started.elapsed(),
         }
+    }
+
+    /// The busy tasks are asked too: the second step of a pause.
+    fn ask_all(&self, mut tally: MutexGuard<'_, Tally<T>>) {
+        tally.all = true;
+        tally.deferred.clear();
+        tracing::debug!(
+            busy = tally.busy.len(),
+            idle_ms = (self.inner.now_us().saturating_sub(tally.started_us)) as f64 / 1e3,
+            "the idle tasks stopped; asking the busy ones"
+        );
+        drop(tally);
+        self.inner.paused.send_modify(|p| p.all = true);
     }
 
     /// No safe point is granted any more, no task is asked to stop, and
@@ -332,6 +436,7 @@ impl<T> Quiesce<T> {
     fn end(&self) {
         let mut tally = self.inner.tally();
         tally.granting = false;
+        tally.deferred.clear();
         let held = std::mem::take(&mut tally.held);
         tally.live.extend(held);
         tally.copies.clear();
@@ -340,7 +445,10 @@ impl<T> Quiesce<T> {
         // Under the tally's lock: a task that holds reads the count there.
         self.inner.ended.send_modify(|n| *n += 1);
         drop(tally);
-        self.inner.paused.send_modify(|p| p.on = false);
+        self.inner.paused.send_modify(|p| {
+            p.on = false;
+            p.all = false;
+        });
     }
 
     /// Ends the pause: tasks that join from now on run until the next one,
@@ -375,7 +483,20 @@ pub struct SafePoint<T> {
     id: u64,
     /// The pause granted this task its safe point: it parks next.
     granted: AtomicBool,
+    /// When this task last called [`requested`](Self::requested), in
+    /// microseconds from the quiesce's epoch, plus one (0: never).
+    last_call_us: AtomicU64,
     left: bool,
+}
+
+/// What a task asking for its safe point gets.
+enum Grant {
+    Granted,
+    /// It is busy and the pause asks the idle tasks first: it runs on
+    /// until this pause asks every task.
+    Deferred(u64),
+    /// The pause ended.
+    Ended,
 }
 
 impl<T> SafePoint<T> {
@@ -384,39 +505,65 @@ impl<T> SafePoint<T> {
     /// after, with no `.await` in between. Cancel-safe: put it in the
     /// task's `select!` loop, beside the reads and writes.
     pub async fn requested(&self) {
+        self.last_call_us
+            .store(self.inner.now_us() + 1, Ordering::Relaxed);
         let mut paused = self.paused.clone();
         let mut missed = None;
+        let mut deferred = None;
         loop {
             // The value's guard is dropped with this statement: the
             // future stays `Send`.
             let waited = paused
-                .wait_for(|p| p.on && Some(p.number) != missed)
+                .wait_for(|p| {
+                    p.on && Some(p.number) != missed && (p.all || Some(p.number) != deferred)
+                })
                 .await
                 .map(|p| p.number);
             let Ok(number) = waited else {
                 // Every `Quiesce` was dropped: no pause will ever come.
                 return std::future::pending().await;
             };
-            if self.grant() {
-                return;
+            match self.grant() {
+                Grant::Granted => return,
+                // Busy: wait until this pause asks every task.
+                Grant::Deferred(number) => deferred = Some(number),
+                // This pause ended before granting us: wait for the next one.
+                Grant::Ended => missed = Some(number),
             }
-            // This pause ended before granting us: wait for the next one.
-            missed = Some(number);
         }
     }
 
     /// Takes this task's safe point in the pause under way, if that pause
-    /// still grants them (it did not end).
-    fn grant(&self) -> bool {
+    /// still grants them (it did not end), and asks every task or this one
+    /// is idle.
+    fn grant(&self) -> Grant {
         let mut tally = self.inner.tally();
         // Under the tally's lock, as every change of it.
-        let granted = self.granted.load(Ordering::SeqCst);
-        if !granted && tally.granting {
-            tally.granted += 1;
-            self.granted.store(true, Ordering::SeqCst);
-            return true;
+        if self.granted.load(Ordering::SeqCst) {
+            return Grant::Granted;
         }
-        granted
+        if !tally.granting {
+            return Grant::Ended;
+        }
+        let last_call = self.last_call_us.load(Ordering::Relaxed);
+        let busy_since = tally
+            .started_us
+            .saturating_sub(BUSY.as_micros() as u64)
+            .max(1);
+        if !tally.all && last_call >= busy_since {
+            tally.deferred.insert(self.id);
+            tally.busy.insert(self.id);
+            let number = tally.number;
+            let wake = tally.idle_stopped();
+            drop(tally);
+            if wake {
+                self.inner.changed.notify_one();
+            }
+            return Grant::Deferred(number);
+        }
+        tally.granted += 1;
+        self.granted.store(true, Ordering::SeqCst);
+        Grant::Granted
     }
 
     /// Whether a pause is asked for now.
@@ -459,8 +606,10 @@ impl<T> SafePoint<T> {
                 return;
             }
             let name = tally.live.remove(&self.id).flatten();
+            tally.deferred.remove(&self.id);
             tally.held.insert(self.id, name.clone());
-            let wake = tally.live.is_empty() || (granted && tally.granted == 0);
+            let wake =
+                tally.live.is_empty() || (granted && tally.granted == 0) || tally.idle_stopped();
             // Read under the lock `end` takes: no end is missed.
             let seen = *ended.borrow_and_update();
             drop(tally);
@@ -484,7 +633,7 @@ impl<T> SafePoint<T> {
                 return;
             }
             match item {
-                Some(item) => tally.copies.push(item),
+                Some(item) => tally.copies.push((self.id, item)),
                 None => tally
                     .declined
                     .push(name.unwrap_or_else(|| format!("task {}", self.id))),
@@ -506,7 +655,7 @@ impl<T> SafePoint<T> {
     /// should end right after: the main task owns them now.
     pub fn park(mut self, item: T) {
         let mut tally = self.inner.tally();
-        tally.parked.push(item);
+        tally.parked.push((self.id, item));
         self.left = true;
         self.inner
             .leave(tally, self.id, self.granted.load(Ordering::SeqCst));

@@ -62,6 +62,9 @@ pub async fn hold<T: Session>(session: &mut T) {
     let Ok(point) = POINT.try_with(Arc::clone) else {
         return;
     };
+    // Duplicated now, while other tasks still stop: the socket is the same
+    // at the copy, which waits until every task has stopped.
+    let socket = session.transport().socket().as_fd().try_clone_to_owned();
     point
         .hold(|| {
             let record = session.save();
@@ -75,7 +78,7 @@ pub async fn hold<T: Session>(session: &mut T) {
                     return None;
                 }
             };
-            match transport.socket().as_fd().try_clone_to_owned() {
+            match socket {
                 Ok(fd) => Some(Held {
                     record: Box::new(record),
                     buffers: transport.buffers(),
@@ -220,27 +223,20 @@ fn restore<T: Session>((buffers, record, socket, tls): Pair<T>) -> Result<T, Err
     Ok(T::restore(record, T::Transport::rebuild(socket, buffers)))
 }
 
-/// Puts first the sessions with input waiting on their socket or bytes in
-/// their buffers (a stable order otherwise); returns how many. One `poll`
-/// over every socket: a failure of it leaves the order as it was.
+/// Puts first the sessions with bytes in their buffers (a stable order
+/// otherwise: the previous image handed the busy sessions over first);
+/// returns how many.
+///
+/// No `poll` over the sockets for input that came during the blackout: over
+/// a thousand idle sessions it costs a millisecond inside the blackout, more
+/// than it saves the few sessions it would find.
 fn active_first<T: Session>(pairs: &mut Vec<Pair<T>>) -> usize {
-    let readable = {
-        let fds: Vec<std::os::fd::BorrowedFd<'_>> = pairs
-            .iter()
-            .map(|(_, _, socket, _)| socket.as_fd())
-            .collect();
-        crate::sys::readable_among(&fds, std::time::Duration::ZERO)
-            .unwrap_or_else(|_| vec![false; fds.len()])
-    };
     let (mut first, rest): (Vec<_>, Vec<_>) = std::mem::take(pairs)
         .into_iter()
-        .zip(readable)
-        .partition(|((buffers, ..), readable)| {
-            *readable || !buffers.unread.is_empty() || !buffers.unsent.is_empty()
-        });
+        .partition(|(buffers, ..)| !buffers.unread.is_empty() || !buffers.unsent.is_empty());
     let waiting = first.len();
     first.extend(rest);
-    *pairs = first.into_iter().map(|(pair, _)| pair).collect();
+    *pairs = first;
     waiting
 }
 
@@ -622,8 +618,7 @@ mod tests {
     }
 
     #[test]
-    fn sessions_someone_waits_on_come_first_in_their_order() {
-        use std::io::Write;
+    fn sessions_with_buffered_bytes_come_first_in_their_order() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let mut peers = Vec::new();
@@ -631,26 +626,15 @@ mod tests {
             .map(|i| {
                 peers.push(std::net::TcpStream::connect(addr).unwrap());
                 let (socket, _) = listener.accept().unwrap();
+                let bytes = |n| if i == n { b"line".to_vec() } else { Vec::new() };
                 let buffers = Buffers {
-                    unread: Vec::new(),
-                    unsent: if i == 3 {
-                        b"queued".to_vec()
-                    } else {
-                        Vec::new()
-                    },
+                    unread: bytes(1),
+                    unsent: bytes(3),
                 };
                 (buffers, i, socket, Default::default())
             })
             .collect();
-        // Input waits on the second session's socket; the fourth has output.
-        peers[1].write_all(b"ping\n").unwrap();
-        let socket = pairs[1].2.try_clone().unwrap();
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !crate::sys::wait_readable(socket.as_fd(), std::time::Duration::from_millis(100))
-            .unwrap()
-        {
-            assert!(std::time::Instant::now() < until, "the ping never arrived");
-        }
+        // The second session has unread input, the fourth unsent output.
         assert_eq!(active_first::<Plain>(&mut pairs), 2);
         let order: Vec<u32> = pairs.iter().map(|(_, record, ..)| *record).collect();
         assert_eq!(order, [1, 3, 0, 2]);

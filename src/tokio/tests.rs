@@ -218,6 +218,67 @@ fn a_pause_that_ends_unpaused_lets_the_held_tasks_go_on() {
 }
 
 #[test]
+fn a_busy_task_is_asked_once_the_idle_ones_stopped_and_its_copy_comes_first() {
+    let rt = runtime().unwrap();
+    rt.block_on(async {
+        let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_secs(5));
+        let idle = q.join_as("idle");
+        ::tokio::spawn(async move {
+            idle.requested().await;
+            // Slow to hold: a busy task asked at the same time would be
+            // granted before this one stopped.
+            ::tokio::time::sleep(Duration::from_millis(50)).await;
+            idle.hold(|| Some(1)).await;
+        });
+        let busy = q.join_as("busy");
+        let q2 = q.clone();
+        let (granted, running_then) = ::tokio::sync::oneshot::channel();
+        ::tokio::spawn(async move {
+            // Serves a client every millisecond until asked to stop.
+            loop {
+                ::tokio::select! {
+                    () = busy.requested() => break,
+                    () = ::tokio::time::sleep(Duration::from_millis(1)) => {}
+                }
+            }
+            granted.send(q2.running()).unwrap();
+            busy.hold(|| Some(2)).await;
+        });
+        // The idle task's last call is older than BUSY by now.
+        ::tokio::time::sleep(BUSY * 3).await;
+        let copies = q.pause().await.unwrap();
+        // Only the busy task itself still ran when it was granted.
+        assert_eq!(running_then.await.unwrap(), 1);
+        assert_eq!(copies, [2, 1]);
+        q.resume();
+    });
+}
+
+#[test]
+fn a_task_that_asks_after_an_idle_pause_sealed_is_granted_at_once() {
+    let rt = runtime().unwrap();
+    rt.block_on(async {
+        let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_secs(5));
+        let idle = q.join();
+        ::tokio::spawn(async move {
+            idle.requested().await;
+            idle.hold(|| Some(1)).await;
+        });
+        ::tokio::time::sleep(BUSY * 3).await;
+        assert_eq!(q.pause().await.unwrap(), [1]);
+        // Joins while the pause still grants (before `resume`): it asks
+        // now, so it is busy, and no idle task is left to wait for.
+        let late = q.join();
+        ::tokio::time::timeout(Duration::from_secs(5), late.requested())
+            .await
+            .expect("a task asking after the pause sealed was left waiting");
+        late.park(2);
+        assert_eq!(q.pause().await.unwrap(), [2]);
+        q.resume();
+    });
+}
+
+#[test]
 fn runtime_threads_block_the_held_signals() {
     let rt = runtime().unwrap();
     let masks = rt.block_on(async {

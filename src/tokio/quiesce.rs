@@ -276,7 +276,14 @@ impl<T> Quiesce<T> {
     /// first, then the [`BUSY`] ones), waits until each one parked (or
     /// ended: a closed connection), and returns what they handed back, the
     /// busy tasks' first. Tasks that join while the pause lasts are asked
-    /// at once.
+    /// too (with the busy ones: a task that just asked counts as busy).
+    ///
+    /// The busy tasks are asked at the latest at a quarter of the limit:
+    /// they have the rest of it to stop. A task that [`park`](SafePoint::park)s
+    /// hands its state over at once, while the busy tasks may still run and
+    /// write to it (to its inbox, say): drain such inboxes from what `pause`
+    /// returns, or [`hold`](SafePoint::hold), whose copy is made only once
+    /// every task has stopped.
     ///
     /// Dropping the returned future before it completes ends the pause, as
     /// [`resume`](Self::resume) does. It needs tokio's timer ([`runtime`]
@@ -336,6 +343,7 @@ impl<T> Quiesce<T> {
                     sealed = true;
                     // Nobody runs: a task that joins now is not deferred.
                     tally.all = true;
+                    all = true;
                     self.inner.sealed.send_replace(number);
                 }
                 // (`>=`: a holding task that answered may have ended since;
@@ -515,7 +523,11 @@ impl<T> SafePoint<T> {
             // future stays `Send`.
             let waited = paused
                 .wait_for(|p| {
-                    p.on && Some(p.number) != missed && (p.all || Some(p.number) != deferred)
+                    // Deferred in pause `d`: until `d` asks every task or a
+                    // later pause starts (the tally may count a pause
+                    // before this channel shows it).
+                    let asked = deferred.is_none_or(|d| p.number > d || (p.number == d && p.all));
+                    p.on && Some(p.number) != missed && asked
                 })
                 .await
                 .map(|p| p.number);

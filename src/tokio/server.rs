@@ -223,9 +223,11 @@ fn restore<T: Session>((buffers, record, socket, tls): Pair<T>) -> Result<T, Err
     Ok(T::restore(record, T::Transport::rebuild(socket, buffers)))
 }
 
-/// Puts first the sessions with bytes in their buffers (a stable order
-/// otherwise: the previous image handed the busy sessions over first);
-/// returns how many.
+/// Puts first the sessions with input read and not yet handled (a stable
+/// order otherwise: the previous image handed the busy sessions over
+/// first); returns how many. Unsent output does not count: an idle
+/// session's inbox, drained into its output when it was saved, would put
+/// every idle listener of a busy chat before the busy sessions.
 ///
 /// No `poll` over the sockets for input that came during the blackout: over
 /// a thousand idle sessions it costs a millisecond inside the blackout, more
@@ -233,7 +235,7 @@ fn restore<T: Session>((buffers, record, socket, tls): Pair<T>) -> Result<T, Err
 fn active_first<T: Session>(pairs: &mut Vec<Pair<T>>) -> usize {
     let (mut first, rest): (Vec<_>, Vec<_>) = std::mem::take(pairs)
         .into_iter()
-        .partition(|(buffers, ..)| !buffers.unread.is_empty() || !buffers.unsent.is_empty());
+        .partition(|(buffers, ..)| !buffers.unread.is_empty());
     let waiting = first.len();
     first.extend(rest);
     *pairs = first;
@@ -452,10 +454,10 @@ impl<T: Session> Server<T> {
             }
             id += 1;
         }
-        // The sessions someone is waiting on first (input came during the
-        // blackout, or bytes are buffered either way): the application
-        // spawns their tasks first, so they serve before the idle ones
-        // have even run once.
+        // The sessions someone is waiting on first (input is buffered),
+        // then the busy ones (the previous image handed them over first):
+        // the application spawns their tasks first, so they serve before
+        // the idle ones have even run once.
         let waiting = active_first::<T>(&mut pairs);
         // Registered with tokio on the runtime's workers, a share each: from
         // this thread, each registration would wake the worker that waits
@@ -618,7 +620,7 @@ mod tests {
     }
 
     #[test]
-    fn sessions_with_buffered_bytes_come_first_in_their_order() {
+    fn sessions_with_unread_input_come_first_the_others_in_their_order() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let mut peers = Vec::new();
@@ -628,15 +630,15 @@ mod tests {
                 let (socket, _) = listener.accept().unwrap();
                 let bytes = |n| if i == n { b"line".to_vec() } else { Vec::new() };
                 let buffers = Buffers {
-                    unread: bytes(1),
-                    unsent: bytes(3),
+                    unread: bytes(2),
+                    unsent: bytes(1),
                 };
                 (buffers, i, socket, Default::default())
             })
             .collect();
-        // The second session has unread input, the fourth unsent output.
-        assert_eq!(active_first::<Plain>(&mut pairs), 2);
+        // The third session has unread input, the second unsent output.
+        assert_eq!(active_first::<Plain>(&mut pairs), 1);
         let order: Vec<u32> = pairs.iter().map(|(_, record, ..)| *record).collect();
-        assert_eq!(order, [1, 3, 0, 2]);
+        assert_eq!(order, [2, 0, 1, 3]);
     }
 }

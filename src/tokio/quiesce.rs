@@ -492,7 +492,8 @@ pub struct SafePoint<T> {
     /// The pause granted this task its safe point: it parks next.
     granted: AtomicBool,
     /// When this task last called [`requested`](Self::requested), in
-    /// microseconds from the quiesce's epoch, plus one (0: never).
+    /// microseconds from the quiesce's epoch (set before it asks for its
+    /// safe point: `grant` never reads it unset).
     last_call_us: AtomicU64,
     left: bool,
 }
@@ -514,7 +515,7 @@ impl<T> SafePoint<T> {
     /// task's `select!` loop, beside the reads and writes.
     pub async fn requested(&self) {
         self.last_call_us
-            .store(self.inner.now_us() + 1, Ordering::Relaxed);
+            .store(self.inner.now_us(), Ordering::Relaxed);
         let mut paused = self.paused.clone();
         let mut missed = None;
         let mut deferred = None;
@@ -558,10 +559,7 @@ impl<T> SafePoint<T> {
             return Grant::Ended;
         }
         let last_call = self.last_call_us.load(Ordering::Relaxed);
-        let busy_since = tally
-            .started_us
-            .saturating_sub(BUSY.as_micros() as u64)
-            .max(1);
+        let busy_since = tally.started_us.saturating_sub(BUSY.as_micros() as u64);
         if !tally.all && last_call >= busy_since {
             tally.deferred.insert(self.id);
             tally.busy.insert(self.id);

@@ -1,6 +1,7 @@
 //! The tokio module's unit tests: the bounded pause, the threads' masks.
 
 use super::*;
+use std::future::Future;
 
 #[test]
 fn pause_collects_every_task_and_resume_lets_new_ones_run() {
@@ -276,6 +277,77 @@ fn a_task_that_asks_after_an_idle_pause_sealed_is_granted_at_once() {
         assert_eq!(q.pause().await.unwrap(), [2]);
         q.resume();
     });
+}
+
+/// Runs `test` on a single-threaded runtime of its own thread, and fails if
+/// it has not finished within a minute: a task that spins there (polls
+/// itself again without yielding) or a pause left waiting for its hour's
+/// limit never lets it finish.
+fn on_one_thread<R: Send + 'static>(test: impl Future<Output = R> + Send + 'static) -> R {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = ::tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _ = done.send(rt.block_on(test));
+    });
+    finished
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the pause hung: a task spinning, or a step waiting for the limit")
+}
+
+#[test]
+fn on_one_thread_the_busy_wait_without_spinning_and_are_asked_once_the_idle_stopped() {
+    let copies = on_one_thread(async {
+        // An hour's limit: only the idle task's stop can start the second
+        // step (the quarter-limit would be a quarter of an hour).
+        let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_secs(3600));
+        let idle = q.join();
+        ::tokio::spawn(async move {
+            idle.requested().await;
+            ::tokio::time::sleep(Duration::from_millis(50)).await;
+            idle.hold(|| Some(1)).await;
+        });
+        let busy = q.join();
+        ::tokio::spawn(async move {
+            loop {
+                ::tokio::select! {
+                    () = busy.requested() => break,
+                    () = ::tokio::time::sleep(Duration::from_millis(1)) => {}
+                }
+            }
+            busy.hold(|| Some(2)).await;
+        });
+        ::tokio::time::sleep(BUSY * 3).await;
+        let copies = q.pause().await.unwrap();
+        q.resume();
+        copies
+    });
+    assert_eq!(copies, [2, 1]);
+}
+
+#[test]
+fn a_task_deferred_in_a_pause_that_was_given_up_is_asked_by_the_next() {
+    let copies = on_one_thread(async {
+        let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_secs(3600));
+        // Never asks: the first pause stays in its first step.
+        let stuck = q.join_as("stuck");
+        let busy = q.join();
+        ::tokio::spawn(async move {
+            // One call, deferred in the first pause, answered in the next.
+            busy.requested().await;
+            busy.hold(|| Some(2)).await;
+        });
+        ::tokio::task::yield_now().await;
+        let first = ::tokio::time::timeout(Duration::from_millis(100), q.pause()).await;
+        assert!(first.is_err(), "the first pause cannot finish: {first:?}");
+        drop(stuck);
+        let copies = q.pause().await.unwrap();
+        q.resume();
+        copies
+    });
+    assert_eq!(copies, [2]);
 }
 
 #[test]

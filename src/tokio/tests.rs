@@ -327,18 +327,57 @@ fn on_one_thread_the_busy_wait_without_spinning_and_are_asked_once_the_idle_stop
     assert_eq!(copies, [2, 1]);
 }
 
+/// A future that counts how often it is polled: one that spins is polled
+/// again and again (tokio's budget makes it yield every so often, not wait).
+struct Polls<F> {
+    inner: std::pin::Pin<Box<F>>,
+    count: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<F: Future> Future for Polls<F> {
+    type Output = F::Output;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        self.count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.as_mut().poll(cx)
+    }
+}
+
 #[test]
-fn a_task_deferred_in_a_pause_that_was_given_up_is_asked_by_the_next() {
-    let copies = on_one_thread(async {
+fn a_task_deferred_in_a_pause_that_was_given_up_waits_and_is_asked_by_the_next() {
+    let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&polls);
+    let copies = on_one_thread(async move {
         let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_secs(3600));
         // Never asks: the first pause stays in its first step.
         let stuck = q.join_as("stuck");
         let busy = q.join();
+        let (go, gone) = ::tokio::sync::oneshot::channel::<()>();
         ::tokio::spawn(async move {
-            // One call, deferred in the first pause, answered in the next.
-            busy.requested().await;
+            // A call that waits with no pause on, until told to go on.
+            let waiting = Polls {
+                inner: Box::pin(busy.requested()),
+                count: Arc::clone(&counted),
+            };
+            ::tokio::select! {
+                () = waiting => unreachable!("no pause was asked for"),
+                _ = gone => {}
+            }
+            // Then one call, deferred in the first pause (the task just
+            // asked: busy), answered in the next.
+            let asked = Polls {
+                inner: Box::pin(busy.requested()),
+                count: counted,
+            };
+            asked.await;
             busy.hold(|| Some(2)).await;
         });
+        ::tokio::task::yield_now().await;
+        ::tokio::time::sleep(Duration::from_millis(50)).await;
+        go.send(()).unwrap();
         ::tokio::task::yield_now().await;
         let first = ::tokio::time::timeout(Duration::from_millis(100), q.pause()).await;
         assert!(first.is_err(), "the first pause cannot finish: {first:?}");
@@ -348,6 +387,10 @@ fn a_task_deferred_in_a_pause_that_was_given_up_is_asked_by_the_next() {
         copies
     });
     assert_eq!(copies, [2]);
+    // Each call polled when made, the second once per change of the pause
+    // (the first starts, is given up; the next starts): it never spun.
+    let polls = polls.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(polls <= 8, "the waiting task was polled {polls} times");
 }
 
 #[test]

@@ -218,33 +218,42 @@ fn a_pause_that_ends_unpaused_lets_the_held_tasks_go_on() {
     });
 }
 
+/// Spawns, in `q`, an idle task (its copy: 1) and a busy one (2); the
+/// receiver gets how many tasks of `q` still ran when the busy one was
+/// granted its safe point. Sleep past [`BUSY`] before pausing: the idle
+/// task asks once, at once.
+fn idle_and_busy(q: &Quiesce<u32>) -> ::tokio::sync::oneshot::Receiver<usize> {
+    let idle = q.join_as("idle");
+    ::tokio::spawn(async move {
+        idle.requested().await;
+        // Slow to hold: a busy task asked at the same time would be
+        // granted before this one stopped.
+        ::tokio::time::sleep(Duration::from_millis(50)).await;
+        idle.hold(|| Some(1)).await;
+    });
+    let busy = q.join_as("busy");
+    let q = q.clone();
+    let (granted, running_then) = ::tokio::sync::oneshot::channel();
+    ::tokio::spawn(async move {
+        // Serves a client every millisecond until asked to stop.
+        loop {
+            ::tokio::select! {
+                () = busy.requested() => break,
+                () = ::tokio::time::sleep(Duration::from_millis(1)) => {}
+            }
+        }
+        let _ = granted.send(q.running());
+        busy.hold(|| Some(2)).await;
+    });
+    running_then
+}
+
 #[test]
 fn a_busy_task_is_asked_once_the_idle_ones_stopped_and_its_copy_comes_first() {
     let rt = runtime().unwrap();
     rt.block_on(async {
         let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_secs(5));
-        let idle = q.join_as("idle");
-        ::tokio::spawn(async move {
-            idle.requested().await;
-            // Slow to hold: a busy task asked at the same time would be
-            // granted before this one stopped.
-            ::tokio::time::sleep(Duration::from_millis(50)).await;
-            idle.hold(|| Some(1)).await;
-        });
-        let busy = q.join_as("busy");
-        let q2 = q.clone();
-        let (granted, running_then) = ::tokio::sync::oneshot::channel();
-        ::tokio::spawn(async move {
-            // Serves a client every millisecond until asked to stop.
-            loop {
-                ::tokio::select! {
-                    () = busy.requested() => break,
-                    () = ::tokio::time::sleep(Duration::from_millis(1)) => {}
-                }
-            }
-            granted.send(q2.running()).unwrap();
-            busy.hold(|| Some(2)).await;
-        });
+        let running_then = idle_and_busy(&q);
         // The idle task's last call is older than BUSY by now.
         ::tokio::time::sleep(BUSY * 3).await;
         let copies = q.pause().await.unwrap();
@@ -303,24 +312,10 @@ fn on_one_thread_the_busy_wait_without_spinning_and_are_asked_once_the_idle_stop
         // An hour's limit: only the idle task's stop can start the second
         // step (the quarter-limit would be a quarter of an hour).
         let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_secs(3600));
-        let idle = q.join();
-        ::tokio::spawn(async move {
-            idle.requested().await;
-            ::tokio::time::sleep(Duration::from_millis(50)).await;
-            idle.hold(|| Some(1)).await;
-        });
-        let busy = q.join();
-        ::tokio::spawn(async move {
-            loop {
-                ::tokio::select! {
-                    () = busy.requested() => break,
-                    () = ::tokio::time::sleep(Duration::from_millis(1)) => {}
-                }
-            }
-            busy.hold(|| Some(2)).await;
-        });
+        let running_then = idle_and_busy(&q);
         ::tokio::time::sleep(BUSY * 3).await;
         let copies = q.pause().await.unwrap();
+        assert_eq!(running_then.await.unwrap(), 1);
         q.resume();
         copies
     });

@@ -218,14 +218,22 @@ fn a_pause_that_ends_unpaused_lets_the_held_tasks_go_on() {
     });
 }
 
-/// Spawns, in `q`, an idle task (its copy: 1) and a busy one (2); the
-/// receiver gets how many tasks of `q` still ran when the busy one was
-/// granted its safe point. Sleep past [`BUSY`] before pausing: the idle
-/// task asks once, at once.
-fn idle_and_busy(q: &Quiesce<u32>) -> ::tokio::sync::oneshot::Receiver<usize> {
+/// Spawns, in `q`, an idle task (its copy: 1) and a busy one (2), and
+/// returns once the idle task asked for its safe point, three times
+/// [`BUSY`] ago: it is idle to the next pause. The receiver gets how many
+/// tasks of `q` still ran when the busy one was granted its safe point.
+async fn idle_and_busy(q: &Quiesce<u32>) -> ::tokio::sync::oneshot::Receiver<usize> {
     let idle = q.join_as("idle");
+    let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let asked = Polls {
+        inner: Box::pin(async move {
+            idle.requested().await;
+            idle
+        }),
+        count: Arc::clone(&polls),
+    };
     ::tokio::spawn(async move {
-        idle.requested().await;
+        let idle = asked.await;
         // Slow to hold: a busy task asked at the same time would be
         // granted before this one stopped.
         ::tokio::time::sleep(Duration::from_millis(50)).await;
@@ -245,6 +253,17 @@ fn idle_and_busy(q: &Quiesce<u32>) -> ::tokio::sync::oneshot::Receiver<usize> {
         let _ = granted.send(q.running());
         busy.hold(|| Some(2)).await;
     });
+    for _ in 0..5000 {
+        if polls.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            break;
+        }
+        ::tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        polls.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the idle task never asked"
+    );
+    ::tokio::time::sleep(BUSY * 3).await;
     running_then
 }
 
@@ -253,9 +272,7 @@ fn a_busy_task_is_asked_once_the_idle_ones_stopped_and_its_copy_comes_first() {
     let rt = runtime().unwrap();
     rt.block_on(async {
         let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_secs(5));
-        let running_then = idle_and_busy(&q);
-        // The idle task's last call is older than BUSY by now.
-        ::tokio::time::sleep(BUSY * 3).await;
+        let running_then = idle_and_busy(&q).await;
         let copies = q.pause().await.unwrap();
         // Only the busy task itself still ran when it was granted.
         assert_eq!(running_then.await.unwrap(), 1);
@@ -312,8 +329,7 @@ fn on_one_thread_the_busy_wait_without_spinning_and_are_asked_once_the_idle_stop
         // An hour's limit: only the idle task's stop can start the second
         // step (the quarter-limit would be a quarter of an hour).
         let q: Quiesce<u32> = Quiesce::with_limit(Duration::from_secs(3600));
-        let running_then = idle_and_busy(&q);
-        ::tokio::time::sleep(BUSY * 3).await;
+        let running_then = idle_and_busy(&q).await;
         let copies = q.pause().await.unwrap();
         assert_eq!(running_then.await.unwrap(), 1);
         q.resume();

@@ -114,11 +114,7 @@ fn users_move_in_batches_chat_across_and_can_be_moved_back() {
 
     // The operator stops it: everyone back in the old process, the new one
     // gone.
-    let back = Command::new(env!("CARGO_BIN_EXE_copyover"))
-        .args(["migrate", &old.to_string(), "--back", "--status-dir"])
-        .arg(scene.server.scratch.0.join("status"))
-        .output()
-        .expect("copyover migrate --back");
+    let (back, _) = finished(migrate_in_background(&scene.server, old, &["--back"]));
     assert!(back.status.success(), "{back:?}");
     let (out, text) = finished(cli);
     assert_eq!(
@@ -262,11 +258,7 @@ fn a_batch_larger_than_the_new_process_may_hold_stays_with_the_old_one() {
     scene.bob.send("tial line\r\n");
     assert_eq!(scene.ann.line(), "bob: partial line");
     // The operator stops it: the new process, with nobody, leaves.
-    let back = Command::new(env!("CARGO_BIN_EXE_copyover"))
-        .args(["migrate", &old.to_string(), "--back", "--status-dir"])
-        .arg(scene.server.scratch.0.join("status"))
-        .output()
-        .expect("copyover migrate --back");
+    let (back, _) = finished(migrate_in_background(&scene.server, old, &["--back"]));
     assert!(back.status.success(), "{back:?}");
     let (out, text) = finished(cli);
     assert_eq!(out.status.code(), Some(1), "{text}");

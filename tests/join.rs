@@ -47,6 +47,16 @@ fn scene(name: &str) -> (Server, Client, Client, PathBuf) {
     (server, ann, bob, socket)
 }
 
+/// The scene's users, served by v2 in process `new`: ann's setting kept,
+/// bob's half-typed line finished and delivered once, both online.
+fn scene_served_by(new: i32, ann: &mut Client, bob: &mut Client) {
+    assert_eq!(ann.ask("/version"), version_line("v2", new, 1));
+    assert_eq!(ann.ask("/get color"), "color = green");
+    bob.send("tial line\r\n");
+    assert_eq!(ann.line(), "bob: partial line");
+    assert_eq!(bob.ask("/who"), "online: ann, bob");
+}
+
 /// A copy of `build` in the scene's folder, which every user can run.
 fn runnable(server: &Server, build: &Path, name: &str) -> PathBuf {
     let copy = server.scratch.0.join(name);
@@ -97,11 +107,7 @@ fn an_external_newcomer_as_a_named_user_in_another_mount_namespace_takes_over() 
     );
     assert!(server.wait_exit().success());
     // Everyone, in the new process: another user, another mount namespace.
-    assert_eq!(ann.ask("/version"), version_line("v2", new, 1));
-    assert_eq!(ann.ask("/get color"), "color = green");
-    bob.send("tial line\r\n");
-    assert_eq!(ann.line(), "bob: partial line");
-    assert_eq!(bob.ask("/who"), "online: ann, bob");
+    scene_served_by(new, &mut ann, &mut bob);
     let status = std::fs::read_to_string(format!("/proc/{new}/status")).expect("status");
     let uid = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid");
     assert!(
@@ -223,10 +229,6 @@ fn an_external_newcomer_takes_users_a_batch_at_a_time() {
     server.wait_log(mark, "moved a batch of users moved=1 left=0");
     let mut server = server;
     assert!(server.wait_exit().success());
-    assert_eq!(ann.ask("/version"), version_line("v2", new, 1));
-    assert_eq!(ann.ask("/get color"), "color = green");
-    bob.send("tial line\r\n");
-    assert_eq!(ann.line(), "bob: partial line");
-    assert_eq!(bob.ask("/who"), "online: ann, bob");
+    scene_served_by(new, &mut ann, &mut bob);
     assert!(newcomer.try_wait().expect("wait").is_none());
 }

@@ -13,14 +13,15 @@ use util::*;
 
 /// `copyover migrate PID` against the scene's status directory.
 fn migrate(server: &Server, pid: i32) -> Output {
-    cli(server, "migrate", pid)
+    cli(server, "migrate", pid, &[])
 }
 
-/// `copyover COMMAND PID` against the scene's status directory.
-fn cli(server: &Server, command: &str, pid: i32) -> Output {
+/// `copyover COMMAND PID ARGS...` against the scene's status directory.
+fn cli(server: &Server, command: &str, pid: i32, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_copyover"))
         .arg(command)
         .arg(pid.to_string())
+        .args(args)
         .arg("--status-dir")
         .arg(server.scratch.0.join("status"))
         .output()
@@ -136,7 +137,7 @@ fn a_migration_moves_everyone_to_a_new_process() {
     assert_eq!(fd_count(new), scene.fds, "the new process's fd count");
 
     // It upgrades in place and migrates again like any server.
-    let out = cli(&scene.server, "upgrade", new);
+    let out = cli(&scene.server, "upgrade", new, &[]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(ann.ask("/version"), version_line("v2", new, 3));
     let out = migrate(&scene.server, new);
@@ -585,11 +586,7 @@ fn a_migration_asked_to_stay_leaves_the_old_process_holding_nothing_until_stoppe
     let mut scene = Scene::start("mg-stay", "5");
     let old = scene.server.pid;
     scene.server.deploy(&labelled("v2"));
-    let out = Command::new(env!("CARGO_BIN_EXE_copyover"))
-        .args(["migrate", &old.to_string(), "--stay", "--status-dir"])
-        .arg(scene.server.scratch.0.join("status"))
-        .output()
-        .expect("run copyover");
+    let out = cli(&scene.server, "migrate", old, &["--stay"]);
     assert!(out.status.success(), "{out:?}");
     let new = new_pid(&out);
     let _reaper = Reaper(new);
